@@ -1,0 +1,5 @@
+"""``python -m stepsearch`` (and ``accelerate launch -m stepsearch``)."""
+
+from stepsearch.cli import main
+
+main()

@@ -1,0 +1,50 @@
+"""Atomic file writes: a crash or a kill never leaves a half-written result behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to a temporary file beside ``path``, fsync it, then rename it over ``path``."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(
+        dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"
+    )
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, target)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike[str], payload: Any) -> Path:
+    """JSON with NaN/Inf refused (they are not JSON and would not round-trip)."""
+    return atomic_write_text(path, json.dumps(payload, indent=2, allow_nan=False) + "\n")
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+    """Read JSON, refusing the non-standard ``NaN``/``Infinity`` literals with a clear error."""
+
+    def reject(token: str) -> Any:
+        raise ValueError(f"non-finite number {token!r} is not allowed")
+
+    with open(path, encoding="utf-8") as file:
+        try:
+            return json.load(file, parse_constant=reject)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"not valid JSON ({error})") from None

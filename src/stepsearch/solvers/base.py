@@ -1,0 +1,348 @@
+"""The solver contract.
+
+A solver turns a :class:`~stepsearch.schedule.StepSchedule` into a list of *evaluation times* (where
+the denoiser is called, one entry per model evaluation, so ``len(...)`` is the NFE) and advances the
+sample once per evaluation::
+
+    state = solver.init(x_T, schedule)
+    x = x_T
+    for i, t in enumerate(state.evaluation_times):
+        denoised = denoiser(x, t)                     # the model call happens outside the solver
+        x, state = solver.step(state, x, denoised, i)
+
+``step`` returns the sample at ``evaluation_times[i + 1]`` (or the final sample after the last
+evaluation). Each call maps one-to-one onto a diffusers ``scheduler.step()``. State is an immutable
+dataclass passed in and returned; solvers keep no hidden counters and never edit inputs in place.
+
+Notation (Lu et al. 2022, DPM-Solver, Sec. 2): ``x_t = alpha_t x0 + sigma_t eps``, the half log-SNR
+``lambda_t = log(alpha_t / sigma_t)``, the step ``h = lambda_s - lambda_t`` from ``t`` to ``s < t``,
+the k-diffusion sigma ``sigma_t / alpha_t = exp(-lambda_t)``. Solvers receive only ``denoised``
+(``x0`` estimates); ``eps = (x - alpha_t denoised) / sigma_t``. Schedule maths is float64 Python
+floats; tensors keep their dtype (float16 / bfloat16 inputs are computed in float32 and cast back).
+
+Two special points every solver handles explicitly:
+
+- **Clean end** (``t = 0``: ``sigma = 0``, ``lambda = +inf``): the last step returns the denoised
+  estimate, which is what every first-order update gives there (diffusers'
+  ``final_sigmas_type="zero"``, k-diffusion's Euler step to ``sigma = 0``).
+- **alpha = 0** (flow matching at ``t = 1``, ``lambda`` clamped at ``LAMBDA_MIN``): data-prediction
+  updates stay finite. Noise-prediction corrections carry ``alpha_s / alpha_t = inf`` there, so the
+  solvers that use them (DPM-Solver-2/3, Heun) take a first-order step out of such a point.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from stepsearch.noise import LAMBDA_MIN, FloatArray, NoiseSchedule
+from stepsearch.schedule import StepSchedule
+
+LOWER_ORDER_FINAL_BELOW = 15
+"""diffusers' rule: ``lower_order_final`` applies to schedules with fewer steps than this."""
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """One model evaluation in a solver's plan.
+
+    ``t`` is the evaluation time, ``interval`` the schedule step ``t_i -> t_{i+1}`` it belongs to,
+    ``stage`` 0 for the evaluation at ``t_i`` and 1, 2, ... for later evaluations inside the same
+    interval (intermediate points of singlestep methods, Heun's second evaluation at ``t_{i+1}``),
+    ``t_next`` the time of the sample ``step`` returns after it, ``on_grid`` whether ``t`` is one of
+    the schedule's times (False for the intermediate points of singlestep methods).
+    """
+
+    t: float
+    interval: int
+    stage: int
+    t_next: float
+    on_grid: bool = True
+
+
+@dataclass(frozen=True)
+class SolverState:
+    """What every solver carries between steps; solvers subclass it to add their memory.
+
+    ``evaluation_times[i]`` is where the ``i``-th model evaluation happens (read-only float64; may
+    repeat a time, e.g. Heun evaluates at ``t_{i+1}`` twice); ``plan[i]`` says which interval and
+    stage that evaluation belongs to. ``history`` holds previous ``(t, denoised)`` pairs, newest last,
+    for multistep methods. States hold references to the tensors passed to ``step``; callers must not
+    modify those in place afterwards.
+    """
+
+    schedule: StepSchedule
+    evaluation_times: FloatArray
+    plan: tuple[StepInfo, ...] = ()
+    history: tuple[tuple[float, Tensor], ...] = ()
+
+    def __post_init__(self) -> None:
+        times = np.array(self.evaluation_times, dtype=np.float64)
+        times.setflags(write=False)
+        object.__setattr__(self, "evaluation_times", times)
+        if self.plan and len(self.plan) != times.size:
+            raise ValueError(f"plan has {len(self.plan)} entries for {times.size} evaluations")
+
+    @property
+    def num_evaluations(self) -> int:
+        return int(self.evaluation_times.size)
+
+
+@dataclass(frozen=True)
+class StagedState(SolverState):
+    """State of solvers with several evaluations per interval (singlestep methods, Heun).
+
+    ``stage_x`` and ``stage_denoised`` hold the samples the model saw in the current interval and its
+    ``x0`` estimates there, in evaluation order; both are empty at the start of an interval.
+    """
+
+    stage_x: tuple[Tensor, ...] = ()
+    stage_denoised: tuple[Tensor, ...] = ()
+
+
+@dataclass(frozen=True)
+class NoiseLevel:
+    """``alpha_t``, ``sigma_t`` and ``lambda_t`` of one time, as float64 Python floats."""
+
+    t: float
+    alpha: float
+    sigma: float
+    lambda_: float
+
+    @classmethod
+    def at(cls, noise: NoiseSchedule, t: float) -> NoiseLevel:
+        t = float(t)
+        return cls(t, float(noise.alpha(t)), float(noise.sigma(t)), float(noise.lambda_(t)))
+
+    @property
+    def is_clean(self) -> bool:
+        """``t = 0``: ``sigma = 0``, ``lambda = +inf``."""
+        return self.sigma == 0.0
+
+    @property
+    def alpha_is_zero(self) -> bool:
+        """Pure noise (flow matching at ``t = 1``): ``lambda`` sits at its clamp ``LAMBDA_MIN``."""
+        return self.alpha == 0.0 or self.lambda_ <= LAMBDA_MIN
+
+    @property
+    def kdiffusion_sigma(self) -> float:
+        """``sigma_t / alpha_t = exp(-lambda_t)`` (``exp(-LAMBDA_MIN)`` where ``alpha = 0``)."""
+        return math.exp(-self.lambda_)
+
+
+class Solver(ABC):
+    """A sampling rule for the probability-flow ODE (or SDE) on any strictly decreasing schedule.
+
+    Attributes:
+        name: registry key (:data:`stepsearch.solvers.SOLVERS`).
+        order: the global convergence order on smooth problems (1 for DDIM, 2 for Heun, ...).
+        stochastic: whether ``step`` draws noise (then it takes a ``generator``).
+
+    Subclasses implement :meth:`plan` (where the model is evaluated) and :meth:`_step` (one update,
+    on tensors already in the compute dtype), and set ``state_type`` to their typed state.
+    """
+
+    name: str
+    order: int
+    stochastic: bool = False
+    state_type: type[SolverState] = SolverState
+
+    # plan -------------------------------------------------------------------------------------
+    def plan(self, schedule: StepSchedule) -> tuple[StepInfo, ...]:
+        """The model evaluations in call order (default: one per interval, at ``t_0 .. t_{n-1}``)."""
+        times = schedule.times
+        return tuple(
+            StepInfo(float(times[i]), i, 0, float(times[i + 1])) for i in range(schedule.num_steps)
+        )
+
+    def evaluation_times(self, schedule: StepSchedule) -> FloatArray:
+        """Times of the model evaluations, in call order; ``len`` is the NFE."""
+        return np.array([info.t for info in self.plan(schedule)], dtype=np.float64)
+
+    def init(self, x_T: Tensor, schedule: StepSchedule) -> SolverState:
+        """Start state for sampling ``x_T`` (a sample at ``schedule.times[0]``) along ``schedule``."""
+        del x_T
+        plan = self.plan(schedule)
+        times = np.array([info.t for info in plan], dtype=np.float64)
+        return self.state_type(schedule=schedule, evaluation_times=times, plan=plan)
+
+    # step -------------------------------------------------------------------------------------
+    def step(
+        self,
+        state: SolverState,
+        x: Tensor,
+        denoised: Tensor,
+        i: int,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, SolverState]:
+        """Advance after evaluation ``i``: return the next sample and the next state.
+
+        ``x`` is the sample the model saw at ``evaluation_times[i]`` and ``denoised`` its ``x0``
+        estimate; neither is modified.
+        """
+        if not isinstance(state, self.state_type):
+            raise TypeError(
+                f"{type(self).__name__} needs a {self.state_type.__name__} from its own init(), "
+                f"got {type(state).__name__}"
+            )
+        check_step_index(state, i)
+        if x.shape != denoised.shape:
+            raise ValueError(f"x {tuple(x.shape)} and denoised {tuple(denoised.shape)} differ")
+        dtype = compute_dtype(x.dtype)
+        x_next, next_state = self._step(state, x.to(dtype), denoised.to(dtype), i, generator)
+        return x_next.to(x.dtype), next_state
+
+    @abstractmethod
+    def _step(
+        self,
+        state: SolverState,
+        x: Tensor,
+        denoised: Tensor,
+        i: int,
+        generator: torch.Generator | None,
+    ) -> tuple[Tensor, SolverState]:
+        """One update after evaluation ``i`` (``i`` already validated)."""
+
+    # configuration ----------------------------------------------------------------------------
+    def config(self) -> dict[str, Any]:
+        """JSON-serialisable keyword arguments: ``get_solver(self.name, **self.config())`` rebuilds
+        an equal solver."""
+        return {}
+
+    def __repr__(self) -> str:
+        arguments = ", ".join(f"{key}={value!r}" for key, value in self.config().items())
+        return f"{type(self).__name__}({arguments})"
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            type(other) is type(self)
+            and isinstance(other, Solver)
+            and other.name == self.name
+            and other.config() == self.config()
+        )
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, self.name, repr(sorted(self.config().items()))))
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers shared by the solvers
+# ------------------------------------------------------------------------------------------------
+
+
+def check_step_index(state: SolverState, i: int) -> None:
+    """Clear error for an out-of-range evaluation index."""
+    if isinstance(i, bool) or int(i) != i or not 0 <= i < state.num_evaluations:
+        raise IndexError(f"evaluation index {i!r} outside 0..{state.num_evaluations - 1}")
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Half-precision tensors are updated in float32 (diffusers does the same); others as they are."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def time_index(schedule: StepSchedule, t: float) -> int:
+    """Index of ``t`` in ``schedule.times``; raises if ``t`` is not on the grid."""
+    matches = np.flatnonzero(np.isclose(schedule.times, t, rtol=1e-12, atol=1e-15))
+    if matches.size != 1:
+        raise ValueError(f"time {t!r} is not on the schedule grid")
+    return int(matches[0])
+
+
+def eps_from_denoised(x: Tensor, denoised: Tensor, level: NoiseLevel) -> Tensor:
+    """The noise estimate ``eps = (x - alpha_t denoised) / sigma_t`` (needs ``sigma_t > 0``)."""
+    return (x - level.alpha * denoised) / level.sigma
+
+
+def linear_combination(coefficients: Sequence[float], tensors: Sequence[Tensor]) -> Tensor:
+    """``sum_k c_k T_k`` for same-shaped tensors of any rank (no hard-coded layout)."""
+    if len(coefficients) != len(tensors) or not tensors:
+        raise ValueError("need one coefficient per tensor and at least one tensor")
+    total = float(coefficients[0]) * tensors[0]
+    for coefficient, tensor in zip(coefficients[1:], tensors[1:], strict=True):
+        total = total + float(coefficient) * tensor
+    return total
+
+
+def first_order_update(x: Tensor, denoised: Tensor, now: NoiseLevel, target: NoiseLevel) -> Tensor:
+    """DDIM / DPM-Solver-1 / DPM-Solver++(1) / Euler in sigma space, data-prediction form
+    (Lu et al. 2022b, DPM-Solver++, eq. 9 with k = 1):
+    ``x_s = (sigma_s / sigma_t) x_t + alpha_s (1 - exp(-h)) denoised``, ``h = lambda_s - lambda_t``.
+
+    Returns ``denoised`` itself at a clean target (``sigma_s = 0``); finite where ``alpha_t = 0``.
+    """
+    if target.is_clean:
+        return denoised
+    h = target.lambda_ - now.lambda_
+    return (target.sigma / now.sigma) * x + (target.alpha * -math.expm1(-h)) * denoised
+
+
+def multistep_order(
+    solver_order: int,
+    step: int,
+    num_steps: int,
+    lower_order_final: bool,
+    lower_order_final_below: int | None = LOWER_ORDER_FINAL_BELOW,
+) -> int:
+    """The order of multistep update ``step`` (0-based) of ``num_steps``.
+
+    Warm-up: at most ``step + 1`` (only that many model outputs exist). ``lower_order_final``
+    (diffusers): on schedules with fewer than ``lower_order_final_below`` steps (``None``: always),
+    the last steps use order at most ``num_steps - step`` (1 for the last, 2 for the one before),
+    which stabilises few-step sampling.
+    """
+    order = min(solver_order, step + 1)
+    applies = lower_order_final_below is None or num_steps < lower_order_final_below
+    if lower_order_final and applies:
+        order = min(order, num_steps - step)
+    return max(order, 1)
+
+
+def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def check_lower_order_final_below(value: int | None) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or int(value) != value or value < 1:
+        raise ValueError(
+            f"lower_order_final_below must be a positive integer or None, got {value!r}"
+        )
+    return int(value)
+
+
+def randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Standard normal noise shaped like ``x``, drawn on the generator's device, then moved."""
+    device = generator.device if generator is not None else x.device
+    noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=device)
+    return noise.to(x.device)
+
+
+def interval_plan(interval: int, stage_times: Sequence[float], t_end: float) -> list[StepInfo]:
+    """Plan entries of one interval whose evaluations happen at ``stage_times`` (the first one the
+    interval start ``t_i``, the others intermediate points) and which ends at ``t_end``."""
+    times = [float(t) for t in stage_times]
+    targets = [*times[1:], float(t_end)]
+    return [
+        StepInfo(t, interval, stage, t_next, on_grid=stage == 0)
+        for stage, (t, t_next) in enumerate(zip(times, targets, strict=True))
+    ]
+
+
+def interval_stages(state: SolverState, i: int) -> tuple[StepInfo, ...]:
+    """All plan entries of the interval that evaluation ``i`` belongs to, in stage order."""
+    info = state.plan[i]
+    first = i - info.stage
+    last = first
+    while last + 1 < len(state.plan) and state.plan[last + 1].interval == info.interval:
+        last += 1
+    return state.plan[first : last + 1]

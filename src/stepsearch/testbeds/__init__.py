@@ -1,0 +1,1 @@
+"""Exact test beds and the bundled digits model."""
