@@ -66,6 +66,14 @@ def sample(
     return SampleResult(sample=x, nfe=nfe)
 
 
+def initial_noise_scale(schedule: StepSchedule) -> float:
+    """Scale of the starting noise: 1 for variance-preserving schedules (diffusers'
+    ``init_noise_sigma = 1``), ``sigma(t_0)`` otherwise (EDM / VE, flow matching)."""
+    if isinstance(schedule.noise, (DiscreteVP, LinearVP, CosineVP)):
+        return 1.0
+    return float(schedule.sigmas[0])
+
+
 def initial_noise(
     schedule: StepSchedule,
     shape: tuple[int, ...],
@@ -73,9 +81,6 @@ def initial_noise(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
 ) -> Tensor:
-    """The usual start: ``x_T = eps`` for variance-preserving schedules (diffusers'
-    ``init_noise_sigma = 1``), ``x_T = sigma(t_0) eps`` otherwise (EDM / VE, flow matching)."""
+    """``x_T = initial_noise_scale(schedule) * eps`` with ``eps ~ N(0, I)``."""
     eps = torch.randn(shape, generator=generator, dtype=dtype, device=device)
-    if isinstance(schedule.noise, (DiscreteVP, LinearVP, CosineVP)):
-        return eps
-    return float(schedule.sigmas[0]) * eps
+    return initial_noise_scale(schedule) * eps

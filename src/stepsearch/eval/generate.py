@@ -1,0 +1,160 @@
+"""Seed-deterministic sample generation, optionally split across processes with ``accelerate``.
+
+Sample ``i`` always starts from the noise of its own generator, seeded from ``(seed, i)``; samples are
+generated in fixed chunks of ``chunk_size`` indices handed round-robin to the processes. So the set of
+images is the same whatever the number of processes (``accelerate launch --num_processes K``) and
+the same for every candidate schedule (common random numbers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from stepsearch.denoiser import Denoiser
+from stepsearch.sampling import initial_noise_scale, sample
+from stepsearch.schedule import StepSchedule
+from stepsearch.solvers.base import Solver
+
+
+def sample_generator(seed: int, index: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The generator of sample ``index`` under ``seed`` (independent streams via SeedSequence)."""
+    state = np.random.SeedSequence([int(seed), int(index)]).generate_state(2, np.uint32)
+    return torch.Generator(device=device).manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def unit_noise(
+    indices: Sequence[int], shape: Sequence[int], seed: int, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """Standard normal noise of shape ``(len(indices), *shape)``, row ``k`` from sample ``indices[k]``."""
+    rows = [
+        torch.randn(tuple(shape), generator=sample_generator(seed, i), dtype=dtype) for i in indices
+    ]
+    return torch.stack(rows) if rows else torch.empty(0, *shape, dtype=dtype)
+
+
+def chunks_for_process(
+    num_samples: int, chunk_size: int, process_index: int = 0, num_processes: int = 1
+) -> list[range]:
+    """The index chunks process ``process_index`` of ``num_processes`` generates."""
+    if num_samples < 0 or chunk_size < 1:
+        raise ValueError("need num_samples >= 0 and chunk_size >= 1")
+    chunks = [
+        range(start, min(start + chunk_size, num_samples))
+        for start in range(0, num_samples, chunk_size)
+    ]
+    return chunks[process_index::num_processes]
+
+
+def _distributed(accelerator: Any | None) -> tuple[int, int]:
+    if accelerator is None:
+        return 0, 1
+    return int(accelerator.process_index), int(accelerator.num_processes)
+
+
+def generate_chunks(
+    make_chunk: Callable[[range], Tensor],
+    num_samples: int,
+    chunk_size: int = 250,
+    accelerator: Any | None = None,
+    progress: bool | str = True,
+) -> Tensor:
+    """Run ``make_chunk(indices) -> samples`` over all chunks (this process's share), gather the
+    results from every process and return all ``num_samples`` samples in index order."""
+    process_index, num_processes = _distributed(accelerator)
+    mine = chunks_for_process(num_samples, chunk_size, process_index, num_processes)
+    description = progress if isinstance(progress, str) else "sampling"
+    show = bool(progress) and process_index == 0
+    results = [
+        (chunk.start, make_chunk(chunk).cpu())
+        for chunk in tqdm(mine, desc=description, disable=not show, leave=False)
+    ]
+    if num_processes > 1:
+        from accelerate.utils import gather_object
+
+        results = gather_object(results)
+    results.sort(key=lambda item: item[0])
+    if not results:
+        raise ValueError("num_samples must be positive")
+    return torch.cat([samples for _, samples in results])
+
+
+def generate(
+    denoiser: Denoiser,
+    schedule: StepSchedule,
+    solver: Solver,
+    num_samples: int,
+    sample_shape: Sequence[int],
+    *,
+    seed: int = 0,
+    chunk_size: int = 250,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    accelerator: Any | None = None,
+    progress: bool | str = True,
+) -> Tensor:
+    """``num_samples`` samples of ``sample_shape`` along ``schedule`` with ``solver``.
+
+    Initial noise follows :func:`stepsearch.sampling.initial_noise`'s scaling with per-index
+    generators. Deterministic solvers give results independent of ``chunk_size`` up to float
+    reduction order; stochastic ones draw step noise from a per-chunk generator.
+    """
+    scale = initial_noise_scale(schedule)
+
+    def make_chunk(indices: range) -> Tensor:
+        x_T = scale * unit_noise(indices, sample_shape, seed, dtype).to(device)
+        generator = sample_generator(seed + 1, indices.start, device) if solver.stochastic else None
+        with torch.inference_mode():
+            return sample(denoiser, x_T, schedule, solver, generator=generator).sample
+
+    return generate_chunks(make_chunk, num_samples, chunk_size, accelerator, progress)
+
+
+def generate_with_diffusers_scheduler(
+    model: Callable[[Tensor, Tensor], Tensor],
+    scheduler: Any,
+    num_inference_steps: int,
+    num_samples: int,
+    sample_shape: Sequence[int],
+    *,
+    seed: int = 0,
+    chunk_size: int = 250,
+    device: torch.device | str = "cpu",
+    accelerator: Any | None = None,
+    progress: bool | str = True,
+) -> tuple[Tensor, int]:
+    """The plain diffusers loop (``set_timesteps``, ``scale_model_input``, ``step``) with the same
+    per-index noise, for side-by-side baselines. Returns samples and the NFE used."""
+    scheduler.set_timesteps(num_inference_steps)
+    nfe = len(scheduler.timesteps)
+
+    def make_chunk(indices: range) -> Tensor:
+        scheduler.set_timesteps(num_inference_steps)
+        x = unit_noise(indices, sample_shape, seed).to(device) * scheduler.init_noise_sigma
+        with torch.inference_mode():
+            for timestep in scheduler.timesteps:
+                model_input = scheduler.scale_model_input(x, timestep)
+                output = model(model_input, timestep.expand(x.shape[0]).to(device))
+                x = scheduler.step(output, timestep, x, return_dict=False)[0]
+        return x
+
+    return generate_chunks(make_chunk, num_samples, chunk_size, accelerator, progress), nfe
+
+
+def steps_for_nfe(
+    solver: Solver, make_schedule: Callable[[int], StepSchedule], nfe: int
+) -> int | None:
+    """The step count whose schedule makes ``solver`` spend exactly ``nfe`` model evaluations, or
+    ``None`` if no step count does (e.g. Heun with a clean end spends ``2 n - 1``)."""
+    for num_steps in range(1, nfe + 1):
+        spent = solver.evaluation_times(make_schedule(num_steps)).size
+        if spent == nfe:
+            return num_steps
+        if spent > nfe:
+            return None
+    return None
