@@ -69,14 +69,19 @@ def test_single_gaussian_ode_solution_matches_numerical_solve(noise):
         return t * (d_alpha * denoised + d_sigma * eps).numpy().ravel()
 
     span = (np.log(t_start), np.log(t_end))
-    numerical = solve_ivp(velocity, span, x_start.numpy().ravel(), method="DOP853",
-                          rtol=1e-11, atol=1e-12).y[:, -1].reshape(3, 3)
+    numerical = (
+        solve_ivp(velocity, span, x_start.numpy().ravel(), method="DOP853", rtol=1e-11, atol=1e-12)
+        .y[:, -1]
+        .reshape(3, 3)
+    )
     exact = gaussian.ode_solution(x_start, t_start, t_end).numpy()
     np.testing.assert_allclose(exact, numerical, atol=1e-6)
     # And the closed form is a flow: t -> s -> r equals t -> r.
     middle = gaussian.ode_solution(x_start, t_start, 0.5 * (t_start + t_end))
-    torch.testing.assert_close(gaussian.ode_solution(middle, 0.5 * (t_start + t_end), t_end),
-                               gaussian.ode_solution(x_start, t_start, t_end))
+    torch.testing.assert_close(
+        gaussian.ode_solution(middle, 0.5 * (t_start + t_end), t_end),
+        gaussian.ode_solution(x_start, t_start, t_end),
+    )
 
 
 def test_sampling_matches_moments():

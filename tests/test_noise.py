@@ -31,8 +31,12 @@ ALL_SCHEDULES = [
     DiscreteVP.stable_diffusion(),
     DiscreteVP.from_diffusers_config({"beta_schedule": "squaredcos_cap_v2"}),
     DiscreteVP.from_diffusers_config(
-        {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
-         "rescale_betas_zero_snr": True}
+        {
+            "beta_schedule": "scaled_linear",
+            "beta_start": 0.00085,
+            "beta_end": 0.012,
+            "rescale_betas_zero_snr": True,
+        }
     ),
     LinearVP(),
     CosineVP(),
@@ -52,8 +56,10 @@ def test_discrete_vp_reproduces_diffusers_alphas_cumprod(config):
     np.testing.assert_allclose(ours, theirs, rtol=2e-5, atol=1e-6)
     # And exactly with a float64 cumprod of the same betas.
     betas = betas_for_schedule(
-        config["beta_schedule"], scheduler.config.num_train_timesteps,
-        scheduler.config.beta_start, scheduler.config.beta_end,
+        config["beta_schedule"],
+        scheduler.config.num_train_timesteps,
+        scheduler.config.beta_start,
+        scheduler.config.beta_end,
     )
     np.testing.assert_allclose(ours, np.cumprod(1 - betas), rtol=1e-12, atol=0)
 
@@ -64,8 +70,12 @@ def test_trained_betas_and_zero_terminal_snr():
     noise = DiscreteVP.from_diffusers_config(scheduler.config)
     np.testing.assert_allclose(noise.alphas_cumprod, np.cumprod(1 - betas), rtol=1e-12)
 
-    config = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
-              "rescale_betas_zero_snr": True}
+    config = {
+        "beta_schedule": "scaled_linear",
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "rescale_betas_zero_snr": True,
+    }
     zero_snr = DiscreteVP.from_diffusers_config(config)
     reference = DDIMScheduler(**config).alphas_cumprod.double().numpy()
     np.testing.assert_allclose(zero_snr.alphas_cumprod[:-1], reference[:-1], rtol=1e-4, atol=1e-7)
@@ -86,14 +96,17 @@ def test_lambda_round_trip_and_monotone(noise):
     np.testing.assert_allclose(noise.t_from_lambda(lambdas), times, atol=1e-9 * noise.t_max, rtol=0)
     sigmas = np.asarray(noise.kdiffusion_sigma(times))
     assert sigmas[0] == 0.0
-    np.testing.assert_allclose(noise.t_from_kdiffusion_sigma(sigmas), times,
-                               atol=1e-9 * noise.t_max, rtol=0)
+    np.testing.assert_allclose(
+        noise.t_from_kdiffusion_sigma(sigmas), times, atol=1e-9 * noise.t_max, rtol=0
+    )
 
 
 @pytest.mark.parametrize("noise", ALL_SCHEDULES, ids=repr)
 def test_alpha_sigma_identities(noise):
     times = np.linspace(noise.t_min, noise.t_max, 101)
-    alpha, sigma, lambda_ = (np.asarray(f(times)) for f in (noise.alpha, noise.sigma, noise.lambda_))
+    alpha, sigma, lambda_ = (
+        np.asarray(f(times)) for f in (noise.alpha, noise.sigma, noise.lambda_)
+    )
     assert noise.alpha(0.0) == 1.0 and noise.sigma(0.0) == 0.0
     finite = lambda_ > LAMBDA_MIN
     np.testing.assert_allclose(lambda_[finite], np.log(alpha[finite] / sigma[finite]), rtol=1e-12)
@@ -109,8 +122,11 @@ def test_continuous_schedules_closed_forms():
     np.testing.assert_allclose(linear.log_alpha(t), -0.25 * 19.9 * t**2 - 0.05 * t, rtol=1e-14)
     cosine = CosineVP()
     expected = np.cos(np.pi / 2 * (t[:-1] + 0.008) / 1.008) / np.cos(np.pi / 2 * 0.008 / 1.008)
-    np.testing.assert_allclose(cosine.alpha(t[:-1] * 0.99), np.cos(
-        np.pi / 2 * (t[:-1] * 0.99 + 0.008) / 1.008) / np.cos(np.pi / 2 * 0.008 / 1.008), rtol=1e-12)
+    np.testing.assert_allclose(
+        cosine.alpha(t[:-1] * 0.99),
+        np.cos(np.pi / 2 * (t[:-1] * 0.99 + 0.008) / 1.008) / np.cos(np.pi / 2 * 0.008 / 1.008),
+        rtol=1e-12,
+    )
     assert expected[0] == pytest.approx(1.0)
     edm = EDM()
     assert edm.sigma(3.0) == pytest.approx(3.0, rel=1e-15) and edm.alpha(3.0) == 1.0
@@ -131,12 +147,15 @@ def test_discrete_interpolation_is_piecewise_linear_in_log_alpha():
     assert noise.timestep_from_t(0.0) == -1.0 and noise.alpha(0.0) == 1.0
 
 
-@pytest.mark.parametrize("bad", [
-    {"beta_schedule": "nope"},
-    {"beta_schedule": "linear", "num_train_timesteps": 1},
-    {"trained_betas": [0.1, float("nan")]},
-    {"trained_betas": [0.1, 1.5]},
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"beta_schedule": "nope"},
+        {"beta_schedule": "linear", "num_train_timesteps": 1},
+        {"trained_betas": [0.1, float("nan")]},
+        {"trained_betas": [0.1, 1.5]},
+    ],
+)
 def test_bad_discrete_configs_raise(bad):
     with pytest.raises(ValueError):
         DiscreteVP.from_diffusers_config(bad)

@@ -52,7 +52,9 @@ def test_schedule_is_immutable_and_derived_values():
     assert schedule.num_steps == 4 and len(schedule) == 5 and schedule.ends_clean
     with pytest.raises(ValueError):
         schedule.times[0] = 0.3
-    np.testing.assert_allclose(schedule.lambdas[:-1], np.log(schedule.alphas[:-1] / schedule.sigmas[:-1]))
+    np.testing.assert_allclose(
+        schedule.lambdas[:-1], np.log(schedule.alphas[:-1] / schedule.sigmas[:-1])
+    )
     assert schedule.lambdas[-1] == math.inf
 
 
@@ -87,8 +89,9 @@ def test_diffusers_timestep_round_trip_and_off_grid_error():
     with pytest.raises(ValueError, match="not a trained step"):
         off_grid.to_diffusers_timesteps()
     assert off_grid.to_diffusers_timesteps(integer=False)[1] == pytest.approx(499.4)
-    np.testing.assert_array_equal(off_grid.snapped_to_trained_steps().to_diffusers_timesteps(),
-                                  [999, 499])
+    np.testing.assert_array_equal(
+        off_grid.snapped_to_trained_steps().to_diffusers_timesteps(), [999, 499]
+    )
 
 
 def test_karras_matches_formula_and_kdiffusion_round_trip():
@@ -125,7 +128,9 @@ def test_ays_gaussian_closed_form():
 
 
 def test_loglinear_interpolation_has_no_repeated_zero_sigmas():
-    published = np.array([14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029])
+    published = np.array(
+        [14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029]
+    )
     with pytest.raises(ValueError, match="below t_min"):  # 0.029 < sigma(t_min) = 0.02917
         StepSchedule.from_kdiffusion_sigmas(SD, np.append(published, 0.0))
     table = StepSchedule.from_kdiffusion_sigmas(SD, np.append(published, 0.0), clip_to_range=True)
@@ -134,10 +139,15 @@ def test_loglinear_interpolation_has_no_repeated_zero_sigmas():
         sigmas = resampled.to_kdiffusion_sigmas()
         assert resampled.num_steps == n and (np.diff(sigmas) < 0).all()
         assert np.count_nonzero(sigmas == 0) == 1
-        assert sigmas[0] == pytest.approx(float(SD.kdiffusion_sigma(1.0)), rel=1e-9) and sigmas[-2] == pytest.approx(float(SD.kdiffusion_sigma(SD.t_min)))
+        assert sigmas[0] == pytest.approx(float(SD.kdiffusion_sigma(1.0)), rel=1e-9) and sigmas[
+            -2
+        ] == pytest.approx(float(SD.kdiffusion_sigma(SD.t_min)))
     # Same step count reproduces the table itself.
-    np.testing.assert_allclose(loglinear_interpolate(table, 11).to_kdiffusion_sigmas()[:-1],
-                               table.to_kdiffusion_sigmas()[:-1], rtol=1e-9)
+    np.testing.assert_allclose(
+        loglinear_interpolate(table, 11).to_kdiffusion_sigmas()[:-1],
+        table.to_kdiffusion_sigmas()[:-1],
+        rtol=1e-9,
+    )
 
 
 def test_flow_shifted_matches_sd3_shift():

@@ -47,10 +47,23 @@ def _print_schedule(schedule: StepSchedule, title: str) -> None:
     if discrete:
         table.add_column("diffusers timestep", justify="right")
         timesteps = np.append(schedule.to_diffusers_timesteps(integer=False), np.nan)
-    rows = zip(schedule.times, schedule.alphas, schedule.sigmas, schedule.lambdas,
-               schedule.to_kdiffusion_sigmas(), strict=True)
+    rows = zip(
+        schedule.times,
+        schedule.alphas,
+        schedule.sigmas,
+        schedule.lambdas,
+        schedule.to_kdiffusion_sigmas(),
+        strict=True,
+    )
     for i, (t, alpha, sigma, lambda_, kd_sigma) in enumerate(rows):
-        cells = [str(i), f"{t:.6g}", f"{alpha:.5g}", f"{sigma:.5g}", f"{lambda_:.4g}", f"{kd_sigma:.5g}"]
+        cells = [
+            str(i),
+            f"{t:.6g}",
+            f"{alpha:.5g}",
+            f"{sigma:.5g}",
+            f"{lambda_:.4g}",
+            f"{kd_sigma:.5g}",
+        ]
         if discrete:
             cells.append("clean" if t == 0 else f"{timesteps[i]:.4g}")
         table.add_row(*cells)
@@ -99,8 +112,41 @@ def schedule_save(
     console.print(f"wrote {out}")
 
 
+def _register_commands() -> None:
+    from stepsearch.evaluate_cli import register
+
+    register(app)
+
+
+_register_commands()
+
+LIST_OPTIONS = ("--schedules", "--solvers", "--baselines", "--nfe", "--metric")
+
+
+def normalize_list_options(argv: list[str]) -> list[str]:
+    """Let list options take several values after one flag (``--nfe 4 5 6``) as well as repeated
+    flags (``--nfe 4 --nfe 5``) and commas (``--nfe 4,5,6``)."""
+    normalized: list[str] = []
+    current: str | None = None
+    for token in argv:
+        if token.startswith("-"):
+            current = token if token in LIST_OPTIONS else None
+            if current is None:
+                normalized.append(token)
+            continue
+        if current is not None:
+            normalized.extend(
+                item for value in token.split(",") if value for item in (current, value)
+            )
+        else:
+            normalized.append(token)
+    return normalized
+
+
 def main() -> None:
-    app()
+    import sys
+
+    app(args=normalize_list_options(sys.argv[1:]), prog_name="stepsearch")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,365 @@
+"""Side-by-side evaluation of samplers: stepsearch solver x schedule vs diffusers' built-ins.
+
+One :class:`ImageModel` (the bundled digits DDPM, or a local diffusers ``UNet2DModel`` directory), a
+list of :class:`Method` s, a list of NFEs and metrics: every method generates the same samples
+(same per-index noise) at each NFE, every metric scores them, and :func:`run_experiment` returns one
+:class:`~stepsearch.eval.report.ResultTable` per metric.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from stepsearch.denoiser import ModelDenoiser
+from stepsearch.eval.features import ensure_features
+from stepsearch.eval.fid import FeatureStatistics, frechet_distance, kernel_inception_distance
+from stepsearch.eval.generate import generate, generate_with_diffusers_scheduler, steps_for_nfe
+from stepsearch.eval.report import Cell, ResultTable
+from stepsearch.eval.trajectory import trajectory_error
+from stepsearch.noise import DiscreteVP
+from stepsearch.schedule import StepSchedule, loglinear_interpolate, make_schedule
+from stepsearch.solvers import get_solver
+
+METRICS = ("fd", "kid", "traj")
+"""``fd``: Fréchet distance in the model's feature space (FD-digits for the bundled model, FID with
+Inception features otherwise); ``kid``: kernel distance in the same space; ``traj``: median RMS
+error to a reference ODE solution from the same noise."""
+
+REFERENCE_SOLVER = ("dpm_solver_pp_3m", "logsnr_uniform", 100)
+"""The reference ODE solution for ``traj``: DPM-Solver++(3M), 100 logSNR-uniform steps."""
+
+
+@dataclass
+class ImageModel:
+    """An unconditional image diffusion model with what evaluation needs."""
+
+    name: str
+    unet: torch.nn.Module
+    scheduler_config: dict[str, Any]
+    sample_shape: tuple[int, ...]
+    feature_extractor: torch.nn.Module | None = None
+    reference_images: Tensor | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def noise(self) -> DiscreteVP:
+        return DiscreteVP.from_diffusers_config(self.scheduler_config)
+
+    @property
+    def prediction_type(self) -> str:
+        return str(self.scheduler_config.get("prediction_type", "epsilon"))
+
+    def model_fn(self, x: Tensor, timestep: Tensor) -> Tensor:
+        return self.unet(x, timestep).sample
+
+    def denoiser(self) -> ModelDenoiser:
+        return ModelDenoiser(self.model_fn, self.noise, self.prediction_type)
+
+
+def load_image_model(
+    spec: str, device: str | torch.device = "cpu", inception_weights: str | None = None
+) -> ImageModel:
+    """``"digits"`` (the bundled model with FD-digits features and the 1,797 real digits), or a local
+    diffusers directory holding a ``UNet2DModel`` (at its root or in ``unet/``) and a scheduler
+    config (``scheduler_config.json`` at the root or in ``scheduler/``)."""
+    device = torch.device(device)
+    if spec == "digits":
+        from stepsearch.testbeds import digits
+
+        bundle = digits.load(device=device)
+        return ImageModel(
+            name="digits",
+            unet=bundle.unet,
+            scheduler_config=dict(bundle.scheduler_config),
+            sample_shape=digits.IMAGE_SHAPE,
+            feature_extractor=digits.DigitsFeatureExtractor(digits.load_classifier(device=device)),
+            reference_images=digits.real_images(),
+            device=device,
+        )
+    from diffusers import UNet2DModel
+
+    root = Path(spec)
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"model {spec!r}: expected 'digits' or a local diffusers model directory"
+        )
+    unet_dir = root / "unet" if (root / "unet").is_dir() else root
+    config_path = next(
+        (
+            p
+            for p in (root / "scheduler" / "scheduler_config.json", root / "scheduler_config.json")
+            if p.is_file()
+        ),
+        None,
+    )
+    if config_path is None:
+        raise FileNotFoundError(f"{spec}: no scheduler_config.json at its root or in scheduler/")
+    unet = UNet2DModel.from_pretrained(unet_dir).to(device).eval().requires_grad_(False)
+    size = unet.config.sample_size
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    extractor = None
+    if inception_weights is not None:
+        from stepsearch.eval.features import InceptionFeatures
+
+        extractor = InceptionFeatures(inception_weights).to(device)
+    return ImageModel(
+        name=root.name,
+        unet=unet,
+        scheduler_config=json.loads(config_path.read_text()),
+        sample_shape=(unet.config.in_channels, *size),
+        feature_extractor=extractor,
+        device=device,
+    )
+
+
+@dataclass(frozen=True)
+class Method:
+    """A sampler: a stepsearch solver on a schedule (a spacing name or a saved schedule, resampled
+    log-linearly to other step counts), or a diffusers scheduler class with options."""
+
+    label: str
+    solver: str | None = None
+    schedule: str | StepSchedule | None = None
+    solver_options: dict[str, Any] = field(default_factory=dict)
+    diffusers_scheduler: str | None = None
+    diffusers_options: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def stepsearch(cls, solver: str, schedule: str | StepSchedule, **options: Any) -> Method:
+        name = schedule if isinstance(schedule, str) else str(schedule.metadata.get("name", "file"))
+        return cls(
+            f"stepsearch {solver} / {name}",
+            solver=solver,
+            schedule=schedule,
+            solver_options=options,
+        )
+
+    @classmethod
+    def diffusers(cls, scheduler: str, label: str | None = None, **options: Any) -> Method:
+        if label is None:
+            spacing = options.get("timestep_spacing")
+            label = f"diffusers {scheduler}" + (f" ({spacing})" if spacing else "")
+        return cls(label, diffusers_scheduler=scheduler, diffusers_options=options)
+
+    def schedule_for(self, model: ImageModel, num_steps: int) -> StepSchedule:
+        if isinstance(self.schedule, StepSchedule):
+            if self.schedule.noise != model.noise:
+                raise ValueError(f"{self.label}: the schedule file is for another noise schedule")
+            if self.schedule.num_steps == num_steps:
+                return self.schedule
+            return loglinear_interpolate(self.schedule, num_steps)
+        return make_schedule(model.noise, num_steps, str(self.schedule))
+
+    def run(
+        self,
+        model: ImageModel,
+        nfe: int,
+        num_samples: int,
+        seed: int,
+        accelerator: Any | None = None,
+        chunk_size: int = 250,
+    ) -> tuple[Tensor, int] | None:
+        """Samples at exactly ``nfe`` model evaluations and the step count, or ``None`` if the
+        method cannot spend exactly ``nfe``."""
+        if self.diffusers_scheduler is not None:
+            return self._run_diffusers(model, nfe, num_samples, seed, accelerator, chunk_size)
+        solver = get_solver(str(self.solver), **self.solver_options)
+        num_steps = steps_for_nfe(solver, lambda n: self.schedule_for(model, n), nfe)
+        if num_steps is None:
+            return None
+        samples = generate(
+            model.denoiser(),
+            self.schedule_for(model, num_steps),
+            solver,
+            num_samples,
+            model.sample_shape,
+            seed=seed,
+            chunk_size=chunk_size,
+            device=model.device,
+            accelerator=accelerator,
+            progress=f"{self.label} NFE {nfe}",
+        )
+        return samples, num_steps
+
+    def _run_diffusers(
+        self,
+        model: ImageModel,
+        nfe: int,
+        num_samples: int,
+        seed: int,
+        accelerator: Any | None,
+        chunk_size: int,
+    ) -> tuple[Tensor, int] | None:
+        import diffusers
+
+        scheduler_class = getattr(diffusers, str(self.diffusers_scheduler))
+        scheduler = scheduler_class.from_config(model.scheduler_config, **self.diffusers_options)
+        for num_steps in range(1, nfe + 1):
+            scheduler.set_timesteps(num_steps)
+            if len(scheduler.timesteps) == nfe:
+                samples, _ = generate_with_diffusers_scheduler(
+                    model.model_fn,
+                    scheduler,
+                    num_steps,
+                    num_samples,
+                    model.sample_shape,
+                    seed=seed,
+                    chunk_size=chunk_size,
+                    device=model.device,
+                    accelerator=accelerator,
+                    progress=f"{self.label} NFE {nfe}",
+                )
+                return samples, num_steps
+            if len(scheduler.timesteps) > nfe:
+                break
+        return None
+
+
+def default_methods() -> list[Method]:
+    """The demo's line-up: diffusers' built-ins with their usual spacings vs stepsearch solvers on
+    stepsearch spacings (DDIM-equivalent, 2nd and 3rd order, predictor-corrector)."""
+    return [
+        Method.diffusers(
+            "DDIMScheduler",
+            timestep_spacing="leading",
+            steps_offset=1,
+            clip_sample=False,
+            set_alpha_to_one=False,
+        ),
+        Method.diffusers("DPMSolverMultistepScheduler"),
+        Method.diffusers("UniPCMultistepScheduler"),
+        Method.diffusers("EulerDiscreteScheduler", timestep_spacing="trailing"),
+        Method.stepsearch("ddim", "trailing"),
+        Method.stepsearch("dpm_solver_pp_2m", "logsnr_uniform"),
+        Method.stepsearch("dpm_solver_pp_3m", "logsnr_uniform"),
+        Method.stepsearch("unipc_bh2", "logsnr_uniform"),
+        Method.stepsearch("pndm", "logsnr_uniform"),
+    ]
+
+
+def reference_samples(
+    model: ImageModel,
+    num_samples: int,
+    seed: int,
+    accelerator: Any | None = None,
+    chunk_size: int = 250,
+) -> Tensor:
+    """High-accuracy ODE solutions from the same per-index noise (see :data:`REFERENCE_SOLVER`)."""
+    solver_name, spacing, steps = REFERENCE_SOLVER
+    return generate(
+        model.denoiser(),
+        make_schedule(model.noise, steps, spacing),
+        get_solver(solver_name),
+        num_samples,
+        model.sample_shape,
+        seed=seed,
+        chunk_size=chunk_size,
+        device=model.device,
+        accelerator=accelerator,
+        progress="reference ODE solution",
+    )
+
+
+def run_experiment(
+    model: ImageModel,
+    methods: Sequence[Method],
+    nfes: Sequence[int],
+    metrics: Sequence[str] = ("fd", "traj"),
+    num_samples: int = 1000,
+    seed: int = 0,
+    accelerator: Any | None = None,
+    chunk_size: int = 250,
+    on_samples: Callable[[Method, int, Tensor], None] | None = None,
+) -> dict[str, ResultTable]:
+    """Evaluate every method at every NFE on every metric (see :data:`METRICS`)."""
+    unknown = sorted(set(metrics) - set(METRICS))
+    if unknown:
+        raise ValueError(f"unknown metrics {unknown}; choose from {METRICS}")
+    scorer = _Scorer(model, metrics, num_samples, seed, accelerator, chunk_size)
+    tables = {metric: ResultTable(metric, lower_is_better=True) for metric in metrics}
+    cells = [(method, nfe) for method in methods for nfe in nfes]
+    for method, nfe in tqdm(cells, desc="methods x NFE", disable=not _is_main(accelerator)):
+        start = time.perf_counter()
+        result = method.run(model, nfe, num_samples, seed, accelerator, chunk_size)
+        if result is None:
+            continue
+        samples, num_steps = result
+        seconds = time.perf_counter() - start
+        if on_samples is not None:
+            on_samples(method, nfe, samples)
+        for metric, (value, std) in scorer.score(samples).items():
+            tables[metric].add(
+                Cell(method.label, nfe, metric, value, std, num_steps, round(seconds, 3))
+            )
+    return tables
+
+
+def _is_main(accelerator: Any | None) -> bool:
+    return accelerator is None or bool(accelerator.is_main_process)
+
+
+class _Scorer:
+    """Metric state computed once per experiment: reference features and ODE solutions."""
+
+    def __init__(
+        self,
+        model: ImageModel,
+        metrics: Sequence[str],
+        num_samples: int,
+        seed: int,
+        accelerator: Any | None,
+        chunk_size: int,
+    ):
+
+        self.model, self.metrics = model, tuple(metrics)
+        self.reference_features = None
+        if {"fd", "kid"} & set(metrics):
+            if model.feature_extractor is None or model.reference_images is None:
+                raise ValueError(
+                    f"fd/kid for model {model.name!r} need a feature extractor and reference images"
+                )
+            self.reference_features = ensure_features(
+                model.reference_images, model.feature_extractor, progress=False
+            )
+            self.reference_statistics = FeatureStatistics.from_features(self.reference_features)
+        self.reference = (
+            reference_samples(model, num_samples, seed, accelerator, chunk_size)
+            if "traj" in metrics
+            else None
+        )
+
+    def score(self, samples: Tensor) -> dict[str, tuple[float, float | None]]:
+        from stepsearch.eval.fid import (
+            FeatureStatistics,
+        )
+
+        scores: dict[str, tuple[float, float | None]] = {}
+        features = None
+        if self.reference_features is not None:
+            assert self.model.feature_extractor is not None
+            finite = samples.clamp(-1e4, 1e4).nan_to_num(0.0)
+            features = ensure_features(finite, self.model.feature_extractor, progress=False)
+        if "fd" in self.metrics:
+            scores["fd"] = (
+                frechet_distance(
+                    FeatureStatistics.from_features(features), self.reference_statistics
+                ),
+                None,
+            )
+        if "kid" in self.metrics:
+            mean, std = kernel_inception_distance(
+                features, self.reference_features, subsets=50, subset_size=min(500, len(samples))
+            )
+            scores["kid"] = (mean * 1e3, std * 1e3)
+        if "traj" in self.metrics:
+            scores["traj"] = (trajectory_error(samples, self.reference), None)
+        return scores

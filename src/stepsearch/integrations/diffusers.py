@@ -1,0 +1,1024 @@
+"""Drop-in diffusers schedulers backed by stepsearch solvers and step schedules.
+
+:class:`StepsearchScheduler` is a ``SchedulerMixin, ConfigMixin`` class: it builds a
+:class:`~stepsearch.noise.DiscreteVP` (or :class:`~stepsearch.noise.FlowMatching`) from the usual
+diffusers keys, turns ``set_timesteps`` into a validated :class:`~stepsearch.schedule.StepSchedule`,
+and maps each ``step()`` onto exactly one ``solver.step`` (one model evaluation). The per-solver
+subclasses (:class:`StepsearchDDIMScheduler`, :class:`StepsearchDPMSolverMultistepScheduler`, ...)
+only set a default solver and the timestep-grid convention of their diffusers namesake, so::
+
+    pipe.scheduler = StepsearchDPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+
+swaps a scheduler in place, and an optimized schedule travels in the config (``custom_times``)
+through ``save_pretrained`` / ``from_pretrained``.
+
+Conventions:
+
+- Samples live in x-space (``x = alpha x0 + sigma eps``): ``init_noise_sigma = 1`` and
+  ``scale_model_input`` is the identity, for every solver (Euler and Heun included, unlike
+  ``EulerDiscreteScheduler``, which works on ``x / alpha``).
+- ``timesteps`` holds one entry per *model evaluation* in diffusers units (train-step index
+  ``t N - 1`` for discrete VP models, ``t N`` for flow models): int64 when every evaluation is on a
+  trained step, float32 otherwise (Heun, singlestep DPM-Solver, Karras spacing, ...).
+- ``set_timesteps(sigmas=...)`` takes k-diffusion sigmas ``sigma / alpha`` for VP models, the whole
+  grid including its end (as ``EulerDiscreteScheduler``: diffusers' AYS lists end in ``0``); for
+  flow models it takes the flow times of the evaluations, shifted by ``shift`` (or ``exp(mu)``)
+  and followed by a final ``0``, as ``FlowMatchEulerDiscreteScheduler`` does.
+- Schedules are data: non-monotonic or duplicated timesteps / sigmas, ``num_inference_steps``
+  outside ``1 .. num_train_timesteps`` and a ``step()`` at a timestep other than the next one of
+  the schedule raise ``ValueError``.
+- ``float16`` / ``bfloat16`` samples are stepped in float32 and cast back.
+
+Schedulers are stateful (one run at a time): use one instance per pipeline call or a copy per
+thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
+from diffusers.utils import BaseOutput
+from numpy.typing import ArrayLike
+
+from stepsearch.denoiser import x0_from_model_output
+from stepsearch.noise import DiscreteVP, FloatArray, FlowMatching, NoiseSchedule
+from stepsearch.schedule import (
+    StepSchedule,
+    diffusers_spacing,
+    flow_shifted,
+    loglinear_interpolate,
+    make_schedule,
+)
+from stepsearch.solvers.base import Solver, SolverState
+
+logger = logging.getLogger(__name__)
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow_prediction")
+DIFFUSERS_SPACINGS = ("leading", "linspace", "trailing")
+FINALS = ("clean", "t_min")
+GRID_CONVENTIONS = ("ddim", "dpm", "euler")
+
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+_TIMESTEP_TOLERANCE = 1e-3
+"""Largest difference (in train-step units) between a ``step()`` timestep and the schedule's."""
+
+_DERIVED_KEYS = (
+    "set_alpha_to_one",
+    "final_sigmas_type",
+    "clip_sample",
+    "thresholding",
+    "use_karras_sigmas",
+    "use_lu_lambdas",
+    "use_exponential_sigmas",
+    "use_flow_sigmas",
+    "flow_shift",
+    "solver_order",
+    "skip_prk_steps",
+)
+"""diffusers keys a stepsearch config carries so that ``DDIMScheduler.from_config(ours)`` and
+friends reproduce its choices; derived from the stepsearch keys, never read back."""
+
+_IGNORED_WITH_WARNING: dict[str, Any] = {
+    "clip_sample": True,
+    "thresholding": True,
+    "use_beta_sigmas": True,
+    "invert_sigmas": True,
+    "stochastic_sampling": True,
+}
+"""diffusers options that change results and that stepsearch does not implement."""
+
+_SOLVER_FOR_DIFFUSERS_CLASS = {
+    "DDIMScheduler": "ddim",
+    "DDPMScheduler": "ddim",
+    "PNDMScheduler": "pndm",
+    "EulerDiscreteScheduler": "euler",
+    "HeunDiscreteScheduler": "heun",
+    "UniPCMultistepScheduler": "unipc_bh2",
+    "DPMSolverSinglestepScheduler": "dpm_solver_pp_2s",
+    "FlowMatchEulerDiscreteScheduler": "euler",
+}
+
+_SOLVER_ORDER = {
+    "dpm_solver_1": 1,
+    "dpm_solver_2": 2,
+    "dpm_solver_3": 3,
+    "dpm_solver_pp_2m": 2,
+    "dpm_solver_pp_3m": 3,
+    "dpm_solver_pp_2s": 2,
+}
+
+
+def _make_solver(name: str, kwargs: Mapping[str, Any]) -> Solver:
+    from stepsearch.solvers import get_solver
+
+    return get_solver(name, **dict(kwargs))
+
+
+@dataclass
+class StepsearchSchedulerOutput(BaseOutput):
+    """Output of :meth:`StepsearchScheduler.step`.
+
+    Args:
+        prev_sample: the sample at the next evaluation time (the final sample after the last step),
+            the next model input of the denoising loop.
+        pred_original_sample: the model's clean-data estimate ``x0_hat`` at this evaluation.
+    """
+
+    prev_sample: torch.Tensor
+    pred_original_sample: torch.Tensor | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# config translation (diffusers keys <-> stepsearch keys)
+# --------------------------------------------------------------------------------------------
+
+
+def _final_from_diffusers(config: Mapping[str, Any], final_key: str | None = None) -> str | None:
+    """``final`` from ``final_sigmas_type`` (DPM-Solver, UniPC, Euler, ...) or
+    ``set_alpha_to_one`` (DDIM, PNDM); ``final_key`` restricts to the key the target class's
+    diffusers namesake reads (Stable Diffusion configs carry ``set_alpha_to_one: false``, which
+    ``DPMSolverMultistepScheduler`` ignores)."""
+    if "final_sigmas_type" in config and final_key in (None, "final_sigmas_type"):
+        return "t_min" if config["final_sigmas_type"] == "sigma_min" else "clean"
+    if "set_alpha_to_one" in config and final_key in (None, "set_alpha_to_one"):
+        return "clean" if config["set_alpha_to_one"] else "t_min"
+    return None
+
+
+def _spacing_from_diffusers(config: Mapping[str, Any]) -> str | None:
+    if config.get("use_karras_sigmas"):
+        return "karras"
+    if config.get("use_lu_lambdas") or config.get("use_exponential_sigmas"):
+        return "logsnr_uniform"  # both are uniform in log k-diffusion sigma = -lambda
+    return None
+
+
+def _translate_diffusers_keys(
+    config: Mapping[str, Any], final_key: str | None = None
+) -> dict[str, Any]:
+    """stepsearch keys implied by a diffusers scheduler config (only those it determines)."""
+    translated: dict[str, Any] = {}
+    final = _final_from_diffusers(config, final_key)
+    if final is not None:
+        translated["final"] = final
+    spacing = _spacing_from_diffusers(config)
+    if spacing is not None:
+        translated["timestep_spacing"] = spacing
+    class_name = _diffusers_class_name(config) or ""
+    flow_class = class_name.startswith("FlowMatch") and "beta_schedule" not in config
+    if config.get("use_flow_sigmas") or flow_class:
+        translated["prediction_type"] = "flow_prediction"
+        if "flow_shift" in config and "shift" not in config:
+            translated["shift"] = float(config["flow_shift"])
+    for key, value in _IGNORED_WITH_WARNING.items():
+        if config.get(key) == value:
+            logger.warning("stepsearch schedulers ignore the diffusers option %s=%r", key, value)
+    return translated
+
+
+def _solver_kwargs_from_diffusers(solver: str, config: Mapping[str, Any]) -> dict[str, Any]:
+    """Solver options a diffusers config implies: PNDM's ``skip_prk_steps`` (Stable Diffusion
+    sets it) is our PNDM without the pseudo Runge-Kutta warm-up."""
+    if solver == "pndm" and "skip_prk_steps" in config:
+        return {"warmup": "lower_order" if config["skip_prk_steps"] else "prk"}
+    return {}
+
+
+def _diffusers_class_name(config: Mapping[str, Any]) -> str | None:
+    """The diffusers scheduler a config came from: ``_class_name`` when saved to disk, else
+    guessed from keys only that class has (in-memory ``scheduler.config`` lacks the name)."""
+    if "_class_name" in config:
+        return str(config["_class_name"])
+    signatures = (
+        ("skip_prk_steps", "PNDMScheduler"),
+        ("set_alpha_to_one", "DDIMScheduler"),
+        ("euler_at_final", "DPMSolverMultistepScheduler"),
+        ("disable_corrector", "UniPCMultistepScheduler"),
+        ("algorithm_type", "DPMSolverSinglestepScheduler"),
+        ("interpolation_type", "EulerDiscreteScheduler"),
+        ("variance_type", "DDPMScheduler"),
+        ("use_dynamic_shifting", "FlowMatchEulerDiscreteScheduler"),
+    )
+    return next((name for key, name in signatures if key in config), None)
+
+
+def _solver_from_diffusers(config: Mapping[str, Any]) -> str | None:
+    """The stepsearch solver closest to a diffusers scheduler config's method."""
+    class_name = _diffusers_class_name(config)
+    if class_name == "DPMSolverMultistepScheduler":
+        order = int(config.get("solver_order", 2))
+        return {1: "dpm_solver_1", 2: "dpm_solver_pp_2m"}.get(order, "dpm_solver_pp_3m")
+    if class_name == "UniPCMultistepScheduler":
+        return "unipc_bh1" if config.get("solver_type") == "bh1" else "unipc_bh2"
+    return _SOLVER_FOR_DIFFUSERS_CLASS.get(class_name or "")
+
+
+# --------------------------------------------------------------------------------------------
+# timestep grids of diffusers' schedulers
+# --------------------------------------------------------------------------------------------
+
+
+def diffusers_grid_timesteps(
+    convention: str, spacing: str, num_steps: int, num_train_timesteps: int, steps_offset: int = 0
+) -> FloatArray:
+    """The evaluation timesteps diffusers' schedulers generate for ``num_steps`` steps.
+
+    ``convention`` names the family whose arithmetic is copied: ``"ddim"`` (DDIM, PNDM, DDPM:
+    ``n`` points of ``linspace(0, N - 1)``, leading step ``N // n``), ``"dpm"`` (DPM-Solver,
+    UniPC, DEIS: ``n + 1`` points with the last dropped, leading step ``N // (n + 1)``) or
+    ``"euler"`` (Euler, Heun: like ``"ddim"`` but ``linspace`` is not rounded).
+    """
+    n, total = int(num_steps), int(num_train_timesteps)
+    if convention not in GRID_CONVENTIONS:
+        raise ValueError(f"grid convention must be one of {GRID_CONVENTIONS}, got {convention!r}")
+    if spacing not in DIFFUSERS_SPACINGS:
+        raise ValueError(f"spacing must be one of {DIFFUSERS_SPACINGS}, got {spacing!r}")
+    if spacing == "trailing":
+        return np.round(np.arange(total, 0, -total / n)) - 1.0
+    if convention == "dpm":
+        if spacing == "linspace":
+            return np.linspace(0, total - 1, n + 1).round()[::-1][:-1].copy()
+        ratio = total // (n + 1)
+        return (np.arange(n + 1) * ratio).round()[::-1][:-1] + float(steps_offset)
+    if spacing == "linspace":
+        grid = np.linspace(0, total - 1, n)[::-1].copy()
+        return grid if convention == "euler" else grid.round()
+    return (np.arange(n) * (total // n)).round()[::-1] + float(steps_offset)
+
+
+# --------------------------------------------------------------------------------------------
+# the scheduler
+# --------------------------------------------------------------------------------------------
+
+
+class StepsearchScheduler(SchedulerMixin, ConfigMixin):
+    """A diffusers scheduler that runs any stepsearch solver on any step schedule.
+
+    Args:
+        solver: a name from ``stepsearch.solvers.SOLVERS`` (default: the class's own).
+        solver_kwargs: keyword arguments for the solver (JSON-serialisable).
+        num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
+        rescale_betas_zero_snr: the diffusers noise-schedule keys (ignored for flow models).
+        prediction_type: ``epsilon``, ``v_prediction``, ``sample`` or ``flow_prediction``
+            (rectified flow ``x = (1 - t) x0 + t eps``, model output ``eps - x0``).
+        timestep_spacing: ``leading`` / ``linspace`` / ``trailing`` (computed like the diffusers
+            namesake of the class, see :func:`diffusers_grid_timesteps`) or any name of
+            :data:`stepsearch.schedule.SPACINGS` (``karras``, ``logsnr_uniform``,
+            ``time_uniform``, ``ays_gaussian``, ``flow_shifted``). Flow models use
+            ``flow_shifted`` for the three diffusers names.
+        steps_offset: added to ``leading`` timesteps (Stable Diffusion configs use 1).
+        final: where the last step lands: ``clean`` (``t = 0``, diffusers' ``set_alpha_to_one`` /
+            ``final_sigmas_type="zero"``) or ``t_min`` (the first trained step).
+        custom_times: an optimized schedule (``StepSchedule.times``, times on ``[0, 1]``,
+            strictly decreasing) used instead of ``timestep_spacing``; resampled by log-linear
+            interpolation of k-diffusion sigma when another step count is asked for.
+        shift: flow models' resolution shift ``s t / (1 + (s - 1) t)``.
+        kwargs: other diffusers keys; ``set_alpha_to_one``, ``final_sigmas_type``,
+            ``use_karras_sigmas``, ``use_lu_lambdas``, ``use_exponential_sigmas``,
+            ``use_flow_sigmas`` and ``flow_shift`` are translated, the rest ignored.
+    """
+
+    _compatibles: ClassVar[list[str]] = [e.name for e in KarrasDiffusionSchedulers]
+    _default_solver: ClassVar[str] = "dpm_solver_pp_2m"
+    _default_spacing: ClassVar[str] = "linspace"
+    _grid_convention: ClassVar[str] = "dpm"
+
+    @register_to_config
+    def __init__(
+        self,
+        solver: str | None = None,
+        solver_kwargs: dict[str, Any] | None = None,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas: list[float] | np.ndarray | None = None,
+        rescale_betas_zero_snr: bool = False,
+        prediction_type: str = "epsilon",
+        timestep_spacing: str | None = None,
+        steps_offset: int = 0,
+        final: str | None = None,
+        custom_times: list[float] | None = None,
+        shift: float = 1.0,
+        **kwargs: Any,
+    ):
+        translated = _translate_diffusers_keys(kwargs, self._final_key())
+        solver = solver or self._default_solver
+        timestep_spacing = (
+            timestep_spacing or translated.get("timestep_spacing") or self._default_spacing
+        )
+        final = final or translated.get("final") or "clean"
+        if prediction_type == "flow":
+            prediction_type = "flow_prediction"
+        if translated.get("prediction_type") == "flow_prediction":
+            prediction_type = "flow_prediction"
+            shift = translated.get("shift", shift)
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(
+                f"unknown prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}"
+            )
+        if final not in FINALS:
+            raise ValueError(f"final must be one of {FINALS}, got {final!r}")
+        solver_kwargs = {**_solver_kwargs_from_diffusers(solver, kwargs), **(solver_kwargs or {})}
+        self._solver = _make_solver(solver, solver_kwargs)
+        self._noise = self._noise_from_config(
+            prediction_type, num_train_timesteps, beta_start, beta_end, beta_schedule,
+            trained_betas, rescale_betas_zero_snr, shift,
+        )  # fmt: skip
+        if custom_times is not None:
+            custom_times = [float(t) for t in np.asarray(custom_times, dtype=np.float64)]
+            try:
+                StepSchedule(np.asarray(custom_times), self._noise)
+            except ValueError as error:
+                raise ValueError(f"custom_times: {error}") from None
+        resolved = {
+            "solver": solver,
+            "solver_kwargs": solver_kwargs,
+            "timestep_spacing": timestep_spacing,
+            "final": final,
+            "prediction_type": prediction_type,
+            "shift": float(shift),
+            "custom_times": custom_times,
+        }
+        derived = self._derived_keys(resolved)
+        if solver == "pndm":
+            derived["skip_prk_steps"] = self._solver.config().get("warmup") != "prk"
+        self.register_to_config(**resolved, **derived)
+
+        self.init_noise_sigma = 1.0
+        self.num_inference_steps: int | None = None
+        self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1, dtype=torch.int64)
+        self.sigmas: torch.Tensor | None = None
+        self._schedule: StepSchedule | None = None
+        self._reset_run_state()
+
+    # construction helpers -------------------------------------------------------------------
+    @staticmethod
+    def _noise_from_config(
+        prediction_type: str,
+        num_train_timesteps: int,
+        beta_start: float,
+        beta_end: float,
+        beta_schedule: str,
+        trained_betas: ArrayLike | None,
+        rescale_betas_zero_snr: bool,
+        shift: float,
+    ) -> NoiseSchedule:
+        if prediction_type == "flow_prediction":
+            total = int(num_train_timesteps)
+            return FlowMatching(shift=float(shift), t_min=1.0 / total, num_train_timesteps=total)
+        return DiscreteVP.from_diffusers_config(
+            {
+                "num_train_timesteps": num_train_timesteps,
+                "beta_start": beta_start,
+                "beta_end": beta_end,
+                "beta_schedule": beta_schedule,
+                "trained_betas": None if trained_betas is None else list(trained_betas),
+                "rescale_betas_zero_snr": rescale_betas_zero_snr,
+            }
+        )
+
+    @staticmethod
+    def _derived_keys(resolved: Mapping[str, Any]) -> dict[str, Any]:
+        clean = resolved["final"] == "clean"
+        spacing = resolved["timestep_spacing"]
+        derived: dict[str, Any] = {
+            "set_alpha_to_one": clean,
+            "final_sigmas_type": "zero" if clean else "sigma_min",
+            "clip_sample": False,
+            "thresholding": False,
+            "use_karras_sigmas": spacing == "karras",
+            "use_lu_lambdas": spacing == "logsnr_uniform",
+            "use_exponential_sigmas": False,
+            "use_flow_sigmas": resolved["prediction_type"] == "flow_prediction",
+            "flow_shift": resolved["shift"],
+        }
+        if resolved["solver"] in _SOLVER_ORDER:
+            derived["solver_order"] = _SOLVER_ORDER[resolved["solver"]]
+        return derived
+
+    @classmethod
+    def from_config(
+        cls, config: Mapping[str, Any] | None = None, return_unused_kwargs: bool = False, **kwargs
+    ) -> Any:
+        """Like ``ConfigMixin.from_config``, and translates diffusers schedulers' configs: the
+        final step (``set_alpha_to_one`` / ``final_sigmas_type``), Karras / Lu / exponential
+        sigmas, flow sigmas, and (for the generic class) the solver. Keys only diffusers uses
+        are kept in the config and ignored."""
+        if config is None:
+            raise ValueError("from_config needs a config")
+        config = dict(config)
+        if "solver" not in config:  # a diffusers config
+            translated = _translate_diffusers_keys(config, cls._final_key())
+            solver = cls._solver_from_diffusers_config(config)
+            if solver is not None:
+                translated["solver"] = solver
+            chosen = kwargs.get("solver") or solver or cls._default_solver
+            implied = _solver_kwargs_from_diffusers(chosen, config)
+            if implied:
+                translated["solver_kwargs"] = {**implied, **(kwargs.get("solver_kwargs") or {})}
+            kwargs = {**translated, **kwargs}
+        kwargs = {**kwargs, **_translate_diffusers_keys(kwargs, cls._final_key())}
+        for key in _DERIVED_KEYS:
+            config.pop(key, None)
+            kwargs.pop(key, None)
+        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+    @classmethod
+    def _final_key(cls) -> str | None:
+        """The diffusers key for the final step that the class's namesake reads (any, for the
+        generic class)."""
+        if cls is StepsearchScheduler:
+            return None
+        return "set_alpha_to_one" if cls._grid_convention == "ddim" else "final_sigmas_type"
+
+    @classmethod
+    def _solver_from_diffusers_config(cls, config: Mapping[str, Any]) -> str | None:
+        """The solver a diffusers config asks for; ``None`` keeps the class default. The generic
+        class follows the config's ``_class_name``; subclasses keep their own solver."""
+        return _solver_from_diffusers(config) if cls is StepsearchScheduler else None
+
+    @classmethod
+    def from_step_schedule(
+        cls, schedule: StepSchedule, solver: str | None = None, **config: Any
+    ) -> StepsearchScheduler:
+        """A scheduler that replays ``schedule`` (stored as ``custom_times``) on its noise
+        schedule (a :class:`DiscreteVP` or :class:`FlowMatching`); ``config`` adds other keys
+        (``prediction_type``, ``solver_kwargs``, ...)."""
+        noise = schedule.noise
+        if isinstance(noise, DiscreteVP):
+            params = noise.to_config()
+            params.pop("kind")
+            if "alphas_cumprod" in params:
+                ac = np.asarray(params.pop("alphas_cumprod"))
+                params["trained_betas"] = (1.0 - ac / np.concatenate([[1.0], ac[:-1]])).tolist()
+        elif isinstance(noise, FlowMatching):
+            params = {
+                "prediction_type": "flow_prediction",
+                "shift": noise.shift,
+                "num_train_timesteps": noise.num_train_timesteps,
+            }
+        else:
+            raise ValueError(
+                f"diffusers schedulers need a DiscreteVP or FlowMatching schedule, got {noise!r}"
+            )
+        if solver is not None:
+            config["solver"] = solver
+        scheduler = cls(custom_times=schedule.times.tolist(), **params, **config)
+        if not np.allclose(
+            scheduler._noise.alpha(schedule.times), noise.alpha(schedule.times), rtol=1e-9
+        ):
+            raise ValueError("the scheduler's noise schedule does not reproduce the schedule's")
+        return scheduler
+
+    # read-only views ------------------------------------------------------------------------
+    @property
+    def noise(self) -> NoiseSchedule:
+        """The noise schedule built from the config."""
+        return self._noise
+
+    @property
+    def solver(self) -> Solver:
+        return self._solver
+
+    @property
+    def schedule(self) -> StepSchedule | None:
+        """The step schedule of the last ``set_timesteps`` (``None`` before)."""
+        return self._schedule
+
+    @property
+    def step_index(self) -> int | None:
+        """Index into ``timesteps`` of the next evaluation (``None`` before the first step)."""
+        return self._step_index
+
+    @property
+    def begin_index(self) -> int | None:
+        """First evaluation index of a run, set by :meth:`set_begin_index` (img2img)."""
+        return self._begin_index
+
+    @property
+    def order(self) -> int:  # type: ignore[override]
+        """Model evaluations per schedule step when that is constant (Heun: 2), else 1. Pipelines
+        skip ``order`` entries of ``timesteps`` per step of img2img strength."""
+        if self._order is None:
+            self._order = 1
+            if self._schedule is not None:
+                starts = self._step_starts()
+                for width in range(2, 5):
+                    if all(starts.get(width * k) == k for k in range(self._schedule.num_steps)):
+                        self._order = width
+                        break
+        return self._order
+
+    def __len__(self) -> int:
+        return int(self.config.num_train_timesteps)
+
+    # set_timesteps --------------------------------------------------------------------------
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        device: str | torch.device | None = None,
+        timesteps: ArrayLike | torch.Tensor | None = None,
+        sigmas: ArrayLike | torch.Tensor | None = None,
+        mu: float | None = None,
+    ) -> None:
+        """Build the step schedule and reset the run state.
+
+        Exactly one of ``num_inference_steps`` (a grid from ``timestep_spacing`` or the stored
+        ``custom_times``), ``timesteps`` (diffusers units, strictly decreasing; the final target
+        is ``config.final``) or ``sigmas`` (see the module docstring) may be given; with none,
+        ``custom_times`` is used as stored. ``mu`` (flow models only) sets the shift to
+        ``exp(mu)``, as diffusers' dynamic shifting does.
+        """
+        if timesteps is not None and sigmas is not None:
+            raise ValueError("pass only one of `timesteps` or `sigmas`")
+        if num_inference_steps is not None and (timesteps is not None or sigmas is not None):
+            raise ValueError("pass only one of `num_inference_steps`, `timesteps` or `sigmas`")
+        shift = None
+        if mu is not None:
+            if not isinstance(self._noise, FlowMatching):
+                raise ValueError("`mu` (dynamic shifting) only applies to flow models")
+            shift = math.exp(float(mu))
+        if timesteps is not None:
+            schedule = self._schedule_from_timesteps(timesteps)
+        elif sigmas is not None:
+            schedule = self._schedule_from_sigmas(sigmas, shift)
+        elif num_inference_steps is not None:
+            schedule = self._schedule_from_spacing(num_inference_steps, shift)
+        elif self.config.custom_times is not None:
+            schedule = StepSchedule(np.asarray(self.config.custom_times), self._noise)
+        else:
+            raise ValueError("pass `num_inference_steps`, `timesteps` or `sigmas`")
+        self.set_schedule(schedule, device=device)
+
+    def set_schedule(
+        self, schedule: StepSchedule, device: str | torch.device | None = None
+    ) -> None:
+        """Use ``schedule`` directly (on this scheduler's noise schedule) and reset the run state."""
+        if schedule.noise != self._noise and not np.allclose(
+            schedule.noise.alpha(schedule.times), self._noise.alpha(schedule.times), rtol=1e-9
+        ):
+            raise ValueError("the schedule lives on a different noise schedule than the config's")
+        evaluation_times = np.asarray(self._solver.evaluation_times(schedule), dtype=np.float64)
+        model_times = np.asarray(self._noise.model_time(evaluation_times), dtype=np.float64)
+        rounded = np.rint(model_times)
+        if np.all(np.abs(model_times - rounded) <= 1e-6):
+            timesteps = torch.from_numpy(rounded.astype(np.int64))
+        else:
+            timesteps = torch.from_numpy(model_times.astype(np.float32))
+        self.timesteps = timesteps.to(device) if device is not None else timesteps
+        self.sigmas = torch.from_numpy(self._pipeline_sigmas(schedule).astype(np.float32))
+        self.num_inference_steps = schedule.num_steps
+        self._schedule = schedule
+        self._evaluation_times = evaluation_times
+        self._model_times = model_times
+        self._coefficients = self._x0_coefficients(evaluation_times)
+        self._reset_run_state()
+
+    def _pipeline_sigmas(self, schedule: StepSchedule) -> FloatArray:
+        if isinstance(self._noise, FlowMatching):
+            return schedule.times.copy()
+        return schedule.to_kdiffusion_sigmas()
+
+    def _reset_run_state(self) -> None:
+        self._step_index: int | None = None
+        self._begin_index: int | None = None
+        self._run_start = 0
+        self._state: SolverState | None = None
+        self._starts: dict[int, int] | None = None
+        self._order: int | None = None
+
+    def _x0_coefficients(self, evaluation_times: FloatArray) -> list[tuple[float, float]]:
+        """``x0_hat = c_x x + c_out output`` per evaluation, read off the core conversion
+        (:func:`stepsearch.denoiser.x0_from_model_output` is linear in ``x`` and ``output``)."""
+        times = torch.from_numpy(evaluation_times)
+        ones, zeros = torch.ones_like(times), torch.zeros_like(times)
+        prediction = self.config.prediction_type
+        core_type = "flow" if prediction == "flow_prediction" else prediction
+        c_x = x0_from_model_output(self._noise, ones, times, zeros, core_type)
+        c_out = x0_from_model_output(self._noise, zeros, times, ones, core_type)
+        return list(zip(c_x.tolist(), c_out.tolist(), strict=True))
+
+    def _check_num_steps(self, num_inference_steps: int) -> int:
+        total = int(self.config.num_train_timesteps)
+        if isinstance(num_inference_steps, bool) or int(num_inference_steps) != num_inference_steps:
+            raise ValueError(f"num_inference_steps must be an integer, got {num_inference_steps!r}")
+        n = int(num_inference_steps)
+        if not 1 <= n <= total:
+            raise ValueError(
+                f"num_inference_steps must lie in 1 .. num_train_timesteps = {total}, got {n}"
+            )
+        return n
+
+    def _schedule_from_spacing(self, num_inference_steps: int, shift: float | None) -> StepSchedule:
+        n = self._check_num_steps(num_inference_steps)
+        config = self.config
+        if config.custom_times is not None:
+            stored = StepSchedule(np.asarray(config.custom_times), self._noise)
+            if stored.num_steps == n:
+                return stored
+            logger.info("resampling the stored %d-step schedule to %d steps", stored.num_steps, n)
+            return loglinear_interpolate(stored, n)
+        spacing = config.timestep_spacing
+        if isinstance(self._noise, FlowMatching):
+            if spacing in DIFFUSERS_SPACINGS or spacing == "flow_shifted":
+                schedule = flow_shifted(self._noise, n, shift=shift)
+            else:
+                schedule = make_schedule(self._noise, n, spacing)
+        elif spacing in DIFFUSERS_SPACINGS:
+            offset = int(config.steps_offset)
+            if self._grid_convention == "ddim":
+                schedule = diffusers_spacing(self._noise, n, spacing, steps_offset=offset)
+            else:
+                grid = diffusers_grid_timesteps(
+                    self._grid_convention, spacing, n, config.num_train_timesteps, offset
+                )
+                schedule = self._wrap_errors(
+                    "timesteps",
+                    grid,
+                    lambda: StepSchedule.from_diffusers_timesteps(
+                        self._noise, grid, "clean", spacing=spacing, steps_offset=offset
+                    ),
+                )
+        else:
+            schedule = make_schedule(self._noise, n, spacing)
+        return self._with_final(schedule)
+
+    def _with_final(self, schedule: StepSchedule) -> StepSchedule:
+        """Replace a clean end by ``t_min`` when ``final == "t_min"`` (dropping the last step
+        when it already ends at ``t_min``)."""
+        if self.config.final == "clean" or not schedule.ends_clean:
+            return schedule
+        noisy = schedule.times[:-1]
+        t_min = self._noise.t_min
+        if noisy[-1] <= t_min * (1 + 1e-9):
+            if noisy.size < 2:
+                raise ValueError("a one-step schedule at t_min cannot end at t_min")
+            return StepSchedule(noisy, self._noise, schedule.metadata)
+        return StepSchedule(np.append(noisy, t_min), self._noise, schedule.metadata)
+
+    @staticmethod
+    def _as_float_array(values: ArrayLike | torch.Tensor) -> FloatArray:
+        if isinstance(values, torch.Tensor):
+            values = values.detach().cpu().double().numpy()
+        return np.asarray(values, dtype=np.float64)
+
+    @staticmethod
+    def _wrap_errors(
+        what: str, values: ArrayLike, build: Callable[[], StepSchedule]
+    ) -> StepSchedule:
+        try:
+            return build()
+        except ValueError as error:
+            shown = np.array2string(np.asarray(values), precision=4, separator=", ", threshold=12)
+            raise ValueError(f"invalid {what} {shown}: {error}") from None
+
+    def _schedule_from_timesteps(self, timesteps: ArrayLike | torch.Tensor) -> StepSchedule:
+        values = self._as_float_array(timesteps)
+        final = self.config.final
+
+        def build() -> StepSchedule:
+            if values.ndim != 1 or values.size < 1:
+                raise ValueError("timesteps must be a non-empty 1-D list")
+            highest = self._noise.model_time(self._noise.t_max)
+            lowest = self._noise.model_time(self._noise.t_min)
+            if not np.isfinite(values).all():
+                raise ValueError("timesteps must be finite")
+            if values.min() < lowest - 1e-9 or values.max() > highest + 1e-9:
+                raise ValueError(f"timesteps must lie in [{lowest:g}, {highest:g}]")
+            if isinstance(self._noise, DiscreteVP):
+                return StepSchedule.from_diffusers_timesteps(
+                    self._noise, values, final, spacing="custom_timesteps"
+                )
+            end = 0.0 if final == "clean" else self._noise.t_min
+            times = np.append(values / self._noise.num_train_timesteps, end)
+            return StepSchedule(times, self._noise, {"spacing": "custom_timesteps"})
+
+        return self._wrap_errors("timesteps", values, build)
+
+    def _schedule_from_sigmas(
+        self, sigmas: ArrayLike | torch.Tensor, shift: float | None
+    ) -> StepSchedule:
+        values = self._as_float_array(sigmas)
+
+        def build() -> StepSchedule:
+            if values.ndim != 1 or values.size < 1:
+                raise ValueError("sigmas must be a non-empty 1-D list")
+            if isinstance(self._noise, FlowMatching):
+                s = self._noise.shift if shift is None else shift
+                times = s * values / (1.0 + (s - 1.0) * values)
+                if times[-1] != 0.0:
+                    end = 0.0 if self.config.final == "clean" else self._noise.t_min
+                    times = np.append(times, end)
+                return StepSchedule(times, self._noise, {"spacing": "custom_sigmas"})
+            if values.size < 2:
+                raise ValueError("k-diffusion sigmas list the whole grid, including its end")
+            return StepSchedule.from_kdiffusion_sigmas(self._noise, values, spacing="custom_sigmas")
+
+        return self._wrap_errors("sigmas", values, build)
+
+    # img2img ------------------------------------------------------------------------------
+    def _step_starts(self) -> dict[int, int]:
+        """``{evaluation index: schedule step}`` for every step a run can start at: where the
+        solver's evaluations on ``times[k:]`` are exactly the tail of the full run's."""
+        if self._starts is None:
+            schedule = self._require_schedule()
+            full = self._evaluation_times
+            starts = {0: 0}
+            for k in range(1, schedule.num_steps):
+                tail = StepSchedule(schedule.times[k:], self._noise)
+                times = np.asarray(self._solver.evaluation_times(tail))
+                begin = full.size - times.size
+                if begin > 0 and np.allclose(full[begin:], times, rtol=1e-12, atol=1e-15):
+                    starts[begin] = k
+            self._starts = starts
+        return self._starts
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Start the next run at evaluation ``begin_index`` (img2img); the solver starts afresh
+        on the rest of the schedule. Must be the first evaluation of a schedule step."""
+        self._require_schedule()
+        begin_index = int(begin_index)
+        if not 0 <= begin_index < len(self._evaluation_times):
+            raise ValueError(
+                f"begin_index {begin_index} outside 0 .. {len(self._evaluation_times) - 1}"
+            )
+        if begin_index not in self._step_starts():
+            raise ValueError(
+                f"begin_index {begin_index} is not the first evaluation of a step of solver "
+                f"{self._solver!r} (valid: {sorted(self._step_starts())}). A run starting "
+                "mid-schedule restarts the solver, and img2img pipelines skip `order` evaluations "
+                "per step, so the solver needs the same evaluations per step throughout (PNDM: "
+                "solver_kwargs={'warmup': 'lower_order'}, which Stable Diffusion's "
+                "skip_prk_steps=True selects)"
+            )
+        self._begin_index = begin_index
+        self._step_index = None
+        self._state = None
+
+    # step ------------------------------------------------------------------------------------
+    def _require_schedule(self) -> StepSchedule:
+        if self._schedule is None:
+            raise RuntimeError("call `set_timesteps` before `step`")
+        return self._schedule
+
+    @staticmethod
+    def _timestep_value(timestep: float | int | torch.Tensor) -> float:
+        if isinstance(timestep, torch.Tensor):
+            if timestep.numel() != 1:
+                flat = timestep.reshape(-1)
+                if not bool((flat == flat[0]).all()):
+                    raise ValueError("all samples of a batch must share the timestep")
+                timestep = flat[0]
+            return float(timestep.item())
+        return float(timestep)
+
+    def _matches(self, value: float, index: int) -> bool:
+        return abs(value - self._model_times[index]) <= _TIMESTEP_TOLERANCE
+
+    def _start_run(self, value: float, sample: torch.Tensor) -> None:
+        start = self._begin_index
+        if start is None:
+            if self._matches(value, 0):
+                start = 0
+            else:
+                found = [b for b in sorted(self._step_starts()) if self._matches(value, b)]
+                if not found:
+                    raise ValueError(
+                        f"timestep {value!r} is not in the schedule {self._shown_timesteps()}"
+                    )
+                start = found[0]
+        if not self._matches(value, start):
+            raise ValueError(
+                f"timestep {value!r} is not the first timestep "
+                f"{float(self._model_times[start])!r} of the run (index {start})"
+            )
+        schedule = self._require_schedule()
+        if start:
+            k = self._step_starts()[start]
+            schedule = StepSchedule(schedule.times[k:], self._noise, schedule.metadata)
+        state = self._solver.init(sample, schedule)
+        expected = self._evaluation_times[start:]
+        if state.evaluation_times.shape != expected.shape or not np.allclose(
+            state.evaluation_times, expected, rtol=1e-12, atol=1e-15
+        ):
+            raise RuntimeError(
+                f"solver {self.config.solver!r}: init() and evaluation_times() disagree"
+            )
+        self._state = state
+        self._run_start = start
+        self._step_index = start
+
+    def _shown_timesteps(self) -> str:
+        return np.array2string(self._model_times, precision=3, separator=", ", threshold=12)
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: float | int | torch.Tensor,
+        sample: torch.Tensor,
+        generator: torch.Generator | None = None,
+        return_dict: bool = True,
+        **kwargs: Any,
+    ) -> StepsearchSchedulerOutput | tuple[torch.Tensor, torch.Tensor]:
+        """Advance one model evaluation: ``sample`` was fed to the model at ``timestep`` (the
+        next entry of ``timesteps``), ``model_output`` is its raw output. Returns the next
+        sample (the final one after the last evaluation) and the ``x0`` estimate."""
+        del kwargs  # diffusers' eta, variance_noise, ...: the solver decides
+        self._require_schedule()
+        value = self._timestep_value(timestep)
+        if self._step_index is None or self._step_index >= len(self._evaluation_times):
+            self._start_run(value, sample)
+        i = self._step_index
+        assert i is not None and self._state is not None
+        if not self._matches(value, i):
+            raise ValueError(
+                f"timestep {value!r} is not the next timestep of the schedule: expected "
+                f"{float(self._model_times[i])!r} at index {i} of {self._shown_timesteps()}; "
+                "call `set_timesteps` to start over"
+            )
+        dtype = sample.dtype
+        compute = torch.float32 if dtype in _HALF_DTYPES else dtype
+        x = sample if dtype == compute else sample.to(compute)
+        output = model_output if model_output.dtype == compute else model_output.to(compute)
+        c_x, c_out = self._coefficients[i]
+        if c_x == 0.0:
+            denoised = output if c_out == 1.0 else output * c_out
+        elif c_x == 1.0:
+            denoised = torch.add(x, output, alpha=c_out)
+        else:  # c_x (x + (c_out / c_x) output): one allocation, two kernels
+            denoised = torch.add(x, output, alpha=c_out / c_x).mul_(c_x)
+        x_next, self._state = self._solver.step(
+            self._state, x, denoised, i - self._run_start, generator=generator
+        )
+        self._step_index = i + 1
+        if x_next.dtype != dtype:
+            x_next, denoised = x_next.to(dtype), denoised.to(dtype)
+        if not return_dict:
+            return (x_next, denoised)
+        return StepsearchSchedulerOutput(prev_sample=x_next, pred_original_sample=denoised)
+
+    # helpers for pipelines -----------------------------------------------------------------
+    def scale_model_input(
+        self, sample: torch.Tensor, timestep: float | torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The identity: stepsearch samples are already the model's input (x-space)."""
+        return sample
+
+    def add_noise(
+        self,
+        original_samples: torch.Tensor,
+        noise: torch.Tensor,
+        timesteps: float | int | torch.Tensor,
+    ) -> torch.Tensor:
+        """``alpha(t) x0 + sigma(t) noise`` at diffusers timesteps (one, or one per sample)."""
+        values = self._as_float_array(timesteps)
+        if isinstance(self._noise, DiscreteVP):
+            times = np.asarray(self._noise.t_from_timestep(values))
+        else:
+            times = values / self._noise.num_train_timesteps
+        dtype = original_samples.dtype
+        compute = torch.float32 if dtype in _HALF_DTYPES else dtype
+        alpha = self._per_sample(np.asarray(self._noise.alpha(times)), original_samples, compute)
+        sigma = self._per_sample(np.asarray(self._noise.sigma(times)), original_samples, compute)
+        noisy = alpha * original_samples.to(compute) + sigma * noise.to(compute)
+        return noisy.to(dtype)
+
+    @staticmethod
+    def _per_sample(
+        values: FloatArray, like: torch.Tensor, dtype: torch.dtype
+    ) -> torch.Tensor | float:
+        values = np.ascontiguousarray(values.reshape(-1))
+        if values.size == 1:
+            return float(values[0])
+        if values.shape[0] != like.shape[0]:
+            raise ValueError(f"got {values.shape[0]} timesteps for a batch of {like.shape[0]}")
+        tensor = torch.from_numpy(values).to(dtype).to(like.device)  # no float64 on the device
+        return tensor.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+# --------------------------------------------------------------------------------------------
+# one thin subclass per solver
+# --------------------------------------------------------------------------------------------
+
+
+class StepsearchDDIMScheduler(StepsearchScheduler):
+    """DDIM (Song et al. 2021, eta = 0) on DDIMScheduler's ``leading`` grid."""
+
+    _default_solver = "ddim"
+    _default_spacing = "leading"
+    _grid_convention = "ddim"
+
+
+class StepsearchPNDMScheduler(StepsearchScheduler):
+    """Pseudo linear multistep (Liu et al. 2022), variable-step, on PNDMScheduler's grid."""
+
+    _default_solver = "pndm"
+    _default_spacing = "leading"
+    _grid_convention = "ddim"
+
+
+class StepsearchDPMSolver1Scheduler(StepsearchScheduler):
+    """DPM-Solver-1 (Lu et al. 2022; equal to DDIM) on DPMSolverMultistepScheduler's grid."""
+
+    _default_solver = "dpm_solver_1"
+
+
+class StepsearchDPMSolver2Scheduler(StepsearchScheduler):
+    """Singlestep DPM-Solver-2 (noise prediction; two evaluations per step)."""
+
+    _default_solver = "dpm_solver_2"
+
+
+class StepsearchDPMSolver3Scheduler(StepsearchScheduler):
+    """Singlestep DPM-Solver-3 (noise prediction; three evaluations per step)."""
+
+    _default_solver = "dpm_solver_3"
+
+
+class StepsearchDPMSolverMultistepScheduler(StepsearchScheduler):
+    """DPM-Solver++(2M) (Lu et al. 2022b); ``solver_order: 3`` in a diffusers config picks 3M."""
+
+    _default_solver = "dpm_solver_pp_2m"
+
+    @classmethod
+    def _solver_from_diffusers_config(cls, config: Mapping[str, Any]) -> str | None:
+        if _diffusers_class_name(config) == "DPMSolverMultistepScheduler":
+            return _solver_from_diffusers(config)
+        return None
+
+
+class StepsearchDPMSolverPP3MScheduler(StepsearchScheduler):
+    """DPM-Solver++(3M) on DPMSolverMultistepScheduler's grid."""
+
+    _default_solver = "dpm_solver_pp_3m"
+
+
+class StepsearchDPMSolverSinglestepScheduler(StepsearchScheduler):
+    """DPM-Solver++(2S), singlestep data prediction (two evaluations per step)."""
+
+    _default_solver = "dpm_solver_pp_2s"
+
+
+class StepsearchUniPCMultistepScheduler(StepsearchScheduler):
+    """UniPC (Zhao et al. 2023), B(h) = expm1(h) ("bh2", diffusers' default)."""
+
+    _default_solver = "unipc_bh2"
+
+
+class StepsearchUniPCBH1Scheduler(StepsearchScheduler):
+    """UniPC with B(h) = h ("bh1")."""
+
+    _default_solver = "unipc_bh1"
+
+
+class StepsearchEulerDiscreteScheduler(StepsearchScheduler):
+    """Euler in k-diffusion sigma (Karras et al. 2022) on EulerDiscreteScheduler's grid."""
+
+    _default_solver = "euler"
+    _grid_convention = "euler"
+
+
+class StepsearchHeunDiscreteScheduler(StepsearchScheduler):
+    """Heun (Karras et al. 2022, Alg. 1; two evaluations per step) on HeunDiscreteScheduler's
+    grid."""
+
+    _default_solver = "heun"
+    _grid_convention = "euler"
+
+
+SCHEDULERS: dict[str, type[StepsearchScheduler]] = {
+    cls._default_solver: cls
+    for cls in (
+        StepsearchDDIMScheduler,
+        StepsearchPNDMScheduler,
+        StepsearchDPMSolver1Scheduler,
+        StepsearchDPMSolver2Scheduler,
+        StepsearchDPMSolver3Scheduler,
+        StepsearchDPMSolverMultistepScheduler,
+        StepsearchDPMSolverPP3MScheduler,
+        StepsearchDPMSolverSinglestepScheduler,
+        StepsearchUniPCMultistepScheduler,
+        StepsearchUniPCBH1Scheduler,
+        StepsearchEulerDiscreteScheduler,
+        StepsearchHeunDiscreteScheduler,
+    )
+}
+"""The drop-in class of each solver name."""
+
+
+def scheduler_for_solver(solver: str) -> type[StepsearchScheduler]:
+    """The drop-in scheduler class whose default is ``solver``."""
+    try:
+        return SCHEDULERS[solver]
+    except KeyError:
+        known = sorted(SCHEDULERS)
+        raise ValueError(f"no scheduler class for solver {solver!r}; known: {known}") from None

@@ -1,0 +1,146 @@
+"""An offline, random-weight, tiny Stable Diffusion pipeline for integration tests.
+
+Everything is built from configs (no hub access): a UNet2DConditionModel with block_out_channels
+(4, 8), an AutoencoderKL with the same widths (32x32 images, 16x16 latents), a 2-layer
+CLIPTextModel of width 8 and a CLIPTokenizer read from a hand-written byte-level vocab.json +
+merges.txt (transformers 5 ignores ``vocab_file=`` / ``merges_file=`` keywords, so the files are
+loaded with ``from_pretrained(directory)``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+IMAGE_SIZE = 32
+LATENT_SIZE = 16
+CROSS_ATTENTION_DIM = 8
+
+SD_SCHEDULER_CONFIG: dict[str, Any] = {
+    "_class_name": "PNDMScheduler",
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "steps_offset": 1,
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "trained_betas": None,
+}
+"""Stable Diffusion 1.x's ``scheduler/scheduler_config.json`` (a PNDMScheduler)."""
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2 / CLIP byte-to-printable-character table."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    characters = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            characters.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(c) for c in characters), strict=True))
+
+
+def write_tokenizer_files(directory: Path) -> Path:
+    """A byte-level CLIP vocabulary (every byte alone and word-final, a few merges): 2 + 512 + merges
+    tokens, under the text encoder's ``vocab_size`` of 1000."""
+    directory.mkdir(parents=True, exist_ok=True)
+    symbols = list(_bytes_to_unicode().values())
+    tokens = ["<|startoftext|>", "<|endoftext|>", *symbols, *(s + "</w>" for s in symbols)]
+    merges = [("a", "n"), ("t", "h"), ("th", "e</w>"), ("o", "f</w>"), ("c", "a"), ("ca", "t</w>")]
+    tokens += [left + right for left, right in merges]
+    (directory / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    lines = ["#version: 0.2", *(f"{left} {right}" for left, right in merges)]
+    (directory / "merges.txt").write_text("\n".join(lines) + "\n")
+    return directory
+
+
+def tiny_components(directory: Path, seed: int = 0) -> dict[str, Any]:
+    """UNet, VAE, text encoder and tokenizer of a tiny SD pipeline (no scheduler, no safety
+    checker); random weights from ``seed``."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=LATENT_SIZE,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(4, 8),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=CROSS_ATTENTION_DIM,
+        attention_head_dim=2,
+        norm_num_groups=2,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(4, 8),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=2,
+        sample_size=IMAGE_SIZE,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=1000,
+            hidden_size=CROSS_ATTENTION_DIM,
+            intermediate_size=16,
+            num_attention_heads=2,
+            num_hidden_layers=2,
+            max_position_embeddings=77,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+    )
+    tokenizer = CLIPTokenizer.from_pretrained(
+        str(write_tokenizer_files(directory / "tokenizer")), model_max_length=77
+    )
+    for module in (unet, vae, text_encoder):
+        module.eval()
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer}
+
+
+def tiny_pipeline(directory: Path, scheduler: Any, seed: int = 0) -> Any:
+    """A ``StableDiffusionPipeline`` of :func:`tiny_components` with ``scheduler``."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        **tiny_components(directory, seed),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run(pipe: Any, seed: int = 0, **kwargs: Any) -> torch.Tensor:
+    """One prompt, ``output_type="pt"``, 32x32; returns the (1, 3, 32, 32) image tensor."""
+    generator = torch.Generator().manual_seed(seed)
+    arguments: dict[str, Any] = {
+        "prompt": "a cat",
+        "height": IMAGE_SIZE,
+        "width": IMAGE_SIZE,
+        "guidance_scale": 2.0,
+        "output_type": "pt",
+        "generator": generator,
+    }
+    arguments.update(kwargs)
+    return pipe(**arguments).images
