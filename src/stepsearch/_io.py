@@ -17,6 +17,9 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
         dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"
     )
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)  # mkstemp creates 0600; results are meant to be shared
         with os.fdopen(handle, "wb") as file:
             file.write(data)
             file.flush()
