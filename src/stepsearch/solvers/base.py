@@ -26,8 +26,14 @@ Two special points every solver handles explicitly:
   estimate, which is what every first-order update gives there (diffusers'
   ``final_sigmas_type="zero"``, k-diffusion's Euler step to ``sigma = 0``).
 - **alpha = 0** (flow matching at ``t = 1``, ``lambda`` clamped at ``LAMBDA_MIN``): data-prediction
-  updates stay finite. Noise-prediction corrections carry ``alpha_s / alpha_t = inf`` there, so the
-  solvers that use them (DPM-Solver-2/3, Heun) take a first-order step out of such a point.
+  updates stay finite. Noise-prediction and sigma-space corrections carry ``alpha_s / alpha_t =
+  inf`` there, so the solvers that use them (DPM-Solver-2/3, Heun, PNDM's Runge-Kutta warm-up) take
+  a first-order step out of such a point.
+
+Large steps in ``lambda``: those corrections scale with ``e^h = alpha_s sigma_t / (sigma_s alpha_t)``
+(and UniPC bh1's with ``B(h) = h``). Across one step of many units of ``lambda`` (a Karras grid
+from flow matching's ``t = 1``, three zero-SNR steps) they stay finite but are meaningless; the
+data-prediction solvers (DDIM, DPM-Solver++, UniPC bh2) stay bounded on any grid.
 """
 
 from __future__ import annotations
@@ -68,46 +74,6 @@ class StepInfo:
 
 
 @dataclass(frozen=True)
-class SolverState:
-    """What every solver carries between steps; solvers subclass it to add their memory.
-
-    ``evaluation_times[i]`` is where the ``i``-th model evaluation happens (read-only float64; may
-    repeat a time, e.g. Heun evaluates at ``t_{i+1}`` twice); ``plan[i]`` says which interval and
-    stage that evaluation belongs to. ``history`` holds previous ``(t, denoised)`` pairs, newest last,
-    for multistep methods. States hold references to the tensors passed to ``step``; callers must not
-    modify those in place afterwards.
-    """
-
-    schedule: StepSchedule
-    evaluation_times: FloatArray
-    plan: tuple[StepInfo, ...] = ()
-    history: tuple[tuple[float, Tensor], ...] = ()
-
-    def __post_init__(self) -> None:
-        times = np.array(self.evaluation_times, dtype=np.float64)
-        times.setflags(write=False)
-        object.__setattr__(self, "evaluation_times", times)
-        if self.plan and len(self.plan) != times.size:
-            raise ValueError(f"plan has {len(self.plan)} entries for {times.size} evaluations")
-
-    @property
-    def num_evaluations(self) -> int:
-        return int(self.evaluation_times.size)
-
-
-@dataclass(frozen=True)
-class StagedState(SolverState):
-    """State of solvers with several evaluations per interval (singlestep methods, Heun).
-
-    ``stage_x`` and ``stage_denoised`` hold the samples the model saw in the current interval and its
-    ``x0`` estimates there, in evaluation order; both are empty at the start of an interval.
-    """
-
-    stage_x: tuple[Tensor, ...] = ()
-    stage_denoised: tuple[Tensor, ...] = ()
-
-
-@dataclass(frozen=True)
 class NoiseLevel:
     """``alpha_t``, ``sigma_t`` and ``lambda_t`` of one time, as float64 Python floats."""
 
@@ -118,8 +84,7 @@ class NoiseLevel:
 
     @classmethod
     def at(cls, noise: NoiseSchedule, t: float) -> NoiseLevel:
-        t = float(t)
-        return cls(t, float(noise.alpha(t)), float(noise.sigma(t)), float(noise.lambda_(t)))
+        return noise_levels(noise, [t])[0]
 
     @property
     def is_clean(self) -> bool:
@@ -129,12 +94,104 @@ class NoiseLevel:
     @property
     def alpha_is_zero(self) -> bool:
         """Pure noise (flow matching at ``t = 1``): ``lambda`` sits at its clamp ``LAMBDA_MIN``."""
-        return self.alpha == 0.0 or self.lambda_ <= LAMBDA_MIN
+        return self.alpha == 0.0 or self.lambda_ <= LAMBDA_MIN + 1e-9
 
     @property
     def kdiffusion_sigma(self) -> float:
         """``sigma_t / alpha_t = exp(-lambda_t)`` (``exp(-LAMBDA_MIN)`` where ``alpha = 0``)."""
         return math.exp(-self.lambda_)
+
+
+def noise_levels(
+    noise: NoiseSchedule, times: Sequence[float] | FloatArray
+) -> tuple[NoiseLevel, ...]:
+    """:class:`NoiseLevel` of each time (vectorised: three schedule calls in all)."""
+    array = np.asarray(times, dtype=np.float64).reshape(-1)
+    alphas = np.asarray(noise.alpha(array)).tolist()
+    sigmas = np.asarray(noise.sigma(array)).tolist()
+    lambdas = np.asarray(noise.lambda_(array)).tolist()
+    return tuple(
+        NoiseLevel(t, a, s, lam)
+        for t, a, s, lam in zip(array.tolist(), alphas, sigmas, lambdas, strict=True)
+    )
+
+
+def one_per_interval_plan(schedule: StepSchedule) -> tuple[StepInfo, ...]:
+    """One evaluation per interval, at ``t_0 .. t_{n-1}`` (every first-order and multistep solver)."""
+    times = schedule.times.tolist()
+    return tuple(StepInfo(times[i], i, 0, times[i + 1]) for i in range(schedule.num_steps))
+
+
+@dataclass(frozen=True, eq=False)
+class SolverState:
+    """What every solver carries between steps; solvers subclass it to add their memory.
+
+    ``evaluation_times[i]`` is where the ``i``-th model evaluation happens (read-only float64; may
+    repeat a time, e.g. Heun evaluates at ``t_{i+1}`` twice); ``plan[i]`` says which interval and
+    stage that evaluation belongs to (default: one evaluation per interval). ``history`` holds
+    previous ``(t, denoised)`` pairs, newest last, for multistep methods. ``grid_levels`` and
+    ``evaluation_levels`` cache ``alpha, sigma, lambda`` of the schedule's times and of the
+    evaluation times (filled in when left empty).
+
+    States hold references to the tensors passed to ``step``; callers must not modify those in
+    place afterwards. New states are made with :func:`dataclasses.replace`. States compare by
+    identity (they hold tensors).
+    """
+
+    schedule: StepSchedule
+    evaluation_times: FloatArray
+    plan: tuple[StepInfo, ...] = ()
+    history: tuple[tuple[float, Tensor], ...] = ()
+    grid_levels: tuple[NoiseLevel, ...] = ()
+    evaluation_levels: tuple[NoiseLevel, ...] = ()
+
+    def __post_init__(self) -> None:
+        times = self.evaluation_times
+        if not (
+            isinstance(times, np.ndarray)
+            and times.dtype == np.float64
+            and not times.flags.writeable
+        ):
+            times = np.array(times, dtype=np.float64).reshape(-1)
+            times.setflags(write=False)
+            object.__setattr__(self, "evaluation_times", times)
+        if not self.plan:
+            object.__setattr__(self, "plan", one_per_interval_plan(self.schedule))
+        if len(self.plan) != times.size:
+            raise ValueError(f"plan has {len(self.plan)} entries for {times.size} evaluations")
+        noise = self.schedule.noise
+        if not self.grid_levels:
+            object.__setattr__(self, "grid_levels", noise_levels(noise, self.schedule.times))
+        if not self.evaluation_levels:
+            object.__setattr__(self, "evaluation_levels", noise_levels(noise, times))
+
+    @property
+    def num_evaluations(self) -> int:
+        return int(self.evaluation_times.size)
+
+    def level(self, i: int) -> NoiseLevel:
+        """``alpha, sigma, lambda`` at evaluation ``i``."""
+        return self.evaluation_levels[i]
+
+    def target_level(self, i: int) -> NoiseLevel:
+        """``alpha, sigma, lambda`` at ``plan[i].t_next``, where step ``i`` lands."""
+        info = self.plan[i]
+        end = self.grid_levels[info.interval + 1]
+        if info.t_next == end.t:
+            return end
+        return self.evaluation_levels[i + 1]
+
+
+@dataclass(frozen=True, eq=False)
+class StagedState(SolverState):
+    """State of solvers with several evaluations per interval (singlestep methods, Heun).
+
+    ``stage_x`` and ``stage_denoised`` hold the samples the model saw in the current interval and its
+    ``x0`` estimates there, in evaluation order; both are empty at the start of an interval.
+    """
+
+    stage_x: tuple[Tensor, ...] = ()
+    stage_denoised: tuple[Tensor, ...] = ()
 
 
 class Solver(ABC):
@@ -157,10 +214,7 @@ class Solver(ABC):
     # plan -------------------------------------------------------------------------------------
     def plan(self, schedule: StepSchedule) -> tuple[StepInfo, ...]:
         """The model evaluations in call order (default: one per interval, at ``t_0 .. t_{n-1}``)."""
-        times = schedule.times
-        return tuple(
-            StepInfo(float(times[i]), i, 0, float(times[i + 1])) for i in range(schedule.num_steps)
-        )
+        return one_per_interval_plan(schedule)
 
     def evaluation_times(self, schedule: StepSchedule) -> FloatArray:
         """Times of the model evaluations, in call order; ``len`` is the NFE."""
@@ -273,7 +327,7 @@ def linear_combination(coefficients: Sequence[float], tensors: Sequence[Tensor])
 
 def first_order_update(x: Tensor, denoised: Tensor, now: NoiseLevel, target: NoiseLevel) -> Tensor:
     """DDIM / DPM-Solver-1 / DPM-Solver++(1) / Euler in sigma space, data-prediction form
-    (Lu et al. 2022b, DPM-Solver++, eq. 9 with k = 1):
+    (Lu et al. 2022b, DPM-Solver++, Sec. 4, the data-prediction exponential integrator with k = 1):
     ``x_s = (sigma_s / sigma_t) x_t + alpha_s (1 - exp(-h)) denoised``, ``h = lambda_s - lambda_t``.
 
     Returns ``denoised`` itself at a clean target (``sigma_s = 0``); finite where ``alpha_t = 0``.
