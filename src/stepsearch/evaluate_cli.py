@@ -201,6 +201,7 @@ def register(app: typer.Typer) -> None:
                 device,
                 chunk_size,
                 "stepsearch eval",
+                save_samples,
             )
         except (ValueError, FileNotFoundError) as error:
             console.print(f"[red]error:[/red] {error}")
@@ -209,7 +210,7 @@ def register(app: typer.Typer) -> None:
     @app.command("demo")
     def demo_command(
         out: Annotated[Path, typer.Option(help="Output directory.")] = Path("stepsearch-demo"),
-        num_samples: Annotated[int, typer.Option(help="Samples per cell.", min=2)] = 1000,
+        num_samples: Annotated[int, typer.Option(help="Samples per cell.", min=2)] = 500,
         nfe: Annotated[list[int], typer.Option(help="Model-evaluation budgets.")] = [
             4,
             5,

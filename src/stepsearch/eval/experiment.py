@@ -136,12 +136,9 @@ class Method:
     @classmethod
     def stepsearch(cls, solver: str, schedule: str | StepSchedule, **options: Any) -> Method:
         name = schedule if isinstance(schedule, str) else str(schedule.metadata.get("name", "file"))
-        return cls(
-            f"stepsearch {solver} / {name}",
-            solver=solver,
-            schedule=schedule,
-            solver_options=options,
-        )
+        shown = ", ".join(f"{key}={value}" for key, value in options.items())
+        label = f"stepsearch {solver}" + (f" ({shown})" if shown else "") + f" / {name}"
+        return cls(label, solver=solver, schedule=schedule, solver_options=options)
 
     @classmethod
     def diffusers(cls, scheduler: str, label: str | None = None, **options: Any) -> Method:
@@ -225,8 +222,9 @@ class Method:
 
 
 def default_methods() -> list[Method]:
-    """The demo's line-up: diffusers' built-ins with their usual spacings vs stepsearch solvers on
-    stepsearch spacings (DDIM-equivalent, 2nd and 3rd order, predictor-corrector)."""
+    """The demo's line-up: diffusers' built-ins with their own default spacings (set explicitly:
+    ``from_config`` of a DDPM config would otherwise carry ``leading`` into every class) vs
+    stepsearch solvers on stepsearch spacings."""
     return [
         Method.diffusers(
             "DDIMScheduler",
@@ -235,14 +233,13 @@ def default_methods() -> list[Method]:
             clip_sample=False,
             set_alpha_to_one=False,
         ),
-        Method.diffusers("DPMSolverMultistepScheduler"),
-        Method.diffusers("UniPCMultistepScheduler"),
-        Method.diffusers("EulerDiscreteScheduler", timestep_spacing="trailing"),
+        Method.diffusers("DPMSolverMultistepScheduler", timestep_spacing="linspace"),
+        Method.diffusers("UniPCMultistepScheduler", timestep_spacing="linspace"),
+        Method.diffusers("EulerDiscreteScheduler", timestep_spacing="linspace"),
         Method.stepsearch("ddim", "trailing"),
-        Method.stepsearch("dpm_solver_pp_2m", "logsnr_uniform"),
-        Method.stepsearch("dpm_solver_pp_3m", "logsnr_uniform"),
+        Method.stepsearch("dpm_solver_pp_2m", "trailing"),
+        Method.stepsearch("unipc_bh2", "trailing"),
         Method.stepsearch("unipc_bh2", "logsnr_uniform"),
-        Method.stepsearch("pndm", "logsnr_uniform"),
     ]
 
 
