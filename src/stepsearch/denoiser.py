@@ -180,7 +180,7 @@ class ModelDenoiser:
 
     def _model_time(self, x: Tensor, times: float | np.ndarray) -> Tensor:
         model_time = np.broadcast_to(np.asarray(self.noise.model_time(times)), (x.shape[0],))
-        return torch.as_tensor(np.ascontiguousarray(model_time), device=x.device).float()
+        return torch.tensor(model_time, device=x.device, dtype=torch.float32)
 
     def raw_output(self, x: Tensor, t: float | Tensor) -> Tensor:
         """The (guided) network output before conversion to ``x0``."""

@@ -292,6 +292,17 @@ def _finish(
     return StepSchedule(times, noise, metadata)
 
 
+def _kdiffusion_sigma_range(
+    noise: NoiseSchedule, sigma_min: float | None, sigma_max: float | None
+) -> tuple[float, float]:
+    """``(sigma_min, sigma_max)`` in k-diffusion sigma, defaulting to the model's trained range."""
+    high = float(noise.kdiffusion_sigma(noise.t_max)) if sigma_max is None else float(sigma_max)
+    low = float(noise.kdiffusion_sigma(noise.t_min)) if sigma_min is None else float(sigma_min)
+    if not 0 < low < high:
+        raise ValueError(f"need 0 < sigma_min < sigma_max, got {low!r}, {high!r}")
+    return low, high
+
+
 def _grid(num_steps: int, clean_end: bool) -> FloatArray:
     """Fractions 0..1 of the noisy points: ``n`` of them before a clean end, else ``n + 1``."""
     count = num_steps if clean_end else num_steps + 1
@@ -349,10 +360,7 @@ def karras(
     """Karras et al. (2022, eq. 5) spacing in k-diffusion sigma:
     ``sigma_i = (sigma_max^(1/rho) + i/(m-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho``."""
     num_steps = _check_num_steps(num_steps)
-    high = float(noise.kdiffusion_sigma(noise.t_max)) if sigma_max is None else sigma_max
-    low = float(noise.kdiffusion_sigma(noise.t_min)) if sigma_min is None else sigma_min
-    if not 0 < low < high:
-        raise ValueError(f"need 0 < sigma_min < sigma_max, got {low!r}, {high!r}")
+    low, high = _kdiffusion_sigma_range(noise, sigma_min, sigma_max)
     fractions = _grid(num_steps, clean_end)
     sigmas = (high ** (1 / rho) + fractions * (low ** (1 / rho) - high ** (1 / rho))) ** rho
     times = np.asarray(noise.t_from_kdiffusion_sigma(sigmas))
@@ -372,10 +380,9 @@ def ays_gaussian(
     Thm 3.1), the "KL-optimal" spacing: ``sigma_i = c tan((1 - u) atan(sigma_max / c)
     + u atan(sigma_min / c))`` for ``u`` uniform in [0, 1]."""
     num_steps = _check_num_steps(num_steps)
-    high = float(noise.kdiffusion_sigma(noise.t_max)) if sigma_max is None else sigma_max
-    low = float(noise.kdiffusion_sigma(noise.t_min)) if sigma_min is None else sigma_min
-    if sigma_data <= 0 or not 0 < low < high:
-        raise ValueError("need sigma_data > 0 and 0 < sigma_min < sigma_max")
+    low, high = _kdiffusion_sigma_range(noise, sigma_min, sigma_max)
+    if sigma_data <= 0:
+        raise ValueError(f"sigma_data must be positive, got {sigma_data!r}")
     u = _grid(num_steps, clean_end)
     angles = (1 - u) * math.atan(high / sigma_data) + u * math.atan(low / sigma_data)
     sigmas = sigma_data * np.tan(angles)
