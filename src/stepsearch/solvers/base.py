@@ -312,16 +312,16 @@ def time_index(schedule: StepSchedule, t: float) -> int:
 
 def eps_from_denoised(x: Tensor, denoised: Tensor, level: NoiseLevel) -> Tensor:
     """The noise estimate ``eps = (x - alpha_t denoised) / sigma_t`` (needs ``sigma_t > 0``)."""
-    return (x - level.alpha * denoised) / level.sigma
+    return x.sub(denoised, alpha=level.alpha).div_(level.sigma)
 
 
 def linear_combination(coefficients: Sequence[float], tensors: Sequence[Tensor]) -> Tensor:
     """``sum_k c_k T_k`` for same-shaped tensors of any rank (no hard-coded layout)."""
     if len(coefficients) != len(tensors) or not tensors:
         raise ValueError("need one coefficient per tensor and at least one tensor")
-    total = float(coefficients[0]) * tensors[0]
+    total = tensors[0] * float(coefficients[0])
     for coefficient, tensor in zip(coefficients[1:], tensors[1:], strict=True):
-        total = total + float(coefficient) * tensor
+        total.add_(tensor, alpha=float(coefficient))  # total is a fresh tensor: inputs untouched
     return total
 
 
@@ -335,7 +335,7 @@ def first_order_update(x: Tensor, denoised: Tensor, now: NoiseLevel, target: Noi
     if target.is_clean:
         return denoised
     h = target.lambda_ - now.lambda_
-    return (target.sigma / now.sigma) * x + (target.alpha * -math.expm1(-h)) * denoised
+    return torch.add(x * (target.sigma / now.sigma), denoised, alpha=target.alpha * -math.expm1(-h))
 
 
 def multistep_order(

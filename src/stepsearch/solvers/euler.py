@@ -108,4 +108,6 @@ class Heun(Solver):
         # alpha_s (sigma~_s - sigma~_t) = sigma_s (1 - e^h), finite for alpha_t > 0.
         h = target.lambda_ - start.lambda_
         scale = -target.sigma * math.expm1(h) / 2.0
-        return x + scale * (eps_end - eps_start), replace(state, stage_x=(), stage_denoised=())
+        return x.add(eps_end.sub_(eps_start), alpha=scale), replace(
+            state, stage_x=(), stage_denoised=()
+        )

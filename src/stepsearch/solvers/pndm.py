@@ -6,7 +6,7 @@ multistep (PLMS) with variable-step Adams-Bashforth coefficients.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from functools import cache
+from functools import cache, lru_cache
 from typing import Any
 
 import numpy as np
@@ -47,14 +47,22 @@ def adams_bashforth_coefficients(nodes: np.ndarray) -> np.ndarray:
     """Variable-step Adams-Bashforth weights ``c_j = int_0^1 L_j(u) du`` of the Lagrange basis on
     ``nodes`` (in units of the current step; the newest node is 0, older ones negative). For
     equally spaced nodes ``0, -1, -2, -3`` this gives PLMS's ``(55, -59, 37, -9) / 24``."""
-    nodes = np.asarray(nodes, dtype=np.float64)
+    return np.array(
+        _adams_bashforth_coefficients(tuple(np.asarray(nodes, dtype=np.float64).tolist()))
+    )
+
+
+@lru_cache(maxsize=4096)
+def _adams_bashforth_coefficients(node_values: tuple[float, ...]) -> tuple[float, ...]:
+    """Cached on the nodes: a schedule replays the same ones on every run."""
+    nodes = np.asarray(node_values, dtype=np.float64)
     points, weights = _gauss_legendre(nodes.size)  # exact for degree <= 2 k - 1
     coefficients = np.empty(nodes.size)
     for j, node in enumerate(nodes):
         others = np.delete(nodes, j)
         basis = np.prod((points[:, None] - others[None]) / (node - others[None]), axis=1)
         coefficients[j] = float(weights @ basis)
-    return coefficients
+    return tuple(coefficients.tolist())
 
 
 def transfer(
@@ -68,7 +76,7 @@ def transfer(
     if target.is_clean:
         return x_ddim
     scale = target.alpha * (target.kdiffusion_sigma - now.kdiffusion_sigma)
-    return x_ddim + scale * (eps_bar - eps)
+    return x_ddim.add_(eps_bar - eps, alpha=scale)  # x_ddim is a fresh tensor
 
 
 class PNDM(Solver):
