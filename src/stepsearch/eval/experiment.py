@@ -9,14 +9,16 @@ list of :class:`Method` s, a list of NFEs and metrics: every method generates th
 from __future__ import annotations
 
 import json
+import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from stepsearch.denoiser import ModelDenoiser
@@ -25,14 +27,19 @@ from stepsearch.eval.fid import FeatureStatistics, frechet_distance, kernel_ince
 from stepsearch.eval.generate import generate, generate_with_diffusers_scheduler, steps_for_nfe
 from stepsearch.eval.report import Cell, ResultTable
 from stepsearch.eval.trajectory import trajectory_error
-from stepsearch.noise import DiscreteVP
+from stepsearch.noise import DiscreteVP, NoiseSchedule
 from stepsearch.schedule import StepSchedule, loglinear_interpolate, make_schedule
 from stepsearch.solvers import get_solver
 
-METRICS = ("fd", "kid", "traj")
-"""``fd``: Fréchet distance in the model's feature space (FD-digits for the bundled model, FID with
-Inception features otherwise); ``kid``: kernel distance in the same space; ``traj``: median RMS
-error to a reference ODE solution from the same noise."""
+METRICS = ("fd", "fid", "kid", "traj")
+"""``fd``: Fréchet distance in the model's own feature space (FD-digits for the bundled model);
+``fid``: Fréchet distance in Inception features against a :class:`FeatureReference` (reference
+statistics or images); ``kid``: kernel distance in the model's own feature space, or in Inception
+features against reference images when the model has none; ``traj``: median RMS error to a
+reference ODE solution from the same noise."""
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+"""Image files :func:`iter_image_batches` reads from a folder."""
 
 REFERENCE_SOLVER = ("dpm_solver_pp_3m", "logsnr_uniform", 100)
 """The reference ODE solution for ``traj``: DPM-Solver++(3M), 100 logSNR-uniform steps."""
@@ -148,13 +155,19 @@ class Method:
         return cls(label, diffusers_scheduler=scheduler, diffusers_options=options)
 
     def schedule_for(self, model: ImageModel, num_steps: int) -> StepSchedule:
+        """The method's ``num_steps``-step schedule on ``model``'s noise schedule."""
+        return self.schedule_on(model.noise, num_steps)
+
+    def schedule_on(self, noise: NoiseSchedule, num_steps: int) -> StepSchedule:
+        """The method's ``num_steps``-step schedule on ``noise``: the spacing by name, or the saved
+        schedule resampled log-linearly (:func:`~stepsearch.schedule.loglinear_interpolate`)."""
         if isinstance(self.schedule, StepSchedule):
-            if self.schedule.noise != model.noise:
+            if self.schedule.noise != noise:
                 raise ValueError(f"{self.label}: the schedule file is for another noise schedule")
             if self.schedule.num_steps == num_steps:
                 return self.schedule
             return loglinear_interpolate(self.schedule, num_steps)
-        return make_schedule(model.noise, num_steps, str(self.schedule))
+        return make_schedule(noise, num_steps, str(self.schedule))
 
     def run(
         self,
@@ -276,12 +289,17 @@ def run_experiment(
     accelerator: Any | None = None,
     chunk_size: int = 250,
     on_samples: Callable[[Method, int, Tensor], None] | None = None,
+    fid_reference: FeatureReference | None = None,
 ) -> dict[str, ResultTable]:
-    """Evaluate every method at every NFE on every metric (see :data:`METRICS`)."""
+    """Evaluate every method at every NFE on every metric (see :data:`METRICS`).
+
+    ``fid_reference`` (Inception features, see :class:`FeatureReference`) is needed for ``fid``,
+    and for ``kid`` when the model has no feature space of its own.
+    """
     unknown = sorted(set(metrics) - set(METRICS))
     if unknown:
         raise ValueError(f"unknown metrics {unknown}; choose from {METRICS}")
-    scorer = _Scorer(model, metrics, num_samples, seed, accelerator, chunk_size)
+    scorer = _Scorer(model, metrics, num_samples, seed, accelerator, chunk_size, fid_reference)
     tables = {metric: ResultTable(metric, lower_is_better=True) for metric in metrics}
     cells = [(method, nfe) for method in methods for nfe in nfes]
     for method, nfe in tqdm(cells, desc="methods x NFE", disable=not _is_main(accelerator)):
@@ -304,6 +322,171 @@ def _is_main(accelerator: Any | None) -> bool:
     return accelerator is None or bool(accelerator.is_main_process)
 
 
+# ----------------------------------------------------------------------------------------------
+# Reference images and statistics for fd / fid / kid
+
+
+def _read_image(path: Path) -> Tensor:
+    """One image file as uint8 ``(C, H, W)``: ``C = 1`` for grey images, else 3 (RGB)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        grey = image.mode in ("1", "L", "LA")
+        array = np.asarray(image.convert("L" if grey else "RGB"), dtype=np.uint8)
+    tensor = torch.from_numpy(array.copy())
+    return tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1)
+
+
+def image_files(directory: str | os.PathLike[str]) -> list[Path]:
+    """The image files (:data:`IMAGE_SUFFIXES`) under ``directory``, recursively, sorted."""
+    root = Path(directory)
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise ValueError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) under '{root}'")
+    return files
+
+
+def _safetensors_images(path: Path) -> Tensor:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    key = next((k for k in ("samples", "images") if k in tensors), None)
+    if key is None and len(tensors) == 1:
+        key = next(iter(tensors))
+    if key is None:
+        raise ValueError(
+            f"{path}: expected a tensor named 'samples' or 'images', found {sorted(tensors)}"
+        )
+    images = tensors[key]
+    if images.ndim != 4:
+        raise ValueError(f"{path}: images must have shape (N, C, H, W), got {tuple(images.shape)}")
+    return images
+
+
+def _as_model_range(images: Tensor) -> Tensor:
+    """uint8 ``[0, 255]`` -> float ``[-1, 1]`` (exactly the same 8-bit levels); floats unchanged."""
+    return images.float() / 127.5 - 1.0 if images.dtype == torch.uint8 else images.float()
+
+
+def iter_image_batches(
+    source: str | os.PathLike[str], batch_size: int = 250, progress: bool = True
+) -> Iterator[Tensor]:
+    """Batches of float ``(B, C, H, W)`` images in ``[-1, 1]`` from a folder of image files (PNG,
+    JPG, ...; read with PIL, grey images as one channel) or a ``.safetensors`` file (a tensor named
+    ``samples`` or ``images``, e.g. ``stepsearch eval --save-samples`` output; uint8 ``[0, 255]``
+    or float ``[-1, 1]``). Images of different sizes go in different batches.
+    """
+    path = Path(source)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if path.is_file() and path.suffix == ".safetensors":
+        images = _safetensors_images(path)
+        for batch in tqdm(images.split(batch_size), desc="reading images", disable=not progress):
+            yield _as_model_range(batch)
+        return
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"'{path}' is neither a folder of images nor a .safetensors file of images"
+        )
+    pending: list[Tensor] = []
+    for file in tqdm(image_files(path), desc="reading images", disable=not progress):
+        image = _read_image(file)
+        if pending and (len(pending) == batch_size or image.shape != pending[0].shape):
+            yield _as_model_range(torch.stack(pending))
+            pending = []
+        pending.append(image)
+    if pending:
+        yield _as_model_range(torch.stack(pending))
+
+
+@dataclass(frozen=True, eq=False)
+class FeatureReference:
+    """What ``fd`` / ``fid`` / ``kid`` compare samples with: a feature extractor, the reference
+    statistics in its feature space and, when made from images, the reference features (KID needs
+    them; an ``.npz`` holds only the mean and covariance)."""
+
+    extractor: nn.Module
+    statistics: FeatureStatistics
+    features: np.ndarray | None = None
+    source: str = ""
+
+    @classmethod
+    def from_images(
+        cls,
+        extractor: nn.Module,
+        images: Tensor | Iterator[Tensor],
+        *,
+        batch_size: int = 250,
+        progress: bool = False,
+        source: str = "images",
+    ) -> FeatureReference:
+        """Features and statistics of ``images`` (a tensor or an iterable of batches)."""
+        features = ensure_features(
+            images, extractor, batch_size, progress, desc="reference features"
+        )
+        return cls(extractor, FeatureStatistics.from_features(features), features, source)
+
+    @classmethod
+    def load(
+        cls,
+        extractor: nn.Module,
+        source: str | os.PathLike[str],
+        *,
+        batch_size: int = 250,
+        progress: bool = True,
+    ) -> FeatureReference:
+        """From an ``.npz`` of statistics (:meth:`FeatureStatistics.save`, ``stepsearch stats``,
+        clean-fid / EDM files) or from reference images (see :func:`iter_image_batches`).
+
+        Raises:
+            FileNotFoundError: ``source`` does not exist.
+            ValueError: unreadable file, no images, or statistics of another feature dimension.
+        """
+        path = Path(source)
+        if path.suffix == ".npz":
+            statistics = FeatureStatistics.load(path)
+            expected = getattr(extractor, "num_features", None)
+            if expected is not None and statistics.num_features != int(expected):
+                raise ValueError(
+                    f"{path}: statistics of {statistics.num_features} features, but the feature "
+                    f"extractor gives {int(expected)} (made with another extractor?)"
+                )
+            return cls(extractor, statistics, None, str(path))
+        batches = iter_image_batches(path, batch_size, progress)
+        return cls.from_images(extractor, batches, batch_size=batch_size, source=str(path))
+
+
+def distance_scores(
+    samples: Tensor, references: dict[str, FeatureReference]
+) -> dict[str, tuple[float, float | None]]:
+    """``{metric: (value, std)}`` for ``fd`` / ``fid`` (Fréchet distance to the reference
+    statistics) and ``kid`` (KID x 1e3, mean and std over 50 subsets of up to 500 samples).
+    Features are extracted once per extractor; non-finite samples are clamped first."""
+    finite = samples.clamp(-1e4, 1e4).nan_to_num(0.0)
+    features_by_extractor: dict[int, np.ndarray] = {}
+    scores: dict[str, tuple[float, float | None]] = {}
+    for metric, reference in references.items():
+        key = id(reference.extractor)
+        if key not in features_by_extractor:
+            features_by_extractor[key] = ensure_features(
+                finite, reference.extractor, progress=False
+            )
+        features = features_by_extractor[key]
+        if metric == "kid":
+            if reference.features is None:
+                raise ValueError(
+                    f"kid needs reference features, not only statistics ({reference.source})"
+                )
+            mean, std = kernel_inception_distance(
+                features, reference.features, subsets=50, subset_size=min(500, len(samples))
+            )
+            scores[metric] = (mean * 1e3, std * 1e3)
+        else:
+            statistics = FeatureStatistics.from_features(features)
+            scores[metric] = (frechet_distance(statistics, reference.statistics), None)
+    return scores
+
+
 class _Scorer:
     """Metric state computed once per experiment: reference features and ODE solutions."""
 
@@ -315,19 +498,10 @@ class _Scorer:
         seed: int,
         accelerator: Any | None,
         chunk_size: int,
+        fid_reference: FeatureReference | None = None,
     ):
-
         self.model, self.metrics = model, tuple(metrics)
-        self.reference_features = None
-        if {"fd", "kid"} & set(metrics):
-            if model.feature_extractor is None or model.reference_images is None:
-                raise ValueError(
-                    f"fd/kid for model {model.name!r} need a feature extractor and reference images"
-                )
-            self.reference_features = ensure_features(
-                model.reference_images, model.feature_extractor, progress=False
-            )
-            self.reference_statistics = FeatureStatistics.from_features(self.reference_features)
+        self.references = _distance_references(model, self.metrics, fid_reference)
         self.reference = (
             reference_samples(model, num_samples, seed, accelerator, chunk_size)
             if "traj" in metrics
@@ -335,28 +509,45 @@ class _Scorer:
         )
 
     def score(self, samples: Tensor) -> dict[str, tuple[float, float | None]]:
-        from stepsearch.eval.fid import (
-            FeatureStatistics,
-        )
-
-        scores: dict[str, tuple[float, float | None]] = {}
-        features = None
-        if self.reference_features is not None:
-            assert self.model.feature_extractor is not None
-            finite = samples.clamp(-1e4, 1e4).nan_to_num(0.0)
-            features = ensure_features(finite, self.model.feature_extractor, progress=False)
-        if "fd" in self.metrics:
-            scores["fd"] = (
-                frechet_distance(
-                    FeatureStatistics.from_features(features), self.reference_statistics
-                ),
-                None,
-            )
-        if "kid" in self.metrics:
-            mean, std = kernel_inception_distance(
-                features, self.reference_features, subsets=50, subset_size=min(500, len(samples))
-            )
-            scores["kid"] = (mean * 1e3, std * 1e3)
+        scores = distance_scores(samples, self.references)
         if "traj" in self.metrics:
             scores["traj"] = (trajectory_error(samples, self.reference), None)
         return scores
+
+
+def _distance_references(
+    model: ImageModel, metrics: Sequence[str], fid_reference: FeatureReference | None
+) -> dict[str, FeatureReference]:
+    """The reference of each of ``fd`` / ``fid`` / ``kid`` in ``metrics`` (see :data:`METRICS`)."""
+    own = None
+    if model.feature_extractor is not None and model.reference_images is not None:
+        if {"fd", "kid"} & set(metrics):
+            own = FeatureReference.from_images(
+                model.feature_extractor, model.reference_images, source=f"{model.name} data"
+            )
+    elif "fd" in metrics:
+        raise ValueError(
+            f"fd for model {model.name!r} needs a feature extractor and reference images of its "
+            "own; use fid (Inception features against --reference-stats) instead"
+        )
+    references: dict[str, FeatureReference] = {}
+    for metric in metrics:
+        if metric == "fd":
+            assert own is not None
+            references[metric] = own
+        elif metric == "fid" or (metric == "kid" and own is None):
+            if fid_reference is None:
+                raise ValueError(
+                    f"{metric} for model {model.name!r} needs Inception features "
+                    "(--inception-weights) and a reference (--reference-stats)"
+                )
+            if metric == "kid" and fid_reference.features is None:
+                raise ValueError(
+                    "kid needs reference images (a folder or .safetensors for --reference-stats): "
+                    "an .npz holds only the mean and covariance"
+                )
+            references[metric] = fid_reference
+        elif metric == "kid":
+            assert own is not None
+            references[metric] = own
+    return references

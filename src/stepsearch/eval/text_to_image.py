@@ -1,0 +1,442 @@
+"""Side-by-side evaluation of samplers inside a local diffusers text-to-image pipeline.
+
+The same :class:`~stepsearch.eval.experiment.Method` s as the unconditional evaluation, run through
+``pipe(prompt=..., latents=..., sigmas=...)`` of a UNet-based pipeline (Stable Diffusion 1.x / 2.x,
+SDXL, or any pipeline with the same call signature):
+
+- a stepsearch solver x schedule swaps in the solver's drop-in scheduler
+  (:data:`~stepsearch.integrations.diffusers.SCHEDULERS`), built ``from_config`` of the pipeline's
+  own scheduler config, and passes the schedule as k-diffusion ``sigmas`` (the whole grid, its end
+  included, so the schedule is replayed exactly); a saved schedule is resampled log-linearly to the
+  step count that spends exactly the NFE;
+- a diffusers scheduler class is built ``from_config`` (with the method's options) and run with its
+  own spacing at the step count whose ``timesteps`` have exactly NFE entries.
+
+NFE counts denoising-network evaluations per image; classifier-free guidance runs the conditional
+and unconditional branches in one batched call, counted once (as everywhere in the literature).
+
+Common random numbers: image ``i`` starts from ``unit_noise`` of its own generator
+(:func:`~stepsearch.eval.generate.sample_generator` ``(seed, i)``) in the pipeline's latent shape,
+passed as ``latents=``, and gets prompt ``i mod len(prompts)``; so every method sees the same
+(noise, prompt) pairs and no image depends on the batch size or the number of processes. Images are
+returned as float tensors in ``[-1, 1]`` (the pipeline's ``output_type="pt"`` output, rescaled).
+
+Metrics (:data:`TEXT_TO_IMAGE_METRICS`): ``clip`` (CLIP score, higher is better), ``fid`` / ``kid``
+(Inception features against a :class:`~stepsearch.eval.experiment.FeatureReference`), ``traj``
+(median RMS error of the decoded images to a many-step reference solution of the same pipeline,
+same noise, same prompts, same guidance).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from stepsearch.eval.clip_score import ClipScorer
+from stepsearch.eval.experiment import (
+    REFERENCE_SOLVER,
+    FeatureReference,
+    Method,
+    distance_scores,
+)
+from stepsearch.eval.generate import generate_chunks, sample_generator, steps_for_nfe, unit_noise
+from stepsearch.eval.report import Cell, ResultTable
+from stepsearch.eval.trajectory import trajectory_error
+from stepsearch.noise import DiscreteVP
+from stepsearch.schedule import StepSchedule, make_schedule
+
+__all__ = [
+    "HIGHER_IS_BETTER",
+    "TEXT_TO_IMAGE_METRICS",
+    "TextToImageModel",
+    "generate_images",
+    "load_pipeline",
+    "read_prompts",
+    "reference_images",
+    "run_method",
+    "run_text_to_image_experiment",
+]
+
+TEXT_TO_IMAGE_METRICS = ("clip", "fid", "kid", "traj")
+"""``clip``: CLIP score ``mean_i 100 max(cos, 0)`` of image i and its prompt (higher is better);
+``fid`` / ``kid``: Inception features against reference statistics / images; ``traj``: median RMS
+error (decoded images in ``[-1, 1]``) to a reference solution from the same noise and prompt."""
+
+HIGHER_IS_BETTER = frozenset({"clip"})
+"""Metrics whose result tables rank the largest value first."""
+
+
+def read_prompts(path: str | os.PathLike[str]) -> list[str]:
+    """Prompts from a UTF-8 text file, one per line; blank lines are ignored, surrounding
+    whitespace stripped.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file holds no prompt.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompts file '{path}' does not exist (--prompts)")
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    prompts = [prompt for prompt in prompts if prompt]
+    if not prompts:
+        raise ValueError(f"prompts file '{path}' is empty: give one prompt per line (--prompts)")
+    return prompts
+
+
+def load_pipeline(
+    source: str | os.PathLike[str] | Any,
+    device: str | torch.device = "cpu",
+    torch_dtype: torch.dtype | None = None,
+    *,
+    keep_safety_checker: bool = False,
+) -> Any:
+    """A diffusers pipeline from a local directory (``save_pretrained`` output with
+    ``model_index.json``; never looked up on the hub), moved to ``device``; a pipeline object is
+    returned as it is. The safety checker is not loaded unless ``keep_safety_checker``: it blacks
+    out images, which would distort every metric.
+
+    Raises:
+        FileNotFoundError: the directory or its ``model_index.json`` does not exist.
+    """
+    if not isinstance(source, str | os.PathLike):
+        return source
+    from diffusers import DiffusionPipeline
+
+    root = Path(source)
+    if not (root / "model_index.json").is_file():
+        what = "has no model_index.json" if root.is_dir() else "does not exist"
+        raise FileNotFoundError(
+            f"pipeline directory '{root}' {what} (--pipeline expects a local diffusers pipeline "
+            "saved with save_pretrained, e.g. a downloaded Stable Diffusion folder)"
+        )
+    components = json.loads((root / "model_index.json").read_text())
+    options: dict[str, Any] = {"local_files_only": True}
+    if torch_dtype is not None:
+        options["torch_dtype"] = torch_dtype
+    if "safety_checker" in components and not keep_safety_checker:
+        options["safety_checker"] = None
+    return DiffusionPipeline.from_pretrained(root, **options).to(device)
+
+
+@dataclass
+class TextToImageModel:
+    """A text-to-image pipeline with the prompts and call options of an evaluation.
+
+    ``scheduler_config`` is the pipeline's scheduler config when the model is made: every method
+    builds its scheduler from it, and the pipeline's own scheduler is put back after each run. The
+    pipeline's progress bar is switched off (the evaluation shows its own).
+    """
+
+    pipeline: Any
+    prompts: list[str]
+    guidance_scale: float = 7.5
+    height: int | None = None
+    width: int | None = None
+    name: str = "pipeline"
+    scheduler_config: dict[str, Any] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.prompts = [str(prompt) for prompt in self.prompts]
+        if not self.prompts:
+            raise ValueError("need at least one prompt")
+        if getattr(self.pipeline, "unet", None) is None:
+            raise ValueError(
+                f"{type(self.pipeline).__name__}: only UNet-based pipelines (Stable Diffusion "
+                "1.x / 2.x, SDXL) are supported"
+            )
+        parameters = inspect.signature(self.pipeline.__call__).parameters
+        missing = [name for name in ("prompt", "latents", "sigmas") if name not in parameters]
+        if missing:
+            raise ValueError(f"{type(self.pipeline).__name__}.__call__ lacks {missing}")
+        self.scheduler_config = dict(self.pipeline.scheduler.config)
+        self.pipeline.set_progress_bar_config(disable=True)
+
+    @property
+    def noise(self) -> DiscreteVP:
+        """The discrete VP noise schedule of the pipeline's scheduler config."""
+        config = self.scheduler_config
+        if "beta_schedule" not in config and "trained_betas" not in config:
+            raise ValueError(
+                "stepsearch schedules in a pipeline need a discrete VP scheduler config "
+                "(beta_schedule / trained_betas); flow-matching pipelines can run diffusers "
+                "baselines only"
+            )
+        return DiscreteVP.from_diffusers_config(config)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """``(height, width)`` of the generated images (default: the UNet's native size)."""
+        pipe = self.pipeline
+        size = pipe.unet.config.sample_size
+        native = (size, size) if isinstance(size, int) else tuple(size)
+        return (
+            self.height or native[0] * pipe.vae_scale_factor,
+            self.width or native[1] * pipe.vae_scale_factor,
+        )
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of one image's initial latent noise."""
+        height, width = self.image_size
+        factor = self.pipeline.vae_scale_factor
+        return (self.pipeline.unet.config.in_channels, height // factor, width // factor)
+
+    def prompts_for(self, indices: Sequence[int]) -> list[str]:
+        """Prompt ``i mod len(prompts)`` for each sample index ``i``."""
+        return [self.prompts[i % len(self.prompts)] for i in indices]
+
+    @contextlib.contextmanager
+    def using(self, scheduler: Any) -> Iterator[None]:
+        """Run the pipeline with ``scheduler``, putting the pipeline's own one back afterwards."""
+        original = self.pipeline.scheduler
+        self.pipeline.scheduler = scheduler
+        try:
+            yield
+        finally:
+            self.pipeline.scheduler = original
+
+
+def generate_images(
+    model: TextToImageModel,
+    scheduler: Any,
+    num_samples: int,
+    *,
+    num_inference_steps: int | None = None,
+    sigmas: Sequence[float] | None = None,
+    seed: int = 0,
+    chunk_size: int = 16,
+    accelerator: Any | None = None,
+    progress: bool | str = True,
+) -> Tensor:
+    """``num_samples`` images (float ``(N, 3, H, W)`` in ``[-1, 1]``) from ``model``'s pipeline
+    with ``scheduler`` and either ``num_inference_steps`` or k-diffusion ``sigmas``.
+
+    Image ``i`` starts from the unit latent noise of ``sample_generator(seed, i)`` and gets prompt
+    ``i mod len(prompts)``; stochastic schedulers draw their step noise from a per-chunk generator
+    (``sample_generator(seed + 1, first index)``). Chunks are split across processes like
+    :func:`~stepsearch.eval.generate.generate_chunks`.
+    """
+    if (num_inference_steps is None) == (sigmas is None):
+        raise ValueError("pass exactly one of num_inference_steps or sigmas")
+    pipe = model.pipeline
+    height, width = model.image_size
+    steps: dict[str, Any] = {"num_inference_steps": num_inference_steps}
+    if sigmas is not None:
+        steps = {"sigmas": [float(sigma) for sigma in sigmas]}
+
+    def make_chunk(indices: range) -> Tensor:
+        latents = unit_noise(indices, model.latent_shape, seed)
+        with torch.inference_mode():
+            output = pipe(
+                prompt=model.prompts_for(indices),
+                height=height,
+                width=width,
+                guidance_scale=model.guidance_scale,
+                latents=latents.to(pipe.device, pipe.unet.dtype),
+                generator=sample_generator(seed + 1, indices.start),
+                output_type="pt",
+                **steps,
+            )
+        images = torch.as_tensor(output.images)
+        return (images.float() * 2.0 - 1.0).clamp(-1.0, 1.0).cpu()
+
+    with model.using(scheduler):
+        return generate_chunks(make_chunk, num_samples, chunk_size, accelerator, progress)
+
+
+def _stepsearch_scheduler(model: TextToImageModel, method: Method) -> Any:
+    from stepsearch.integrations.diffusers import scheduler_for_solver
+
+    options = {"solver_kwargs": dict(method.solver_options)} if method.solver_options else {}
+    return scheduler_for_solver(str(method.solver)).from_config(model.scheduler_config, **options)
+
+
+def _run_schedule(
+    model: TextToImageModel,
+    scheduler: Any,
+    schedule: StepSchedule,
+    num_samples: int,
+    seed: int,
+    accelerator: Any | None,
+    chunk_size: int,
+    progress: str,
+) -> Tensor:
+    return generate_images(
+        model,
+        scheduler,
+        num_samples,
+        sigmas=schedule.to_kdiffusion_sigmas().tolist(),
+        seed=seed,
+        chunk_size=chunk_size,
+        accelerator=accelerator,
+        progress=progress,
+    )
+
+
+def run_method(
+    model: TextToImageModel,
+    method: Method,
+    nfe: int,
+    num_samples: int,
+    seed: int = 0,
+    accelerator: Any | None = None,
+    chunk_size: int = 16,
+) -> tuple[Tensor, int] | None:
+    """Images at exactly ``nfe`` network evaluations and the step count, or ``None`` if the
+    method cannot spend exactly ``nfe`` (module docstring: how each kind of method runs)."""
+    progress = f"{method.label} NFE {nfe}"
+    if method.diffusers_scheduler is not None:
+        import diffusers
+
+        scheduler_class = getattr(diffusers, str(method.diffusers_scheduler))
+        scheduler = scheduler_class.from_config(model.scheduler_config, **method.diffusers_options)
+        for num_steps in range(1, nfe + 1):
+            scheduler.set_timesteps(num_steps)
+            if len(scheduler.timesteps) == nfe:
+                images = generate_images(
+                    model,
+                    scheduler,
+                    num_samples,
+                    num_inference_steps=num_steps,
+                    seed=seed,
+                    chunk_size=chunk_size,
+                    accelerator=accelerator,
+                    progress=progress,
+                )
+                return images, num_steps
+            if len(scheduler.timesteps) > nfe:
+                break
+        return None
+    scheduler = _stepsearch_scheduler(model, method)
+    noise = model.noise
+    num_steps = steps_for_nfe(scheduler.solver, lambda n: method.schedule_on(noise, n), nfe)
+    if num_steps is None:
+        return None
+    schedule = method.schedule_on(noise, num_steps)
+    images = _run_schedule(
+        model, scheduler, schedule, num_samples, seed, accelerator, chunk_size, progress
+    )
+    return images, num_steps
+
+
+def reference_images(
+    model: TextToImageModel,
+    num_samples: int,
+    seed: int = 0,
+    accelerator: Any | None = None,
+    chunk_size: int = 16,
+    num_steps: int | None = None,
+) -> Tensor:
+    """Accurate solutions of the same pipeline from the same noise and prompts: stepsearch
+    DPM-Solver++(3M) on ``num_steps`` logSNR-uniform steps (default: :data:`REFERENCE_SOLVER`'s
+    100)."""
+    solver, spacing, default_steps = REFERENCE_SOLVER
+    schedule = make_schedule(model.noise, num_steps or default_steps, spacing)
+    scheduler = _stepsearch_scheduler(model, Method.stepsearch(solver, spacing))
+    return _run_schedule(
+        model,
+        scheduler,
+        schedule,
+        num_samples,
+        seed,
+        accelerator,
+        chunk_size,
+        f"reference solution ({schedule.num_steps} steps)",
+    )
+
+
+def _check_metrics(
+    metrics: Sequence[str],
+    clip_scorer: ClipScorer | None,
+    fid_reference: FeatureReference | None,
+) -> None:
+    unknown = sorted(set(metrics) - set(TEXT_TO_IMAGE_METRICS))
+    if unknown:
+        raise ValueError(f"unknown metrics {unknown}; choose from {TEXT_TO_IMAGE_METRICS}")
+    if "clip" in metrics and clip_scorer is None:
+        raise ValueError("metric clip needs a CLIP model (--clip-model)")
+    for metric in {"fid", "kid"} & set(metrics):
+        if fid_reference is None:
+            raise ValueError(
+                f"metric {metric} needs Inception features (--inception-weights) and a reference "
+                "(--reference-stats)"
+            )
+    if "kid" in metrics and fid_reference is not None and fid_reference.features is None:
+        raise ValueError(
+            "metric kid needs reference images (a folder or .safetensors for --reference-stats): "
+            "an .npz holds only the mean and covariance"
+        )
+
+
+def run_text_to_image_experiment(
+    model: TextToImageModel,
+    methods: Sequence[Method],
+    nfes: Sequence[int],
+    metrics: Sequence[str] = ("clip",),
+    num_samples: int = 100,
+    seed: int = 0,
+    *,
+    clip_scorer: ClipScorer | None = None,
+    fid_reference: FeatureReference | None = None,
+    accelerator: Any | None = None,
+    chunk_size: int = 16,
+    on_samples: Callable[[Method, int, Tensor], None] | None = None,
+    reference_steps: int | None = None,
+) -> dict[str, ResultTable]:
+    """Evaluate every method at every NFE on every metric (:data:`TEXT_TO_IMAGE_METRICS`).
+
+    ``clip`` needs ``clip_scorer``; ``fid`` needs ``fid_reference`` (Inception features) and
+    ``kid`` one made from images; ``traj`` generates the reference solution first
+    (:func:`reference_images`, ``reference_steps`` steps). Returns one table per metric;
+    ``clip`` tables have ``lower_is_better=False``.
+    """
+    _check_metrics(metrics, clip_scorer, fid_reference)
+    main = accelerator is None or bool(accelerator.is_main_process)
+    reference = (
+        reference_images(model, num_samples, seed, accelerator, chunk_size, reference_steps)
+        if "traj" in metrics
+        else None
+    )
+    distances = {
+        metric: fid_reference
+        for metric in metrics
+        if metric in ("fid", "kid") and fid_reference is not None
+    }
+    prompts = model.prompts_for(range(num_samples))
+    tables = {
+        metric: ResultTable(metric, lower_is_better=metric not in HIGHER_IS_BETTER)
+        for metric in metrics
+    }
+    cells = [(method, nfe) for method in methods for nfe in nfes]
+    for method, nfe in tqdm(cells, desc="methods x NFE", disable=not main):
+        start = time.perf_counter()
+        result = run_method(model, method, nfe, num_samples, seed, accelerator, chunk_size)
+        if result is None:
+            continue
+        images, num_steps = result
+        seconds = time.perf_counter() - start
+        if on_samples is not None:
+            on_samples(method, nfe, images)
+        scores = distance_scores(images, distances)
+        if clip_scorer is not None and "clip" in metrics:
+            scores["clip"] = (clip_scorer(images, prompts), None)
+        if reference is not None:
+            scores["traj"] = (trajectory_error(images, reference), None)
+        for metric in metrics:
+            value, std = scores[metric]
+            tables[metric].add(
+                Cell(method.label, nfe, metric, value, std, num_steps, round(seconds, 3))
+            )
+    return tables
