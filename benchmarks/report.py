@@ -3,7 +3,7 @@
 Every stepsearch solver x schedule and diffusers' built-in schedulers (with their usual spacings)
 generate the same samples (same per-index noise) at each NFE; FD-digits and the error to a reference
 ODE solution are written to ``benchmarks/results/report_<metric>.{json,md,png}`` with the machine and
-library versions. Run: ``python benchmarks/report.py`` (about 10 minutes on 2 CPU cores at 1,000
+library versions. Run: ``python benchmarks/report.py`` (about 15 minutes on 2 idle CPU cores at 1,000
 samples per cell); ``--quick`` for a smoke run.
 """
 
