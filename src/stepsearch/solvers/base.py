@@ -302,14 +302,6 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def time_index(schedule: StepSchedule, t: float) -> int:
-    """Index of ``t`` in ``schedule.times``; raises if ``t`` is not on the grid."""
-    matches = np.flatnonzero(np.isclose(schedule.times, t, rtol=1e-12, atol=1e-15))
-    if matches.size != 1:
-        raise ValueError(f"time {t!r} is not on the schedule grid")
-    return int(matches[0])
-
-
 def eps_from_denoised(x: Tensor, denoised: Tensor, level: NoiseLevel) -> Tensor:
     """The noise estimate ``eps = (x - alpha_t denoised) / sigma_t`` (needs ``sigma_t > 0``)."""
     return x.sub(denoised, alpha=level.alpha).div_(level.sigma)
