@@ -3,7 +3,7 @@
 Every stepsearch solver x schedule and diffusers' built-in schedulers (with their usual spacings)
 generate the same samples (same per-index noise) at each NFE; FD-digits and the error to a reference
 ODE solution are written to ``benchmarks/results/report_<metric>.{json,md,png}`` with the machine and
-library versions. Run: ``python benchmarks/report.py`` (about 15 minutes on 2 idle CPU cores at 1,000
+library versions. Run: ``python benchmarks/report.py`` (about 17 minutes on 2 idle CPU cores at 1,000
 samples per cell); ``--quick`` for a smoke run.
 """
 
@@ -17,7 +17,7 @@ import torch
 
 from stepsearch._io import atomic_write_text
 from stepsearch.eval.experiment import Method, load_image_model, run_experiment
-from stepsearch.eval.report import environment
+from stepsearch.eval.report import ResultTable, environment
 
 SOLVERS = (
     "ddim",
@@ -46,18 +46,45 @@ def baselines() -> list[Method]:
             set_alpha_to_one=False,
         ),
         Method.diffusers("DDIMScheduler", timestep_spacing="trailing", clip_sample=False),
-        Method.diffusers("PNDMScheduler", "diffusers PNDMScheduler (PLMS)", skip_prk_steps=True),
+        Method.diffusers(
+            "PNDMScheduler",
+            "diffusers PNDMScheduler (PLMS, leading)",
+            skip_prk_steps=True,
+            timestep_spacing="leading",
+        ),
         Method.diffusers("DPMSolverMultistepScheduler", timestep_spacing="linspace"),
         Method.diffusers("DPMSolverMultistepScheduler", timestep_spacing="trailing"),
         Method.diffusers(
             "DPMSolverMultistepScheduler",
-            "diffusers DPMSolverMultistepScheduler 3M",
+            "diffusers DPMSolverMultistepScheduler 3M (leading)",
             solver_order=3,
+            timestep_spacing="leading",
         ),
         Method.diffusers("UniPCMultistepScheduler", timestep_spacing="linspace"),
         Method.diffusers("EulerDiscreteScheduler", timestep_spacing="trailing"),
         Method.diffusers("HeunDiscreteScheduler", timestep_spacing="trailing"),
     ]
+
+
+def replot(directory: Path) -> None:
+    """Rewrite ``report_<metric>.{md,png}`` and ``report.md`` from the saved JSON (no sampling)."""
+    import json
+
+    lines = []
+    for path in sorted(directory.glob("report_*.json")):
+        payload = json.loads(path.read_text())
+        table = ResultTable.from_json_dict(payload)
+        context = {
+            k: v for k, v in payload.items() if k not in ("metric", "lower_is_better", "cells")
+        }
+        table.save(directory, path.stem, TITLES.get(table.metric, table.metric), **context)
+        lines += [
+            f"## {TITLES.get(table.metric, table.metric)}\n",
+            table.to_markdown(),
+            f"![{table.metric}]({path.stem}.png)\n",
+        ]
+    header = (directory / "report.md").read_text().split("\n## ")[0].rstrip() + "\n"
+    atomic_write_text(directory / "report.md", "\n".join([header, *lines]))
 
 
 def main() -> None:
@@ -72,7 +99,11 @@ def main() -> None:
     parser.add_argument(
         "--quick", action="store_true", help="100 samples, NFE 5 and 10, fewer methods"
     )
+    parser.add_argument("--replot", action="store_true", help="re-render md/png from the JSON")
     args = parser.parse_args()
+    if args.replot:
+        replot(args.out)
+        return
 
     solvers, schedules = SOLVERS, SCHEDULES
     if args.quick:

@@ -149,8 +149,11 @@ def plot_metric_vs_nfe(table: ResultTable, path: str | os.PathLike[str], title: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(7.5, 4.8), dpi=120)
-    for method in table.methods:
+    methods = table.methods
+    height = max(4.8, 0.2 * len(methods) + 1.0)  # the legend sits beside the axes
+    figure, axis = plt.subplots(figsize=(11.5, height), dpi=110)
+    markers = "osD^v<>pX*"
+    for index, method in enumerate(methods):
         points = sorted(
             (c.nfe, c.value) for c in table.cells if c.method == method and math.isfinite(c.value)
         )
@@ -158,7 +161,7 @@ def plot_metric_vs_nfe(table: ResultTable, path: str | os.PathLike[str], title: 
             continue
         nfes, values = zip(*points, strict=True)
         style = "--" if method.startswith("diffusers") else "-"
-        axis.plot(nfes, values, style, marker="o", label=method)
+        axis.plot(nfes, values, style, marker=markers[index // 10 % len(markers)], label=method)
     axis.set_xlabel("NFE (model evaluations)")
     axis.set_ylabel(table.metric)
     if all(c.value > 0 for c in table.cells if math.isfinite(c.value)):
@@ -166,7 +169,7 @@ def plot_metric_vs_nfe(table: ResultTable, path: str | os.PathLike[str], title: 
     axis.set_xticks(table.nfes)
     axis.grid(True, which="both", alpha=0.3)
     axis.set_title(title)
-    axis.legend(fontsize=7, loc="upper right")
+    axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
