@@ -25,11 +25,11 @@ from stepsearch.cli import app
 from stepsearch.eval import ClipScorer, FeatureStatistics, InceptionFeatures, ensure_features
 from stepsearch.eval.experiment import (
     Method,
-    iter_image_batches,
     load_image_model,
     run_experiment,
 )
 from stepsearch.eval.features import INCEPTION_FILENAME
+from stepsearch.eval.images import iter_image_batches
 from stepsearch.eval.text_to_image import (
     TextToImageModel,
     generate_images,
