@@ -18,6 +18,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_show_locals=False,
+    rich_markup_mode="markdown",
 )
 schedule_app = typer.Typer(help="Make, inspect and convert step schedules.", no_args_is_help=True)
 app.add_typer(schedule_app, name="schedule")
