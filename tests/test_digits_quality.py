@@ -40,3 +40,19 @@ def test_fd_digits_separates_real_from_generated_and_falls_with_nfe(model):
     assert real_vs_real * 3 < fd_by_nfe[5], (real_vs_real, fd_by_nfe)
     # ... and DDIM gets closer with every doubling of the budget.
     assert fd_by_nfe[5] > fd_by_nfe[10] > fd_by_nfe[20], fd_by_nfe
+
+
+def test_diffusers_baseline_spends_exactly_the_nfe_and_matches_its_stepsearch_twin(model):
+    heun = Method.diffusers("HeunDiscreteScheduler", timestep_spacing="trailing")
+    assert heun.diffusers_scheduler_for(model.scheduler_config, 4) is None  # Heun spends 2n - 1
+    _, heun_steps = heun.diffusers_scheduler_for(model.scheduler_config, 5)
+    assert heun_steps == 3
+
+    # diffusers' DDIM on trailing spacing and stepsearch's DDIM on the same grid: same samples.
+    # (At 5 steps: diffusers' DDIM steps to ``t - N // n``, which is the next grid point only when
+    # n divides N; at 6 steps it lands on 833 while the grid says 832.)
+    baseline = Method.diffusers("DDIMScheduler", timestep_spacing="trailing", clip_sample=False)
+    theirs, steps = baseline.run(model, 5, 16, seed=3)
+    ours, _ = Method.stepsearch("ddim", "trailing").run(model, 5, 16, seed=3)
+    assert steps == 5
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)

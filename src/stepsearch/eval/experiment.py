@@ -13,6 +13,7 @@ import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +56,7 @@ class ImageModel:
     reference_images: Tensor | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
-    @property
+    @cached_property
     def noise(self) -> DiscreteVP:
         return DiscreteVP.from_diffusers_config(self.scheduler_config)
 
@@ -198,6 +199,21 @@ class Method:
         )
         return samples, num_steps
 
+    def diffusers_scheduler_for(self, scheduler_config: Any, nfe: int) -> tuple[Any, int] | None:
+        """This method's diffusers scheduler (``from_config`` plus its options) and the
+        ``num_inference_steps`` at which it spends exactly ``nfe`` evaluations, or ``None``."""
+        import diffusers
+
+        scheduler_class = getattr(diffusers, str(self.diffusers_scheduler))
+        scheduler = scheduler_class.from_config(scheduler_config, **self.diffusers_options)
+        for num_steps in range(1, nfe + 1):
+            scheduler.set_timesteps(num_steps)
+            if len(scheduler.timesteps) == nfe:
+                return scheduler, num_steps
+            if len(scheduler.timesteps) > nfe:
+                break
+        return None
+
     def _run_diffusers(
         self,
         model: ImageModel,
@@ -207,29 +223,23 @@ class Method:
         accelerator: Any | None,
         chunk_size: int,
     ) -> tuple[Tensor, int] | None:
-        import diffusers
-
-        scheduler_class = getattr(diffusers, str(self.diffusers_scheduler))
-        scheduler = scheduler_class.from_config(model.scheduler_config, **self.diffusers_options)
-        for num_steps in range(1, nfe + 1):
-            scheduler.set_timesteps(num_steps)
-            if len(scheduler.timesteps) == nfe:
-                samples, _ = generate_with_diffusers_scheduler(
-                    model.model_fn,
-                    scheduler,
-                    num_steps,
-                    num_samples,
-                    model.sample_shape,
-                    seed=seed,
-                    chunk_size=chunk_size,
-                    device=model.device,
-                    accelerator=accelerator,
-                    progress=f"{self.label} NFE {nfe}",
-                )
-                return samples, num_steps
-            if len(scheduler.timesteps) > nfe:
-                break
-        return None
+        found = self.diffusers_scheduler_for(model.scheduler_config, nfe)
+        if found is None:
+            return None
+        scheduler, num_steps = found
+        samples, _ = generate_with_diffusers_scheduler(
+            model.model_fn,
+            scheduler,
+            num_steps,
+            num_samples,
+            model.sample_shape,
+            seed=seed,
+            chunk_size=chunk_size,
+            device=model.device,
+            accelerator=accelerator,
+            progress=f"{self.label} NFE {nfe}",
+        )
+        return samples, num_steps
 
 
 def default_methods() -> list[Method]:

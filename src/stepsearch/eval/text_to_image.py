@@ -298,27 +298,21 @@ def run_method(
     method cannot spend exactly ``nfe`` (module docstring: how each kind of method runs)."""
     progress = f"{method.label} NFE {nfe}"
     if method.diffusers_scheduler is not None:
-        import diffusers
-
-        scheduler_class = getattr(diffusers, str(method.diffusers_scheduler))
-        scheduler = scheduler_class.from_config(model.scheduler_config, **method.diffusers_options)
-        for num_steps in range(1, nfe + 1):
-            scheduler.set_timesteps(num_steps)
-            if len(scheduler.timesteps) == nfe:
-                images = generate_images(
-                    model,
-                    scheduler,
-                    num_samples,
-                    num_inference_steps=num_steps,
-                    seed=seed,
-                    chunk_size=chunk_size,
-                    accelerator=accelerator,
-                    progress=progress,
-                )
-                return images, num_steps
-            if len(scheduler.timesteps) > nfe:
-                break
-        return None
+        found = method.diffusers_scheduler_for(model.scheduler_config, nfe)
+        if found is None:
+            return None
+        scheduler, num_steps = found
+        images = generate_images(
+            model,
+            scheduler,
+            num_samples,
+            num_inference_steps=num_steps,
+            seed=seed,
+            chunk_size=chunk_size,
+            accelerator=accelerator,
+            progress=progress,
+        )
+        return images, num_steps
     scheduler = _stepsearch_scheduler(model, method)
     noise = model.noise
     num_steps = steps_for_nfe(scheduler.solver, lambda n: method.schedule_on(noise, n), nfe)
