@@ -28,6 +28,7 @@ from stepsearch.eval.fid import FeatureStatistics, frechet_distance, kernel_ince
 from stepsearch.eval.generate import generate, generate_with_diffusers_scheduler, steps_for_nfe
 from stepsearch.eval.images import iter_image_batches
 from stepsearch.eval.report import Cell, ResultTable
+from stepsearch.eval.sources import DenoiserSource, ModelIdentity, module_digest
 from stepsearch.eval.trajectory import trajectory_error
 from stepsearch.noise import DiscreteVP, NoiseSchedule
 from stepsearch.schedule import StepSchedule, loglinear_interpolate, make_schedule
@@ -69,6 +70,23 @@ class ImageModel:
 
     def denoiser(self) -> ModelDenoiser:
         return ModelDenoiser(self.model_fn, self.noise, self.prediction_type)
+
+    @cached_property
+    def identity(self) -> ModelIdentity:
+        """The model's name and a SHA-256 of its weights."""
+        return ModelIdentity(self.name, module_digest(self.unet))
+
+    def source(self) -> DenoiserSource:
+        """This model as a :class:`~stepsearch.eval.sources.SampleSource`."""
+        return DenoiserSource(
+            self.denoiser(),
+            self.sample_shape,
+            self.identity,
+            features=self.feature_extractor,
+            reference_data=self.reference_images,
+            settings={"prediction_type": self.prediction_type, "sample_shape": list(self.sample_shape)},
+            device=self.device,
+        )
 
 
 def load_image_model(

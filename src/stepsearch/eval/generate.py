@@ -17,7 +17,6 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from stepsearch.denoiser import Denoiser
-from stepsearch.sampling import initial_noise_scale, sample
 from stepsearch.schedule import StepSchedule
 from stepsearch.solvers.base import Solver
 
@@ -104,15 +103,22 @@ def generate(
     generators. Deterministic solvers give results independent of ``chunk_size`` up to float
     reduction order; stochastic ones draw step noise from a per-chunk generator.
     """
-    scale = initial_noise_scale(schedule)
+    from stepsearch.eval.sources import DenoiserSource, ModelIdentity, generate_from_source
 
-    def make_chunk(indices: range) -> Tensor:
-        x_T = scale * unit_noise(indices, sample_shape, seed, dtype).to(device)
-        generator = sample_generator(seed + 1, indices.start, device) if solver.stochastic else None
-        with torch.inference_mode():
-            return sample(denoiser, x_T, schedule, solver, generator=generator).sample
-
-    return generate_chunks(make_chunk, num_samples, chunk_size, accelerator, progress)
+    source = DenoiserSource(
+        denoiser, tuple(sample_shape), ModelIdentity("anonymous", "unhashed"), device=device
+    )
+    return generate_from_source(
+        source,
+        solver,
+        schedule,
+        num_samples,
+        seed=seed,
+        chunk_size=chunk_size,
+        dtype=dtype,
+        accelerator=accelerator,
+        progress=progress,
+    )
 
 
 def generate_with_diffusers_scheduler(

@@ -1,0 +1,382 @@
+"""The public objective every search calls: one sample source, one metric, fixed seeds, one cache.
+
+An :class:`Objective` is built once from a :class:`~stepsearch.eval.sources.SampleSource`, a metric
+and a number of samples; calling it on a candidate (a :class:`~stepsearch.schedule.StepSchedule`, or
+a solver plan, with a solver) returns a :class:`Score` with its uncertainty::
+
+    objective = Objective(source, "traj", num_samples=256)
+    score = objective(schedule, "dpm_solver_pp_2m")      # search seeds
+    report = objective.held_out(schedule, "dpm_solver_pp_2m")  # noise the search never saw
+
+- **Common random numbers.** Every candidate sees the same per-sample noise (sample ``i`` of seed
+  ``s`` starts from ``sample_generator(s, i)``), so differences between candidates are not noise
+  differences.
+- **Search vs held-out seeds.** ``objective(...)`` scores on ``search_seed``; ``held_out(...)`` on
+  ``held_out_seed`` (another noise stream, possibly more samples). A search calls only the first;
+  reports call the second. The two seeds must differ.
+- **Computed once.** The teacher (a converged ODE solution from the same noise, for ``traj``) and the
+  reference features (for ``fd`` / ``kid``) are cached in memory and on disk
+  (:class:`~stepsearch.eval.cache.TensorCache`), keyed by the model's identity, the noise schedule,
+  the seeds and the settings: a second search on the same model reuses them.
+
+Metrics (:data:`OBJECTIVE_METRICS`, all lower-is-better):
+
+- ``traj``: median per-sample RMS error to the teacher (the per-sample vector is in
+  ``Score.per_sample``); its limit is 0 as the solver converges.
+- ``fd``: Fréchet distance in the source's own feature space against its reference data
+  (FD-digits for the bundled model); its limit is the real-vs-real floor, not 0.
+- ``kid``: kernel distance (x 1e3) in the same feature space.
+- ``fid``: Fréchet distance in another feature space given as a
+  :class:`~stepsearch.eval.experiment.FeatureReference` (Inception features and statistics).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from stepsearch.eval.cache import TensorCache, tensor_digest
+from stepsearch.eval.fid import FeatureStatistics, frechet_distance, kernel_inception_distance
+from stepsearch.eval.sources import SampleSource, generate_from_source
+from stepsearch.eval.trajectory import per_sample_rms_error
+from stepsearch.schedule import StepSchedule, make_schedule
+from stepsearch.schedule_file import Provenance
+from stepsearch.solvers import get_solver
+from stepsearch.solvers.base import Solver
+
+__all__ = ["OBJECTIVE_METRICS", "Objective", "Score", "TeacherSpec"]
+
+OBJECTIVE_METRICS = ("traj", "fd", "kid", "fid")
+"""Metrics an :class:`Objective` computes (module docstring)."""
+
+SPLITS = ("search", "held_out")
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """The converged solve ``traj`` compares with: ``solver`` on ``num_steps`` steps of
+    ``spacing`` (default DPM-Solver++(3M), 100 logSNR-uniform steps; REFERENCES.md measured it as
+    good as DDIM-1000 on the digits model at a ninth of the cost)."""
+
+    solver: str = "dpm_solver_pp_3m"
+    spacing: str = "logsnr_uniform"
+    num_steps: int = 100
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return {"solver": self.solver, "spacing": self.spacing, "num_steps": self.num_steps}
+
+
+@dataclass(frozen=True)
+class Score:
+    """One candidate's value on one split.
+
+    ``std`` is the standard error of ``value`` (bootstrap over samples; ``None`` where not
+    estimated), ``per_sample`` the per-sample errors for ``traj``, ``nfe`` the model evaluations per
+    sample the candidate spent, ``seconds`` the wall time of generating and scoring.
+    """
+
+    value: float
+    std: float | None
+    metric: str
+    split: str
+    num_samples: int
+    nfe: int
+    seconds: float = 0.0
+    per_sample: np.ndarray | None = field(default=None, repr=False, compare=False)
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """JSON-safe summary (non-finite values become ``None``)."""
+
+        def finite(value: float | None) -> float | None:
+            return None if value is None or not math.isfinite(value) else float(value)
+
+        return {
+            "metric": self.metric,
+            "split": self.split,
+            "value": finite(self.value),
+            "std": finite(self.std),
+            "num_samples": self.num_samples,
+            "nfe": self.nfe,
+            "seconds": round(self.seconds, 4),
+        }
+
+
+def _bootstrap_std(
+    values: np.ndarray, statistic: Any, resamples: int, seed: int = 0
+) -> float | None:
+    """Standard deviation of ``statistic`` over bootstrap resamples of ``values`` (rows)."""
+    if resamples < 2 or len(values) < 2:
+        return None
+    rng = np.random.default_rng(seed)
+    stats = [statistic(values[rng.integers(0, len(values), len(values))]) for _ in range(resamples)]
+    finite = np.asarray([s for s in stats if math.isfinite(s)])
+    return float(finite.std(ddof=1)) if finite.size >= 2 else None
+
+
+class Objective:
+    """Scores candidate schedules / plans on a sample source (module docstring).
+
+    Args:
+        source: the model (:class:`~stepsearch.eval.sources.SampleSource`).
+        metric: one of :data:`OBJECTIVE_METRICS`.
+        num_samples: samples per candidate on the search seed.
+        search_seed / held_out_seed: the two noise streams; they must differ.
+        held_out_samples: samples on the held-out seed (default: ``num_samples``).
+        solver: the default solver (name or :class:`~stepsearch.solvers.base.Solver`) for calls
+            that do not name one.
+        teacher: the converged solve for ``traj``.
+        cache: where teachers and reference features live (default:
+            :meth:`TensorCache.default`; ``TensorCache(None)`` keeps them in memory only).
+        fid_reference: for ``fid``: a :class:`~stepsearch.eval.experiment.FeatureReference`.
+        chunk_size: samples per model call.
+        bootstrap: bootstrap resamples for ``std`` (0: no uncertainty estimate).
+        progress: show progress bars while computing teachers and references.
+    """
+
+    def __init__(
+        self,
+        source: SampleSource,
+        metric: str = "traj",
+        *,
+        num_samples: int = 256,
+        search_seed: int = 0,
+        held_out_seed: int = 1,
+        held_out_samples: int | None = None,
+        solver: str | Solver | None = None,
+        teacher: TeacherSpec | None = None,
+        cache: TensorCache | None = None,
+        fid_reference: Any | None = None,
+        chunk_size: int = 256,
+        bootstrap: int = 50,
+        accelerator: Any | None = None,
+        progress: bool = False,
+    ):
+        if metric not in OBJECTIVE_METRICS:
+            raise ValueError(
+                f"unknown metric {metric!r}; choose from {', '.join(OBJECTIVE_METRICS)}"
+            )
+        if int(search_seed) == int(held_out_seed):
+            raise ValueError(
+                f"search_seed and held_out_seed are both {search_seed}: a search must be reported "
+                "on noise it never saw"
+            )
+        for name, count in (("num_samples", num_samples), ("held_out_samples", held_out_samples)):
+            if count is not None and (isinstance(count, bool) or int(count) < 2):
+                raise ValueError(f"{name} must be at least 2, got {count!r}")
+        if metric in ("fd", "kid") and (source.features is None or source.reference_data is None):
+            raise ValueError(
+                f"metric {metric} needs a source with a feature network and reference data "
+                f"({source.identity.name} has none); use 'traj' or 'fid'"
+            )
+        if metric == "fid" and fid_reference is None:
+            raise ValueError("metric fid needs fid_reference (Inception features and statistics)")
+        self.source = source
+        self.metric = metric
+        self.num_samples = int(num_samples)
+        self.held_out_samples = int(held_out_samples or num_samples)
+        self.seeds = {"search": int(search_seed), "held_out": int(held_out_seed)}
+        self.solver = self._solver(solver) if solver is not None else None
+        self.teacher_spec = teacher or TeacherSpec()
+        self.cache = cache if cache is not None else TensorCache.default()
+        self.fid_reference = fid_reference
+        self.chunk_size = int(chunk_size)
+        self.bootstrap = int(bootstrap)
+        self.accelerator = accelerator
+        self.progress = progress
+        self._reference_statistics: FeatureStatistics | None = None
+        self.evaluations = 0
+        """How many candidates were scored (both splits)."""
+
+    # public ------------------------------------------------------------------------------------
+    def __call__(self, candidate: Any, solver: str | Solver | None = None) -> Score:
+        """Score ``candidate`` on the *search* seed."""
+        return self.score(candidate, solver, split="search")
+
+    def held_out(self, candidate: Any, solver: str | Solver | None = None) -> Score:
+        """Score ``candidate`` on the *held-out* seed (for reports, never for searching)."""
+        return self.score(candidate, solver, split="held_out")
+
+    def score(self, candidate: Any, solver: str | Solver | None = None, *, split: str) -> Score:
+        """Score ``candidate`` (a StepSchedule, or a plan ``solver.init`` accepts) on ``split``."""
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        run_solver = self._solver(solver) if solver is not None else self.solver
+        if run_solver is None:
+            raise ValueError("name a solver: objective(candidate, solver) or Objective(solver=...)")
+        schedule = getattr(candidate, "schedule", candidate)
+        if not isinstance(schedule, StepSchedule):
+            raise TypeError(
+                f"a candidate is a StepSchedule or a solver plan, got {type(candidate)}"
+            )
+        if schedule.noise != self.source.noise:
+            raise ValueError(
+                "the candidate lives on another noise schedule than the model: "
+                f"{schedule.noise!r} vs {self.source.noise!r}"
+            )
+        start = time.perf_counter()
+        samples = self.samples(candidate, run_solver, split)
+        value, std, per_sample = self._measure(samples, split)
+        self.evaluations += 1
+        nfe = int(run_solver.evaluation_times(schedule).size)
+        return Score(
+            value,
+            std,
+            self.metric,
+            split,
+            len(samples),
+            nfe,
+            time.perf_counter() - start,
+            per_sample,
+        )
+
+    def samples(self, candidate: Any, solver: Solver, split: str = "search") -> Tensor:
+        """The (decoded) samples of ``candidate`` on ``split``'s noise."""
+        return generate_from_source(
+            self.source,
+            solver,
+            candidate,
+            self._count(split),
+            seed=self.seeds[split],
+            chunk_size=self.chunk_size,
+            accelerator=self.accelerator,
+            progress=False,
+        )
+
+    def teacher(self, split: str = "search") -> Tensor:
+        """The converged solutions (decoded) from ``split``'s noise (cached)."""
+        spec = self.teacher_spec
+
+        def compute() -> dict[str, Tensor]:
+            schedule = make_schedule(self.source.noise, spec.num_steps, spec.spacing)
+            samples = generate_from_source(
+                self.source,
+                get_solver(spec.solver),
+                schedule,
+                self._count(split),
+                seed=self.seeds[split],
+                chunk_size=self.chunk_size,
+                accelerator=self.accelerator,
+                progress="teacher (converged solve)" if self.progress else False,
+            )
+            return {"samples": samples}
+
+        return self.cache.load_or_compute("teacher", self._teacher_key(split), compute)["samples"]
+
+    def reference_features(self) -> np.ndarray:
+        """Features of the source's reference data in its own feature space (cached)."""
+        from stepsearch.eval.features import ensure_features
+
+        data = self.source.reference_data
+        extractor = self.source.features
+        assert data is not None and extractor is not None
+        key = {
+            "features": type(extractor).__qualname__
+            + ":"
+            + tensor_digest(dict(extractor.state_dict())),
+            "data": "sha256:" + tensor_digest({"data": data}),
+        }
+
+        def compute() -> dict[str, Tensor]:
+            features = ensure_features(data, extractor, progress=self.progress)
+            return {"features": torch.as_tensor(features)}
+
+        return self.cache.load_or_compute("features", key, compute)["features"].numpy()
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-serialisable settings (for schedule-file provenance)."""
+        payload: dict[str, Any] = {
+            "metric": self.metric,
+            "num_samples": self.num_samples,
+            "held_out_samples": self.held_out_samples,
+            "seeds": dict(self.seeds),
+            "model": self.source.identity.to_json_dict(),
+            "source": self.source.describe(),
+        }
+        if self.metric == "traj":
+            payload["teacher"] = self.teacher_spec.to_json_dict()
+        if self.solver is not None:
+            payload["solver"] = {"name": self.solver.name, "config": self.solver.config()}
+        return payload
+
+    def provenance(
+        self,
+        solver: Solver,
+        search_score: Score,
+        held_out_score: Score,
+        family: str,
+        settings: dict[str, Any],
+        **fields: Any,
+    ) -> Provenance:
+        """The :class:`~stepsearch.schedule_file.Provenance` of a search result scored by this
+        objective; ``fields`` fill the optional ones (``guidance_scale``, ``resolution``, ...)."""
+        described = self.source.describe()
+        fields.setdefault("prediction_type", described.get("prediction_type"))
+        return Provenance(
+            model=self.source.identity.to_json_dict(),
+            solver={"name": solver.name, "config": solver.config()},
+            nfe=search_score.nfe,
+            objective=self.describe(),
+            scores={"search": search_score.to_json_dict(), "held_out": held_out_score.to_json_dict()},
+            seeds=dict(self.seeds),
+            search={"family": family, "settings": settings},
+            **fields,
+        )
+
+    # internals ---------------------------------------------------------------------------------
+    @staticmethod
+    def _solver(solver: str | Solver) -> Solver:
+        return get_solver(solver) if isinstance(solver, str) else solver
+
+    def _count(self, split: str) -> int:
+        return self.num_samples if split == "search" else self.held_out_samples
+
+    def _teacher_key(self, split: str) -> dict[str, Any]:
+        return {
+            "model": self.source.identity.to_json_dict(),
+            "source": self.source.describe(),
+            "noise": self.source.noise.to_config(),
+            "teacher": self.teacher_spec.to_json_dict(),
+            "seed": self.seeds[split],
+            "num_samples": self._count(split),
+        }
+
+    def _measure(
+        self, samples: Tensor, split: str
+    ) -> tuple[float, float | None, np.ndarray | None]:
+        if self.metric == "traj":
+            errors = per_sample_rms_error(samples, self.teacher(split)).numpy()
+            std = _bootstrap_std(errors, np.median, self.bootstrap)
+            return float(np.median(errors)), std, errors
+        from stepsearch.eval.features import ensure_features
+
+        finite = samples.clamp(-1e4, 1e4).nan_to_num(0.0)
+        if self.metric == "fid":
+            reference = self.fid_reference
+            features = ensure_features(finite, reference.extractor, progress=False)
+            reference_statistics = reference.statistics
+        else:
+            assert self.source.features is not None
+            features = ensure_features(finite, self.source.features, progress=False)
+            reference_features = self.reference_features()
+            if self.metric == "kid":
+                mean, std = kernel_inception_distance(
+                    features,
+                    reference_features,
+                    subsets=50,
+                    subset_size=min(500, len(features), len(reference_features)),
+                )
+                return mean * 1e3, std * 1e3, None
+            if self._reference_statistics is None:
+                self._reference_statistics = FeatureStatistics.from_features(reference_features)
+            reference_statistics = self._reference_statistics
+
+        def fd(rows: np.ndarray) -> float:
+            return frechet_distance(FeatureStatistics.from_features(rows), reference_statistics)
+
+        return fd(features), _bootstrap_std(features, fd, min(self.bootstrap, 20)), None

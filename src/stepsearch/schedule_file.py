@@ -1,0 +1,251 @@
+"""Schedule files: a fitted schedule (or solver plan) as data, with the provenance of its fit.
+
+A search's result is not a scheduler object but a JSON file (the answer to diffusers issue 7802,
+"trained schedulers are stateful"): the schedule itself, on its noise schedule, plus what it was
+fitted for and how well it did::
+
+    {"format": "stepsearch.ScheduleFile", "version": 1,
+     "schedule": {... StepSchedule JSON, noise schedule included ...},   # or "plan": {...}
+     "provenance": {"model": {"name", "digest"}, "prediction_type", "solver": {"name", "config"},
+                    "nfe", "guidance_scale", "resolution", "flow_shift",
+                    "objective": {...}, "scores": {"search": {...}, "held_out": {...}},
+                    "seeds": {"search", "held_out"}, "search": {"family", "settings"},
+                    "stepsearch_version", "created"}}
+
+Loading checks it against where it is used: another noise schedule raises (the times would mean
+other noise levels), another model warns with both identities (a schedule can transfer, but the user
+should know).
+"""
+
+from __future__ import annotations
+
+import datetime as _datetime
+import os
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from stepsearch._io import atomic_write_json, read_json
+from stepsearch.noise import NoiseSchedule
+from stepsearch.schedule import StepSchedule
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "ModelMismatchWarning",
+    "Provenance",
+    "ScheduleFile",
+    "load_schedule",
+]
+
+FORMAT_NAME = "stepsearch.ScheduleFile"
+FORMAT_VERSION = 1
+
+REQUIRED_FIELDS = ("model", "solver", "nfe", "objective", "scores", "seeds", "search")
+"""Provenance fields every schedule file must carry."""
+
+
+class ModelMismatchWarning(UserWarning):
+    """A schedule file fitted on one model is used with another."""
+
+
+def _version() -> str:
+    from stepsearch import __version__
+
+    return __version__
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """What a schedule was fitted for and how well it did (module docstring).
+
+    ``model`` is ``{"name", "digest"}`` (:class:`~stepsearch.eval.sources.ModelIdentity`),
+    ``solver`` ``{"name", "config"}``, ``scores`` ``{"search": ..., "held_out": ...}`` (each a
+    :meth:`~stepsearch.eval.objective.Score.to_json_dict`), ``seeds`` ``{"search", "held_out"}``,
+    ``search`` ``{"family", "settings"}``; ``extra`` holds anything else (JSON).
+    """
+
+    model: Mapping[str, Any]
+    solver: Mapping[str, Any]
+    nfe: int
+    objective: Mapping[str, Any]
+    scores: Mapping[str, Any]
+    seeds: Mapping[str, int]
+    search: Mapping[str, Any]
+    prediction_type: str | None = None
+    guidance_scale: float | None = None
+    resolution: tuple[int, ...] | None = None
+    flow_shift: float | None = None
+    stepsearch_version: str = field(default_factory=_version)
+    created: str = field(
+        default_factory=lambda: _datetime.datetime.now(_datetime.timezone.utc).isoformat()
+    )
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, Mapping) or not {"name", "digest"} <= set(self.model):
+            raise ValueError(f"provenance 'model' needs 'name' and 'digest', got {self.model!r}")
+        if not isinstance(self.solver, Mapping) or "name" not in self.solver:
+            raise ValueError(f"provenance 'solver' needs a 'name', got {self.solver!r}")
+        if isinstance(self.nfe, bool) or int(self.nfe) != self.nfe or self.nfe < 1:
+            raise ValueError(f"provenance 'nfe' must be a positive integer, got {self.nfe!r}")
+        object.__setattr__(self, "nfe", int(self.nfe))
+        if self.resolution is not None:
+            object.__setattr__(self, "resolution", tuple(int(r) for r in self.resolution))
+        for name in ("model", "solver", "objective", "scores", "seeds", "search", "extra"):
+            object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return {
+            "model": dict(self.model),
+            "prediction_type": self.prediction_type,
+            "solver": dict(self.solver),
+            "nfe": self.nfe,
+            "guidance_scale": self.guidance_scale,
+            "resolution": list(self.resolution) if self.resolution is not None else None,
+            "flow_shift": self.flow_shift,
+            "objective": dict(self.objective),
+            "scores": dict(self.scores),
+            "seeds": dict(self.seeds),
+            "search": dict(self.search),
+            "stepsearch_version": self.stepsearch_version,
+            "created": self.created,
+            "extra": dict(self.extra),
+        }
+
+    @classmethod
+    def from_json_dict(cls, payload: Mapping[str, Any]) -> Provenance:
+        if not isinstance(payload, Mapping):
+            raise ValueError("'provenance' must be a JSON object")
+        missing = [name for name in REQUIRED_FIELDS if name not in payload]
+        if missing:
+            raise ValueError(f"provenance lacks {', '.join(repr(m) for m in missing)}")
+        known = {name for name in cls.__dataclass_fields__}
+        return cls(**{key: value for key, value in payload.items() if key in known})
+
+
+@dataclass(frozen=True)
+class ScheduleFile:
+    """A fitted :class:`~stepsearch.schedule.StepSchedule` or solver plan with its
+    :class:`Provenance`. ``schedule`` is always the step schedule (a plan's own, for a plan)."""
+
+    candidate: Any
+    provenance: Provenance
+
+    @property
+    def schedule(self) -> StepSchedule:
+        return getattr(self.candidate, "schedule", self.candidate)
+
+    @property
+    def is_plan(self) -> bool:
+        return not isinstance(self.candidate, StepSchedule)
+
+    def to_json_dict(self) -> dict[str, Any]:
+        key = "plan" if self.is_plan else "schedule"
+        return {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            key: self.candidate.to_json_dict(),
+            "provenance": self.provenance.to_json_dict(),
+        }
+
+    @classmethod
+    def from_json_dict(cls, payload: Mapping[str, Any]) -> ScheduleFile:
+        if not isinstance(payload, Mapping):
+            raise ValueError("a schedule file must hold a JSON object")
+        if payload.get("format") != FORMAT_NAME:
+            raise ValueError(
+                f"not a schedule file: format is {payload.get('format')!r}, expected {FORMAT_NAME!r}"
+            )
+        version = payload.get("version")
+        if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
+            raise ValueError(
+                f"unsupported schedule file version {version!r} (this stepsearch "
+                f"{_version()} reads versions 1..{FORMAT_VERSION}; upgrade stepsearch)"
+            )
+        if "provenance" not in payload:
+            raise ValueError("schedule file lacks 'provenance'")
+        if "plan" in payload:
+            from stepsearch.plan import SolverPlan
+
+            candidate: Any = SolverPlan.from_json_dict(payload["plan"])
+        elif "schedule" in payload:
+            candidate = StepSchedule.from_json_dict(payload["schedule"])
+        else:
+            raise ValueError("schedule file lacks 'schedule' (or 'plan')")
+        return cls(candidate, Provenance.from_json_dict(payload["provenance"]))
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write as versioned JSON, atomically (NaN/Inf refused)."""
+        atomic_write_json(path, self.to_json_dict())
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        noise: NoiseSchedule | None = None,
+        model: Mapping[str, Any] | Any | None = None,
+    ) -> ScheduleFile:
+        """Read a schedule file; with ``noise``, refuse it for another noise schedule; with
+        ``model`` (an identity or its JSON), warn (:class:`ModelMismatchWarning`) if fitted on
+        another model. Bad content raises ``ValueError`` naming the file."""
+        try:
+            loaded = cls.from_json_dict(read_json(path))
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
+        loaded.check(noise=noise, model=model, where=str(path))
+        return loaded
+
+    def check(
+        self,
+        *,
+        noise: NoiseSchedule | None = None,
+        model: Mapping[str, Any] | Any | None = None,
+        where: str = "schedule file",
+    ) -> None:
+        """Raise ``ValueError`` for another noise schedule; warn for another model."""
+        check_noise(self.schedule, noise, where)
+        if model is None:
+            return
+        expected = model.to_json_dict() if hasattr(model, "to_json_dict") else dict(model)
+        fitted = dict(self.provenance.model)
+        if fitted.get("digest") != expected.get("digest"):
+            warnings.warn(
+                f"{where} was fitted on model {fitted.get('name')!r} ({fitted.get('digest')}) "
+                f"but is used with {expected.get('name')!r} ({expected.get('digest')}); "
+                "its schedule may not be optimal here",
+                ModelMismatchWarning,
+                stacklevel=3,
+            )
+
+
+def check_noise(schedule: StepSchedule, noise: NoiseSchedule | None, where: str) -> None:
+    """Raise ``ValueError`` when ``schedule`` lives on another noise schedule than ``noise``."""
+    if noise is not None and schedule.noise != noise:
+        raise ValueError(
+            f"{where} is for another noise schedule: it was made for {schedule.noise!r} "
+            f"({schedule.noise.to_config()}), but the model uses {noise!r} "
+            f"({noise.to_config()}); fit or make the schedule on this model's noise schedule"
+        )
+
+
+def load_schedule(
+    path: str | os.PathLike[str],
+    *,
+    noise: NoiseSchedule | None = None,
+    model: Mapping[str, Any] | Any | None = None,
+) -> StepSchedule:
+    """The step schedule of a schedule file or of a plain :class:`StepSchedule` JSON file, checked
+    against ``noise`` (raises) and ``model`` (warns), as :meth:`ScheduleFile.load` does."""
+    try:
+        payload = read_json(path)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
+    if isinstance(payload, Mapping) and payload.get("format") == FORMAT_NAME:
+        return ScheduleFile.load(path, noise=noise, model=model).schedule
+    schedule = StepSchedule.load(path)
+    check_noise(schedule, noise, str(path))
+    return schedule
