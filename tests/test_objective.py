@@ -40,9 +40,7 @@ def test_teacher_is_the_exact_ode_solution(gaussian, tmp_path):
     teacher = objective.teacher()
     schedule = logsnr_uniform(source.noise, 100)
     x_T = (
-        torch.stack([
-            torch.randn(8, generator=_gen(0, i), dtype=torch.float64) for i in range(64)
-        ])
+        torch.stack([torch.randn(8, generator=_gen(0, i), dtype=torch.float64) for i in range(64)])
         * schedule.sigmas[0]
     )
     exact = gaussian.ode_solution(x_T, float(schedule.times[0]), float(schedule.times[-1]))
@@ -184,3 +182,47 @@ def test_schedule_file_round_trip_and_checks(gaussian, tmp_path):
     nan_file.write_text(path.read_text().replace(str(payload["schedule"]["times"][1]), "NaN", 1))
     with pytest.raises(ValueError, match="non-finite"):
         ScheduleFile.load(nan_file)
+
+
+def test_score_samples_of_a_diffusers_loop_matches_the_solver():
+    """diffusers' DDIMScheduler on trailing spacing is exact DDIM at 5 steps (REFERENCES: its
+    uniform-step assumption holds there): its samples, scored through ``score_samples`` from the
+    objective's noise, must score what stepsearch's DDIM scores on the same schedule."""
+    from diffusers import DDIMScheduler
+
+    from stepsearch.eval.experiment import load_image_model
+    from stepsearch.eval.generate import generate_with_diffusers_scheduler
+    from stepsearch.schedule import diffusers_spacing
+
+    model = load_image_model("digits")
+    source = model.source()
+    objective = Objective(
+        source,
+        num_samples=16,
+        solver="ddim",
+        teacher=TeacherSpec(num_steps=20),
+        cache=TensorCache(None),
+        bootstrap=0,
+    )
+    scheduler = DDIMScheduler.from_config(
+        model.scheduler_config,
+        timestep_spacing="trailing",
+        clip_sample=False,
+        set_alpha_to_one=True,
+    )
+    samples, nfe = generate_with_diffusers_scheduler(
+        model.model_fn,
+        scheduler,
+        5,
+        16,
+        model.sample_shape,
+        seed=objective.seeds["search"],
+        progress=False,
+    )
+    theirs = objective.score_samples(samples, nfe, split="search")
+    ours = objective(diffusers_spacing(source.noise, 5, "trailing"))
+    assert theirs.nfe == ours.nfe == 5
+    assert abs(theirs.value - ours.value) < 1e-4 * ours.value
+    smaller = Objective(source, num_samples=8, cache=TensorCache(None))
+    with pytest.raises(ValueError, match="16 samples for the search split, which has 8"):
+        smaller.score_samples(samples, nfe, split="search")

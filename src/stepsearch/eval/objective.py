@@ -221,16 +221,30 @@ class Objective:
             )
         start = time.perf_counter()
         samples = self.samples(candidate, run_solver, split)
+        nfe = int(run_solver.evaluation_times(schedule).size)
+        return self.score_samples(samples, nfe, split=split, started=start)
+
+    def score_samples(
+        self, samples: Tensor, nfe: int, *, split: str, started: float | None = None
+    ) -> Score:
+        """Score samples made elsewhere (a diffusers scheduler's loop, a pipeline) from this
+        objective's noise on ``split`` (sample ``i`` from ``sample_generator(seeds[split], i)``)."""
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if len(samples) != self._count(split):
+            raise ValueError(
+                f"{len(samples)} samples for the {split} split, which has {self._count(split)}"
+            )
+        start = time.perf_counter() if started is None else started
         value, std, per_sample = self._measure(samples, split)
         self.evaluations += 1
-        nfe = int(run_solver.evaluation_times(schedule).size)
         return Score(
             value,
             std,
             self.metric,
             split,
             len(samples),
-            nfe,
+            int(nfe),
             time.perf_counter() - start,
             per_sample,
         )
@@ -322,7 +336,10 @@ class Objective:
             solver={"name": solver.name, "config": solver.config()},
             nfe=search_score.nfe,
             objective=self.describe(),
-            scores={"search": search_score.to_json_dict(), "held_out": held_out_score.to_json_dict()},
+            scores={
+                "search": search_score.to_json_dict(),
+                "held_out": held_out_score.to_json_dict(),
+            },
             seeds=dict(self.seeds),
             search={"family": family, "settings": settings},
             **fields,
