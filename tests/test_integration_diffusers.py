@@ -355,7 +355,7 @@ def test_attributes_pipelines_read():
         ({"num_inference_steps": 0}, "1 .. num_train_timesteps"),
         ({"num_inference_steps": -4}, "1 .. num_train_timesteps"),
         ({"num_inference_steps": 2.5}, "integer"),
-        ({"num_inference_steps": 10, "timesteps": [999, 500]}, "only one"),
+        ({"num_inference_steps": 10, "timesteps": [999, 500]}, "10 but 2"),
         ({"timesteps": [999, 500], "sigmas": [1.0, 0.0]}, "only one"),
         ({}, "num_inference_steps"),
     ],

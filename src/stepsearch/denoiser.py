@@ -28,6 +28,19 @@ ModelFn = Callable[[Tensor, Tensor], Tensor]
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
 
+PREDICTION_TYPE_ALIASES = {"flow_prediction": "flow"}
+"""diffusers' names for prediction types that stepsearch spells differently."""
+
+
+def prediction_type_name(prediction_type: str) -> str:
+    """The stepsearch name of a prediction type (diffusers' ``flow_prediction`` is ``flow``);
+    unknown names raise ``ValueError``."""
+    name = PREDICTION_TYPE_ALIASES.get(prediction_type, prediction_type)
+    if name not in PREDICTION_TYPES:
+        known = (*PREDICTION_TYPES, *PREDICTION_TYPE_ALIASES)
+        raise ValueError(f"unknown prediction_type {prediction_type!r}; expected one of {known}")
+    return name
+
 
 @runtime_checkable
 class Denoiser(Protocol):
@@ -39,13 +52,17 @@ class Denoiser(Protocol):
 
 
 def per_sample(values: float | np.ndarray | Tensor, x: Tensor) -> float | Tensor:
-    """A float stays a float; per-sample values become a tensor shaped ``(B, 1, ..., 1)`` like ``x``."""
-    if isinstance(values, (float, int)) or np.ndim(values) == 0:
-        return float(values)
-    tensor = torch.as_tensor(np.asarray(values, dtype=np.float64), device=x.device)
-    if tensor.shape[0] != x.shape[0]:
-        raise ValueError(f"got {tensor.shape[0]} times for a batch of {x.shape[0]}")
-    return tensor.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+    """A float (or a single value) stays a float; per-sample values become a tensor of ``x``'s
+    dtype shaped ``(B, 1, ..., 1)``, cast on the CPU first (some devices have no float64)."""
+    if isinstance(values, (float, int)) or np.size(values) == 1:
+        return float(np.asarray(values, dtype=np.float64).reshape(-1)[0])
+    if isinstance(values, Tensor):
+        values = values.detach().cpu().double().numpy()
+    array = np.ascontiguousarray(np.asarray(values, dtype=np.float64).reshape(-1))
+    if array.shape[0] != x.shape[0]:
+        raise ValueError(f"got {array.shape[0]} times for a batch of {x.shape[0]}")
+    tensor = torch.from_numpy(array).to(x.dtype).to(x.device)
+    return tensor.reshape(-1, *([1] * (x.ndim - 1)))
 
 
 def _times_array(t: float | Tensor) -> float | np.ndarray:
@@ -78,13 +95,11 @@ def x0_from_model_output(
         return (alpha * x - sigma * output) / (alpha * alpha + sigma * sigma)
     if prediction_type == "sample":
         return output
-    if prediction_type == "flow":
+    if prediction_type_name(prediction_type) == "flow":
         if not isinstance(noise, FlowMatching):
             raise ValueError("prediction_type 'flow' needs a FlowMatching noise schedule")
         return x - sigma * output
-    raise ValueError(
-        f"unknown prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}"
-    )
+    raise AssertionError("unreachable")
 
 
 @dataclass(frozen=True)
@@ -171,10 +186,7 @@ class ModelDenoiser:
     guidance_rescale: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.prediction_type not in PREDICTION_TYPES:
-            raise ValueError(
-                f"unknown prediction_type {self.prediction_type!r}; expected one of {PREDICTION_TYPES}"
-            )
+        self.prediction_type = prediction_type_name(self.prediction_type)
         if self.prediction_type == "flow" and not isinstance(self.noise, FlowMatching):
             raise ValueError("prediction_type 'flow' needs a FlowMatching noise schedule")
 

@@ -76,9 +76,25 @@ class NoiseSchedule(ABC):
     def to_config(self) -> dict[str, Any]:
         """A JSON-serialisable description; :func:`noise_schedule_from_config` inverts it."""
 
+    variance_preserving: ClassVar[bool] = True
+    """``alpha^2 + sigma^2 = 1`` (the starting noise has unit scale)."""
+
+    model_time_scale: ClassVar[float] = 1.0
+    """The network's conditioning time is ``model_time_scale * t`` (see :meth:`model_time`)."""
+
     def model_time(self, t: ArrayLike) -> Times:
         """The time value a network of this family expects as its conditioning input."""
-        return _like_input(_as_array(t), t)
+        return _like_input(_as_array(t) * self.model_time_scale, t)
+
+    def t_from_model_time(self, model_time: ArrayLike) -> Times:
+        """Inverse of :meth:`model_time`: the time axis value of a network's conditioning time."""
+        return _like_input(_as_array(model_time) / self.model_time_scale, model_time)
+
+    def initial_noise_scale(self, t: float) -> float:
+        """Scale of the starting noise ``x_t = scale * eps`` at time ``t``: 1 for
+        variance-preserving schedules (diffusers' ``init_noise_sigma = 1``; ``alpha(t_max) x0`` is
+        neglected), ``sigma(t)`` otherwise (EDM / VE, flow matching)."""
+        return 1.0 if self.variance_preserving else float(self.sigma(t))
 
     def _check_range(self, t: FloatArray) -> None:
         tolerance = 1e-9 * max(1.0, self.t_max)
@@ -165,7 +181,8 @@ def betas_for_schedule(
     """diffusers' beta schedules, in float64.
 
     ``linear`` and ``scaled_linear`` (Stable Diffusion), ``squaredcos_cap_v2`` (Nichol & Dhariwal
-    2021, cosine ``alpha_bar`` with betas capped at 0.999) and ``sigmoid`` (GeoDiff).
+    2021, cosine ``alpha_bar`` with betas capped at 0.999), ``exp`` (``alpha_bar(u) = e^{-12 u}``,
+    diffusers' ``betas_for_alpha_bar(alpha_transform_type="exp")``) and ``sigmoid`` (GeoDiff).
     """
     n = int(num_train_timesteps)
     if n < 2:
@@ -182,12 +199,14 @@ def betas_for_schedule(
         steps = np.arange(n, dtype=np.float64)
         betas = 1.0 - alpha_bar((steps + 1) / n) / alpha_bar(steps / n)
         return np.minimum(betas, 0.999)
+    if beta_schedule == "exp":  # alpha_bar(u) = exp(-12 u): constant betas, capped at 0.999
+        return np.full(n, min(-math.expm1(-12.0 / n), 0.999), dtype=np.float64)
     if beta_schedule == "sigmoid":
         ramp = np.linspace(-6.0, 6.0, n, dtype=np.float64)
         return 1.0 / (1.0 + np.exp(-ramp)) * (beta_end - beta_start) + beta_start
     raise ValueError(
         f"unknown beta_schedule {beta_schedule!r}; expected one of "
-        "'linear', 'scaled_linear', 'squaredcos_cap_v2', 'sigmoid' (or pass trained_betas)"
+        "'linear', 'scaled_linear', 'squaredcos_cap_v2', 'exp', 'sigmoid' (or pass trained_betas)"
     )
 
 
@@ -306,6 +325,15 @@ class DiscreteVP(NoiseSchedule):
     def model_time(self, t: ArrayLike) -> Times:
         return self.timestep_from_t(t)
 
+    def t_from_model_time(self, model_time: ArrayLike) -> Times:
+        return self.t_from_timestep(model_time)
+
+    @property
+    def betas(self) -> FloatArray:
+        """Per-step ``beta_n = 1 - alpha_bar_n / alpha_bar_{n-1}`` (DDPM, Ho et al. 2020, eq. 4)."""
+        previous = np.concatenate([[1.0], self.alphas_cumprod[:-1]])
+        return 1.0 - self.alphas_cumprod / previous
+
     def to_config(self) -> dict[str, Any]:
         if self._config is not None:
             return {"kind": self.kind, **self._config}
@@ -343,9 +371,8 @@ class LinearVP(NoiseSchedule):
         root = np.sqrt(half_beta_0**2 + (self.beta_1 - self.beta_0) * minus_log_alpha)
         return 2.0 * minus_log_alpha / (half_beta_0 + root)
 
-    def model_time(self, t: ArrayLike) -> Times:
-        """score_sde convention: ``999 t``."""
-        return _like_input(_as_array(t) * 999.0, t)
+    model_time_scale = 999.0
+    """score_sde convention: the network sees ``999 t``."""
 
     def to_config(self) -> dict[str, Any]:
         return {
@@ -379,8 +406,7 @@ class CosineVP(NoiseSchedule):
         angle = np.arccos(np.exp(log_alpha + self._log_cos_0))
         return angle * 2.0 * (1 + self.s) / math.pi - self.s
 
-    def model_time(self, t: ArrayLike) -> Times:
-        return _like_input(_as_array(t) * 999.0, t)
+    model_time_scale = 999.0
 
     def to_config(self) -> dict[str, Any]:
         return {"kind": self.kind, "s": self.s, "t_min": self.t_min, "t_max": self.t_max}
@@ -390,6 +416,7 @@ class EDM(NoiseSchedule):
     """Variance-exploding / EDM (Karras et al. 2022): ``alpha = 1``, ``sigma = t``."""
 
     kind = "edm"
+    variance_preserving = False
 
     def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0):
         if not 0 < sigma_min < sigma_max:
@@ -407,6 +434,37 @@ class EDM(NoiseSchedule):
         return {"kind": self.kind, "sigma_min": self.t_min, "sigma_max": self.t_max}
 
 
+def flow_shift(t: ArrayLike, shift: float) -> Times:
+    """SD3's resolution shift ``s t / (1 + (s - 1) t)`` (Esser et al. 2024, eq. 23): moves a
+    time-uniform flow grid towards noise for ``s > 1``."""
+    if not shift > 0:
+        raise ValueError(f"shift must be positive, got {shift!r}")
+    array = _as_array(t)
+    return _like_input(shift * array / (1.0 + (shift - 1.0) * array), t)
+
+
+TIME_SHIFT_TYPES = ("exponential", "linear")
+
+
+def dynamic_flow_shift(t: ArrayLike, mu: float, kind: str = "exponential") -> Times:
+    """Flux's resolution-dependent shift of flow times ``t`` in (0, 1]:
+    ``e^mu / (e^mu + (1/t - 1))`` (``exponential``, the SD3 shift with ``s = e^mu``) or
+    ``mu / (mu + (1/t - 1))`` (``linear``, the SD3 shift with ``s = mu``)."""
+    if kind not in TIME_SHIFT_TYPES:
+        raise ValueError(f"time_shift_type must be one of {TIME_SHIFT_TYPES}, got {kind!r}")
+    return flow_shift(t, math.exp(float(mu)) if kind == "exponential" else float(mu))
+
+
+def stretch_to_terminal(t: ArrayLike, terminal: float) -> FloatArray:
+    """LTX-Video's ``shift_terminal``: rescale ``1 - t`` so the last of the decreasing times ``t``
+    becomes ``terminal`` while ``t = 1`` stays put."""
+    array = np.asarray(_as_array(t), dtype=np.float64)
+    if not 0.0 < terminal < 1.0:
+        raise ValueError(f"shift_terminal must lie in (0, 1), got {terminal!r}")
+    one_minus = 1.0 - array
+    return 1.0 - one_minus / (one_minus[-1] / (1.0 - terminal))
+
+
 class FlowMatching(NoiseSchedule):
     """Rectified flow / flow matching (SD3, Flux): ``x_t = (1 - t) x0 + t eps``, ``t`` in [0, 1].
 
@@ -415,6 +473,7 @@ class FlowMatching(NoiseSchedule):
     """
 
     kind = "flow_matching"
+    variance_preserving = False
 
     def __init__(self, shift: float = 1.0, t_min: float = 1e-3, num_train_timesteps: int = 1000):
         if shift <= 0:
@@ -431,14 +490,14 @@ class FlowMatching(NoiseSchedule):
     def _t_from_lambda(self, lambda_: FloatArray) -> FloatArray:
         return 1.0 / (1.0 + np.exp(lambda_))
 
-    def shift_time(self, t: ArrayLike) -> Times:
-        """SD3's shift ``s t / (1 + (s - 1) t)``: moves time-uniform grids towards noise."""
-        array = _as_array(t)
-        return _like_input(self.shift * array / (1.0 + (self.shift - 1.0) * array), t)
+    def shift_time(self, t: ArrayLike, shift: float | None = None) -> Times:
+        """SD3's shift (:func:`flow_shift`) by ``shift`` (default: the schedule's own)."""
+        return flow_shift(t, self.shift if shift is None else shift)
 
-    def model_time(self, t: ArrayLike) -> Times:
+    @property
+    def model_time_scale(self) -> float:  # type: ignore[override]
         """diffusers' flow pipelines pass ``timestep = t * num_train_timesteps``."""
-        return _like_input(_as_array(t) * self.num_train_timesteps, t)
+        return float(self.num_train_timesteps)
 
     def to_config(self) -> dict[str, Any]:
         return {

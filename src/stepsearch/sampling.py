@@ -9,7 +9,6 @@ import torch
 from torch import Tensor
 
 from stepsearch.denoiser import Denoiser
-from stepsearch.noise import CosineVP, DiscreteVP, LinearVP
 from stepsearch.schedule import StepSchedule
 from stepsearch.solvers.base import Solver
 
@@ -67,11 +66,9 @@ def sample(
 
 
 def initial_noise_scale(schedule: StepSchedule) -> float:
-    """Scale of the starting noise: 1 for variance-preserving schedules (diffusers'
-    ``init_noise_sigma = 1``), ``sigma(t_0)`` otherwise (EDM / VE, flow matching)."""
-    if isinstance(schedule.noise, (DiscreteVP, LinearVP, CosineVP)):
-        return 1.0
-    return float(schedule.sigmas[0])
+    """Scale of the starting noise at the schedule's first time
+    (:meth:`stepsearch.noise.NoiseSchedule.initial_noise_scale`)."""
+    return schedule.noise.initial_noise_scale(float(schedule.times[0]))
 
 
 def initial_noise(

@@ -361,8 +361,8 @@ def karras(
     ``sigma_i = (sigma_max^(1/rho) + i/(m-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho``."""
     num_steps = _check_num_steps(num_steps)
     low, high = _kdiffusion_sigma_range(noise, sigma_min, sigma_max)
-    fractions = _grid(num_steps, clean_end)
-    sigmas = (high ** (1 / rho) + fractions * (low ** (1 / rho) - high ** (1 / rho))) ** rho
+    count = num_steps if clean_end else num_steps + 1
+    sigmas = sigma_spacing("karras", high, low, count, rho=rho)
     times = np.asarray(noise.t_from_kdiffusion_sigma(sigmas))
     return _finish(noise, times, clean_end, {"spacing": "karras", "rho": rho})
 
@@ -391,46 +391,121 @@ def ays_gaussian(
     return _finish(noise, times, clean_end, metadata)
 
 
-def diffusers_spacing(
-    noise: NoiseSchedule, num_steps: int, spacing: str = "leading", *, steps_offset: int = 0
-) -> StepSchedule:
-    """diffusers' DDIM-style discrete grids (Lin et al. 2023, Table 2), ending at clean data.
+DIFFUSERS_SPACINGS = ("leading", "linspace", "trailing")
+GRID_CONVENTIONS = ("ddim", "dpm", "euler")
 
-    ``leading``: ``k * (N // n) + steps_offset``; ``linspace``: ``round(linspace(0, N - 1, n))``;
-    ``trailing``: ``round(arange(N, 0, -N / n)) - 1`` (always starts at ``N - 1``).
+
+def diffusers_timesteps(
+    convention: str, spacing: str, num_steps: int, num_train_timesteps: int, steps_offset: int = 0
+) -> FloatArray:
+    """The evaluation timesteps diffusers' schedulers generate for ``num_steps`` steps, decreasing.
+
+    ``convention`` names the family whose arithmetic is reproduced: ``"ddim"`` (DDIM, PNDM, DDPM:
+    ``n`` points of ``linspace(0, N - 1)``, leading step ``N // n``), ``"dpm"`` (DPM-Solver,
+    UniPC, DEIS: ``n + 1`` points with the last dropped, leading step ``N // (n + 1)``) or
+    ``"euler"`` (Euler, Heun: like ``"ddim"`` but ``linspace`` is not rounded). ``leading``:
+    ``k * step + steps_offset``; ``linspace``: ``linspace(0, N - 1, n)``; ``trailing``:
+    ``round(arange(N, 0, -N / n)) - 1`` (always starts at ``N - 1``); Lin et al. 2023, Table 2.
+
+    ``num_steps == N`` is every trained step, ``N - 1 .. 0``, whatever the spacing (diffusers'
+    arithmetic repeats or collapses timesteps there); rounding that would repeat a timestep for
+    other counts near ``N`` keeps each timestep once (the grid then has fewer steps).
     """
-    discrete = _require_discrete(noise, "diffusers spacings")
-    num_steps = _check_num_steps(num_steps)
-    total = discrete.num_train_timesteps
-    if num_steps > total:
-        raise ValueError(f"num_steps = {num_steps} exceeds num_train_timesteps = {total}")
-    if spacing == "leading":
-        timesteps = (np.arange(num_steps) * (total // num_steps)).round()[::-1] + steps_offset
+    n, total = _check_num_steps(num_steps), int(num_train_timesteps)
+    if convention not in GRID_CONVENTIONS:
+        raise ValueError(f"grid convention must be one of {GRID_CONVENTIONS}, got {convention!r}")
+    if spacing not in DIFFUSERS_SPACINGS:
+        raise ValueError(f"spacing must be one of {DIFFUSERS_SPACINGS}, got {spacing!r}")
+    if n > total:
+        raise ValueError(f"num_steps = {n} exceeds num_train_timesteps = {total}")
+    if n == total:
+        return np.arange(total - 1, -1, -1, dtype=np.float64)
+    if spacing == "trailing":
+        grid = np.round(np.arange(total, 0, -total / n)) - 1.0
+    elif convention == "dpm" and spacing == "linspace":
+        grid = np.linspace(0, total - 1, n + 1).round()[::-1][:-1].copy()
+    elif convention == "dpm":
+        grid = (np.arange(n + 1) * (total // (n + 1))).round()[::-1][:-1] + float(steps_offset)
     elif spacing == "linspace":
-        timesteps = np.linspace(0, total - 1, num_steps).round()[::-1]
-    elif spacing == "trailing":
-        timesteps = np.round(np.arange(total, 0, -total / num_steps)) - 1
+        grid = np.linspace(0, total - 1, n)[::-1].copy()
+        grid = grid if convention == "euler" else grid.round()
     else:
-        raise ValueError(f"spacing must be 'leading', 'linspace' or 'trailing', got {spacing!r}")
-    if timesteps.max() > total - 1:
+        grid = (np.arange(n) * (total // n)).round()[::-1] + float(steps_offset)
+    if grid.max() > total - 1:
         raise ValueError(f"steps_offset = {steps_offset} pushes timesteps past {total - 1}")
-    times = np.asarray(discrete.t_from_timestep(timesteps.astype(np.float64)))
+    return np.unique(grid)[::-1].astype(np.float64) if np.any(np.diff(grid) == 0) else grid
+
+
+def diffusers_spacing(
+    noise: NoiseSchedule,
+    num_steps: int,
+    spacing: str = "leading",
+    *,
+    steps_offset: int = 0,
+    convention: str = "ddim",
+) -> StepSchedule:
+    """The grid of :func:`diffusers_timesteps` on a discrete schedule, ending at clean data."""
+    discrete = _require_discrete(noise, "diffusers spacings")
+    timesteps = diffusers_timesteps(
+        convention, spacing, num_steps, discrete.num_train_timesteps, steps_offset
+    )
+    times = np.asarray(discrete.t_from_timestep(timesteps))
     return _finish(noise, times, True, {"spacing": spacing, "steps_offset": steps_offset})
+
+
+SIGMA_SPACINGS = ("karras", "exponential", "beta")
+
+
+def sigma_spacing(
+    kind: str, sigma_max: float, sigma_min: float, count: int, *, rho: float = 7.0
+) -> FloatArray:
+    """``count`` decreasing noise levels from ``sigma_max`` to ``sigma_min`` (both included):
+    ``karras`` (Karras et al. 2022, eq. 5, ``rho``), ``exponential`` (uniform in ``log sigma``) or
+    ``beta`` (Lee et al. 2024, "Beta sampling is all you need": ``sigma_min + ppf(1 - u)
+    (sigma_max - sigma_min)`` with the Beta(0.6, 0.6) quantile function). The same rules serve
+    k-diffusion sigmas of VP models and flow times."""
+    if not 0 < sigma_min < sigma_max:
+        raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min!r}, {sigma_max!r}")
+    u = np.linspace(0.0, 1.0, count) if count > 1 else np.zeros(1)
+    if kind == "karras":
+        return (sigma_max ** (1 / rho) + u * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    if kind == "exponential":
+        return np.exp(np.log(sigma_max) + u * (np.log(sigma_min) - np.log(sigma_max)))
+    if kind == "beta":
+        from scipy.stats import beta
+
+        return sigma_min + beta.ppf(1.0 - u, 0.6, 0.6) * (sigma_max - sigma_min)
+    raise ValueError(f"sigma spacing must be one of {SIGMA_SPACINGS}, got {kind!r}")
+
+
+def beta_sigmas(
+    noise: NoiseSchedule,
+    num_steps: int,
+    *,
+    sigma_min: float | None = None,
+    sigma_max: float | None = None,
+    clean_end: bool = True,
+) -> StepSchedule:
+    """Beta-distribution spacing of k-diffusion sigma (:func:`sigma_spacing`, ``beta``)."""
+    num_steps = _check_num_steps(num_steps)
+    low, high = _kdiffusion_sigma_range(noise, sigma_min, sigma_max)
+    count = num_steps if clean_end else num_steps + 1
+    sigmas = sigma_spacing("beta", high, low, count)
+    times = np.asarray(noise.t_from_kdiffusion_sigma(sigmas))
+    return _finish(noise, times, clean_end, {"spacing": "beta"})
 
 
 def flow_shifted(
     noise: NoiseSchedule, num_steps: int, *, shift: float | None = None, clean_end: bool = True
 ) -> StepSchedule:
     """SD3 / Flux default: time-uniform from 1 to ``t_min``, then the resolution shift
-    ``s t / (1 + (s - 1) t)`` (``shift`` defaults to the schedule's own)."""
+    (:func:`stepsearch.noise.flow_shift`; ``shift`` defaults to the schedule's own)."""
     if not isinstance(noise, FlowMatching):
         raise ValueError("flow_shifted needs a FlowMatching noise schedule")
     num_steps = _check_num_steps(num_steps)
     value = noise.shift if shift is None else float(shift)
-    if value <= 0:
-        raise ValueError("shift must be positive")
     u = noise.t_max + _grid(num_steps, clean_end) * (noise.t_min - noise.t_max)
-    times = value * u / (1.0 + (value - 1.0) * u)
+    times = np.asarray(noise.shift_time(u, value))
     return _finish(noise, times, clean_end, {"spacing": "flow_shifted", "shift": value})
 
 
@@ -459,6 +534,7 @@ SPACINGS: dict[str, Spacing] = {
     "time_uniform": time_uniform,
     "logsnr_uniform": logsnr_uniform,
     "karras": karras,
+    "beta": beta_sigmas,
     "ays_gaussian": ays_gaussian,
     "leading": lambda noise, n: diffusers_spacing(noise, n, "leading"),
     "linspace": lambda noise, n: diffusers_spacing(noise, n, "linspace"),

@@ -36,7 +36,6 @@ thread.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -48,36 +47,64 @@ from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, Sch
 from diffusers.utils import BaseOutput
 from numpy.typing import ArrayLike
 
-from stepsearch.denoiser import x0_from_model_output
-from stepsearch.noise import DiscreteVP, FloatArray, FlowMatching, NoiseSchedule
+from stepsearch.denoiser import (
+    PREDICTION_TYPE_ALIASES,
+    per_sample,
+    prediction_type_name,
+    x0_from_model_output,
+)
+from stepsearch.denoiser import PREDICTION_TYPES as _CORE_PREDICTION_TYPES
+from stepsearch.integrations.diffusers_keys import RULES, TWINS, check_options
+from stepsearch.noise import (
+    DiscreteVP,
+    FloatArray,
+    FlowMatching,
+    NoiseSchedule,
+    dynamic_flow_shift,
+    flow_shift,
+    stretch_to_terminal,
+)
 from stepsearch.schedule import (
+    DIFFUSERS_SPACINGS,
+    GRID_CONVENTIONS,  # noqa: F401 (public name)
     StepSchedule,
-    diffusers_spacing,
-    flow_shifted,
+    diffusers_timesteps,
     loglinear_interpolate,
     make_schedule,
+    sigma_spacing,
 )
-from stepsearch.solvers.base import Solver, SolverState
+from stepsearch.solvers.base import Solver, SolverState, compute_dtype
 
 logger = logging.getLogger(__name__)
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow_prediction")
-DIFFUSERS_SPACINGS = ("leading", "linspace", "trailing")
+_DIFFUSERS_NAMES = {core: name for name, core in PREDICTION_TYPE_ALIASES.items()}
+PREDICTION_TYPES = tuple(_DIFFUSERS_NAMES.get(name, name) for name in _CORE_PREDICTION_TYPES)
+"""Prediction types in diffusers' spelling (``flow_prediction`` for stepsearch's ``flow``)."""
 FINALS = ("clean", "t_min")
-GRID_CONVENTIONS = ("ddim", "dpm", "euler")
 
-_HALF_DTYPES = (torch.float16, torch.bfloat16)
+diffusers_grid_timesteps = diffusers_timesteps
+"""Kept name: :func:`stepsearch.schedule.diffusers_timesteps`."""
+
 _TIMESTEP_TOLERANCE = 1e-3
 """Largest difference (in train-step units) between a ``step()`` timestep and the schedule's."""
+
+_OWN_KEYS = (
+    "solver", "solver_kwargs", "num_train_timesteps", "beta_start", "beta_end", "beta_schedule",
+    "trained_betas", "rescale_betas_zero_snr", "prediction_type", "timestep_spacing",
+    "steps_offset", "final", "custom_times", "shift",
+)  # fmt: skip
+"""The stepsearch scheduler's own config keys (``__init__`` parameters)."""
+
+DIFFUSERS_KEYS = tuple(key for key in RULES if key not in _OWN_KEYS)
+"""diffusers keys the drop-in classes read (see :mod:`stepsearch.integrations.diffusers_keys`)."""
 
 _DERIVED_KEYS = (
     "set_alpha_to_one",
     "final_sigmas_type",
-    "clip_sample",
-    "thresholding",
     "use_karras_sigmas",
     "use_lu_lambdas",
     "use_exponential_sigmas",
+    "use_beta_sigmas",
     "use_flow_sigmas",
     "flow_shift",
     "solver_order",
@@ -85,15 +112,6 @@ _DERIVED_KEYS = (
 )
 """diffusers keys a stepsearch config carries so that ``DDIMScheduler.from_config(ours)`` and
 friends reproduce its choices; derived from the stepsearch keys, never read back."""
-
-_IGNORED_WITH_WARNING: dict[str, Any] = {
-    "clip_sample": True,
-    "thresholding": True,
-    "use_beta_sigmas": True,
-    "invert_sigmas": True,
-    "stochastic_sampling": True,
-}
-"""diffusers options that change results and that stepsearch does not implement."""
 
 _SOLVER_FOR_DIFFUSERS_CLASS = {
     "DDIMScheduler": "ddim",
@@ -103,6 +121,7 @@ _SOLVER_FOR_DIFFUSERS_CLASS = {
     "HeunDiscreteScheduler": "heun",
     "UniPCMultistepScheduler": "unipc_bh2",
     "DPMSolverSinglestepScheduler": "dpm_solver_pp_2s",
+    "DPMSolverMultistepScheduler": "dpm_solver_pp_2m",
     "FlowMatchEulerDiscreteScheduler": "euler",
 }
 
@@ -113,6 +132,8 @@ _SOLVER_ORDER = {
     "dpm_solver_pp_2m": 2,
     "dpm_solver_pp_3m": 3,
     "dpm_solver_pp_2s": 2,
+    "dpm_solver_2m": 2,
+    "dpm_solver_3m": 3,
 }
 
 
@@ -120,6 +141,10 @@ def _make_solver(name: str, kwargs: Mapping[str, Any]) -> Solver:
     from stepsearch.solvers import get_solver
 
     return get_solver(name, **dict(kwargs))
+
+
+def _solver_options(name: str) -> set[str]:
+    return set(_make_solver(name, {}).config())
 
 
 @dataclass
@@ -137,7 +162,7 @@ class StepsearchSchedulerOutput(BaseOutput):
 
 
 # --------------------------------------------------------------------------------------------
-# config translation (diffusers keys <-> stepsearch keys)
+# config translation (diffusers keys -> stepsearch keys), one path for __init__ and from_config
 # --------------------------------------------------------------------------------------------
 
 
@@ -154,49 +179,32 @@ def _final_from_diffusers(config: Mapping[str, Any], final_key: str | None = Non
 
 
 def _spacing_from_diffusers(config: Mapping[str, Any]) -> str | None:
-    if config.get("use_karras_sigmas"):
-        return "karras"
-    if config.get("use_lu_lambdas") or config.get("use_exponential_sigmas"):
-        return "logsnr_uniform"  # both are uniform in log k-diffusion sigma = -lambda
-    return None
-
-
-def _translate_diffusers_keys(
-    config: Mapping[str, Any], final_key: str | None = None
-) -> dict[str, Any]:
-    """stepsearch keys implied by a diffusers scheduler config (only those it determines)."""
-    translated: dict[str, Any] = {}
-    final = _final_from_diffusers(config, final_key)
-    if final is not None:
-        translated["final"] = final
-    spacing = _spacing_from_diffusers(config)
-    if spacing is not None:
-        translated["timestep_spacing"] = spacing
-    class_name = _diffusers_class_name(config) or ""
-    flow_class = class_name.startswith("FlowMatch") and "beta_schedule" not in config
-    if config.get("use_flow_sigmas") or flow_class:
-        translated["prediction_type"] = "flow_prediction"
-        if "flow_shift" in config and "shift" not in config:
-            translated["shift"] = float(config["flow_shift"])
-    for key, value in _IGNORED_WITH_WARNING.items():
-        if config.get(key) == value:
-            logger.warning("stepsearch schedulers ignore the diffusers option %s=%r", key, value)
-    return translated
-
-
-def _solver_kwargs_from_diffusers(solver: str, config: Mapping[str, Any]) -> dict[str, Any]:
-    """Solver options a diffusers config implies: PNDM's ``skip_prk_steps`` (Stable Diffusion
-    sets it) is our PNDM without the pseudo Runge-Kutta warm-up."""
-    if solver == "pndm" and "skip_prk_steps" in config:
-        return {"warmup": "lower_order" if config["skip_prk_steps"] else "prk"}
-    return {}
+    chosen = [
+        name
+        for key, name in (
+            ("use_karras_sigmas", "karras"),
+            ("use_exponential_sigmas", "logsnr_uniform"),  # uniform in log k-diffusion sigma
+            ("use_lu_lambdas", "logsnr_uniform"),
+            ("use_beta_sigmas", "beta"),
+        )
+        if config.get(key)
+    ]
+    if len(chosen) > 1:
+        raise ValueError(
+            "only one of use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas, "
+            f"use_lu_lambdas may be set; got {chosen}"
+        )
+    return chosen[0] if chosen else None
 
 
 def _diffusers_class_name(config: Mapping[str, Any]) -> str | None:
     """The diffusers scheduler a config came from: ``_class_name`` when saved to disk, else
     guessed from keys only that class has (in-memory ``scheduler.config`` lacks the name)."""
-    if "_class_name" in config:
-        return str(config["_class_name"])
+    name = config.get("_class_name")
+    if isinstance(name, str) and not name.startswith("Stepsearch"):
+        return name
+    if isinstance(name, str):
+        return TWINS.get(name)
     signatures = (
         ("skip_prk_steps", "PNDMScheduler"),
         ("set_alpha_to_one", "DDIMScheduler"),
@@ -210,48 +218,43 @@ def _diffusers_class_name(config: Mapping[str, Any]) -> str | None:
     return next((name for key, name in signatures if key in config), None)
 
 
-def _solver_from_diffusers(config: Mapping[str, Any]) -> str | None:
-    """The stepsearch solver closest to a diffusers scheduler config's method."""
-    class_name = _diffusers_class_name(config)
+def _solver_from_diffusers(config: Mapping[str, Any], class_name: str | None) -> str | None:
+    """The stepsearch solver that is the method of a diffusers scheduler config."""
+    order = int(config.get("solver_order", 2))
+    noise_prediction = config.get("algorithm_type") == "dpmsolver"
     if class_name == "DPMSolverMultistepScheduler":
-        order = int(config.get("solver_order", 2))
+        if noise_prediction:
+            return {1: "dpm_solver_1", 2: "dpm_solver_2m"}.get(order, "dpm_solver_3m")
         return {1: "dpm_solver_1", 2: "dpm_solver_pp_2m"}.get(order, "dpm_solver_pp_3m")
+    if class_name == "DPMSolverSinglestepScheduler":
+        if order == 1:
+            return "dpm_solver_1"
+        return f"dpm_solver_{order}" if noise_prediction else "dpm_solver_pp_2s"
     if class_name == "UniPCMultistepScheduler":
         return "unipc_bh1" if config.get("solver_type") == "bh1" else "unipc_bh2"
     return _SOLVER_FOR_DIFFUSERS_CLASS.get(class_name or "")
 
 
-# --------------------------------------------------------------------------------------------
-# timestep grids of diffusers' schedulers
-# --------------------------------------------------------------------------------------------
-
-
-def diffusers_grid_timesteps(
-    convention: str, spacing: str, num_steps: int, num_train_timesteps: int, steps_offset: int = 0
-) -> FloatArray:
-    """The evaluation timesteps diffusers' schedulers generate for ``num_steps`` steps.
-
-    ``convention`` names the family whose arithmetic is copied: ``"ddim"`` (DDIM, PNDM, DDPM:
-    ``n`` points of ``linspace(0, N - 1)``, leading step ``N // n``), ``"dpm"`` (DPM-Solver,
-    UniPC, DEIS: ``n + 1`` points with the last dropped, leading step ``N // (n + 1)``) or
-    ``"euler"`` (Euler, Heun: like ``"ddim"`` but ``linspace`` is not rounded).
-    """
-    n, total = int(num_steps), int(num_train_timesteps)
-    if convention not in GRID_CONVENTIONS:
-        raise ValueError(f"grid convention must be one of {GRID_CONVENTIONS}, got {convention!r}")
-    if spacing not in DIFFUSERS_SPACINGS:
-        raise ValueError(f"spacing must be one of {DIFFUSERS_SPACINGS}, got {spacing!r}")
-    if spacing == "trailing":
-        return np.round(np.arange(total, 0, -total / n)) - 1.0
-    if convention == "dpm":
-        if spacing == "linspace":
-            return np.linspace(0, total - 1, n + 1).round()[::-1][:-1].copy()
-        ratio = total // (n + 1)
-        return (np.arange(n + 1) * ratio).round()[::-1][:-1] + float(steps_offset)
-    if spacing == "linspace":
-        grid = np.linspace(0, total - 1, n)[::-1].copy()
-        return grid if convention == "euler" else grid.round()
-    return (np.arange(n) * (total // n)).round()[::-1] + float(steps_offset)
+def _solver_kwargs_from_diffusers(
+    solver: str, config: Mapping[str, Any], class_name: str | None
+) -> dict[str, Any]:
+    """Solver options a diffusers config implies (only options the solver has)."""
+    options = _solver_options(solver)
+    kwargs: dict[str, Any] = {}
+    if solver == "pndm" and "skip_prk_steps" in config:
+        kwargs["warmup"] = "lower_order" if config["skip_prk_steps"] else "prk"
+    if class_name == "UniPCMultistepScheduler" and solver.startswith("unipc"):
+        kwargs["order"] = int(config.get("solver_order", 2))
+        # diffusers' UniPC lowers the last orders on every schedule (no 15-step rule)
+        kwargs["lower_order_final"] = bool(config.get("lower_order_final", True))
+        kwargs["lower_order_final_below"] = None
+    if class_name == "DPMSolverMultistepScheduler" and "lower_order_final" in options:
+        kwargs["lower_order_final"] = bool(config.get("lower_order_final", True))
+        if config.get("euler_at_final"):  # last step first order on every schedule
+            kwargs["lower_order_final"], kwargs["lower_order_final_below"] = True, None
+        if "legacy_3m" in options and config.get("solver_order") == 3:
+            kwargs["legacy_3m"] = True  # diffusers' 3M coefficient (see DPMSolverPP)
+    return {key: value for key, value in kwargs.items() if key in options}
 
 
 # --------------------------------------------------------------------------------------------
@@ -286,9 +289,16 @@ class StepsearchScheduler(SchedulerMixin, ConfigMixin):
             ``use_flow_sigmas`` and ``flow_shift`` are translated, the rest ignored.
     """
 
-    _compatibles: ClassVar[list[str]] = [e.name for e in KarrasDiffusionSchedulers]
+    _compatibles: ClassVar[list[str]] = [
+        *(e.name for e in KarrasDiffusionSchedulers),
+        "FlowMatchEulerDiscreteScheduler",
+    ]
+    _deprecated_kwargs: ClassVar[list[str]] = list(DIFFUSERS_KEYS)
+    """diffusers keys that ``from_config`` passes on to ``__init__`` (which reads them)."""
+    ignore_for_config: ClassVar[list[str]] = ["kwargs"]
     _default_solver: ClassVar[str] = "dpm_solver_pp_2m"
     _default_spacing: ClassVar[str] = "linspace"
+    _default_prediction_type: ClassVar[str] = "epsilon"
     _grid_convention: ClassVar[str] = "dpm"
 
     @register_to_config
@@ -302,7 +312,7 @@ class StepsearchScheduler(SchedulerMixin, ConfigMixin):
         beta_schedule: str = "linear",
         trained_betas: list[float] | np.ndarray | None = None,
         rescale_betas_zero_snr: bool = False,
-        prediction_type: str = "epsilon",
+        prediction_type: str | None = None,
         timestep_spacing: str | None = None,
         steps_offset: int = 0,
         final: str | None = None,
@@ -310,24 +320,31 @@ class StepsearchScheduler(SchedulerMixin, ConfigMixin):
         shift: float = 1.0,
         **kwargs: Any,
     ):
-        translated = _translate_diffusers_keys(kwargs, self._final_key())
-        solver = solver or self._default_solver
+        diffusers_options = {k: v for k, v in kwargs.items() if not k.startswith("_")}
+        unknown = sorted(set(diffusers_options) - set(RULES))
+        if unknown:
+            raise TypeError(f"{type(self).__name__} got unknown keyword arguments {unknown}")
+        class_name = self._twin_of(kwargs)
+        prediction_type = prediction_type or self._default_prediction_type
+        check_options(
+            {**diffusers_options, "prediction_type": prediction_type, "_twin": class_name},
+            type(self).__name__,
+        )
+        translated = self._translate(diffusers_options, class_name)
+        solver = solver or translated.get("solver") or self._default_solver
         timestep_spacing = (
             timestep_spacing or translated.get("timestep_spacing") or self._default_spacing
         )
         final = final or translated.get("final") or "clean"
-        if prediction_type == "flow":
-            prediction_type = "flow_prediction"
+        prediction_type = _DIFFUSERS_NAMES.get(prediction_type, prediction_type)
         if translated.get("prediction_type") == "flow_prediction":
             prediction_type = "flow_prediction"
             shift = translated.get("shift", shift)
-        if prediction_type not in PREDICTION_TYPES:
-            raise ValueError(
-                f"unknown prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}"
-            )
+        prediction_type_name(prediction_type)  # validates
         if final not in FINALS:
             raise ValueError(f"final must be one of {FINALS}, got {final!r}")
-        solver_kwargs = {**_solver_kwargs_from_diffusers(solver, kwargs), **(solver_kwargs or {})}
+        implied = _solver_kwargs_from_diffusers(solver, diffusers_options, class_name)
+        solver_kwargs = {**implied, **(solver_kwargs or {})}
         self._solver = _make_solver(solver, solver_kwargs)
         self._noise = self._noise_from_config(
             prediction_type, num_train_timesteps, beta_start, beta_end, beta_schedule,
@@ -351,16 +368,51 @@ class StepsearchScheduler(SchedulerMixin, ConfigMixin):
         derived = self._derived_keys(resolved)
         if solver == "pndm":
             derived["skip_prk_steps"] = self._solver.config().get("warmup") != "prk"
-        self.register_to_config(**resolved, **derived)
+        # what was given wins over what is derived: the config stays equal to the input
+        self.register_to_config(**resolved, **{**derived, **diffusers_options})
+        self._options = {**derived, **diffusers_options}
 
         self.init_noise_sigma = 1.0
         self.num_inference_steps: int | None = None
         self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1, dtype=torch.int64)
         self.sigmas: torch.Tensor | None = None
+        if isinstance(self._noise, DiscreteVP):  # pipelines and user code read these
+            self.betas = torch.from_numpy(self._noise.betas).to(torch.float32)
+            self.alphas = 1.0 - self.betas
+            self.alphas_cumprod = torch.tensor(self._noise.alphas_cumprod, dtype=torch.float32)
         self._schedule: StepSchedule | None = None
+        self._warned_resample: tuple[int, int] | None = None
         self._reset_run_state()
 
     # construction helpers -------------------------------------------------------------------
+    @classmethod
+    def _twin_of(cls, config: Mapping[str, Any]) -> str | None:
+        """The diffusers scheduler whose keys ``config`` holds: the config's own origin when it
+        names one, else the class's twin."""
+        return _diffusers_class_name(config) or TWINS.get(cls.__name__)
+
+    @classmethod
+    def _translate(cls, options: Mapping[str, Any], class_name: str | None) -> dict[str, Any]:
+        """stepsearch keys implied by diffusers keys (only those they determine)."""
+        translated: dict[str, Any] = {}
+        final = _final_from_diffusers(options, cls._final_key())
+        if final is not None:
+            translated["final"] = final
+        spacing = _spacing_from_diffusers(options)
+        if spacing is not None:
+            translated["timestep_spacing"] = spacing
+        flow_twin = TWINS.get(cls.__name__) == "FlowMatchEulerDiscreteScheduler"
+        if options.get("use_flow_sigmas") or class_name == "FlowMatchEulerDiscreteScheduler" or (
+            flow_twin
+        ):
+            translated["prediction_type"] = "flow_prediction"
+            if "flow_shift" in options:
+                translated["shift"] = float(options["flow_shift"])
+        solver = cls._solver_from_diffusers_config(options, class_name)
+        if solver is not None:
+            translated["solver"] = solver
+        return translated
+
     @staticmethod
     def _noise_from_config(
         prediction_type: str,
@@ -398,6 +450,7 @@ class StepsearchScheduler(SchedulerMixin, ConfigMixin):
             "use_karras_sigmas": spacing == "karras",
             "use_lu_lambdas": spacing == "logsnr_uniform",
             "use_exponential_sigmas": False,
+            "use_beta_sigmas": spacing == "beta",
             "use_flow_sigmas": resolved["prediction_type"] == "flow_prediction",
             "flow_shift": resolved["shift"],
         }
@@ -405,31 +458,31 @@ class StepsearchScheduler(SchedulerMixin, ConfigMixin):
             derived["solver_order"] = _SOLVER_ORDER[resolved["solver"]]
         return derived
 
+    def _option(self, key: str, default: Any = None) -> Any:
+        """A diffusers key of this scheduler's config (given or derived)."""
+        value = self._options.get(key, default)
+        return default if value is None else value
+
     @classmethod
     def from_config(
         cls, config: Mapping[str, Any] | None = None, return_unused_kwargs: bool = False, **kwargs
     ) -> Any:
-        """Like ``ConfigMixin.from_config``, and translates diffusers schedulers' configs: the
-        final step (``set_alpha_to_one`` / ``final_sigmas_type``), Karras / Lu / exponential
-        sigmas, flow sigmas, and (for the generic class) the solver. Keys only diffusers uses
-        are kept in the config and ignored."""
+        """Like ``ConfigMixin.from_config``; the diffusers keys of the config (every key of
+        :data:`~stepsearch.integrations.diffusers_keys.RULES`) reach ``__init__``, which
+        implements, refuses or warns about each, exactly as when they are passed directly."""
         if config is None:
             raise ValueError("from_config needs a config")
         config = dict(config)
-        if "solver" not in config:  # a diffusers config
-            translated = _translate_diffusers_keys(config, cls._final_key())
-            solver = cls._solver_from_diffusers_config(config)
-            if solver is not None:
-                translated["solver"] = solver
-            chosen = kwargs.get("solver") or solver or cls._default_solver
-            implied = _solver_kwargs_from_diffusers(chosen, config)
-            if implied:
-                translated["solver_kwargs"] = {**implied, **(kwargs.get("solver_kwargs") or {})}
-            kwargs = {**translated, **kwargs}
-        kwargs = {**kwargs, **_translate_diffusers_keys(kwargs, cls._final_key())}
-        for key in _DERIVED_KEYS:
-            config.pop(key, None)
-            kwargs.pop(key, None)
+        if "solver" in config or (cls is not StepsearchScheduler and "solver" in kwargs):
+            for key in _DERIVED_KEYS:  # ours, written for diffusers: recomputed, not read back
+                config.pop(key, None)
+        else:
+            class_name = _diffusers_class_name(config)
+            if class_name and "_class_name" not in config:
+                config["_class_name"] = class_name
+        for key in DIFFUSERS_KEYS:
+            if key in config and key not in kwargs:
+                kwargs[key] = config.pop(key)
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     @classmethod
@@ -441,10 +494,12 @@ class StepsearchScheduler(SchedulerMixin, ConfigMixin):
         return "set_alpha_to_one" if cls._grid_convention == "ddim" else "final_sigmas_type"
 
     @classmethod
-    def _solver_from_diffusers_config(cls, config: Mapping[str, Any]) -> str | None:
+    def _solver_from_diffusers_config(
+        cls, config: Mapping[str, Any], class_name: str | None = None
+    ) -> str | None:
         """The solver a diffusers config asks for; ``None`` keeps the class default. The generic
-        class follows the config's ``_class_name``; subclasses keep their own solver."""
-        return _solver_from_diffusers(config) if cls is StepsearchScheduler else None
+        class follows the config's scheduler; subclasses keep their own solver."""
+        return _solver_from_diffusers(config, class_name) if cls is StepsearchScheduler else None
 
     @classmethod
     def from_step_schedule(
@@ -532,25 +587,33 @@ class StepsearchScheduler(SchedulerMixin, ConfigMixin):
     ) -> None:
         """Build the step schedule and reset the run state.
 
-        Exactly one of ``num_inference_steps`` (a grid from ``timestep_spacing`` or the stored
-        ``custom_times``), ``timesteps`` (diffusers units, strictly decreasing; the final target
-        is ``config.final``) or ``sigmas`` (see the module docstring) may be given; with none,
-        ``custom_times`` is used as stored. ``mu`` (flow models only) sets the shift to
-        ``exp(mu)``, as diffusers' dynamic shifting does.
+        One of ``num_inference_steps`` (a grid from ``timestep_spacing`` or the stored
+        ``custom_times``), ``timesteps`` (what the model is evaluated at, diffusers units, strictly
+        decreasing; the final target is ``config.final``) or ``sigmas`` (see the module docstring)
+        may be given; flow models accept ``sigmas`` and ``timesteps`` together when they agree.
+        With none, ``custom_times`` is used as stored. ``mu`` (flow models) is the dynamic shift
+        (``use_dynamic_shifting``, ``time_shift_type``); the shift is applied once: to the grid or
+        to ``sigmas``, never to ``timesteps`` (those are the model's times already).
         """
-        if timesteps is not None and sigmas is not None:
+        flow = isinstance(self._noise, FlowMatching)
+        if timesteps is not None and sigmas is not None and not flow:
             raise ValueError("pass only one of `timesteps` or `sigmas`")
-        if num_inference_steps is not None and (timesteps is not None or sigmas is not None):
-            raise ValueError("pass only one of `num_inference_steps`, `timesteps` or `sigmas`")
-        shift = None
-        if mu is not None:
-            if not isinstance(self._noise, FlowMatching):
-                raise ValueError("`mu` (dynamic shifting) only applies to flow models")
-            shift = math.exp(float(mu))
-        if timesteps is not None:
-            schedule = self._schedule_from_timesteps(timesteps)
-        elif sigmas is not None:
+        given = timesteps if timesteps is not None else sigmas
+        if num_inference_steps is not None and given is not None:
+            if len(given) != int(num_inference_steps):
+                raise ValueError(
+                    f"num_inference_steps = {num_inference_steps} but {len(given)} timesteps/sigmas"
+                )
+            num_inference_steps = None
+        if mu is not None and not flow:
+            raise ValueError("`mu` (dynamic shifting) only applies to flow models")
+        shift = self._flow_shift(mu) if flow else None
+        if sigmas is not None:
             schedule = self._schedule_from_sigmas(sigmas, shift)
+            if timesteps is not None:
+                self._check_agree(schedule, timesteps)
+        elif timesteps is not None:
+            schedule = self._schedule_from_timesteps(timesteps)
         elif num_inference_steps is not None:
             schedule = self._schedule_from_spacing(num_inference_steps, shift)
         elif self.config.custom_times is not None:
@@ -558,6 +621,33 @@ class StepsearchScheduler(SchedulerMixin, ConfigMixin):
         else:
             raise ValueError("pass `num_inference_steps`, `timesteps` or `sigmas`")
         self.set_schedule(schedule, device=device)
+
+    def _flow_shift(self, mu: float | None) -> Callable[[FloatArray], FloatArray]:
+        """The flow shift of this call: ``mu`` with ``time_shift_type`` (required when
+        ``use_dynamic_shifting``), else the config's ``shift``; then ``shift_terminal``."""
+        kind = self._option("time_shift_type", "exponential")
+        if self._option("use_dynamic_shifting", False) and mu is None:
+            raise ValueError("`mu` must be passed to set_timesteps when use_dynamic_shifting=True")
+        terminal = self._option("shift_terminal")
+
+        def shifted(u: FloatArray) -> FloatArray:
+            if mu is not None:
+                t = np.asarray(dynamic_flow_shift(u, float(mu), kind))
+            else:
+                t = np.asarray(flow_shift(u, self._noise.shift))
+            return stretch_to_terminal(t, float(terminal)) if terminal else t
+
+        return shifted
+
+    def _check_agree(self, schedule: StepSchedule, timesteps: ArrayLike | torch.Tensor) -> None:
+        given = self._as_float_array(timesteps)
+        expected = np.asarray(self._noise.model_time(schedule.times[: given.size]))
+        if given.shape != expected.shape or not np.allclose(given, expected, atol=1e-2):
+            raise ValueError(
+                "`timesteps` and `sigmas` disagree: the shifted sigmas give timesteps "
+                f"{np.array2string(expected, precision=3, threshold=8)}, got "
+                f"{np.array2string(given, precision=3, threshold=8)}"
+            )
 
     def set_schedule(
         self, schedule: StepSchedule, device: str | torch.device | None = None
@@ -618,39 +708,90 @@ class StepsearchScheduler(SchedulerMixin, ConfigMixin):
             )
         return n
 
-    def _schedule_from_spacing(self, num_inference_steps: int, shift: float | None) -> StepSchedule:
+    def _schedule_from_spacing(
+        self, num_inference_steps: int, shift: Callable[[FloatArray], FloatArray] | None
+    ) -> StepSchedule:
         n = self._check_num_steps(num_inference_steps)
         config = self.config
         if config.custom_times is not None:
             stored = StepSchedule(np.asarray(config.custom_times), self._noise)
             if stored.num_steps == n:
                 return stored
-            logger.info("resampling the stored %d-step schedule to %d steps", stored.num_steps, n)
+            if self._warned_resample != (stored.num_steps, n):
+                self._warned_resample = (stored.num_steps, n)
+                logger.warning(
+                    "%s holds a fitted %d-step schedule and was asked for %d steps: resampling it "
+                    "by log-linear interpolation of sigma (pass num_inference_steps=%d to run it "
+                    "as fitted)", type(self).__name__, stored.num_steps, n, stored.num_steps,
+                )  # fmt: skip
             return loglinear_interpolate(stored, n)
         spacing = config.timestep_spacing
         if isinstance(self._noise, FlowMatching):
-            if spacing in DIFFUSERS_SPACINGS or spacing == "flow_shifted":
-                schedule = flow_shifted(self._noise, n, shift=shift)
-            else:
-                schedule = make_schedule(self._noise, n, spacing)
+            assert shift is not None
+            schedule = self._flow_schedule(n, spacing, shift)
         elif spacing in DIFFUSERS_SPACINGS:
             offset = int(config.steps_offset)
-            if self._grid_convention == "ddim":
-                schedule = diffusers_spacing(self._noise, n, spacing, steps_offset=offset)
-            else:
-                grid = diffusers_grid_timesteps(
-                    self._grid_convention, spacing, n, config.num_train_timesteps, offset
-                )
-                schedule = self._wrap_errors(
-                    "timesteps",
-                    grid,
-                    lambda: StepSchedule.from_diffusers_timesteps(
-                        self._noise, grid, "clean", spacing=spacing, steps_offset=offset
-                    ),
-                )
+            grid = diffusers_timesteps(
+                self._grid_convention, spacing, n, config.num_train_timesteps, offset
+            )
+            schedule = self._wrap_errors(
+                "timesteps",
+                grid,
+                lambda: StepSchedule.from_diffusers_timesteps(
+                    self._noise, grid, "clean", spacing=spacing, steps_offset=offset
+                ),
+            )
+        elif spacing in ("karras", "beta") or (
+            spacing == "logsnr_uniform" and self._option("use_exponential_sigmas", False)
+        ):
+            kind = spacing if spacing in ("karras", "beta") else "exponential"
+            schedule = self._sigma_schedule(n, kind)
         else:
             schedule = make_schedule(self._noise, n, spacing)
         return self._with_final(schedule)
+
+    def _sigma_range(self, high: float, low: float) -> tuple[float, float]:
+        """``sigma_max`` / ``sigma_min`` from the config where given (Euler, UniPC), else the
+        ends of the grid being converted."""
+        return float(self._option("sigma_max", high)), float(self._option("sigma_min", low))
+
+    def _sigma_schedule(self, n: int, kind: str) -> StepSchedule:
+        """Karras / exponential / beta sigmas over the trained range (diffusers' rule: ``n``
+        evaluation sigmas from ``sigma_max`` to ``sigma_min``, then the final step)."""
+        noise = self._noise
+        high, low = self._sigma_range(
+            float(noise.kdiffusion_sigma(noise.t_max)), float(noise.kdiffusion_sigma(noise.t_min))
+        )
+        sigmas = np.append(sigma_spacing(kind, high, low, n), 0.0)
+        return StepSchedule.from_kdiffusion_sigmas(noise, sigmas, spacing=kind, clip_to_range=True)
+
+    def _flow_schedule(
+        self, n: int, spacing: str, shift: Callable[[FloatArray], FloatArray]
+    ) -> StepSchedule:
+        """The flow grid of the twin: FlowMatchEulerDiscreteScheduler's (``n`` points of
+        ``linspace(1, u_end)``, ``u_end = shift(1/N)`` for a static shift as diffusers does,
+        ``1/N`` with ``mu``) or, for DPM-Solver / UniPC flow configs, ``n`` of ``n + 1`` points of
+        ``linspace(1 - 1/N, 0)``; shifted once; Karras / exponential / beta sigmas are then taken
+        over the shifted range in flow time (not in k-diffusion sigma, which is infinite at
+        ``t = 1``)."""
+        noise = self._noise
+        assert isinstance(noise, FlowMatching)
+        total = noise.num_train_timesteps
+        if spacing not in (*DIFFUSERS_SPACINGS, "flow_shifted", "karras", "beta", "logsnr_uniform"):
+            return make_schedule(noise, n, spacing)
+        if self._grid_convention == "dpm":
+            u = np.linspace(1.0 - 1.0 / total, 0.0, n + 1)[:-1]
+        else:
+            dynamic = self._option("use_dynamic_shifting", False)
+            end = 1.0 / total if dynamic else float(flow_shift(1.0 / total, noise.shift))
+            u = np.linspace(1.0, end, n)
+        times = shift(u)
+        kind = {"karras": "karras", "beta": "beta", "logsnr_uniform": "exponential"}.get(spacing)
+        if kind is not None:
+            high, low = self._sigma_range(float(times[0]), float(times[-1]))
+            times = sigma_spacing(kind, high, low, n)
+        metadata = {"spacing": spacing if kind else "flow_shifted"}
+        return StepSchedule(np.append(times, 0.0), noise, metadata)
 
     def _with_final(self, schedule: StepSchedule) -> StepSchedule:
         """Replace a clean end by ``t_min`` when ``final == "t_min"`` (dropping the last step
@@ -682,30 +823,55 @@ class StepsearchScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"invalid {what} {shown}: {error}") from None
 
     def _schedule_from_timesteps(self, timesteps: ArrayLike | torch.Tensor) -> StepSchedule:
+        """The schedule whose model evaluations are ``timesteps``: for solvers that evaluate
+        ``k`` times per step (Heun, singlestep DPM-Solver) every ``k``-th entry starts a step and
+        the others must be where the solver puts its intermediate evaluations (so timesteps read
+        back from a scheduler replay its run exactly). A list that is no solver's evaluations is
+        taken as the grid of step starts (one warning: ``timesteps`` then grows)."""
         values = self._as_float_array(timesteps)
-        final = self.config.final
+        noise = self._noise
+
+        def grid(starts: FloatArray) -> StepSchedule:
+            end = 0.0 if self.config.final == "clean" else noise.t_min
+            times = np.asarray(noise.t_from_model_time(starts))
+            if times[-1] <= end:
+                raise ValueError("the last timestep is at or below the final target")
+            return StepSchedule(np.append(times, end), noise, {"spacing": "custom_timesteps"})
 
         def build() -> StepSchedule:
             if values.ndim != 1 or values.size < 1:
                 raise ValueError("timesteps must be a non-empty 1-D list")
-            highest = self._noise.model_time(self._noise.t_max)
-            lowest = self._noise.model_time(self._noise.t_min)
+            highest, lowest = noise.model_time(noise.t_max), noise.model_time(noise.t_min)
             if not np.isfinite(values).all():
                 raise ValueError("timesteps must be finite")
             if values.min() < lowest - 1e-9 or values.max() > highest + 1e-9:
                 raise ValueError(f"timesteps must lie in [{lowest:g}, {highest:g}]")
-            if isinstance(self._noise, DiscreteVP):
-                return StepSchedule.from_diffusers_timesteps(
-                    self._noise, values, final, spacing="custom_timesteps"
-                )
-            end = 0.0 if final == "clean" else self._noise.t_min
-            times = np.append(values / self._noise.num_train_timesteps, end)
-            return StepSchedule(times, self._noise, {"spacing": "custom_timesteps"})
+            for width in range(1, 5):
+                try:
+                    candidate = grid(values[::width])
+                except ValueError:
+                    continue
+                evaluations = np.asarray(self._solver.evaluation_times(candidate))
+                model_times = np.asarray(noise.model_time(evaluations))
+                if model_times.shape == values.shape and np.allclose(
+                    model_times, values, rtol=0, atol=_TIMESTEP_TOLERANCE
+                ):
+                    return candidate
+            schedule = grid(values)
+            logger.warning(
+                "timesteps %s are not the evaluations of solver %r on any grid; using them as "
+                "the grid of step starts (%d model evaluations)",
+                np.array2string(values, precision=1, threshold=8), self.config.solver,
+                len(self._solver.evaluation_times(schedule)),
+            )  # fmt: skip
+            return schedule
 
         return self._wrap_errors("timesteps", values, build)
 
     def _schedule_from_sigmas(
-        self, sigmas: ArrayLike | torch.Tensor, shift: float | None
+        self,
+        sigmas: ArrayLike | torch.Tensor,
+        shift: Callable[[FloatArray], FloatArray] | None,
     ) -> StepSchedule:
         values = self._as_float_array(sigmas)
 
@@ -713,12 +879,11 @@ class StepsearchScheduler(SchedulerMixin, ConfigMixin):
             if values.ndim != 1 or values.size < 1:
                 raise ValueError("sigmas must be a non-empty 1-D list")
             if isinstance(self._noise, FlowMatching):
-                s = self._noise.shift if shift is None else shift
-                times = s * values / (1.0 + (s - 1.0) * values)
-                if times[-1] != 0.0:
-                    end = 0.0 if self.config.final == "clean" else self._noise.t_min
-                    times = np.append(times, end)
-                return StepSchedule(times, self._noise, {"spacing": "custom_sigmas"})
+                assert shift is not None
+                noisy = values[values > 0]
+                times = shift(noisy)
+                end = 0.0 if self.config.final == "clean" else self._noise.t_min
+                return StepSchedule(np.append(times, end), self._noise, {"spacing": "custom_sigmas"})
             if values.size < 2:
                 raise ValueError("k-diffusion sigmas list the whole grid, including its end")
             return StepSchedule.from_kdiffusion_sigmas(self._noise, values, spacing="custom_sigmas")
@@ -846,7 +1011,7 @@ class StepsearchScheduler(SchedulerMixin, ConfigMixin):
                 "call `set_timesteps` to start over"
             )
         dtype = sample.dtype
-        compute = torch.float32 if dtype in _HALF_DTYPES else dtype
+        compute = compute_dtype(dtype)
         x = sample if dtype == compute else sample.to(compute)
         output = model_output if model_output.dtype == compute else model_output.to(compute)
         c_x, c_out = self._coefficients[i]
@@ -856,6 +1021,7 @@ class StepsearchScheduler(SchedulerMixin, ConfigMixin):
             denoised = torch.add(x, output, alpha=c_out)
         else:  # c_x (x + (c_out / c_x) output): one allocation, two kernels
             denoised = torch.add(x, output, alpha=c_out / c_x).mul_(c_x)
+        denoised = self._postprocess_x0(denoised)
         x_next, self._state = self._solver.step(
             self._state, x, denoised, i - self._run_start, generator=generator
         )
@@ -865,6 +1031,24 @@ class StepsearchScheduler(SchedulerMixin, ConfigMixin):
         if not return_dict:
             return (x_next, denoised)
         return StepsearchSchedulerOutput(prev_sample=x_next, pred_original_sample=denoised)
+
+    def _postprocess_x0(self, denoised: torch.Tensor) -> torch.Tensor:
+        """diffusers' x0 post-processing, applied at the edge before the solver sees ``x0``:
+        dynamic thresholding (Saharia et al. 2022, Imagen, Sec. 2.3: per sample, ``s`` = the
+        ``dynamic_thresholding_ratio`` quantile of ``|x0|``, clamped to ``[1,
+        sample_max_value]``; ``x0 = clamp(x0, -s, s) / s``), else ``clip_sample`` (clamp to
+        ``clip_sample_range``)."""
+        if self._option("thresholding", False):
+            flat = denoised.reshape(denoised.shape[0], -1)
+            ratio = float(self._option("dynamic_thresholding_ratio", 0.995))
+            scale = torch.quantile(flat.abs().float(), ratio, dim=1).to(flat.dtype)
+            scale = scale.clamp(min=1.0, max=float(self._option("sample_max_value", 1.0)))
+            scale = scale.reshape(-1, *([1] * (denoised.ndim - 1)))
+            return torch.maximum(torch.minimum(denoised, scale), -scale) / scale
+        if self._option("clip_sample", False):
+            bound = float(self._option("clip_sample_range", 1.0))
+            return denoised.clamp(-bound, bound)
+        return denoised
 
     # helpers for pipelines -----------------------------------------------------------------
     def scale_model_input(
@@ -880,29 +1064,12 @@ class StepsearchScheduler(SchedulerMixin, ConfigMixin):
         timesteps: float | int | torch.Tensor,
     ) -> torch.Tensor:
         """``alpha(t) x0 + sigma(t) noise`` at diffusers timesteps (one, or one per sample)."""
-        values = self._as_float_array(timesteps)
-        if isinstance(self._noise, DiscreteVP):
-            times = np.asarray(self._noise.t_from_timestep(values))
-        else:
-            times = values / self._noise.num_train_timesteps
+        times = np.asarray(self._noise.t_from_model_time(self._as_float_array(timesteps)))
         dtype = original_samples.dtype
-        compute = torch.float32 if dtype in _HALF_DTYPES else dtype
-        alpha = self._per_sample(np.asarray(self._noise.alpha(times)), original_samples, compute)
-        sigma = self._per_sample(np.asarray(self._noise.sigma(times)), original_samples, compute)
-        noisy = alpha * original_samples.to(compute) + sigma * noise.to(compute)
-        return noisy.to(dtype)
-
-    @staticmethod
-    def _per_sample(
-        values: FloatArray, like: torch.Tensor, dtype: torch.dtype
-    ) -> torch.Tensor | float:
-        values = np.ascontiguousarray(values.reshape(-1))
-        if values.size == 1:
-            return float(values[0])
-        if values.shape[0] != like.shape[0]:
-            raise ValueError(f"got {values.shape[0]} timesteps for a batch of {like.shape[0]}")
-        tensor = torch.from_numpy(values).to(dtype).to(like.device)  # no float64 on the device
-        return tensor.reshape(-1, *([1] * (like.ndim - 1)))
+        x0 = original_samples.to(compute_dtype(dtype))
+        alpha = per_sample(np.asarray(self._noise.alpha(times)), x0)
+        sigma = per_sample(np.asarray(self._noise.sigma(times)), x0)
+        return (alpha * x0 + sigma * noise.to(x0.dtype)).to(dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -950,10 +1117,10 @@ class StepsearchDPMSolverMultistepScheduler(StepsearchScheduler):
     _default_solver = "dpm_solver_pp_2m"
 
     @classmethod
-    def _solver_from_diffusers_config(cls, config: Mapping[str, Any]) -> str | None:
-        if _diffusers_class_name(config) == "DPMSolverMultistepScheduler":
-            return _solver_from_diffusers(config)
-        return None
+    def _solver_from_diffusers_config(
+        cls, config: Mapping[str, Any], class_name: str | None = None
+    ) -> str | None:
+        return _solver_from_diffusers(config, "DPMSolverMultistepScheduler")
 
 
 class StepsearchDPMSolverPP3MScheduler(StepsearchScheduler):
@@ -967,11 +1134,23 @@ class StepsearchDPMSolverSinglestepScheduler(StepsearchScheduler):
 
     _default_solver = "dpm_solver_pp_2s"
 
+    @classmethod
+    def _solver_from_diffusers_config(
+        cls, config: Mapping[str, Any], class_name: str | None = None
+    ) -> str | None:
+        return _solver_from_diffusers(config, "DPMSolverSinglestepScheduler")
+
 
 class StepsearchUniPCMultistepScheduler(StepsearchScheduler):
     """UniPC (Zhao et al. 2023), B(h) = expm1(h) ("bh2", diffusers' default)."""
 
     _default_solver = "unipc_bh2"
+
+    @classmethod
+    def _solver_from_diffusers_config(
+        cls, config: Mapping[str, Any], class_name: str | None = None
+    ) -> str | None:
+        return _solver_from_diffusers(config, "UniPCMultistepScheduler")
 
 
 class StepsearchUniPCBH1Scheduler(StepsearchScheduler):
@@ -994,6 +1173,21 @@ class StepsearchHeunDiscreteScheduler(StepsearchScheduler):
     _default_solver = "heun"
     _grid_convention = "euler"
 
+
+class StepsearchFlowMatchEulerDiscreteScheduler(StepsearchScheduler):
+    """Euler on flow matching (SD3, Flux, Wan) with FlowMatchEulerDiscreteScheduler's grid:
+    ``shift``, ``use_dynamic_shifting`` with ``mu``, ``shift_terminal``, Karras / exponential /
+    beta sigmas in flow time."""
+
+    _default_solver = "euler"
+    _default_prediction_type = "flow_prediction"
+    _grid_convention = "euler"
+
+
+FLOW_SCHEDULERS: dict[str, type[StepsearchScheduler]] = {
+    "euler": StepsearchFlowMatchEulerDiscreteScheduler
+}
+"""Drop-in classes whose default noise is flow matching."""
 
 SCHEDULERS: dict[str, type[StepsearchScheduler]] = {
     cls._default_solver: cls
