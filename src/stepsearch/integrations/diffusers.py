@@ -426,7 +426,8 @@ class StepsearchScheduler(SchedulerMixin, ConfigMixin):
     ) -> NoiseSchedule:
         if prediction_type == "flow_prediction":
             total = int(num_train_timesteps)
-            return FlowMatching(shift=float(shift), t_min=1.0 / total, num_train_timesteps=total)
+            # t_min below 1 / N: dynamic shifts move the last grid point under it
+            return FlowMatching(shift=float(shift), t_min=1e-6, num_train_timesteps=total)
         return DiscreteVP.from_diffusers_config(
             {
                 "num_train_timesteps": num_train_timesteps,
