@@ -414,6 +414,7 @@ def test_evaluation_counts_are_exact(name, schedule_name):
     times = solver.evaluation_times(schedule)
     assert times.dtype == np.float64
     assert times.size == expected_nfe(name, schedule)
+    assert solver.nfe(schedule) == times.size
     data = CountingDenoiser(gaussian(schedule.noise))
     x_start = data.inner.sample_noisy(3, float(schedule.times[0]), torch.Generator().manual_seed(0))
     result = sample(data, x_start, schedule, solver)
@@ -671,10 +672,13 @@ def test_registry_names_orders_and_configs():
         "dpm_solver_pp_2m",
         "dpm_solver_pp_3m",
         "dpm_solver_pp_2s",
+        "dpm_solver_2m",
+        "dpm_solver_3m",
         "unipc_bh1",
         "unipc_bh2",
         "euler",
         "heun",
+        "plan",
     ]
     orders = {name: get_solver(name).order for name in SOLVERS}
     assert orders == {
@@ -686,10 +690,13 @@ def test_registry_names_orders_and_configs():
         "dpm_solver_pp_2m": 2,
         "dpm_solver_pp_3m": 3,
         "dpm_solver_pp_2s": 2,
+        "dpm_solver_2m": 2,
+        "dpm_solver_3m": 3,
         "unipc_bh1": 3,
         "unipc_bh2": 3,
         "euler": 1,
         "heun": 2,
+        "plan": 3,
     }
     assert get_solver("unipc_bh2", order=3).order == 4
     for name in SOLVERS:

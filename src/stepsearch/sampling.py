@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from stepsearch.denoiser import Denoiser
+from stepsearch.plan import SolverPlan
 from stepsearch.schedule import StepSchedule
 from stepsearch.solvers.base import Solver
 
@@ -39,17 +40,20 @@ class SampleResult:
 def sample(
     denoiser: Denoiser,
     x_T: Tensor,
-    schedule: StepSchedule,
+    schedule: StepSchedule | SolverPlan,
     solver: Solver,
     callback: Callable[[StepRecord], None] | None = None,
     generator: torch.Generator | None = None,
 ) -> SampleResult:
-    """Integrate from ``x_T`` (a sample at ``schedule.times[0]``) along ``schedule``.
+    """Integrate from ``x_T`` (a sample at the first time) along ``schedule``, or along a
+    :class:`~stepsearch.plan.SolverPlan` (its schedule with per-step solver choices; a plain
+    schedule runs the solver's own ``default_plan``).
 
     ``x_T`` must already carry the scale of its time (``sigma(t_0)`` times unit noise for
     variance-preserving schedules). Model calls happen here, one per solver evaluation time.
     """
-    if schedule.noise != denoiser.noise:
+    times = schedule.schedule if isinstance(schedule, SolverPlan) else schedule
+    if times.noise != denoiser.noise:
         raise ValueError("schedule and denoiser use different noise schedules")
     state = solver.init(x_T, schedule)
     x = x_T

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from stepsearch.denoiser import Denoiser
 from stepsearch.schedule import StepSchedule
-from stepsearch.solvers.base import Solver
+from stepsearch.solvers.base import Solver, schedule_facts
 
 
 def sample_generator(seed: int, index: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -156,11 +156,15 @@ def steps_for_nfe(
     solver: Solver, make_schedule: Callable[[int], StepSchedule], nfe: int
 ) -> int | None:
     """The step count whose schedule makes ``solver`` spend exactly ``nfe`` model evaluations, or
-    ``None`` if no step count does (e.g. Heun with a clean end spends ``2 n - 1``)."""
-    for num_steps in range(1, nfe + 1):
-        spent = solver.evaluation_times(make_schedule(num_steps)).size
-        if spent == nfe:
-            return num_steps
-        if spent > nfe:
-            return None
-    return None
+    ``None`` if no step count does (e.g. Heun with a clean end spends ``2 n - 1``). Answered by
+    ``solver.num_steps_for_nfe``, with the schedule's clean end and ``alpha = 0`` start read from
+    ``make_schedule(1)``."""
+    if isinstance(nfe, bool) or int(nfe) != nfe or nfe < 1:
+        return None
+    _, clean_end, alpha_zero_start = schedule_facts(make_schedule(1), None, None)
+    try:
+        return solver.num_steps_for_nfe(
+            int(nfe), clean_end=clean_end, alpha_zero_start=alpha_zero_start
+        )
+    except ValueError:
+        return None

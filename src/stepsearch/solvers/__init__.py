@@ -14,10 +14,13 @@ name                   order  method                                            
 ``dpm_solver_pp_2m``   2      DPM-Solver++(2M), multistep, data prediction           n
 ``dpm_solver_pp_3m``   3      DPM-Solver++(3M), multistep, data prediction           n
 ``dpm_solver_pp_2s``   2      DPM-Solver++(2S), singlestep, data prediction          2n - 1 **
+``dpm_solver_2m``      2      DPM-Solver(2M), multistep, noise prediction            n
+``dpm_solver_3m``      3      DPM-Solver(3M), multistep, noise prediction            n
 ``unipc_bh1``          p+1    UniPC-p (``order`` p = 2 by default), B(h) = h         n
 ``unipc_bh2``          p+1    UniPC-p, B(h) = e^h - 1                                n
 ``euler``              1      Euler in k-diffusion sigma space (= DDIM)              n
 ``heun``               2      Heun in k-diffusion sigma space                        2n - 1 **
+``plan``               -      any SolverPlan: per-step order, prediction, UniC       n
 =====================  =====  =====================================================  ===========
 
 ``**`` with a clean end (the step to ``t = 0`` takes one evaluation); ``kn`` without one; ``k - 1``
@@ -25,6 +28,11 @@ less for DPM-Solver-2/3 and Heun when the schedule starts where ``alpha = 0``. `
 three intervals are RK4 steps with 4 evaluations (fewer on short schedules; ``warmup="lower_order"``
 gives NFE n). Singlestep solvers and PNDM's warm-up evaluate off the grid (``StepInfo.on_grid``).
 ``order`` is the convergence order, not diffusers' ``scheduler.order`` (evaluations per step).
+``solver.nfe(n_or_schedule)`` gives the exact count and ``solver.num_steps_for_nfe(nfe)`` its inverse.
+
+Solvers with one evaluation per step (DDIM, Euler, DPM-Solver-1, the multistep ones, ``plan``) read
+their per-step choices from a :class:`~stepsearch.plan.SolverPlan`: ``solver.default_plan(schedule)``
+spells out their own, and ``init`` takes a schedule (meaning that plan) or a plan.
 """
 
 from __future__ import annotations
@@ -41,8 +49,14 @@ from stepsearch.solvers.base import (
     StepInfo,
 )
 from stepsearch.solvers.ddim import DDIM
-from stepsearch.solvers.dpm_solver import DPMSolver, DPMSolverPP, DPMSolverPP2S
+from stepsearch.solvers.dpm_solver import (
+    DPMSolver,
+    DPMSolverMultistep,
+    DPMSolverPP,
+    DPMSolverPP2S,
+)
 from stepsearch.solvers.euler import Euler, Heun
+from stepsearch.solvers.plan_solver import PlanSolver, PlanState
 from stepsearch.solvers.pndm import PNDM, PNDMState
 from stepsearch.solvers.unipc import UniPC, UniPCState
 
@@ -55,10 +69,13 @@ SOLVERS: dict[str, Callable[..., Solver]] = {
     "dpm_solver_pp_2m": partial(DPMSolverPP, order=2),
     "dpm_solver_pp_3m": partial(DPMSolverPP, order=3),
     "dpm_solver_pp_2s": DPMSolverPP2S,
+    "dpm_solver_2m": partial(DPMSolverMultistep, order=2),
+    "dpm_solver_3m": partial(DPMSolverMultistep, order=3),
     "unipc_bh1": partial(UniPC, variant="bh1"),
     "unipc_bh2": partial(UniPC, variant="bh2"),
     "euler": Euler,
     "heun": Heun,
+    "plan": PlanSolver,
 }
 """Solver factories by name; each takes the solver's keyword options."""
 
@@ -85,12 +102,15 @@ __all__ = [
     "PNDM",
     "SOLVERS",
     "DPMSolver",
+    "DPMSolverMultistep",
     "DPMSolverPP",
     "DPMSolverPP2S",
     "Euler",
     "Heun",
     "NoiseLevel",
     "PNDMState",
+    "PlanSolver",
+    "PlanState",
     "Solver",
     "SolverState",
     "StagedState",

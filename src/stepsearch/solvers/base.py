@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +49,7 @@ import torch
 from torch import Tensor
 
 from stepsearch.noise import LAMBDA_MIN, FloatArray, NoiseSchedule
+from stepsearch.plan import SolverPlan
 from stepsearch.schedule import StepSchedule
 
 LOWER_ORDER_FINAL_BELOW = 15
@@ -129,7 +130,9 @@ class SolverState:
     ``evaluation_times[i]`` is where the ``i``-th model evaluation happens (read-only float64; may
     repeat a time, e.g. Heun evaluates at ``t_{i+1}`` twice); ``plan[i]`` says which interval and
     stage that evaluation belongs to (default: one evaluation per interval). ``history`` holds
-    previous ``(t, denoised)`` pairs, newest last, for multistep methods. ``grid_levels`` and
+    previous ``(t, denoised)`` pairs, newest last, for multistep methods. ``solver_plan`` is the
+    :class:`~stepsearch.plan.SolverPlan` being run (per-step order, prediction, corrector) for the
+    solvers that read one (``Solver.uses_plan``), else ``None``. ``grid_levels`` and
     ``evaluation_levels`` cache ``alpha, sigma, lambda`` of the schedule's times and of the
     evaluation times (filled in when left empty).
 
@@ -142,6 +145,7 @@ class SolverState:
     evaluation_times: FloatArray
     plan: tuple[StepInfo, ...] = ()
     history: tuple[tuple[float, Tensor], ...] = ()
+    solver_plan: SolverPlan | None = None
     grid_levels: tuple[NoiseLevel, ...] = ()
     evaluation_levels: tuple[NoiseLevel, ...] = ()
 
@@ -211,21 +215,126 @@ class Solver(ABC):
     stochastic: bool = False
     state_type: type[SolverState] = SolverState
 
+    uses_plan: bool = False
+    """Whether the solver reads its per-step choices from a :class:`SolverPlan` (one evaluation
+    per step, multistep updates); the others take only a :class:`StepSchedule`."""
+    plan_max_order: int = 1
+    plan_predictions: tuple[str, ...] = ("data",)
+    plan_correctors: tuple[str, ...] = ("none",)
+
     # plan -------------------------------------------------------------------------------------
     def plan(self, schedule: StepSchedule) -> tuple[StepInfo, ...]:
         """The model evaluations in call order (default: one per interval, at ``t_0 .. t_{n-1}``)."""
         return one_per_interval_plan(schedule)
 
-    def evaluation_times(self, schedule: StepSchedule) -> FloatArray:
+    def evaluation_times(self, schedule: StepSchedule | SolverPlan) -> FloatArray:
         """Times of the model evaluations, in call order; ``len`` is the NFE."""
+        schedule = self.resolve_plan(schedule)[0]
         return np.array([info.t for info in self.plan(schedule)], dtype=np.float64)
 
-    def init(self, x_T: Tensor, schedule: StepSchedule) -> SolverState:
-        """Start state for sampling ``x_T`` (a sample at ``schedule.times[0]``) along ``schedule``."""
+    def default_plan(self, schedule: StepSchedule) -> SolverPlan:
+        """The solver's own per-step choices on ``schedule`` as a :class:`SolverPlan` (only for
+        solvers with ``uses_plan``; singlestep methods, Heun and PNDM evaluate the model several
+        times per step and have none)."""
+        raise ValueError(
+            f"solver {self.name!r} evaluates the model off the grid or several times per step; "
+            "its steps cannot be written as a SolverPlan (use the 'plan' solver to run plans)"
+        )
+
+    def check_plan(self, plan: SolverPlan) -> None:
+        """Raise ``ValueError`` (naming the step) unless this solver can run ``plan``."""
+        if not self.uses_plan:
+            self.default_plan(plan.schedule)  # raises the reason
+        for i, (order, prediction, corrector) in enumerate(
+            zip(plan.orders, plan.predictions, plan.correctors, strict=True)
+        ):
+            if order > self.plan_max_order:
+                raise ValueError(
+                    f"step {i}: solver {self.name!r} runs orders up to {self.plan_max_order}, the "
+                    f"plan asks for {order} (the 'plan' solver runs any plan)"
+                )
+            if prediction not in self.plan_predictions:
+                raise ValueError(
+                    f"step {i}: solver {self.name!r} runs {' / '.join(self.plan_predictions)} "
+                    f"prediction, the plan asks for {prediction!r} (the 'plan' solver runs any plan)"
+                )
+            if corrector not in self.plan_correctors:
+                raise ValueError(
+                    f"step {i}: solver {self.name!r} runs corrector {' / '.join(self.plan_correctors)}"
+                    f", the plan asks for {corrector!r} (the 'plan' solver runs any plan)"
+                )
+
+    def resolve_plan(
+        self, schedule: StepSchedule | SolverPlan
+    ) -> tuple[StepSchedule, SolverPlan | None]:
+        """``(schedule, plan)`` to run: a StepSchedule means :meth:`default_plan` (``None`` for
+        solvers without plans); a SolverPlan is checked with :meth:`check_plan`."""
+        if isinstance(schedule, SolverPlan):
+            self.check_plan(schedule)
+            return schedule.schedule, schedule
+        if not isinstance(schedule, StepSchedule):
+            raise TypeError(f"expected a StepSchedule or SolverPlan, got {type(schedule).__name__}")
+        return schedule, self.default_plan(schedule) if self.uses_plan else None
+
+    def init(self, x_T: Tensor, schedule: StepSchedule | SolverPlan) -> SolverState:
+        """Start state for sampling ``x_T`` (a sample at the first time) along ``schedule``, or
+        along a :class:`SolverPlan` (a StepSchedule means the solver's :meth:`default_plan`)."""
         del x_T
+        schedule, solver_plan = self.resolve_plan(schedule)
         plan = self.plan(schedule)
         times = np.array([info.t for info in plan], dtype=np.float64)
-        return self.state_type(schedule=schedule, evaluation_times=times, plan=plan)
+        return self.state_type(
+            schedule=schedule, evaluation_times=times, plan=plan, solver_plan=solver_plan
+        )
+
+    # budget -----------------------------------------------------------------------------------
+    def nfe(
+        self,
+        num_steps: int | StepSchedule | SolverPlan,
+        *,
+        clean_end: bool | None = None,
+        alpha_zero_start: bool | None = None,
+    ) -> int:
+        """Exact model evaluations on a schedule of ``num_steps`` steps.
+
+        The count can depend on two facts of the schedule: whether it ends at clean data
+        (``clean_end``, default True) and whether it starts where ``alpha = 0`` (flow matching at
+        ``t = 1``; ``alpha_zero_start``, default False). Pass a StepSchedule / SolverPlan instead
+        of a count to read both from it.
+        """
+        num_steps, clean_end, alpha_zero_start = schedule_facts(
+            num_steps, clean_end, alpha_zero_start
+        )
+        return self._nfe(num_steps, clean_end, alpha_zero_start)
+
+    def _nfe(self, num_steps: int, clean_end: bool, alpha_zero_start: bool) -> int:
+        """Evaluations for ``num_steps`` steps (default: one per step)."""
+        del clean_end, alpha_zero_start
+        return num_steps
+
+    def num_steps_for_nfe(
+        self, nfe: int, *, clean_end: bool = True, alpha_zero_start: bool = False
+    ) -> int:
+        """The step count that spends exactly ``nfe`` model evaluations (the inverse of
+        :meth:`nfe`); ``ValueError`` naming the nearest reachable budgets if none does."""
+        if isinstance(nfe, bool) or int(nfe) != nfe or nfe < 1:
+            raise ValueError(f"nfe must be a positive integer, got {nfe!r}")
+        nfe = int(nfe)
+        num_steps, spent = 1, self._nfe(1, clean_end, alpha_zero_start)
+        while spent < nfe:  # nfe(n) >= n grows strictly with n
+            num_steps += 1
+            spent = self._nfe(num_steps, clean_end, alpha_zero_start)
+        if spent == nfe:
+            return num_steps
+        below = self._nfe(num_steps - 1, clean_end, alpha_zero_start) if num_steps > 1 else None
+        facts = f"clean end {clean_end}, alpha = 0 start {alpha_zero_start}"
+        nearest = f"{spent} ({num_steps} steps)"
+        if below is not None:
+            nearest = f"{below} ({num_steps - 1} steps) or {nearest}"
+        raise ValueError(
+            f"solver {self.name!r} cannot spend exactly {nfe} model evaluations ({facts}); "
+            f"nearest reachable: {nearest}"
+        )
 
     # step -------------------------------------------------------------------------------------
     def step(
@@ -392,3 +501,53 @@ def interval_stages(state: SolverState, i: int) -> tuple[StepInfo, ...]:
     while last + 1 < len(state.plan) and state.plan[last + 1].interval == info.interval:
         last += 1
     return state.plan[first : last + 1]
+
+
+def schedule_facts(
+    num_steps: int | StepSchedule | SolverPlan,
+    clean_end: bool | None,
+    alpha_zero_start: bool | None,
+) -> tuple[int, bool, bool]:
+    """``(num_steps, clean_end, alpha_zero_start)`` of a step count (defaults True, False) or of
+    a schedule / plan (then the two facts must not be passed as well)."""
+    if isinstance(num_steps, SolverPlan):
+        num_steps = num_steps.schedule
+    if isinstance(num_steps, StepSchedule):
+        if clean_end is not None or alpha_zero_start is not None:
+            raise ValueError("pass either a schedule or clean_end / alpha_zero_start, not both")
+        start = NoiseLevel.at(num_steps.noise, float(num_steps.times[0]))
+        return num_steps.num_steps, num_steps.ends_clean, start.alpha_is_zero
+    if isinstance(num_steps, bool) or int(num_steps) != num_steps or num_steps < 1:
+        raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
+    clean = True if clean_end is None else bool(clean_end)
+    return int(num_steps), clean, bool(alpha_zero_start)
+
+
+def multistep_plan(
+    schedule: StepSchedule,
+    step_order: Callable[[int, int], int],
+    prediction: str,
+    corrector: str,
+) -> SolverPlan:
+    """The plan of a multistep solver whose step ``i`` of ``n`` has order ``step_order(i, n)``
+    (order 1 on the step to clean data, no corrector after the last step)."""
+    n = schedule.num_steps
+    orders = [step_order(i, n) for i in range(n)]
+    if schedule.ends_clean:
+        orders[-1] = 1
+    correctors = (corrector,) * (n - 1) + ("none",)
+    return SolverPlan(schedule, tuple(orders), (prediction,) * n, correctors)
+
+
+def first_order_intervals(
+    num_steps: int, clean_end: bool, alpha_zero_start: bool, *, at_alpha_zero: bool = True
+) -> int:
+    """How many intervals of a schedule singlestep methods (and Heun) take with one evaluation:
+    the last one when it ends at clean data and, with ``at_alpha_zero``, the first one when it
+    starts where ``alpha = 0`` (one interval counted once on a one-step schedule)."""
+    intervals = set()
+    if clean_end:
+        intervals.add(num_steps - 1)
+    if alpha_zero_start and at_alpha_zero:
+        intervals.add(0)
+    return len(intervals)

@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from stepsearch.plan import SolverPlan
+from stepsearch.schedule import StepSchedule
 from stepsearch.solvers.base import (
     Solver,
     SolverState,
@@ -40,6 +42,8 @@ class DDIM(Solver):
     """
 
     order = 1
+    uses_plan = True
+    plan_predictions = ("data", "noise")
 
     def __init__(self, eta: float = 0.0):
         eta = float(eta)
@@ -51,6 +55,10 @@ class DDIM(Solver):
 
     def config(self) -> dict[str, Any]:
         return {"eta": self.eta}
+
+    def default_plan(self, schedule: StepSchedule) -> SolverPlan:
+        """Order 1 at every step (data and noise prediction coincide at first order)."""
+        return SolverPlan.uniform(schedule, 1)
 
     def _step(
         self,

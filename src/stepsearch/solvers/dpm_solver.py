@@ -9,15 +9,17 @@ prediction ``denoised`` (multistep 2M / 3M, singlestep 2S). Reference code: LuCh
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from stepsearch.plan import SolverPlan
 from stepsearch.schedule import StepSchedule
 from stepsearch.solvers.base import (
     LOWER_ORDER_FINAL_BELOW,
+    NoiseLevel,
     Solver,
     SolverState,
     StagedState,
@@ -25,11 +27,13 @@ from stepsearch.solvers.base import (
     check_choice,
     check_lower_order_final_below,
     eps_from_denoised,
+    first_order_intervals,
     first_order_update,
     interval_plan,
     interval_stages,
     linear_combination,
     multistep_order,
+    multistep_plan,
     noise_levels,
 )
 
@@ -89,12 +93,23 @@ class DPMSolver(Solver):
         check_choice("order", order, (1, 2, 3))
         self.order = int(order)
         self.name = f"dpm_solver_{self.order}"
+        self.uses_plan = self.order == 1  # DPM-Solver-1 is DDIM: one first-order step per step
+        self.plan_predictions = ("noise", "data")
 
     def config(self) -> dict[str, Any]:
         return {"order": self.order}
 
     def plan(self, schedule: StepSchedule) -> tuple[StepInfo, ...]:
         return _singlestep_plan(schedule, _STAGE_FRACTIONS[self.order], noise_prediction=True)
+
+    def default_plan(self, schedule: StepSchedule) -> SolverPlan:
+        if self.order != 1:
+            return super().default_plan(schedule)
+        return SolverPlan.uniform(schedule, 1, prediction="noise")
+
+    def _nfe(self, num_steps: int, clean_end: bool, alpha_zero_start: bool) -> int:
+        single = first_order_intervals(num_steps, clean_end, alpha_zero_start)
+        return self.order * num_steps - (self.order - 1) * single
 
     def _step(
         self,
@@ -155,6 +170,10 @@ class DPMSolverPP2S(Solver):
     def plan(self, schedule: StepSchedule) -> tuple[StepInfo, ...]:
         return _singlestep_plan(schedule, (self._R,), noise_prediction=False)
 
+    def _nfe(self, num_steps: int, clean_end: bool, alpha_zero_start: bool) -> int:
+        single = first_order_intervals(num_steps, clean_end, alpha_zero_start, at_alpha_zero=False)
+        return 2 * num_steps - single
+
     def _step(
         self,
         state: SolverState,
@@ -206,8 +225,11 @@ class DPMSolverPP(Solver):
     step is first order. ``lower_order_final`` (diffusers): on schedules with fewer than
     ``lower_order_final_below`` steps (default 15; ``None``: always) the last step is first order
     and the one before at most second order. The step to clean data is always first order (returns
-    ``denoised``). One evaluation per step, all on the grid.
+    ``denoised``). One evaluation per step, all on the grid. The per-step orders are read from the
+    state's :class:`~stepsearch.plan.SolverPlan` (:meth:`default_plan` spells out the rules above).
     """
+
+    uses_plan = True
 
     def __init__(
         self,
@@ -218,6 +240,7 @@ class DPMSolverPP(Solver):
     ):
         check_choice("order", order, (1, 2, 3))
         self.order = int(order)
+        self.plan_max_order = self.order
         self.lower_order_final = bool(lower_order_final)
         self.lower_order_final_below = check_lower_order_final_below(lower_order_final_below)
         self.legacy_3m = bool(legacy_3m)
@@ -237,6 +260,9 @@ class DPMSolverPP(Solver):
             self.order, step, num_steps, self.lower_order_final, self.lower_order_final_below
         )
 
+    def default_plan(self, schedule: StepSchedule) -> SolverPlan:
+        return multistep_plan(schedule, self.step_order, "data", "none")
+
     def _step(
         self,
         state: SolverState,
@@ -245,34 +271,173 @@ class DPMSolverPP(Solver):
         i: int,
         generator: torch.Generator | None,
     ) -> tuple[Tensor, SolverState]:
+        assert state.solver_plan is not None
         now, target = state.level(i), state.target_level(i)
         history = (*state.history, (now.t, denoised))[-self.order :]
         next_state = replace(state, history=history)
-        order = self.step_order(i, state.schedule.num_steps)
+        order = state.solver_plan.orders[i]
         if target.is_clean or order == 1:
             return first_order_update(x, denoised, now, target), next_state
         levels = [state.grid_levels[i - k] for k in range(order)]  # newest first
         outputs = [d for _, d in history[-order:]][::-1]
-        h = target.lambda_ - now.lambda_
-        ratios = [(levels[k].lambda_ - levels[k + 1].lambda_) / h for k in range(order - 1)]
-        ratio = target.sigma / now.sigma
-        phi_1 = math.expm1(-h)
-        if order == 2:
-            r_0 = ratios[0]
-            combined = linear_combination((1.0 + 0.5 / r_0, -0.5 / r_0), outputs)
-            return ratio * x - (target.alpha * phi_1) * combined, next_state
-        r_0, r_1 = ratios
-        d1_0 = (outputs[0] - outputs[1]) / r_0
-        d1_1 = (outputs[1] - outputs[2]) / r_1
-        d1 = d1_0 + (r_0 / (r_0 + r_1)) * (d1_0 - d1_1)
-        d2 = (d1_0 - d1_1) / (r_0 + r_1)
-        phi_2 = phi_1 / h + 1.0
-        phi_3 = phi_2 / h - 0.5
-        d2_scale = 1.0 if self.legacy_3m else 2.0
-        x_next = (
-            ratio * x
-            - (target.alpha * phi_1) * outputs[0]
-            + (target.alpha * phi_2) * d1
-            - (target.alpha * phi_3 * d2_scale) * d2
+        return dpm_solver_pp_multistep_update(
+            x, outputs, levels, target, self.legacy_3m
+        ), next_state
+
+
+def _step_ratios(levels: list[NoiseLevel], h: float) -> list[float]:
+    """``r_k = h_k / h`` with ``h_k = lambda_{i-k} - lambda_{i-k-1}`` (levels newest first)."""
+    return [(levels[k].lambda_ - levels[k + 1].lambda_) / h for k in range(len(levels) - 1)]
+
+
+def _second_differences(outputs: list[Tensor], r_0: float, r_1: float) -> tuple[Tensor, Tensor]:
+    """``D1 = D1_0 + r_0 / (r_0 + r_1) (D1_0 - D1_1)`` and ``D2 = (D1_0 - D1_1) / (r_0 + r_1)``
+    of three outputs (newest first), ``D1_k = (m_k - m_{k+1}) / r_k``: ``D1 ~ h m'``, ``D2 ~ h^2 m''
+    / 2`` (Lu et al. 2022b, the third-order multistep update of ``dpm_solver_pytorch.py``)."""
+    d1_0 = (outputs[0] - outputs[1]) / r_0
+    d1_1 = (outputs[1] - outputs[2]) / r_1
+    d1 = d1_0 + (r_0 / (r_0 + r_1)) * (d1_0 - d1_1)
+    d2 = (d1_0 - d1_1) / (r_0 + r_1)
+    return d1, d2
+
+
+def dpm_solver_pp_multistep_update(
+    x: Tensor,
+    outputs: list[Tensor],
+    levels: list[NoiseLevel],
+    target: NoiseLevel,
+    legacy_3m: bool = False,
+) -> Tensor:
+    """One DPM-Solver++(2M) / (3M) step from ``levels[0]`` to ``target`` with the ``x0`` estimates
+    ``outputs`` (newest first; their number is the order, 2 or 3) at ``levels``. See
+    :class:`DPMSolverPP` for the formulas and ``legacy_3m``."""
+    now = levels[0]
+    h = target.lambda_ - now.lambda_
+    ratios = _step_ratios(levels, h)
+    ratio = target.sigma / now.sigma
+    phi_1 = math.expm1(-h)
+    if len(outputs) == 2:
+        r_0 = ratios[0]
+        combined = linear_combination((1.0 + 0.5 / r_0, -0.5 / r_0), outputs)
+        return ratio * x - (target.alpha * phi_1) * combined
+    d1, d2 = _second_differences(outputs, *ratios)
+    phi_2 = phi_1 / h + 1.0
+    phi_3 = phi_2 / h - 0.5
+    d2_scale = 1.0 if legacy_3m else 2.0
+    return (
+        ratio * x
+        - (target.alpha * phi_1) * outputs[0]
+        + (target.alpha * phi_2) * d1
+        - (target.alpha * phi_3 * d2_scale) * d2
+    )
+
+
+def dpm_solver_multistep_correction(
+    eps_outputs: list[Tensor],
+    levels: list[NoiseLevel],
+    target: NoiseLevel,
+    legacy_3m: bool = False,
+) -> Tensor:
+    """The higher-order terms of a multistep DPM-Solver step (noise prediction; Lu et al. 2022,
+    the multistep form of diffusers' ``algorithm_type="dpmsolver"``), to add to the first-order
+    step ``(alpha_s / alpha_t) x_t - sigma_s (e^h - 1) eps_t``. ``eps_outputs`` are the noise
+    estimates at ``levels`` (newest first; their number is the order, 2 or 3)::
+
+        2M: - sigma_s (e^h - 1) D / 2,          D = (eps_t - eps_{t-1}) / r_0
+        3M: - sigma_s phi_2 D1 - 2 sigma_s phi_3 D2,
+            phi_2 = (e^h - 1) / h - 1,  phi_3 = phi_2 / h - 1/2,
+
+    with ``D1, D2`` as in :func:`_second_differences`. ``2 phi_3`` is the Taylor coefficient of
+    ``h^2 eps'' / 2`` (``int_0^h e^{h - u} u^2 / 2 du = h^2 phi_3``); diffusers and dpm-solver use
+    ``phi_3`` (``legacy_3m=True``), which makes their noise-prediction 3M second order.
+    """
+    now = levels[0]
+    h = target.lambda_ - now.lambda_
+    ratios = _step_ratios(levels, h)
+    phi_1 = math.expm1(h)
+    if len(eps_outputs) == 2:
+        return (eps_outputs[0] - eps_outputs[1]) * (-0.5 * target.sigma * phi_1 / ratios[0])
+    d1, d2 = _second_differences(eps_outputs, *ratios)
+    phi_2 = phi_1 / h - 1.0
+    phi_3 = phi_2 / h - 0.5
+    d2_scale = 1.0 if legacy_3m else 2.0
+    return linear_combination((-target.sigma * phi_2, -target.sigma * phi_3 * d2_scale), (d1, d2))
+
+
+@dataclass(frozen=True, eq=False)
+class NoiseHistoryState(SolverState):
+    """``eps_history``: the noise estimates ``eps = (x - alpha denoised) / sigma`` of the last
+    evaluations, newest last (alongside ``history``'s ``x0`` estimates)."""
+
+    eps_history: tuple[Tensor, ...] = ()
+
+
+class DPMSolverMultistep(Solver):
+    """Multistep DPM-Solver, noise prediction (Lu et al. 2022's exponential integrator with
+    multistep derivative estimates; diffusers ``DPMSolverMultistepScheduler(algorithm_type=
+    "dpmsolver", solver_type="midpoint")``); order 2 is "2M", 3 is "3M".
+
+    Step ``t_i -> t_{i+1}`` adds :func:`dpm_solver_multistep_correction` to the first-order step,
+    which is computed as the equal ``alpha_s denoised_t + sigma_s eps_t`` (no ``1 / alpha_t``, so a
+    first step out of ``alpha = 0`` is fine). Warm-up, ``lower_order_final`` and the clean end as
+    in :class:`DPMSolverPP`. The noise-prediction corrections scale with ``e^h``: on steps of many
+    units of ``lambda`` near ``alpha ~ 0`` prefer data prediction (DPM-Solver++).
+    ``legacy_3m=True`` reproduces diffusers' (second-order) 3M.
+    """
+
+    state_type = NoiseHistoryState
+    uses_plan = True
+    plan_predictions = ("noise",)
+
+    def __init__(
+        self,
+        order: int = 2,
+        lower_order_final: bool = True,
+        lower_order_final_below: int | None = LOWER_ORDER_FINAL_BELOW,
+        legacy_3m: bool = False,
+    ):
+        check_choice("order", order, (2, 3))
+        self.order = int(order)
+        self.plan_max_order = self.order
+        self.lower_order_final = bool(lower_order_final)
+        self.lower_order_final_below = check_lower_order_final_below(lower_order_final_below)
+        self.legacy_3m = bool(legacy_3m)
+        self.name = f"dpm_solver_{self.order}m"
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "order": self.order,
+            "lower_order_final": self.lower_order_final,
+            "lower_order_final_below": self.lower_order_final_below,
+            "legacy_3m": self.legacy_3m,
+        }
+
+    def step_order(self, step: int, num_steps: int) -> int:
+        return multistep_order(
+            self.order, step, num_steps, self.lower_order_final, self.lower_order_final_below
         )
-        return x_next, next_state
+
+    def default_plan(self, schedule: StepSchedule) -> SolverPlan:
+        return multistep_plan(schedule, self.step_order, "noise", "none")
+
+    def _step(
+        self,
+        state: SolverState,
+        x: Tensor,
+        denoised: Tensor,
+        i: int,
+        generator: torch.Generator | None,
+    ) -> tuple[Tensor, SolverState]:
+        assert isinstance(state, NoiseHistoryState) and state.solver_plan is not None
+        now, target = state.level(i), state.target_level(i)
+        eps = eps_from_denoised(x, denoised, now)
+        eps_history = (*state.eps_history, eps)[-self.order :]
+        next_state = replace(state, eps_history=eps_history)
+        x_next = first_order_update(x, denoised, now, target)
+        order = state.solver_plan.orders[i]
+        if target.is_clean or order == 1:
+            return x_next, next_state
+        levels = [state.grid_levels[i - k] for k in range(order)]  # newest first
+        outputs = list(eps_history[-order:])[::-1]
+        correction = dpm_solver_multistep_correction(outputs, levels, target, self.legacy_3m)
+        return x_next.add_(correction), next_state

@@ -16,6 +16,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
+from stepsearch.plan import SolverPlan
 from stepsearch.schedule import StepSchedule
 from stepsearch.solvers.base import (
     Solver,
@@ -23,6 +24,7 @@ from stepsearch.solvers.base import (
     StagedState,
     StepInfo,
     eps_from_denoised,
+    first_order_intervals,
     first_order_update,
     noise_levels,
 )
@@ -39,6 +41,11 @@ class Euler(Solver):
 
     order = 1
     name = "euler"
+    uses_plan = True
+    plan_predictions = ("data", "noise")
+
+    def default_plan(self, schedule: StepSchedule) -> SolverPlan:
+        return SolverPlan.uniform(schedule, 1)
 
     def _step(
         self,
@@ -84,6 +91,9 @@ class Heun(Solver):
             if not euler_only:
                 plan.append(StepInfo(s, i, 1, s))
         return tuple(plan)
+
+    def _nfe(self, num_steps: int, clean_end: bool, alpha_zero_start: bool) -> int:
+        return 2 * num_steps - first_order_intervals(num_steps, clean_end, alpha_zero_start)
 
     def _step(
         self,

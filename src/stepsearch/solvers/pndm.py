@@ -117,6 +117,16 @@ class PNDM(Solver):
     def config(self) -> dict[str, Any]:
         return {"order": self.order, "warmup": self.warmup}
 
+    def _nfe(self, num_steps: int, clean_end: bool, alpha_zero_start: bool) -> int:
+        if self.warmup != "prk":
+            return num_steps
+        runge_kutta = sum(
+            1
+            for i in range(min(self.order - 1, num_steps))
+            if not (clean_end and i == num_steps - 1) and not (alpha_zero_start and i == 0)
+        )
+        return num_steps + 3 * runge_kutta
+
     def plan(self, schedule: StepSchedule) -> tuple[StepInfo, ...]:
         noise = schedule.noise
         levels = noise_levels(noise, schedule.times)

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from stepsearch.plan import SolverPlan
+from stepsearch.schedule import StepSchedule
 from stepsearch.solvers.base import (
     LOWER_ORDER_FINAL_BELOW,
     NoiseLevel,
@@ -21,6 +23,7 @@ from stepsearch.solvers.base import (
     check_lower_order_final_below,
     linear_combination,
     multistep_order,
+    multistep_plan,
 )
 
 
@@ -74,7 +77,8 @@ class UniPC(Solver):
                   - alpha_{i+1} B(h) sum_k rho_k D_k
 
     The predictor uses the ``p - 1`` previous outputs (``rho`` from the order conditions, and
-    ``rho = 1/2`` for p = 2 as in the paper's code). The corrector runs at the start of the next
+    ``rho = 1/2`` for p = 2 as in the paper's code; with ``B(h) = e^h - 1`` that is DPM-Solver++(2M)).
+    The corrector runs at the start of the next
     ``step``: the model output at the predicted ``x_{i+1}`` (which is the next evaluation, so the
     corrector costs no extra NFE) joins as the node ``r = 1``, and the corrected sample replaces
     ``x_{i+1}`` for the next predictor (the model output itself is reused as is). After the last
@@ -93,6 +97,8 @@ class UniPC(Solver):
     """
 
     state_type = UniPCState
+    uses_plan = True
+    plan_correctors = ("none", "unipc")
 
     def __init__(
         self,
@@ -106,6 +112,7 @@ class UniPC(Solver):
         self.variant = variant
         self.solver_order = int(order)
         self.order = self.solver_order + 1
+        self.plan_max_order = self.solver_order
         self.lower_order_final = bool(lower_order_final)
         self.lower_order_final_below = check_lower_order_final_below(lower_order_final_below)
         self.name = f"unipc_{variant}"
@@ -124,6 +131,9 @@ class UniPC(Solver):
             self.solver_order, step, num_steps, self.lower_order_final, self.lower_order_final_below
         )
 
+    def default_plan(self, schedule: StepSchedule) -> SolverPlan:
+        return multistep_plan(schedule, self.step_order, "data", "unipc")
+
     def _step(
         self,
         state: SolverState,
@@ -132,73 +142,70 @@ class UniPC(Solver):
         i: int,
         generator: torch.Generator | None,
     ) -> tuple[Tensor, SolverState]:
-        assert isinstance(state, UniPCState)
+        assert isinstance(state, UniPCState) and state.solver_plan is not None
+        plan = state.solver_plan
         now, target = state.level(i), state.target_level(i)
-        if state.last_sample is not None:
-            x = self._correct(state, denoised, i)
+        if i > 0 and plan.correctors[i - 1] == "unipc":
+            x = unic_update(state, denoised, i, self.variant)
         history = (*state.history, (now.t, denoised))[-self.solver_order :]
-        order = self.step_order(i, state.schedule.num_steps)
+        order = plan.orders[i]
         next_state = replace(state, history=history, last_sample=x, last_order=order)
         if target.is_clean:
             return denoised, next_state
-        previous = [state.grid_levels[i - k] for k in range(1, order)]
-        return self._predict(history, previous, x, now, target, order), next_state
-
-    @staticmethod
-    def _differences(
-        outputs: list[Tensor], levels: list[NoiseLevel], start: NoiseLevel, h: float
-    ) -> tuple[list[float], list[Tensor]]:
-        """Nodes ``r_k = (lambda_k - lambda_start) / h`` and scaled differences
-        ``D_k = (m_k - m_start) / r_k`` of earlier outputs ``m_k`` (``outputs[0]`` is ``m_start``)."""
-        ratios = [(level.lambda_ - start.lambda_) / h for level in levels]
-        differences = [
-            (m_k - outputs[0]) / r_k for m_k, r_k in zip(outputs[1:], ratios, strict=True)
-        ]
-        return ratios, differences
-
-    def _predict(
-        self,
-        history: tuple[tuple[float, Tensor], ...],
-        previous: list[NoiseLevel],
-        x: Tensor,
-        now: NoiseLevel,
-        target: NoiseLevel,
-        order: int,
-    ) -> Tensor:
-        """UniP-p (Zhao et al. 2023, data prediction) from ``now`` to ``target``;
-        ``previous`` are the levels of the ``p - 1`` earlier outputs, newest first."""
-        h = target.lambda_ - now.lambda_
         outputs = [m for _, m in history[-order:]][::-1]  # newest first
-        ratios, differences = self._differences(outputs, previous, now, h)
-        coefficients = _coefficients(h, ratios, self.variant, order)
-        x_next = (target.sigma / now.sigma) * x - (target.alpha * coefficients.h_phi_1) * outputs[0]
-        if order == 1:
-            return x_next
-        if order == 2:
-            rhos = np.array([0.5])
-        else:
-            rhos = np.linalg.solve(coefficients.r_matrix[:-1, :-1], coefficients.b_vector[:-1])
-        correction = linear_combination(rhos.tolist(), differences)
-        return x_next - (target.alpha * coefficients.b_h) * correction
+        levels = [state.grid_levels[i - k] for k in range(order)]
+        return unip_update(x, outputs, levels, target, self.variant), next_state
 
-    def _correct(self, state: UniPCState, denoised: Tensor, i: int) -> Tensor:
-        """UniC-p (Zhao et al. 2023, data prediction): correct the result of step
-        ``i - 1`` with the model output ``denoised`` at it (node ``r = 1``)."""
-        assert state.last_sample is not None
-        order = state.last_order
-        now = state.grid_levels[i]
-        levels = [state.grid_levels[i - 1 - k] for k in range(order)]  # start first, then older
-        start = levels[0]
-        outputs = [m for _, m in state.history[-order:]][::-1]
-        h = now.lambda_ - start.lambda_
-        ratios, differences = self._differences(outputs, levels[1:], start, h)
-        coefficients = _coefficients(h, ratios, self.variant, order)
-        if order == 1:
-            rhos = np.array([0.5])
-        else:
-            rhos = np.linalg.solve(coefficients.r_matrix, coefficients.b_vector)
-        x_corrected = (now.sigma / start.sigma) * state.last_sample - (
-            now.alpha * coefficients.h_phi_1
-        ) * outputs[0]
-        correction = linear_combination(rhos.tolist(), [*differences, denoised - outputs[0]])
-        return x_corrected - (now.alpha * coefficients.b_h) * correction
+
+def _differences(
+    outputs: list[Tensor], levels: list[NoiseLevel], start: NoiseLevel, h: float
+) -> tuple[list[float], list[Tensor]]:
+    """Nodes ``r_k = (lambda_k - lambda_start) / h`` and scaled differences
+    ``D_k = (m_k - m_start) / r_k`` of earlier outputs ``m_k`` (``outputs[0]`` is ``m_start``)."""
+    ratios = [(level.lambda_ - start.lambda_) / h for level in levels]
+    differences = [(m_k - outputs[0]) / r_k for m_k, r_k in zip(outputs[1:], ratios, strict=True)]
+    return ratios, differences
+
+
+def unip_update(
+    x: Tensor, outputs: list[Tensor], levels: list[NoiseLevel], target: NoiseLevel, variant: str
+) -> Tensor:
+    """UniP-p (Zhao et al. 2023, data prediction) from ``levels[0]`` to ``target`` with the ``x0``
+    estimates ``outputs`` at ``levels`` (newest first; their number is ``p``)."""
+    now, order = levels[0], len(outputs)
+    h = target.lambda_ - now.lambda_
+    ratios, differences = _differences(outputs, levels[1:], now, h)
+    coefficients = _coefficients(h, ratios, variant, order)
+    x_next = (target.sigma / now.sigma) * x - (target.alpha * coefficients.h_phi_1) * outputs[0]
+    if order == 1:
+        return x_next
+    if order == 2:
+        rhos = np.array([0.5])
+    else:
+        rhos = np.linalg.solve(coefficients.r_matrix[:-1, :-1], coefficients.b_vector[:-1])
+    correction = linear_combination(rhos.tolist(), differences)
+    return x_next - (target.alpha * coefficients.b_h) * correction
+
+
+def unic_update(state: UniPCState, denoised: Tensor, i: int, variant: str) -> Tensor:
+    """UniC-p (Zhao et al. 2023, data prediction): correct the result of step ``i - 1`` (from
+    ``state.last_sample``, with ``p = state.last_order`` and the ``x0`` estimates in
+    ``state.history``) with the model output ``denoised`` at it (node ``r = 1``)."""
+    assert state.last_sample is not None
+    order = state.last_order
+    now = state.grid_levels[i]
+    levels = [state.grid_levels[i - 1 - k] for k in range(order)]  # start first, then older
+    start = levels[0]
+    outputs = [m for _, m in state.history[-order:]][::-1]
+    h = now.lambda_ - start.lambda_
+    ratios, differences = _differences(outputs, levels[1:], start, h)
+    coefficients = _coefficients(h, ratios, variant, order)
+    if order == 1:
+        rhos = np.array([0.5])
+    else:
+        rhos = np.linalg.solve(coefficients.r_matrix, coefficients.b_vector)
+    x_corrected = (now.sigma / start.sigma) * state.last_sample - (
+        now.alpha * coefficients.h_phi_1
+    ) * outputs[0]
+    correction = linear_combination(rhos.tolist(), [*differences, denoised - outputs[0]])
+    return x_corrected - (now.alpha * coefficients.b_h) * correction
