@@ -16,16 +16,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from stepsearch.plan import CORRECTORS, PREDICTIONS, SolverPlan
-from stepsearch.schedule import StepSchedule
+from stepsearch.plan import CORRECTORS, PREDICTIONS
 from stepsearch.solvers.base import (
-    LOWER_ORDER_FINAL_BELOW,
     SolverState,
     check_choice,
     eps_from_denoised,
     first_order_update,
-    multistep_order,
-    multistep_plan,
 )
 from stepsearch.solvers.dpm_solver import dpm_solver_multistep_correction
 from stepsearch.solvers.unipc import UniPC, UniPCState, unic_update, unip_update
@@ -59,7 +55,7 @@ class PlanSolver(UniPC):
     noise prediction does the same); otherwise the first-order part is the stable
     ``alpha_s denoised_i + sigma_s eps_i``. The corrector is UniC in data-prediction form whatever
     the predictions. Given a plain StepSchedule it runs :meth:`default_plan`, UniPC-2's plan, so
-    ``plan`` on a schedule samples like ``unipc_<variant>``.
+    ``plan`` on a schedule samples like ``unipc_<variant>``; ``order`` (3) is that plan's order.
     """
 
     state_type = PlanState
@@ -74,12 +70,6 @@ class PlanSolver(UniPC):
 
     def config(self) -> dict[str, Any]:
         return {"variant": self.variant}
-
-    def default_plan(self, schedule: StepSchedule) -> SolverPlan:
-        def step_order(step: int, num_steps: int) -> int:
-            return multistep_order(2, step, num_steps, True, LOWER_ORDER_FINAL_BELOW)
-
-        return multistep_plan(schedule, step_order, "data", "unipc")
 
     def _step(
         self,
