@@ -250,7 +250,8 @@ ORDER_CASES = [
 def test_noise_prediction_multistep_order(name, kwargs, steps, order, spacing):
     slope, errors = convergence(get_solver(name, **kwargs), NOISES["edm"], spacing, steps)
     print(
-        f"\nslope {name} {kwargs} {spacing}: {slope:.2f} (errors {errors[0]:.1e} -> {errors[-1]:.1e})"
+        f"\nslope {name} {kwargs} {spacing}: {slope:.2f} "
+        f"(errors {errors[0]:.1e} -> {errors[-1]:.1e})"
     )
     assert np.all(np.diff(errors) < 0), errors
     assert abs(slope - order) <= 0.3

@@ -69,7 +69,8 @@ class SolverPlan:
             order, prediction, corrector = self.orders[i], self.predictions[i], self.correctors[i]
             if order > i + 1:
                 raise ValueError(
-                    f"step {i}: order {order} needs {order} model outputs, only {i + 1} exist (warm-up)"
+                    f"step {i}: order {order} needs {order} model outputs, only {i + 1} exist "
+                    "(warm-up)"
                 )
             if prediction not in PREDICTIONS:
                 raise ValueError(

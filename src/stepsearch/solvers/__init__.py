@@ -28,11 +28,12 @@ less for DPM-Solver-2/3 and Heun when the schedule starts where ``alpha = 0``. `
 three intervals are RK4 steps with 4 evaluations (fewer on short schedules; ``warmup="lower_order"``
 gives NFE n). Singlestep solvers and PNDM's warm-up evaluate off the grid (``StepInfo.on_grid``).
 ``order`` is the convergence order, not diffusers' ``scheduler.order`` (evaluations per step).
-``solver.nfe(n_or_schedule)`` gives the exact count and ``solver.num_steps_for_nfe(nfe)`` its inverse.
+``solver.nfe(n_or_schedule)`` gives the exact count, ``solver.num_steps_for_nfe(nfe)`` its inverse.
 
-Solvers with one evaluation per step (DDIM, Euler, DPM-Solver-1, the multistep ones, ``plan``) read
-their per-step choices from a :class:`~stepsearch.plan.SolverPlan`: ``solver.default_plan(schedule)``
-spells out their own, and ``init`` takes a schedule (meaning that plan) or a plan.
+Solvers with one evaluation per step (DDIM, Euler, DPM-Solver-1, the multistep ones, ``plan``)
+read their per-step choices from a :class:`~stepsearch.plan.SolverPlan`:
+``solver.default_plan(schedule)`` spells out their own, and ``init`` takes a schedule (meaning
+that plan) or a plan.
 """
 
 from __future__ import annotations

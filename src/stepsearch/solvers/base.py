@@ -256,12 +256,14 @@ class Solver(ABC):
             if prediction not in self.plan_predictions:
                 raise ValueError(
                     f"step {i}: solver {self.name!r} runs {' / '.join(self.plan_predictions)} "
-                    f"prediction, the plan asks for {prediction!r} (the 'plan' solver runs any plan)"
+                    f"prediction, the plan asks for {prediction!r} "
+                    "(the 'plan' solver runs any plan)"
                 )
             if corrector not in self.plan_correctors:
                 raise ValueError(
-                    f"step {i}: solver {self.name!r} runs corrector {' / '.join(self.plan_correctors)}"
-                    f", the plan asks for {corrector!r} (the 'plan' solver runs any plan)"
+                    f"step {i}: solver {self.name!r} runs corrector "
+                    f"{' / '.join(self.plan_correctors)}, the plan asks for {corrector!r} "
+                    "(the 'plan' solver runs any plan)"
                 )
 
     def resolve_plan(

@@ -77,10 +77,10 @@ class UniPC(Solver):
                   - alpha_{i+1} B(h) sum_k rho_k D_k
 
     The predictor uses the ``p - 1`` previous outputs (``rho`` from the order conditions, and
-    ``rho = 1/2`` for p = 2 as in the paper's code; with ``B(h) = e^h - 1`` that is DPM-Solver++(2M)).
-    The corrector runs at the start of the next
-    ``step``: the model output at the predicted ``x_{i+1}`` (which is the next evaluation, so the
-    corrector costs no extra NFE) joins as the node ``r = 1``, and the corrected sample replaces
+    ``rho = 1/2`` for p = 2 as in the paper's code; with ``B(h) = e^h - 1`` that is
+    DPM-Solver++(2M)). The corrector runs at the start of the next ``step``: the model output at
+    the predicted ``x_{i+1}`` (which is the next evaluation, so the corrector costs no extra NFE)
+    joins as the node ``r = 1``, and the corrected sample replaces
     ``x_{i+1}`` for the next predictor (the model output itself is reused as is). After the last
     evaluation there is no corrector (diffusers' ``disable_corrector`` on the final step); the step
     to clean data returns ``denoised``. Warm-up: step ``i`` uses order at most ``i + 1``.
@@ -92,8 +92,11 @@ class UniPC(Solver):
 
     Orders (measured on the Gaussian test bed): UniPC-1 2.0, UniPC-2 (default) 3.0, UniPC-3 3.9-4.0
     from pure noise. For UniPC-3 the warm-up step (UniP-1 + UniC-1, local error ``O(h^3)``) limits
-    the asymptotic order to 3; its constant is negligible from pure noise. bh1's ``B(h) = h`` makes corrections grow linearly with ``h``: on a
-    first step of many units of ``lambda`` (flow matching from ``t = 1``) prefer bh2.
+    the asymptotic order to 3; its constant is negligible from pure noise. The per-step orders and
+    correctors are read from the state's :class:`~stepsearch.plan.SolverPlan`
+    (:meth:`default_plan` spells out the rules above). bh1's ``B(h) = h`` makes corrections grow
+    linearly with ``h``: on a first step of many units of ``lambda`` (flow matching from ``t = 1``)
+    prefer bh2.
     """
 
     state_type = UniPCState
