@@ -315,7 +315,7 @@ def test_budget_errors_say_what_is_reachable():
     assert heun.nfe(2, clean_end=False, alpha_zero_start=True) == 3
     with pytest.raises(ValueError, match=r"nearest reachable: 3 \(2 steps\) or 5 \(3 steps\)"):
         heun.num_steps_for_nfe(4)
-    with pytest.raises(ValueError, match="nearest reachable: 2 \\(1 steps\\)"):
+    with pytest.raises(ValueError, match="nearest reachable: 2 \\(1 step\\)"):
         heun.num_steps_for_nfe(1, clean_end=False)
     assert get_solver("dpm_solver_3").nfe(4) == 10 and get_solver("pndm").nfe(5) == 14
     for bad in (0, -1, 2.5, True):

@@ -330,9 +330,9 @@ class Solver(ABC):
             return num_steps
         below = self._nfe(num_steps - 1, clean_end, alpha_zero_start) if num_steps > 1 else None
         facts = f"clean end {clean_end}, alpha = 0 start {alpha_zero_start}"
-        nearest = f"{spent} ({num_steps} steps)"
+        nearest = f"{spent} ({_steps(num_steps)})"
         if below is not None:
-            nearest = f"{below} ({num_steps - 1} steps) or {nearest}"
+            nearest = f"{below} ({_steps(num_steps - 1)}) or {nearest}"
         raise ValueError(
             f"solver {self.name!r} cannot spend exactly {nfe} model evaluations ({facts}); "
             f"nearest reachable: {nearest}"
@@ -503,6 +503,10 @@ def interval_stages(state: SolverState, i: int) -> tuple[StepInfo, ...]:
     while last + 1 < len(state.plan) and state.plan[last + 1].interval == info.interval:
         last += 1
     return state.plan[first : last + 1]
+
+
+def _steps(count: int) -> str:
+    return f"{count} step" if count == 1 else f"{count} steps"
 
 
 def schedule_facts(
