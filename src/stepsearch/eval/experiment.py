@@ -89,6 +89,39 @@ class ImageModel:
         )
 
 
+def _model_directory_files(spec: str) -> tuple[Path, Path]:
+    """The UNet directory and the scheduler config file of a local diffusers model directory."""
+    root = Path(spec)
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"model {spec!r}: expected 'digits' or a local diffusers model directory"
+        )
+    unet_dir = root / "unet" if (root / "unet").is_dir() else root
+    config_path = next(
+        (
+            p
+            for p in (root / "scheduler" / "scheduler_config.json", root / "scheduler_config.json")
+            if p.is_file()
+        ),
+        None,
+    )
+    if config_path is None:
+        raise FileNotFoundError(f"{spec}: no scheduler_config.json at its root or in scheduler/")
+    return unet_dir, config_path
+
+
+def model_noise(spec: str) -> DiscreteVP:
+    """The noise schedule of ``spec`` (``"digits"`` or a local diffusers model directory, as for
+    :func:`load_image_model`), read from its scheduler config: what a schedule file for that
+    model must be made on."""
+    if spec == "digits":
+        from stepsearch.testbeds import digits
+
+        return DiscreteVP.from_diffusers_config(digits.load().scheduler_config)
+    _, config_path = _model_directory_files(spec)
+    return DiscreteVP.from_diffusers_config(json.loads(config_path.read_text()))
+
+
 def load_image_model(
     spec: str, device: str | torch.device = "cpu", inception_weights: str | None = None
 ) -> ImageModel:
@@ -112,21 +145,7 @@ def load_image_model(
     from diffusers import UNet2DModel
 
     root = Path(spec)
-    if not root.is_dir():
-        raise FileNotFoundError(
-            f"model {spec!r}: expected 'digits' or a local diffusers model directory"
-        )
-    unet_dir = root / "unet" if (root / "unet").is_dir() else root
-    config_path = next(
-        (
-            p
-            for p in (root / "scheduler" / "scheduler_config.json", root / "scheduler_config.json")
-            if p.is_file()
-        ),
-        None,
-    )
-    if config_path is None:
-        raise FileNotFoundError(f"{spec}: no scheduler_config.json at its root or in scheduler/")
+    unet_dir, config_path = _model_directory_files(spec)
     unet = UNet2DModel.from_pretrained(unet_dir).to(device).eval().requires_grad_(False)
     size = unet.config.sample_size
     size = (size, size) if isinstance(size, int) else tuple(size)
@@ -180,7 +199,12 @@ class Method:
         schedule resampled log-linearly (:func:`~stepsearch.schedule.loglinear_interpolate`)."""
         if isinstance(self.schedule, StepSchedule):
             if self.schedule.noise != noise:
-                raise ValueError(f"{self.label}: the schedule file is for another noise schedule")
+                raise ValueError(
+                    f"{self.label}: the schedule file is for another noise schedule: it holds "
+                    f"{self.schedule.noise!r}, the model needs {noise!r}. Write one for the model "
+                    "with `stepsearch schedule save FILE --model digits` (or --model DIR for a "
+                    "local model; --noise PRESET for the presets)"
+                )
             if self.schedule.num_steps == num_steps:
                 return self.schedule
             return loglinear_interpolate(self.schedule, num_steps)
@@ -222,7 +246,9 @@ class Method:
         ``num_inference_steps`` at which it spends exactly ``nfe`` evaluations, or ``None``."""
         import diffusers
 
-        scheduler_class = getattr(diffusers, str(self.diffusers_scheduler))
+        scheduler_class = getattr(diffusers, str(self.diffusers_scheduler), None)
+        if scheduler_class is None or not hasattr(scheduler_class, "from_config"):
+            raise ValueError(f"diffusers has no scheduler class {self.diffusers_scheduler!r}")
         scheduler = scheduler_class.from_config(scheduler_config, **self.diffusers_options)
         for num_steps in range(1, nfe + 1):
             scheduler.set_timesteps(num_steps)
