@@ -17,8 +17,7 @@ from stepsearch.eval.evaluate import (
     methods_from_names,
     write_report,
 )
-from stepsearch.eval.experiment import METRICS
-from stepsearch.eval.text_to_image import TEXT_TO_IMAGE_METRICS
+from stepsearch.eval.experiment import METRICS, TEXT_TO_IMAGE_METRICS
 from stepsearch.solvers import SOLVERS
 
 DEFAULT_NFES = [4, 5, 6, 8, 10]

@@ -22,6 +22,7 @@ from torch import Tensor
 from stepsearch._io import atomic_write_bytes, atomic_write_text
 from stepsearch.eval.experiment import (
     METRICS,
+    TEXT_TO_IMAGE_METRICS,
     FeatureReference,
     Method,
     load_image_model,
@@ -29,7 +30,6 @@ from stepsearch.eval.experiment import (
 )
 from stepsearch.eval.fid import FeatureStatistics
 from stepsearch.eval.report import ResultTable, environment, save_sample_grid
-from stepsearch.eval.text_to_image import TEXT_TO_IMAGE_METRICS
 from stepsearch.schedule import SPACINGS, StepSchedule
 from stepsearch.solvers import SOLVERS
 
@@ -330,12 +330,7 @@ def _run_text_to_image(
     accelerator: Any | None,
     on_samples: OnSamples,
 ) -> tuple[dict[str, ResultTable], dict[str, Any]]:
-    from stepsearch.eval.text_to_image import (
-        TextToImageModel,
-        load_pipeline,
-        read_prompts,
-        run_text_to_image_experiment,
-    )
+    from stepsearch.eval.text_to_image import TextToImageModel, load_pipeline, read_prompts
 
     assert inputs.pipeline is not None and inputs.prompts is not None
     prompts = read_prompts(inputs.prompts)
@@ -349,18 +344,18 @@ def _run_text_to_image(
     )
     pipe = load_pipeline(inputs.pipeline, device)
     model = TextToImageModel(pipe, prompts, inputs.guidance_scale, name=Path(inputs.pipeline).name)
-    tables = run_text_to_image_experiment(
+    tables = run_experiment(
         model,
         methods,
         nfes,
         metrics,
         num_samples,
         seed,
-        clip_scorer=clip_scorer,
+        accelerator,
+        chunk_size,
+        on_samples,
         fid_reference=fid_reference,
-        accelerator=accelerator,
-        chunk_size=chunk_size,
-        on_samples=on_samples,
+        clip_scorer=clip_scorer,
     )
     context: dict[str, Any] = {
         "pipeline": inputs.pipeline,
