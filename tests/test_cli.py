@@ -3,9 +3,11 @@ tracebacks, unreachable budgets reported, the schedule/noise trap, readable help
 
 import json
 from pathlib import Path
+from typing import Annotated
 
 import pytest
 import torch
+import typer
 from typer.testing import CliRunner
 
 from stepsearch.cli import app, search_app, search_command
@@ -128,7 +130,7 @@ def test_search_group_takes_registered_commands():
     assert _invoke("search", "--help").exit_code == 0
 
     @search_command("probe")
-    def probe(nfe: list[int]) -> None:
+    def probe(nfe: Annotated[list[int], typer.Option()]) -> None:
         print("nfe", nfe)
 
     try:
