@@ -13,7 +13,6 @@ import typer
 from stepsearch.cli._common import console, usage_errors
 from stepsearch.integrations.export import DEFAULT_SOLVER, export_schedule
 from stepsearch.schedule import StepSchedule
-from stepsearch.solvers import SOLVERS
 
 
 class Target(str, Enum):
@@ -27,14 +26,17 @@ def export_command(
     schedule_file: Annotated[
         Path,
         typer.Argument(
-            metavar="SCHEDULE.json", exists=True, dir_okay=False, help="A schedule JSON file."
+            metavar="SCHEDULE", exists=True, dir_okay=False, help="A schedule JSON file."
         ),
     ],
-    to: Annotated[Target, typer.Option("--to", help="What to export to.")],
+    to: Annotated[
+        Target,
+        typer.Option("--to", metavar="TARGET", help="diffusers, kdiffusion, comfyui or timesteps."),
+    ],
     destination: Annotated[
         Path | None,
         typer.Argument(
-            metavar="[DIR|FILE]",
+            metavar="DEST",
             help="diffusers: the scheduler directory to save_pretrained into (required). "
             "Others: a JSON file to write [default: print to stdout].",
             show_default=False,
@@ -44,8 +46,8 @@ def export_command(
         str | None,
         typer.Option(
             metavar="NAME",
-            help=f"diffusers: the drop-in scheduler's solver ({', '.join(SOLVERS)}). "
-            f"[default: the schedule's metadata solver, else {DEFAULT_SOLVER}]",
+            help="diffusers: the drop-in scheduler's solver (a name from `stepsearch eval "
+            f"--help`). [default: the schedule's metadata solver, else {DEFAULT_SOLVER}]",
             show_default=False,
         ),
     ] = None,

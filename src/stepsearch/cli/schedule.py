@@ -10,7 +10,7 @@ import numpy as np
 import typer
 from rich.table import Table
 
-from stepsearch.cli._common import HelpGroup, console, usage_errors
+from stepsearch.cli._common import HelpGroup, ListOptionsCommand, console, usage_errors
 from stepsearch.eval.experiment import model_noise
 from stepsearch.noise import EDM, DiscreteVP, FlowMatching, NoiseSchedule
 from stepsearch.schedule import SPACINGS, StepSchedule, make_schedule
@@ -96,7 +96,7 @@ Model = Annotated[
 ]
 
 
-@schedule_app.command("show")
+@schedule_app.command("show", cls=ListOptionsCommand)
 def schedule_show(
     spacing: Spacing = "karras",
     steps: Steps = 10,
@@ -122,7 +122,7 @@ def schedule_show(
     _print_schedule(schedule, title)
 
 
-@schedule_app.command("save")
+@schedule_app.command("save", cls=ListOptionsCommand)
 def schedule_save(
     out: Annotated[Path, typer.Argument(metavar="FILE", help="Where to write the schedule JSON.")],
     spacing: Spacing = "karras",

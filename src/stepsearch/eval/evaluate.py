@@ -41,9 +41,11 @@ __all__ = [
     "EvalResult",
     "check_device",
     "check_diffusers_scheduler",
+    "check_nfes",
     "compute_statistics",
     "default_metrics",
     "evaluate",
+    "load_inception",
     "methods_from_names",
     "write_report",
 ]

@@ -1,9 +1,11 @@
 """Side-by-side evaluation of samplers: stepsearch solver x schedule vs diffusers' built-ins.
 
-One :class:`ImageModel` (the bundled digits DDPM, or a local diffusers ``UNet2DModel`` directory), a
-list of :class:`Method` s, a list of NFEs and metrics: every method generates the same samples
-(same per-index noise) at each NFE, every metric scores them, and :func:`run_experiment` returns one
-:class:`~stepsearch.eval.report.ResultTable` per metric.
+One model (an :class:`ImageModel`: the bundled digits DDPM or a local diffusers ``UNet2DModel``
+directory; or a :class:`~stepsearch.eval.text_to_image.TextToImageModel`, see :class:`EvalModel`),
+a list of :class:`Method` s, a list of NFEs and metrics: every method generates the same samples
+(same per-index noise) at each NFE, every metric scores them, and :func:`run_experiment` (the one
+harness) returns one :class:`~stepsearch.eval.report.ResultTable` per metric. An unconditional
+model's stepsearch methods sample through its :class:`~stepsearch.eval.sources.SampleSource`.
 """
 
 from __future__ import annotations
