@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from stepsearch.cli import app, normalize_list_options
+from stepsearch.cli import app, expand_list_options
 from stepsearch.eval.generate import chunks_for_process, generate, steps_for_nfe, unit_noise
 from stepsearch.eval.report import Cell, ResultTable, image_grid
 from stepsearch.noise import DiscreteVP
@@ -101,7 +101,7 @@ def test_result_table_markdown_json_and_plot(tmp_path):
 
 def test_list_options_accept_several_values():
     argv = ["eval", "--nfe", "4", "5", "--solvers", "ddim,heun", "--out", "x", "--nfe", "6"]
-    assert normalize_list_options(argv) == [
+    assert expand_list_options(argv, {"--nfe", "--solvers"}) == [
         "eval",
         "--nfe",
         "4",

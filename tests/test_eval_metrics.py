@@ -90,7 +90,7 @@ def two_feature_sets(two_image_sets) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_fid_matches_clean_fid_and_torchmetrics(two_image_sets, two_feature_sets, tmp_path):
-    from cleanfid import fid as clean_fid
+    clean_fid = pytest.importorskip("cleanfid.fid", reason="clean-fid (the eval extra)")
     from PIL import Image
     from torchmetrics.image.fid import FrechetInceptionDistance
 
@@ -230,7 +230,9 @@ def _brute_force_mmd2(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.mark.filterwarnings("ignore:Metric `Kernel Inception Distance`")
 def test_kid_full_subset_equals_brute_force_clean_fid_and_torchmetrics(two_feature_sets):
-    from cleanfid.fid import kernel_distance
+    kernel_distance = pytest.importorskip(
+        "cleanfid.fid", reason="clean-fid (the eval extra)"
+    ).kernel_distance
     from torchmetrics.image.kid import KernelInceptionDistance
 
     a, b = (features[:40] for features in two_feature_sets)

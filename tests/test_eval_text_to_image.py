@@ -34,8 +34,6 @@ from stepsearch.eval.text_to_image import (
     TextToImageModel,
     generate_images,
     read_prompts,
-    run_method,
-    run_text_to_image_experiment,
 )
 from stepsearch.schedule import StepSchedule
 
@@ -170,7 +168,7 @@ def test_identical_methods_give_identical_images_and_scores(pipe, clip_dir):
     model = TextToImageModel(pipe, PROMPTS, guidance_scale=3.0)
     scorer = ClipScorer.from_pretrained(clip_dir, local_files_only=True)
     images: dict[str, torch.Tensor] = {}
-    tables = run_text_to_image_experiment(
+    tables = run_experiment(
         model,
         _ddim_pair(model, 4),
         [4],
@@ -200,8 +198,8 @@ def test_images_do_not_depend_on_batch_size(pipe):
 
     model = TextToImageModel(pipe, PROMPTS, guidance_scale=2.0)
     method = Method.stepsearch("dpm_solver_pp_2m", "logsnr_uniform")
-    by_one, steps = run_method(model, method, 3, num_samples=4, seed=5, chunk_size=1)
-    by_three, _ = run_method(model, method, 3, num_samples=4, seed=5, chunk_size=3)
+    by_one, steps = method.run(model, 3, num_samples=4, seed=5, chunk_size=1)
+    by_three, _ = method.run(model, 3, num_samples=4, seed=5, chunk_size=3)
     assert steps == 3
     torch.testing.assert_close(by_one, by_three, rtol=0, atol=1e-5)
     assert (by_one[0] - by_one[3]).abs().max() > 1e-2  # same prompt, different noise
@@ -211,7 +209,7 @@ def test_images_do_not_depend_on_batch_size(pipe):
     direct = generate_images(model, scheduler, 2, sigmas=sigmas, seed=5, progress=False)
     torch.testing.assert_close(direct, by_one[:2], rtol=0, atol=1e-5)
     # Heun with a clean end spends 2n - 1 evaluations: no step count spends exactly 2.
-    assert run_method(model, Method.stepsearch("heun", "karras"), 2, num_samples=2) is None
+    assert Method.stepsearch("heun", "karras").run(model, 2, num_samples=2, seed=0) is None
 
 
 def _invoke(*args: str | Path) -> Any:

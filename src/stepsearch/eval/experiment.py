@@ -1,9 +1,11 @@
 """Side-by-side evaluation of samplers: stepsearch solver x schedule vs diffusers' built-ins.
 
-One :class:`ImageModel` (the bundled digits DDPM, or a local diffusers ``UNet2DModel`` directory), a
-list of :class:`Method` s, a list of NFEs and metrics: every method generates the same samples
-(same per-index noise) at each NFE, every metric scores them, and :func:`run_experiment` returns one
-:class:`~stepsearch.eval.report.ResultTable` per metric.
+One model (an :class:`ImageModel`: the bundled digits DDPM or a local diffusers ``UNet2DModel``
+directory; or a :class:`~stepsearch.eval.text_to_image.TextToImageModel`, see :class:`EvalModel`),
+a list of :class:`Method` s, a list of NFEs and metrics: every method generates the same samples
+(same per-index noise) at each NFE, every metric scores them, and :func:`run_experiment` (the one
+harness) returns one :class:`~stepsearch.eval.report.ResultTable` per metric. An unconditional
+model's stepsearch methods sample through its :class:`~stepsearch.eval.sources.SampleSource`.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -25,14 +27,20 @@ from tqdm.auto import tqdm
 from stepsearch.denoiser import ModelDenoiser
 from stepsearch.eval.features import ensure_features
 from stepsearch.eval.fid import FeatureStatistics, frechet_distance, kernel_inception_distance
-from stepsearch.eval.generate import generate, generate_with_diffusers_scheduler, steps_for_nfe
+from stepsearch.eval.generate import generate_with_diffusers_scheduler, steps_for_nfe
 from stepsearch.eval.images import iter_image_batches
 from stepsearch.eval.report import Cell, ResultTable
-from stepsearch.eval.sources import DenoiserSource, ModelIdentity, module_digest
+from stepsearch.eval.sources import (
+    DenoiserSource,
+    ModelIdentity,
+    generate_from_source,
+    module_digest,
+)
 from stepsearch.eval.trajectory import trajectory_error
 from stepsearch.noise import DiscreteVP, NoiseSchedule
 from stepsearch.schedule import StepSchedule, loglinear_interpolate, make_schedule
 from stepsearch.solvers import get_solver
+from stepsearch.solvers.base import Solver
 
 METRICS = ("fd", "fid", "kid", "traj")
 """``fd``: Fréchet distance in the model's own feature space (FD-digits for the bundled model);
@@ -40,6 +48,15 @@ METRICS = ("fd", "fid", "kid", "traj")
 statistics or images); ``kid``: kernel distance in the model's own feature space, or in Inception
 features against reference images when the model has none; ``traj``: median RMS error to a
 reference ODE solution from the same noise."""
+
+TEXT_TO_IMAGE_METRICS = ("clip", "fid", "kid", "traj")
+"""For text-to-image pipelines: ``clip``: CLIP score ``mean_i 100 max(cos, 0)`` of image i and its
+prompt (higher is better); ``fid`` / ``kid``: Inception features against reference statistics /
+images; ``traj``: median RMS error (decoded images in ``[-1, 1]``) to a reference solution from
+the same noise and prompt."""
+
+HIGHER_IS_BETTER = frozenset({"clip"})
+"""Metrics whose result tables rank the largest value first."""
 
 REFERENCE_SOLVER = ("dpm_solver_pp_3m", "logsnr_uniform", 100)
 """The reference ODE solution for ``traj``: DPM-Solver++(3M), 100 logSNR-uniform steps."""
@@ -76,6 +93,62 @@ class ImageModel:
         """The model's name and a SHA-256 of its weights."""
         return ModelIdentity(self.name, module_digest(self.unet))
 
+    def solver_for(self, method: Method) -> Solver:
+        """The solver ``method`` names, with its options."""
+        return get_solver(str(method.solver), **method.solver_options)
+
+    def sample_schedule(
+        self,
+        method: Method,
+        schedule: StepSchedule,
+        num_samples: int,
+        seed: int,
+        accelerator: Any | None,
+        chunk_size: int,
+        progress: bool | str = True,
+    ) -> Tensor:
+        """Samples along ``schedule`` with ``method``'s solver, from this model as a
+        :class:`~stepsearch.eval.sources.SampleSource`."""
+        return generate_from_source(
+            self.source(),
+            self.solver_for(method),
+            schedule,
+            num_samples,
+            seed=seed,
+            chunk_size=chunk_size,
+            accelerator=accelerator,
+            progress=progress,
+        )
+
+    def sample_diffusers(
+        self,
+        scheduler: Any,
+        num_steps: int,
+        num_samples: int,
+        seed: int,
+        accelerator: Any | None,
+        chunk_size: int,
+        progress: bool | str = True,
+    ) -> Tensor:
+        """Samples of the plain diffusers loop with ``scheduler`` at ``num_steps`` steps."""
+        samples, _ = generate_with_diffusers_scheduler(
+            self.model_fn,
+            scheduler,
+            num_steps,
+            num_samples,
+            self.sample_shape,
+            seed=seed,
+            chunk_size=chunk_size,
+            device=self.device,
+            accelerator=accelerator,
+            progress=progress,
+        )
+        return samples
+
+    def prompts_for(self, indices: Sequence[int]) -> None:
+        """An unconditional model has no prompts."""
+        del indices
+
     def source(self) -> DenoiserSource:
         """This model as a :class:`~stepsearch.eval.sources.SampleSource`."""
         return DenoiserSource(
@@ -84,9 +157,45 @@ class ImageModel:
             self.identity,
             features=self.feature_extractor,
             reference_data=self.reference_images,
-            settings={"prediction_type": self.prediction_type, "sample_shape": list(self.sample_shape)},
+            settings={
+                "prediction_type": self.prediction_type,
+                "sample_shape": list(self.sample_shape),
+            },
             device=self.device,
         )
+
+
+def _model_directory_files(spec: str) -> tuple[Path, Path]:
+    """The UNet directory and the scheduler config file of a local diffusers model directory."""
+    root = Path(spec)
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"model {spec!r}: expected 'digits' or a local diffusers model directory"
+        )
+    unet_dir = root / "unet" if (root / "unet").is_dir() else root
+    config_path = next(
+        (
+            p
+            for p in (root / "scheduler" / "scheduler_config.json", root / "scheduler_config.json")
+            if p.is_file()
+        ),
+        None,
+    )
+    if config_path is None:
+        raise FileNotFoundError(f"{spec}: no scheduler_config.json at its root or in scheduler/")
+    return unet_dir, config_path
+
+
+def model_noise(spec: str) -> DiscreteVP:
+    """The noise schedule of ``spec`` (``"digits"`` or a local diffusers model directory, as for
+    :func:`load_image_model`), read from its scheduler config: what a schedule file for that
+    model must be made on."""
+    if spec == "digits":
+        from stepsearch.testbeds import digits
+
+        return DiscreteVP.from_diffusers_config(digits.load().scheduler_config)
+    _, config_path = _model_directory_files(spec)
+    return DiscreteVP.from_diffusers_config(json.loads(config_path.read_text()))
 
 
 def load_image_model(
@@ -112,21 +221,7 @@ def load_image_model(
     from diffusers import UNet2DModel
 
     root = Path(spec)
-    if not root.is_dir():
-        raise FileNotFoundError(
-            f"model {spec!r}: expected 'digits' or a local diffusers model directory"
-        )
-    unet_dir = root / "unet" if (root / "unet").is_dir() else root
-    config_path = next(
-        (
-            p
-            for p in (root / "scheduler" / "scheduler_config.json", root / "scheduler_config.json")
-            if p.is_file()
-        ),
-        None,
-    )
-    if config_path is None:
-        raise FileNotFoundError(f"{spec}: no scheduler_config.json at its root or in scheduler/")
+    unet_dir, config_path = _model_directory_files(spec)
     unet = UNet2DModel.from_pretrained(unet_dir).to(device).eval().requires_grad_(False)
     size = unet.config.sample_size
     size = (size, size) if isinstance(size, int) else tuple(size)
@@ -180,7 +275,12 @@ class Method:
         schedule resampled log-linearly (:func:`~stepsearch.schedule.loglinear_interpolate`)."""
         if isinstance(self.schedule, StepSchedule):
             if self.schedule.noise != noise:
-                raise ValueError(f"{self.label}: the schedule file is for another noise schedule")
+                raise ValueError(
+                    f"{self.label}: the schedule file is for another noise schedule: it holds "
+                    f"{self.schedule.noise!r}, the model needs {noise!r}. Write one for the model "
+                    "with `stepsearch schedule save FILE --model digits` (or --model DIR for a "
+                    "local model; --noise PRESET for the presets)"
+                )
             if self.schedule.num_steps == num_steps:
                 return self.schedule
             return loglinear_interpolate(self.schedule, num_steps)
@@ -188,32 +288,34 @@ class Method:
 
     def run(
         self,
-        model: ImageModel,
+        model: EvalModel,
         nfe: int,
         num_samples: int,
         seed: int,
         accelerator: Any | None = None,
         chunk_size: int = 250,
     ) -> tuple[Tensor, int] | None:
-        """Samples at exactly ``nfe`` model evaluations and the step count, or ``None`` if the
-        method cannot spend exactly ``nfe``."""
+        """Samples of ``model`` (an :class:`ImageModel` or a text-to-image model) at exactly
+        ``nfe`` model evaluations and the step count, or ``None`` if the method cannot spend
+        exactly ``nfe``."""
+        progress = f"{self.label} NFE {nfe}"
         if self.diffusers_scheduler is not None:
-            return self._run_diffusers(model, nfe, num_samples, seed, accelerator, chunk_size)
-        solver = get_solver(str(self.solver), **self.solver_options)
-        num_steps = steps_for_nfe(solver, lambda n: self.schedule_for(model, n), nfe)
+            found = self.diffusers_scheduler_for(model.scheduler_config, nfe)
+            if found is None:
+                return None
+            scheduler, num_steps = found
+            samples = model.sample_diffusers(
+                scheduler, num_steps, num_samples, seed, accelerator, chunk_size, progress
+            )
+            return samples, num_steps
+        noise = model.noise
+        solver = model.solver_for(self)
+        num_steps = steps_for_nfe(solver, lambda n: self.schedule_on(noise, n), nfe)
         if num_steps is None:
             return None
-        samples = generate(
-            model.denoiser(),
-            self.schedule_for(model, num_steps),
-            solver,
-            num_samples,
-            model.sample_shape,
-            seed=seed,
-            chunk_size=chunk_size,
-            device=model.device,
-            accelerator=accelerator,
-            progress=f"{self.label} NFE {nfe}",
+        schedule = self.schedule_on(noise, num_steps)
+        samples = model.sample_schedule(
+            self, schedule, num_samples, seed, accelerator, chunk_size, progress
         )
         return samples, num_steps
 
@@ -222,7 +324,9 @@ class Method:
         ``num_inference_steps`` at which it spends exactly ``nfe`` evaluations, or ``None``."""
         import diffusers
 
-        scheduler_class = getattr(diffusers, str(self.diffusers_scheduler))
+        scheduler_class = getattr(diffusers, str(self.diffusers_scheduler), None)
+        if scheduler_class is None or not hasattr(scheduler_class, "from_config"):
+            raise ValueError(f"diffusers has no scheduler class {self.diffusers_scheduler!r}")
         scheduler = scheduler_class.from_config(scheduler_config, **self.diffusers_options)
         for num_steps in range(1, nfe + 1):
             scheduler.set_timesteps(num_steps)
@@ -231,33 +335,6 @@ class Method:
             if len(scheduler.timesteps) > nfe:
                 break
         return None
-
-    def _run_diffusers(
-        self,
-        model: ImageModel,
-        nfe: int,
-        num_samples: int,
-        seed: int,
-        accelerator: Any | None,
-        chunk_size: int,
-    ) -> tuple[Tensor, int] | None:
-        found = self.diffusers_scheduler_for(model.scheduler_config, nfe)
-        if found is None:
-            return None
-        scheduler, num_steps = found
-        samples, _ = generate_with_diffusers_scheduler(
-            model.model_fn,
-            scheduler,
-            num_steps,
-            num_samples,
-            model.sample_shape,
-            seed=seed,
-            chunk_size=chunk_size,
-            device=model.device,
-            accelerator=accelerator,
-            progress=f"{self.label} NFE {nfe}",
-        )
-        return samples, num_steps
 
 
 def default_methods() -> list[Method]:
@@ -282,31 +359,79 @@ def default_methods() -> list[Method]:
     ]
 
 
-def reference_samples(
-    model: ImageModel,
+class EvalModel(Protocol):
+    """What :func:`run_experiment` and :meth:`Method.run` need of a model: an
+    :class:`ImageModel` (unconditional, sampled as a :class:`~stepsearch.eval.sources.SampleSource`)
+    or a :class:`~stepsearch.eval.text_to_image.TextToImageModel` (a pipeline driven through the
+    drop-in scheduler)."""
+
+    name: str
+    scheduler_config: dict[str, Any]
+
+    @property
+    def noise(self) -> NoiseSchedule: ...
+
+    def solver_for(self, method: Method) -> Solver:
+        """The solver that runs ``method`` on this model (it counts the NFE)."""
+        ...
+
+    def sample_schedule(
+        self,
+        method: Method,
+        schedule: StepSchedule,
+        num_samples: int,
+        seed: int,
+        accelerator: Any | None,
+        chunk_size: int,
+        progress: bool | str = True,
+    ) -> Tensor:
+        """Samples ``0 .. num_samples - 1`` along ``schedule`` with ``method``'s solver."""
+        ...
+
+    def sample_diffusers(
+        self,
+        scheduler: Any,
+        num_steps: int,
+        num_samples: int,
+        seed: int,
+        accelerator: Any | None,
+        chunk_size: int,
+        progress: bool | str = True,
+    ) -> Tensor:
+        """Samples with a diffusers ``scheduler`` at ``num_steps`` inference steps."""
+        ...
+
+    def prompts_for(self, indices: Sequence[int]) -> list[str] | None:
+        """The prompt of each sample index, or ``None`` for an unconditional model."""
+        ...
+
+
+def reference_solution(
+    model: EvalModel,
     num_samples: int,
     seed: int,
     accelerator: Any | None = None,
     chunk_size: int = 250,
+    num_steps: int | None = None,
 ) -> Tensor:
-    """High-accuracy ODE solutions from the same per-index noise (see :data:`REFERENCE_SOLVER`)."""
-    solver_name, spacing, steps = REFERENCE_SOLVER
-    return generate(
-        model.denoiser(),
-        make_schedule(model.noise, steps, spacing),
-        get_solver(solver_name),
+    """Accurate solutions from the same per-index noise (and prompts): :data:`REFERENCE_SOLVER`,
+    ``num_steps`` steps (default: its 100)."""
+    solver, spacing, default_steps = REFERENCE_SOLVER
+    method = Method.stepsearch(solver, spacing)
+    schedule = make_schedule(model.noise, num_steps or default_steps, spacing)
+    return model.sample_schedule(
+        method,
+        schedule,
         num_samples,
-        model.sample_shape,
-        seed=seed,
-        chunk_size=chunk_size,
-        device=model.device,
-        accelerator=accelerator,
-        progress="reference ODE solution",
+        seed,
+        accelerator,
+        chunk_size,
+        progress=f"reference solution ({schedule.num_steps} steps)",
     )
 
 
 def run_experiment(
-    model: ImageModel,
+    model: EvalModel,
     methods: Sequence[Method],
     nfes: Sequence[int],
     metrics: Sequence[str] = ("fd", "traj"),
@@ -316,17 +441,27 @@ def run_experiment(
     chunk_size: int = 250,
     on_samples: Callable[[Method, int, Tensor], None] | None = None,
     fid_reference: FeatureReference | None = None,
+    clip_scorer: Any | None = None,
+    reference_steps: int | None = None,
 ) -> dict[str, ResultTable]:
-    """Evaluate every method at every NFE on every metric (see :data:`METRICS`).
+    """Evaluate every method at every NFE on every metric: the one harness for unconditional
+    models and text-to-image pipelines (:data:`METRICS`, plus ``clip`` for pipelines).
 
     ``fid_reference`` (Inception features, see :class:`FeatureReference`) is needed for ``fid``,
-    and for ``kid`` when the model has no feature space of its own.
+    and for ``kid`` when the model has no feature space of its own; ``clip`` needs
+    ``clip_scorer`` (a :class:`~stepsearch.eval.clip_score.ClipScorer`) and prompts; ``traj``
+    generates the reference solution first (:func:`reference_solution`, ``reference_steps``).
+    A (method, NFE) cell that no step count reaches exactly is left out. ``clip`` tables have
+    ``lower_is_better=False``.
     """
-    unknown = sorted(set(metrics) - set(METRICS))
-    if unknown:
-        raise ValueError(f"unknown metrics {unknown}; choose from {METRICS}")
-    scorer = _Scorer(model, metrics, num_samples, seed, accelerator, chunk_size, fid_reference)
-    tables = {metric: ResultTable(metric, lower_is_better=True) for metric in metrics}
+    scorer = _Scorer(
+        model, metrics, num_samples, seed, accelerator, chunk_size, fid_reference, clip_scorer,
+        reference_steps,
+    )  # fmt: skip
+    tables = {
+        metric: ResultTable(metric, lower_is_better=metric not in HIGHER_IS_BETTER)
+        for metric in metrics
+    }
     cells = [(method, nfe) for method in methods for nfe in nfes]
     for method, nfe in tqdm(cells, desc="methods x NFE", disable=not _is_main(accelerator)):
         start = time.perf_counter()
@@ -337,7 +472,9 @@ def run_experiment(
         seconds = time.perf_counter() - start
         if on_samples is not None:
             on_samples(method, nfe, samples)
-        for metric, (value, std) in scorer.score(samples).items():
+        scores = scorer.score(samples)
+        for metric in metrics:
+            value, std = scores[metric]
             tables[metric].add(
                 Cell(method.label, nfe, metric, value, std, num_steps, round(seconds, 3))
             )
@@ -441,43 +578,62 @@ def distance_scores(
 
 
 class _Scorer:
-    """Metric state computed once per experiment: reference features and ODE solutions."""
+    """Metric state computed once per experiment: reference features, the reference solution,
+    the prompts of the samples."""
 
     def __init__(
         self,
-        model: ImageModel,
+        model: EvalModel,
         metrics: Sequence[str],
         num_samples: int,
         seed: int,
         accelerator: Any | None,
         chunk_size: int,
         fid_reference: FeatureReference | None = None,
+        clip_scorer: Any | None = None,
+        reference_steps: int | None = None,
     ):
-        self.model, self.metrics = model, tuple(metrics)
-        self.references = _distance_references(model, self.metrics, fid_reference)
+        self.metrics = tuple(metrics)
+        self.prompts = model.prompts_for(range(num_samples))
+        self.references = _metric_references(model, self.metrics, fid_reference, clip_scorer)
+        self.clip_scorer = clip_scorer
         self.reference = (
-            reference_samples(model, num_samples, seed, accelerator, chunk_size)
+            reference_solution(model, num_samples, seed, accelerator, chunk_size, reference_steps)
             if "traj" in metrics
             else None
         )
 
     def score(self, samples: Tensor) -> dict[str, tuple[float, float | None]]:
         scores = distance_scores(samples, self.references)
-        if "traj" in self.metrics:
+        if "clip" in self.metrics:
+            scores["clip"] = (self.clip_scorer(samples, self.prompts), None)
+        if self.reference is not None:
             scores["traj"] = (trajectory_error(samples, self.reference), None)
         return scores
 
 
-def _distance_references(
-    model: ImageModel, metrics: Sequence[str], fid_reference: FeatureReference | None
+def _metric_references(
+    model: EvalModel,
+    metrics: Sequence[str],
+    fid_reference: FeatureReference | None,
+    clip_scorer: Any | None,
 ) -> dict[str, FeatureReference]:
-    """The reference of each of ``fd`` / ``fid`` / ``kid`` in ``metrics`` (see :data:`METRICS`)."""
+    """Check ``metrics`` against what the run has and return the reference of each of ``fd`` /
+    ``fid`` / ``kid`` in them (``fd`` and ``kid`` in the model's own feature space when it has
+    one, else ``kid`` in Inception features): the one metric check of every experiment."""
+    conditional = model.prompts_for(range(1)) is not None
+    known = TEXT_TO_IMAGE_METRICS if conditional else METRICS
+    unknown = sorted(set(metrics) - set(known))
+    if unknown:
+        raise ValueError(f"unknown metrics {unknown}; choose from {known}")
+    if "clip" in metrics and clip_scorer is None:
+        raise ValueError("metric clip needs a CLIP model (--clip-model)")
+    features = getattr(model, "feature_extractor", None)
+    data = getattr(model, "reference_images", None)
     own = None
-    if model.feature_extractor is not None and model.reference_images is not None:
+    if features is not None and data is not None:
         if {"fd", "kid"} & set(metrics):
-            own = FeatureReference.from_images(
-                model.feature_extractor, model.reference_images, source=f"{model.name} data"
-            )
+            own = FeatureReference.from_images(features, data, source=f"{model.name} data")
     elif "fd" in metrics:
         raise ValueError(
             f"fd for model {model.name!r} needs a feature extractor and reference images of its "
@@ -485,22 +641,18 @@ def _distance_references(
         )
     references: dict[str, FeatureReference] = {}
     for metric in metrics:
-        if metric == "fd":
-            assert own is not None
+        if metric in ("fd", "kid") and own is not None:
             references[metric] = own
-        elif metric == "fid" or (metric == "kid" and own is None):
+        elif metric in ("fid", "kid"):
             if fid_reference is None:
                 raise ValueError(
-                    f"{metric} for model {model.name!r} needs Inception features "
+                    f"metric {metric} for model {model.name!r} needs Inception features "
                     "(--inception-weights) and a reference (--reference-stats)"
                 )
             if metric == "kid" and fid_reference.features is None:
                 raise ValueError(
-                    "kid needs reference images (a folder or .safetensors for --reference-stats): "
-                    "an .npz holds only the mean and covariance"
+                    "metric kid needs reference images (a folder or .safetensors for "
+                    "--reference-stats): an .npz holds only the mean and covariance"
                 )
             references[metric] = fid_reference
-        elif metric == "kid":
-            assert own is not None
-            references[metric] = own
     return references

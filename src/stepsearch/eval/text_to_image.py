@@ -1,5 +1,9 @@
 """Side-by-side evaluation of samplers inside a local diffusers text-to-image pipeline.
 
+:class:`TextToImageModel` is what the one harness, :func:`~stepsearch.eval.experiment.run_experiment`,
+runs methods on for a pipeline (as :class:`~stepsearch.eval.experiment.ImageModel` is for an
+unconditional model).
+
 The same :class:`~stepsearch.eval.experiment.Method` s as the unconditional evaluation, run through
 ``pipe(prompt=..., latents=..., sigmas=...)`` of a UNet-based pipeline (Stable Diffusion 1.x / 2.x,
 SDXL, or any pipeline with the same call signature):
@@ -33,28 +37,19 @@ import contextlib
 import inspect
 import json
 import os
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from stepsearch.eval.clip_score import ClipScorer
-from stepsearch.eval.experiment import (
-    REFERENCE_SOLVER,
-    FeatureReference,
-    Method,
-    distance_scores,
-)
-from stepsearch.eval.generate import generate_chunks, sample_generator, steps_for_nfe, unit_noise
-from stepsearch.eval.report import Cell, ResultTable
-from stepsearch.eval.trajectory import trajectory_error
+from stepsearch.eval.experiment import HIGHER_IS_BETTER, TEXT_TO_IMAGE_METRICS, Method
+from stepsearch.eval.generate import generate_chunks, sample_generator, unit_noise
 from stepsearch.noise import DiscreteVP
-from stepsearch.schedule import StepSchedule, make_schedule
+from stepsearch.schedule import StepSchedule
+from stepsearch.solvers.base import Solver
 
 __all__ = [
     "HIGHER_IS_BETTER",
@@ -63,18 +58,7 @@ __all__ = [
     "generate_images",
     "load_pipeline",
     "read_prompts",
-    "reference_images",
-    "run_method",
-    "run_text_to_image_experiment",
 ]
-
-TEXT_TO_IMAGE_METRICS = ("clip", "fid", "kid", "traj")
-"""``clip``: CLIP score ``mean_i 100 max(cos, 0)`` of image i and its prompt (higher is better);
-``fid`` / ``kid``: Inception features against reference statistics / images; ``traj``: median RMS
-error (decoded images in ``[-1, 1]``) to a reference solution from the same noise and prompt."""
-
-HIGHER_IS_BETTER = frozenset({"clip"})
-"""Metrics whose result tables rank the largest value first."""
 
 
 def read_prompts(path: str | os.PathLike[str]) -> list[str]:
@@ -197,6 +181,55 @@ class TextToImageModel:
         """Prompt ``i mod len(prompts)`` for each sample index ``i``."""
         return [self.prompts[i % len(self.prompts)] for i in indices]
 
+    def solver_for(self, method: Method) -> Solver:
+        """The solver of ``method``'s drop-in scheduler on this pipeline's config."""
+        return _stepsearch_scheduler(self, method).solver
+
+    def sample_schedule(
+        self,
+        method: Method,
+        schedule: StepSchedule,
+        num_samples: int,
+        seed: int,
+        accelerator: Any | None,
+        chunk_size: int,
+        progress: bool | str = True,
+    ) -> Tensor:
+        """Images along ``schedule``: ``method``'s drop-in scheduler, passed the whole grid as
+        k-diffusion ``sigmas`` (its end included, so the schedule is replayed exactly)."""
+        return generate_images(
+            self,
+            _stepsearch_scheduler(self, method),
+            num_samples,
+            sigmas=schedule.to_kdiffusion_sigmas().tolist(),
+            seed=seed,
+            chunk_size=chunk_size,
+            accelerator=accelerator,
+            progress=progress,
+        )
+
+    def sample_diffusers(
+        self,
+        scheduler: Any,
+        num_steps: int,
+        num_samples: int,
+        seed: int,
+        accelerator: Any | None,
+        chunk_size: int,
+        progress: bool | str = True,
+    ) -> Tensor:
+        """Images with a diffusers ``scheduler`` and its own spacing at ``num_steps`` steps."""
+        return generate_images(
+            self,
+            scheduler,
+            num_samples,
+            num_inference_steps=num_steps,
+            seed=seed,
+            chunk_size=chunk_size,
+            accelerator=accelerator,
+            progress=progress,
+        )
+
     @contextlib.contextmanager
     def using(self, scheduler: Any) -> Iterator[None]:
         """Run the pipeline with ``scheduler``, putting the pipeline's own one back afterwards."""
@@ -261,176 +294,3 @@ def _stepsearch_scheduler(model: TextToImageModel, method: Method) -> Any:
 
     options = {"solver_kwargs": dict(method.solver_options)} if method.solver_options else {}
     return scheduler_for_solver(str(method.solver)).from_config(model.scheduler_config, **options)
-
-
-def _run_schedule(
-    model: TextToImageModel,
-    scheduler: Any,
-    schedule: StepSchedule,
-    num_samples: int,
-    seed: int,
-    accelerator: Any | None,
-    chunk_size: int,
-    progress: str,
-) -> Tensor:
-    return generate_images(
-        model,
-        scheduler,
-        num_samples,
-        sigmas=schedule.to_kdiffusion_sigmas().tolist(),
-        seed=seed,
-        chunk_size=chunk_size,
-        accelerator=accelerator,
-        progress=progress,
-    )
-
-
-def run_method(
-    model: TextToImageModel,
-    method: Method,
-    nfe: int,
-    num_samples: int,
-    seed: int = 0,
-    accelerator: Any | None = None,
-    chunk_size: int = 16,
-) -> tuple[Tensor, int] | None:
-    """Images at exactly ``nfe`` network evaluations and the step count, or ``None`` if the
-    method cannot spend exactly ``nfe`` (module docstring: how each kind of method runs)."""
-    progress = f"{method.label} NFE {nfe}"
-    if method.diffusers_scheduler is not None:
-        found = method.diffusers_scheduler_for(model.scheduler_config, nfe)
-        if found is None:
-            return None
-        scheduler, num_steps = found
-        images = generate_images(
-            model,
-            scheduler,
-            num_samples,
-            num_inference_steps=num_steps,
-            seed=seed,
-            chunk_size=chunk_size,
-            accelerator=accelerator,
-            progress=progress,
-        )
-        return images, num_steps
-    scheduler = _stepsearch_scheduler(model, method)
-    noise = model.noise
-    num_steps = steps_for_nfe(scheduler.solver, lambda n: method.schedule_on(noise, n), nfe)
-    if num_steps is None:
-        return None
-    schedule = method.schedule_on(noise, num_steps)
-    images = _run_schedule(
-        model, scheduler, schedule, num_samples, seed, accelerator, chunk_size, progress
-    )
-    return images, num_steps
-
-
-def reference_images(
-    model: TextToImageModel,
-    num_samples: int,
-    seed: int = 0,
-    accelerator: Any | None = None,
-    chunk_size: int = 16,
-    num_steps: int | None = None,
-) -> Tensor:
-    """Accurate solutions of the same pipeline from the same noise and prompts: stepsearch
-    DPM-Solver++(3M) on ``num_steps`` logSNR-uniform steps (default: :data:`REFERENCE_SOLVER`'s
-    100)."""
-    solver, spacing, default_steps = REFERENCE_SOLVER
-    schedule = make_schedule(model.noise, num_steps or default_steps, spacing)
-    scheduler = _stepsearch_scheduler(model, Method.stepsearch(solver, spacing))
-    return _run_schedule(
-        model,
-        scheduler,
-        schedule,
-        num_samples,
-        seed,
-        accelerator,
-        chunk_size,
-        f"reference solution ({schedule.num_steps} steps)",
-    )
-
-
-def _check_metrics(
-    metrics: Sequence[str],
-    clip_scorer: ClipScorer | None,
-    fid_reference: FeatureReference | None,
-) -> None:
-    unknown = sorted(set(metrics) - set(TEXT_TO_IMAGE_METRICS))
-    if unknown:
-        raise ValueError(f"unknown metrics {unknown}; choose from {TEXT_TO_IMAGE_METRICS}")
-    if "clip" in metrics and clip_scorer is None:
-        raise ValueError("metric clip needs a CLIP model (--clip-model)")
-    for metric in {"fid", "kid"} & set(metrics):
-        if fid_reference is None:
-            raise ValueError(
-                f"metric {metric} needs Inception features (--inception-weights) and a reference "
-                "(--reference-stats)"
-            )
-    if "kid" in metrics and fid_reference is not None and fid_reference.features is None:
-        raise ValueError(
-            "metric kid needs reference images (a folder or .safetensors for --reference-stats): "
-            "an .npz holds only the mean and covariance"
-        )
-
-
-def run_text_to_image_experiment(
-    model: TextToImageModel,
-    methods: Sequence[Method],
-    nfes: Sequence[int],
-    metrics: Sequence[str] = ("clip",),
-    num_samples: int = 100,
-    seed: int = 0,
-    *,
-    clip_scorer: ClipScorer | None = None,
-    fid_reference: FeatureReference | None = None,
-    accelerator: Any | None = None,
-    chunk_size: int = 16,
-    on_samples: Callable[[Method, int, Tensor], None] | None = None,
-    reference_steps: int | None = None,
-) -> dict[str, ResultTable]:
-    """Evaluate every method at every NFE on every metric (:data:`TEXT_TO_IMAGE_METRICS`).
-
-    ``clip`` needs ``clip_scorer``; ``fid`` needs ``fid_reference`` (Inception features) and
-    ``kid`` one made from images; ``traj`` generates the reference solution first
-    (:func:`reference_images`, ``reference_steps`` steps). Returns one table per metric;
-    ``clip`` tables have ``lower_is_better=False``.
-    """
-    _check_metrics(metrics, clip_scorer, fid_reference)
-    main = accelerator is None or bool(accelerator.is_main_process)
-    reference = (
-        reference_images(model, num_samples, seed, accelerator, chunk_size, reference_steps)
-        if "traj" in metrics
-        else None
-    )
-    distances = {
-        metric: fid_reference
-        for metric in metrics
-        if metric in ("fid", "kid") and fid_reference is not None
-    }
-    prompts = model.prompts_for(range(num_samples))
-    tables = {
-        metric: ResultTable(metric, lower_is_better=metric not in HIGHER_IS_BETTER)
-        for metric in metrics
-    }
-    cells = [(method, nfe) for method in methods for nfe in nfes]
-    for method, nfe in tqdm(cells, desc="methods x NFE", disable=not main):
-        start = time.perf_counter()
-        result = run_method(model, method, nfe, num_samples, seed, accelerator, chunk_size)
-        if result is None:
-            continue
-        images, num_steps = result
-        seconds = time.perf_counter() - start
-        if on_samples is not None:
-            on_samples(method, nfe, images)
-        scores = distance_scores(images, distances)
-        if clip_scorer is not None and "clip" in metrics:
-            scores["clip"] = (clip_scorer(images, prompts), None)
-        if reference is not None:
-            scores["traj"] = (trajectory_error(images, reference), None)
-        for metric in metrics:
-            value, std = scores[metric]
-            tables[metric].add(
-                Cell(method.label, nfe, metric, value, std, num_steps, round(seconds, 3))
-            )
-    return tables

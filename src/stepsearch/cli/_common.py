@@ -1,0 +1,118 @@
+"""What the command modules share: the console, the usage-error exit, list options that take
+several values after one flag, and the result-table view."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+from typer.core import TyperCommand, TyperGroup, TyperOption
+
+from stepsearch.eval.evaluate import METRIC_TITLES
+from stepsearch.eval.report import ResultTable
+
+console = Console()
+errors = Console(stderr=True)
+
+USAGE_ERROR = 2
+"""Exit status of a usage error (click's own, for bad options, too)."""
+
+
+@contextlib.contextmanager
+def usage_errors() -> Iterator[None]:
+    """Turn a ``ValueError`` / ``FileNotFoundError`` from the library into ``error: ...`` and exit
+    status 2, instead of a traceback: the library's messages name the option to fix."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError) as error:
+        errors.print(f"[red]error:[/red] {escape(str(error))}")
+        raise typer.Exit(USAGE_ERROR) from None
+
+
+def expand_list_options(args: Iterable[str], list_options: set[str]) -> list[str]:
+    """``--nfe 4 5 6`` and ``--nfe 4,5,6`` -> ``--nfe 4 --nfe 5 --nfe 6`` for the flags in
+    ``list_options``; every other token is kept as it is."""
+    expanded: list[str] = []
+    current: str | None = None
+    for token in args:
+        if token.startswith("-"):
+            current = token if token in list_options else None
+            if current is None:
+                expanded.append(token)
+            continue
+        if current is None:
+            expanded.append(token)
+            continue
+        expanded += [item for value in token.split(",") if value for item in (current, value)]
+    return expanded
+
+
+class ListOptionsCommand(TyperCommand):
+    """A command whose list options (``list[...]`` parameters) also take several values after one
+    flag, ``--nfe 4 5 6``, and comma lists, ``--nfe 4,5,6``, besides repeated flags.
+
+    click gives an option one value per occurrence; this spells the short forms out as repeated
+    flags before click parses them. Flags (``--save-samples``) show no ``<bool>`` type label.
+    """
+
+    def get_params(self, ctx: typer.Context) -> list[Any]:
+        params = super().get_params(ctx)
+        for param in params:  # the help option included
+            if getattr(param, "is_flag", False):
+                param.metavar = ""
+        return params
+
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
+        names = {
+            name
+            for param in self.params
+            if isinstance(param, TyperOption) and param.multiple
+            for name in param.opts
+        }
+        return super().parse_args(ctx, expand_list_options(args, names))
+
+
+class HelpGroup(TyperGroup):
+    """A command group whose ``--help`` row shows no ``<bool>`` type label."""
+
+    def get_params(self, ctx: typer.Context) -> list[Any]:
+        params = super().get_params(ctx)
+        for param in params:
+            if getattr(param, "is_flag", False):
+                param.metavar = ""
+        return params
+
+
+def print_table(table: ResultTable) -> None:
+    """Methods as rows, NFE as columns, the best of each column in bold green."""
+    best = {nfe: table.best(nfe) for nfe in table.nfes}
+    view = Table(title=METRIC_TITLES.get(table.metric, table.metric))
+    view.add_column("method")
+    for nfe in table.nfes:
+        view.add_column(f"NFE {nfe}", justify="right")
+    for method in table.methods:
+        cells = []
+        for nfe in table.nfes:
+            value = table.value(method, nfe)
+            text = "–" if value is None else f"{value:.3g}"
+            cells.append(f"[bold green]{text}[/]" if best[nfe] == method else text)
+        view.add_row(method, *cells)
+    console.print(view)
+
+
+def print_unreachable(cells: list[tuple[str, int]]) -> None:
+    """Say which (method, NFE) cells were skipped because no step count spends exactly that NFE."""
+    by_method: dict[str, list[int]] = {}
+    for label, nfe in cells:
+        by_method.setdefault(label, []).append(nfe)
+    for label, nfes in by_method.items():
+        shown = ", ".join(map(str, nfes))
+        errors.print(
+            f"[yellow]note:[/yellow] {escape(label)} cannot spend exactly NFE {shown} "
+            "(no step count does): not measured"
+        )

@@ -1,0 +1,168 @@
+"""``stepsearch eval``: solvers x schedules (and diffusers baselines) side by side at several NFEs,
+on an unconditional model or inside a text-to-image pipeline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from stepsearch.cli._common import console, print_table, print_unreachable, usage_errors
+from stepsearch.eval.evaluate import (
+    EvalInputs,
+    EvalResult,
+    default_metrics,
+    evaluate,
+    methods_from_names,
+    write_report,
+)
+from stepsearch.eval.experiment import METRICS, TEXT_TO_IMAGE_METRICS
+from stepsearch.solvers import SOLVERS
+
+DEFAULT_NFES = [4, 5, 6, 8, 10]
+
+
+def report(result: EvalResult, out: Path, title: str) -> None:
+    """Print the tables and the skipped cells, then write everything to ``out``."""
+    if not result.main_process:
+        return
+    for table in result.tables.values():
+        print_table(table)
+    print_unreachable(result.unreachable)
+    write_report(result, out, title)
+    console.print(
+        f"wrote tables, plots and sample grids to [bold]{out}[/] in {result.seconds:.0f} s"
+    )
+
+
+def eval_command(
+    model: Annotated[
+        str,
+        typer.Option(
+            metavar="NAME|DIR",
+            help="'digits' (bundled) or a local diffusers UNet2DModel directory.",
+        ),
+    ] = "digits",
+    pipeline: Annotated[
+        str | None,
+        typer.Option(
+            metavar="DIR",
+            help="A local diffusers text-to-image pipeline directory (instead of --model).",
+        ),
+    ] = None,
+    prompts: Annotated[
+        Path | None,
+        typer.Option(metavar="FILE", help="One prompt per line (with --pipeline; cycled)."),
+    ] = None,
+    schedules: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="NAME|FILE...",
+            help="Spacing names or schedule JSON files. [default: logsnr_uniform]",
+            show_default=False,
+        ),
+    ] = None,
+    solvers: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="NAME...",
+            help=f"Solvers: {', '.join(SOLVERS)}. [default: dpm_solver_pp_2m]",
+            show_default=False,
+        ),
+    ] = None,
+    baselines: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="CLASS...",
+            help="diffusers scheduler classes to run beside them (e.g. DDIMScheduler).",
+        ),
+    ] = None,
+    nfe: Annotated[
+        list[int] | None,
+        typer.Option(
+            metavar="N...",
+            help="Model-evaluation budgets. [default: 4 5 6 8 10]",
+            show_default=False,
+        ),
+    ] = None,
+    metric: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="NAME...",
+            help=f"{', '.join(METRICS)} (--model); {', '.join(TEXT_TO_IMAGE_METRICS)} "
+            "(--pipeline). [default: fd traj; with --pipeline: clip if --clip-model is "
+            "given, else traj]",
+        ),
+    ] = None,
+    clip_model: Annotated[
+        Path | None, typer.Option(metavar="DIR", help="Local CLIP model directory (clip).")
+    ] = None,
+    inception_weights: Annotated[
+        Path | None,
+        typer.Option(
+            metavar="FILE",
+            help="inception-2015-12-05.pt (fid; kid with --pipeline).",
+        ),
+    ] = None,
+    reference_stats: Annotated[
+        Path | None,
+        typer.Option(
+            metavar="PATH",
+            help="fid / kid reference: an .npz from `stepsearch stats`, or a folder (or "
+            ".safetensors) of images (kid needs images).",
+        ),
+    ] = None,
+    guidance_scale: Annotated[
+        float, typer.Option(metavar="W", help="Classifier-free guidance (with --pipeline).")
+    ] = 7.5,
+    num_samples: Annotated[int, typer.Option(metavar="N", help="Samples per cell.", min=2)] = 1000,
+    seed: Annotated[int, typer.Option(metavar="N", help="Seed of the per-sample noise.")] = 0,
+    out: Annotated[Path, typer.Option(metavar="DIR", help="Output directory.")] = Path(
+        "stepsearch-eval"
+    ),
+    device: Annotated[str, typer.Option(metavar="NAME", help="torch device.")] = "cpu",
+    chunk_size: Annotated[
+        int | None,
+        typer.Option(
+            metavar="N",
+            help="Samples per model batch. [default: 250; 16 with --pipeline]",
+            min=1,
+        ),
+    ] = None,
+    save_samples: Annotated[
+        bool,
+        typer.Option("--save-samples", help="Also write every cell's samples under DIR/samples/."),
+    ] = False,
+) -> None:
+    """Evaluate solvers x schedules (and diffusers baselines) at several NFEs: tables, plots,
+    sample grids.
+
+    Unconditional (--model) or text-to-image (--pipeline DIR --prompts FILE): image i always
+    starts from the noise of its own seed (and gets prompt i mod #prompts), so every method sees
+    the same noise. List options take several values: `--nfe 4 5 6`. Multi-GPU / multi-process:
+    `accelerate launch -m stepsearch eval ...` splits the samples across processes; results do
+    not depend on the number of processes.
+    """
+    with usage_errors():
+        if pipeline is not None and model != "digits":
+            raise ValueError("pass either --model (unconditional) or --pipeline, not both")
+        methods = methods_from_names(
+            schedules or ["logsnr_uniform"], solvers or ["dpm_solver_pp_2m"], baselines or []
+        )
+        inputs = EvalInputs(
+            pipeline, prompts, clip_model, inception_weights, reference_stats, guidance_scale
+        )
+        result = evaluate(
+            model,
+            methods,
+            nfe or DEFAULT_NFES,
+            metric or default_metrics(pipeline is not None, clip_model is not None),
+            num_samples,
+            seed,
+            device=device,
+            chunk_size=chunk_size,
+            inputs=inputs,
+            samples_dir=out / "samples" if save_samples else None,
+        )
+        report(result, out, "stepsearch eval")

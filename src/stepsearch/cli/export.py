@@ -1,0 +1,81 @@
+"""``stepsearch export``: a schedule JSON to a diffusers scheduler directory, k-diffusion sigmas,
+ComfyUI SIGMAS or diffusers timesteps."""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from stepsearch.cli._common import console, usage_errors
+from stepsearch.integrations.export import DEFAULT_SOLVER, export_schedule
+from stepsearch.schedule import StepSchedule
+
+
+class Target(str, Enum):
+    diffusers = "diffusers"
+    kdiffusion = "kdiffusion"
+    comfyui = "comfyui"
+    timesteps = "timesteps"
+
+
+def export_command(
+    schedule_file: Annotated[
+        Path,
+        typer.Argument(
+            metavar="SCHEDULE", exists=True, dir_okay=False, help="A schedule JSON file."
+        ),
+    ],
+    to: Annotated[
+        Target,
+        typer.Option("--to", metavar="TARGET", help="diffusers, kdiffusion, comfyui or timesteps."),
+    ],
+    destination: Annotated[
+        Path | None,
+        typer.Argument(
+            metavar="DEST",
+            help="diffusers: the scheduler directory to save_pretrained into (required). "
+            "Others: a JSON file to write [default: print to stdout].",
+            show_default=False,
+        ),
+    ] = None,
+    solver: Annotated[
+        str | None,
+        typer.Option(
+            metavar="NAME",
+            help="diffusers: the drop-in scheduler's solver (a name from `stepsearch eval "
+            f"--help`). [default: the schedule's metadata solver, else {DEFAULT_SOLVER}]",
+            show_default=False,
+        ),
+    ] = None,
+    prediction_type: Annotated[
+        str | None,
+        typer.Option(
+            metavar="NAME",
+            help="diffusers: the model's prediction type (epsilon, v_prediction, sample). "
+            "[default: the schedule's metadata, else epsilon]",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    """Export a schedule: `--to diffusers DIR` (a drop-in scheduler directory for
+    `from_pretrained`), `--to kdiffusion` (sigmas), `--to comfyui` (SIGMAS) or `--to timesteps`
+    (diffusers timesteps for `pipe(timesteps=...)`)."""
+    with usage_errors():
+        schedule = StepSchedule.load(schedule_file)
+        result = export_schedule(
+            schedule, to.value, destination, solver=solver, prediction_type=prediction_type
+        )
+    if to is Target.diffusers:
+        console.print(
+            f"wrote [bold]{destination}[/]: {type(result).__name__} "
+            f"({result.config.solver}, {schedule.num_steps} steps); load it with "
+            f"{type(result).__name__}.from_pretrained('{destination}')"
+        )
+    elif destination is not None:
+        console.print(f"wrote [bold]{destination}[/]: {len(result)} {to.value} values")
+    else:
+        typer.echo(json.dumps(result))

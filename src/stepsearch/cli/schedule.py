@@ -1,0 +1,139 @@
+"""``stepsearch schedule show`` / ``save``: make, inspect and write step schedules."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import typer
+from rich.table import Table
+
+from stepsearch.cli._common import HelpGroup, ListOptionsCommand, console, usage_errors
+from stepsearch.eval.experiment import model_noise
+from stepsearch.noise import EDM, DiscreteVP, FlowMatching, NoiseSchedule
+from stepsearch.schedule import SPACINGS, StepSchedule, make_schedule
+
+schedule_app = typer.Typer(
+    help="Make, inspect and write step schedules.", no_args_is_help=True, cls=HelpGroup
+)
+
+NOISE_PRESETS: dict[str, Callable[[], NoiseSchedule]] = {
+    "digits": lambda: model_noise("digits"),
+    "ddpm-linear": lambda: DiscreteVP.from_diffusers_config({"beta_schedule": "linear"}),
+    "stable-diffusion": DiscreteVP.stable_diffusion,
+    "edm": EDM,
+    "flow": lambda: FlowMatching(shift=3.0),
+}
+"""Named noise schedules for ``--noise`` (``digits``: the bundled model's, same as
+``--model digits``)."""
+
+DEFAULT_NOISE = "stable-diffusion"
+
+
+def noise_for(noise: str | None, model: str | None) -> tuple[NoiseSchedule, str]:
+    """The noise schedule of ``--model`` (its scheduler config) or of the ``--noise`` preset
+    (default: Stable Diffusion's), and how to name it."""
+    if noise is not None and model is not None:
+        raise ValueError("pass --model or --noise, not both")
+    if model is not None:
+        return model_noise(model), f"model {model}"
+    noise = noise or DEFAULT_NOISE
+    if noise not in NOISE_PRESETS:
+        raise ValueError(f"--noise: choose one of {', '.join(NOISE_PRESETS)}, got {noise!r}")
+    return NOISE_PRESETS[noise](), noise
+
+
+def _print_schedule(schedule: StepSchedule, title: str) -> None:
+    table = Table(title=title)
+    for column in ("i", "t", "alpha", "sigma", "lambda", "k-diffusion sigma"):
+        table.add_column(column, justify="right")
+    discrete = isinstance(schedule.noise, DiscreteVP)
+    if discrete:
+        table.add_column("diffusers timestep", justify="right")
+        timesteps = np.append(schedule.to_diffusers_timesteps(integer=False), np.nan)
+    rows = zip(
+        schedule.times,
+        schedule.alphas,
+        schedule.sigmas,
+        schedule.lambdas,
+        schedule.to_kdiffusion_sigmas(),
+        strict=True,
+    )
+    for i, (t, alpha, sigma, lambda_, kd_sigma) in enumerate(rows):
+        cells = [
+            str(i),
+            f"{t:.6g}",
+            f"{alpha:.5g}",
+            f"{sigma:.5g}",
+            f"{lambda_:.4g}",
+            f"{kd_sigma:.5g}",
+        ]
+        if discrete:
+            cells.append("clean" if t == 0 else f"{timesteps[i]:.4g}")
+        table.add_row(*cells)
+    console.print(table)
+
+
+Spacing = Annotated[str, typer.Option(metavar="NAME", help=f"One of: {', '.join(SPACINGS)}.")]
+Steps = Annotated[int, typer.Option(metavar="N", help="Number of steps.", min=1)]
+Noise = Annotated[
+    str | None,
+    typer.Option(
+        metavar="NAME",
+        help=f"Noise schedule: {', '.join(NOISE_PRESETS)}. [default: {DEFAULT_NOISE}]",
+        show_default=False,
+    ),
+]
+Model = Annotated[
+    str | None,
+    typer.Option(
+        metavar="NAME|DIR",
+        help="Use this model's noise schedule: 'digits' (bundled) or a local diffusers model "
+        "directory (instead of --noise).",
+    ),
+]
+
+
+@schedule_app.command("show", cls=ListOptionsCommand)
+def schedule_show(
+    spacing: Spacing = "karras",
+    steps: Steps = 10,
+    noise: Noise = None,
+    model: Model = None,
+    file: Annotated[
+        Path | None,
+        typer.Option(
+            metavar="FILE", exists=True, dir_okay=False, help="Show a saved schedule JSON instead."
+        ),
+    ] = None,
+) -> None:
+    """Print a step schedule: times, alpha, sigma, lambda, k-diffusion sigmas, diffusers
+    timesteps."""
+    with usage_errors():
+        if file is not None:
+            schedule = StepSchedule.load(file)
+            title = str(file)
+        else:
+            noise_schedule, name = noise_for(noise, model)
+            schedule = make_schedule(noise_schedule, steps, spacing)
+            title = f"{spacing}, {steps} steps, {name}"
+    _print_schedule(schedule, title)
+
+
+@schedule_app.command("save", cls=ListOptionsCommand)
+def schedule_save(
+    out: Annotated[Path, typer.Argument(metavar="FILE", help="Where to write the schedule JSON.")],
+    spacing: Spacing = "karras",
+    steps: Steps = 10,
+    noise: Noise = None,
+    model: Model = None,
+) -> None:
+    """Write a named spacing as a schedule JSON file (atomically). A schedule is tied to its
+    noise schedule: for `stepsearch eval --model digits` write it with `--model digits`."""
+    with usage_errors():
+        noise_schedule, name = noise_for(noise, model)
+        schedule = make_schedule(noise_schedule, steps, spacing)
+        schedule.save(out)
+    console.print(f"wrote {out} ({spacing}, {steps} steps, {name})")
