@@ -1,5 +1,6 @@
 """A toy AutoDiffusion search (Gaussian test bed, exact denoiser, 25-point grid) shared by the
-search tests and the worker processes they start: ``python _toy_search.py STORAGE BUDGET OUT``."""
+search tests and the worker processes they start:
+``python _toy_search.py STORAGE BUDGET OUT [STUDY]``."""
 
 from __future__ import annotations
 
@@ -35,10 +36,12 @@ def toy_objective() -> Objective:
     return Objective(source, "traj", num_samples=16, bootstrap=0, cache=TensorCache(None))
 
 
-def toy_search(storage: str, budget: int, *, seed: int = 0, **open_kwargs) -> AutoDiffusionResult:
+def toy_search(
+    storage: str, budget: int, *, seed: int = 0, study_name: str = "toy", **open_kwargs
+) -> AutoDiffusionResult:
     objective = toy_objective()
     starts = spacing_schedules(NOISE, NFE, ("time_uniform", "trailing"))
-    with StudyStore.open(storage, "toy", metadata={"toy": NFE}, **open_kwargs) as store:
+    with StudyStore.open(storage, study_name, metadata={"toy": NFE}, **open_kwargs) as store:
         return autodiffusion(
             objective, "ddim", nfe=NFE, budget=budget, store=store, seed=seed, starts=starts,
             settings=SETTINGS, grid=GRID,
@@ -57,6 +60,7 @@ def summary(result: AutoDiffusionResult) -> dict:
 
 if __name__ == "__main__":
     storage, budget, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-    result = toy_search(storage, budget, poll_interval=0.02)
+    name = sys.argv[4] if len(sys.argv) > 4 else "toy"
+    result = toy_search(storage, budget, study_name=name, poll_interval=0.02)
     with open(out, "w") as file:
         json.dump(summary(result), file)

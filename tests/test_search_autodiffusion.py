@@ -10,9 +10,11 @@ import sqlite3
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
+import optuna
 import pytest
 
 from stepsearch.schedule import StepSchedule
@@ -112,9 +114,10 @@ def test_search_improves_on_its_starts_and_stores_every_candidate(tmp_path):
     assert schedule_from_genes(result.history[0].genes, GRID, NOISE).num_steps == 3
 
 
-def _worker(storage: str, budget: int, out: Path) -> subprocess.Popen:
+def _worker(storage: str, budget: int, out: Path, study: str = "toy") -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, str(TESTS / "_toy_search.py"), storage, str(budget), str(out)], env=ENV
+        [sys.executable, str(TESTS / "_toy_search.py"), storage, str(budget), str(out), study],
+        env=ENV,
     )
 
 
@@ -153,16 +156,33 @@ def test_sigkill_and_resume_reach_the_identical_result(tmp_path, uninterrupted, 
         assert store.count() == BUDGET and store.count("RUNNING") == 0
 
 
-@pytest.mark.slow
-def test_two_workers_match_one_worker_without_duplicate_evaluations(tmp_path, uninterrupted):
-    storage = str(tmp_path / "shared.sqlite3")
-    StudyStore.open(storage, "toy", metadata={"toy": 3}).close()  # the tables exist first
-    workers = [_worker(storage, BUDGET, tmp_path / f"{w}.json") for w in range(2)]
+def _two_workers(tmp_path: Path, storage: str, study: str, uninterrupted: dict) -> None:
+    StudyStore.open(storage, study, metadata={"toy": 3}).close()  # the tables exist first
+    workers = [_worker(storage, BUDGET, tmp_path / f"{w}.json", study) for w in range(2)]
     assert [w.wait(timeout=300) for w in workers] == [0, 0]
     results = [json.loads((tmp_path / f"{w}.json").read_text()) for w in range(2)]
     assert results[0] == results[1] == json.loads(json.dumps(uninterrupted))
-    with StudyStore.open(storage, "toy", metadata={"toy": 3}) as store:
+    with StudyStore.open(storage, study, metadata={"toy": 3}) as store:
         complete = store.trials()
         assert len(complete) == BUDGET == len({t.key for t in complete})  # no duplicates
-        workers_seen = {t.worker["pid"] for t in complete}
-        assert len(workers_seen) == 2  # both did part of the work
+        assert store.count("RUNNING") == 0
+        assert len({t.worker["pid"] for t in complete}) == 2  # both did part of the work
+
+
+@pytest.mark.slow
+def test_two_workers_match_one_worker_without_duplicate_evaluations(tmp_path, uninterrupted):
+    _two_workers(tmp_path, str(tmp_path / "shared.sqlite3"), "toy", uninterrupted)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not os.environ.get("STEPSEARCH_TEST_POSTGRES_URL"),
+    reason="STEPSEARCH_TEST_POSTGRES_URL is unset (scripts/ci_postgres.sh starts a server)",
+)
+def test_two_workers_on_a_postgres_server(tmp_path, uninterrupted):
+    url = os.environ["STEPSEARCH_TEST_POSTGRES_URL"]
+    study = f"toy-{uuid.uuid4().hex[:8]}"  # a fresh study on a long-lived server
+    try:
+        _two_workers(tmp_path, url, study, uninterrupted)
+    finally:
+        optuna.delete_study(study_name=study, storage=url.replace("://", "+psycopg://", 1))

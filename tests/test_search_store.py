@@ -1,5 +1,5 @@
 """The study store: duplicates looked up, killed workers' trials re-run, metadata guarded, workers
-sharing one study (SQLite here; PostgreSQL when STEPSEARCH_TEST_POSTGRES_URL names a server)."""
+sharing one study (SQLite; test_search_autodiffusion runs a search on a PostgreSQL server)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,9 @@ import os
 import subprocess
 import sys
 import textwrap
-import uuid
 from pathlib import Path
 
 import numpy as np
-import optuna
 import pytest
 
 from stepsearch.eval.cache import TensorCache
@@ -216,14 +214,3 @@ def _run_two_workers(tmp_path: Path, storage: str, name: str) -> None:
 
 def test_two_processes_share_one_sqlite_study(tmp_path):
     _run_two_workers(tmp_path, str(tmp_path / "shared.sqlite3"), "shared")
-
-
-@pytest.mark.skipif(
-    not os.environ.get("STEPSEARCH_TEST_POSTGRES_URL"),
-    reason="STEPSEARCH_TEST_POSTGRES_URL is unset (scripts/ci_postgres.sh starts a server)",
-)
-def test_two_processes_share_one_postgres_study(tmp_path):
-    url = os.environ["STEPSEARCH_TEST_POSTGRES_URL"]
-    name = f"toy-{uuid.uuid4().hex[:8]}"  # a fresh study each run on a long-lived server
-    _run_two_workers(tmp_path, url, name)
-    optuna.delete_study(study_name=name, storage=url)

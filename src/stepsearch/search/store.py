@@ -633,6 +633,11 @@ def _connect(url: str, heartbeat_interval: int, grace_period: int | None) -> Any
                     grace_period=grace_period,
                 )
             break
+        except ImportError as error:
+            raise ValueError(
+                f"no database driver for {url.split('://', 1)[0]}: {error} "
+                '(PostgreSQL: pip install "stepsearch[postgres]")'
+            ) from None
         except Exception:  # sqlalchemy.exc.OperationalError / IntegrityError while racing
             if attempt == 4:
                 raise
