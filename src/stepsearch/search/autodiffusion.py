@@ -64,6 +64,7 @@ __all__ = [
     "AutoDiffusionResult",
     "AutoDiffusionSettings",
     "Evaluated",
+    "JobSummary",
     "autodiffusion",
     "genes_from_schedule",
     "propose_generation",
@@ -371,7 +372,8 @@ def run_autodiffusion_job(
         "model": objective.source.identity.to_json_dict(),
         "solver": {"name": run_solver.name, "config": run_solver.config()},
         "nfe": int(nfe),
-        "objective": objective.describe(),
+        # what the search sees (the held-out sample count only changes the report)
+        "objective": {k: v for k, v in objective.describe().items() if k != "held_out_samples"},
         "settings": settings.to_json_dict(),
     }
     name = study_name or f"autodiffusion-{objective.source.identity.name}-{solver}-nfe{nfe}"

@@ -203,10 +203,8 @@ def plot_search(
     left.plot(trials, best_so_far, color="tab:red", lw=2, label="best so far")
     for index, baseline in enumerate(baselines):
         left.axhline(baseline.value, lw=1, ls="--", color=f"C{index % 10}", label=baseline.name)
-    reference = [b.value for b in baselines if math.isfinite(b.value)]
-    if reference and np.isfinite(best_so_far[-1]):
-        top = max(reference) * 1.5
-        left.set_ylim(best_so_far[np.isfinite(best_so_far)].min() * 0.9, top)
+    if np.nanmin(finite, initial=np.inf) > 0:
+        left.set_yscale("log")
     left.set_xlabel("trials")
     left.set_ylabel(f"{metric} (search seed)")
     left.legend(fontsize=7)
@@ -214,6 +212,7 @@ def plot_search(
         _plot_schedule(right, baseline.schedule, baseline.name, f"C{index % 10}", lw=1, ls="--")
     _plot_schedule(right, best, "search result", "tab:red", lw=2.5, ls="-")
     right.set_xlabel("step i")
+    right.xaxis.get_major_locator().set_params(integer=True)
     right.set_ylabel("k-diffusion sigma (log)")
     right.set_yscale("log")
     right.legend(fontsize=7)
