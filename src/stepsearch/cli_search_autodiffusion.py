@@ -1,0 +1,116 @@
+"""``stepsearch search autodiffusion``: argument parsing only; the job is
+:func:`stepsearch.search.autodiffusion.run_autodiffusion_job`.
+
+Until the ``stepsearch.cli`` package has its ``search`` group, :func:`register` adds the command
+to a given typer group (the lead wires it; in the package it becomes ``cli/search_autodiffusion.py``
+with ``@search_command("autodiffusion")`` on :func:`autodiffusion_command`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+console = Console()
+
+
+def autodiffusion_command(
+    model: Annotated[str, typer.Option(help="`digits` (bundled) or a local UNet2DModel folder.")],
+    solver: Annotated[str, typer.Option(help="The solver the schedule is searched for.")],
+    nfe: Annotated[int, typer.Option(help="Model evaluations per sample.", min=1)],
+    out: Annotated[Path, typer.Option(help="Output folder (result files; study by default).")],
+    budget: Annotated[int, typer.Option(help="Trials (candidates evaluated) in all.", min=1)] = 500,
+    storage: Annotated[
+        str | None,
+        typer.Option(
+            help="Study store: a SQLite file or a database URL (postgresql://...) shared by "
+            "workers. Default: OUT/study.sqlite3."
+        ),
+    ] = None,
+    metric: Annotated[str, typer.Option(help="Fitness: fd, kid or traj.")] = "fd",
+    num_samples: Annotated[int, typer.Option(help="Samples per candidate (search seed).")] = 256,
+    held_out_samples: Annotated[
+        int, typer.Option(help="Samples for the held-out scores of the result.")
+    ] = 1000,
+    seed: Annotated[int, typer.Option(help="Seed of the evolutionary search.")] = 0,
+    population: Annotated[int, typer.Option(help="Candidates per generation.")] = 50,
+    mutations: Annotated[int, typer.Option(help="Of them, children by mutation.")] = 25,
+    crossovers: Annotated[int, typer.Option(help="Of them, children by crossover.")] = 10,
+    parents: Annotated[int, typer.Option(help="Best candidates children come from.")] = 10,
+    mutation_probability: Annotated[float, typer.Option(help="Per-gene mutation rate.")] = 0.1,
+    study_name: Annotated[str | None, typer.Option(help="Study name (default from settings).")] = (
+        None
+    ),
+    worker_name: Annotated[str | None, typer.Option(help="Label of this worker's trials.")] = None,
+    cache: Annotated[Path | None, typer.Option(help="Cache folder (default ~/.cache).")] = None,
+    device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """AutoDiffusion's evolutionary search for the timesteps `--solver` runs best at `--nfe`.
+
+    Every candidate is a trial in an Optuna study: kill the job and rerun the same command to
+    resume it (the result is the one an uninterrupted run gives); start the same command on
+    several machines with one `--storage postgresql://...` to share the work. Writes
+    `best_schedule.json`, `scheduler/` (diffusers), `result.json` and `progress.png` to `--out`.
+    """
+    import optuna
+
+    from stepsearch.eval.cache import TensorCache
+    from stepsearch.eval.objective import Objective
+    from stepsearch.eval.sources import load_source
+    from stepsearch.search.autodiffusion import AutoDiffusionSettings, run_autodiffusion_job
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        settings = AutoDiffusionSettings(
+            population=population,
+            mutations=mutations,
+            crossovers=crossovers,
+            parents=parents,
+            mutation_probability=mutation_probability,
+        )
+        objective = Objective(
+            load_source(model, device=device),
+            metric,
+            num_samples=num_samples,
+            held_out_samples=held_out_samples,
+            cache=TensorCache(cache) if cache is not None else None,
+            progress=progress,
+        )
+        summary = run_autodiffusion_job(
+            objective,
+            solver,
+            nfe=nfe,
+            budget=budget,
+            out=out,
+            storage=storage,
+            seed=seed,
+            settings=settings,
+            study_name=study_name,
+            progress=progress,
+            worker_name=worker_name,
+        )
+    except (ValueError, FileNotFoundError) as error:
+        console.print(f"[red]error:[/red] {error}")
+        raise typer.Exit(2) from None
+    best = summary.result.best
+    console.print(f"best schedule ({solver}, NFE {nfe}): timesteps {_shown(best)}")
+    for name, value in summary.held_out.items():
+        console.print(f"  held-out {metric} {name}: {value:.4g}")
+    for role, path in summary.files.items():
+        console.print(f"  {role}: {path}")
+
+
+def _shown(schedule) -> str:
+    try:
+        return str(schedule.to_diffusers_timesteps(integer=False).round(1).tolist())
+    except ValueError:
+        return str(schedule.times.round(4).tolist())
+
+
+def register(search_app: typer.Typer) -> None:
+    """Add ``autodiffusion`` to the ``stepsearch search`` group."""
+    search_app.command("autodiffusion")(autodiffusion_command)
