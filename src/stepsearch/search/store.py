@@ -371,10 +371,12 @@ class StudyStore:
         *,
         solver: str | Solver,
         attrs: Sequence[Mapping[str, Any]] | None = None,
+        on_score: Callable[[int, Score], None] | None = None,
     ) -> list[Score]:
         """Scores of ``candidates`` (in order), as :meth:`evaluate` gives them, sharing the work
         with other workers: a candidate another worker is evaluating is deferred while this worker
-        evaluates the next, then waited for."""
+        evaluates the next, then waited for. ``on_score(index, score)`` is called as each one
+        becomes known (for progress bars)."""
         if attrs is not None and len(attrs) != len(candidates):
             raise ValueError(f"{len(attrs)} attribute sets for {len(candidates)} candidates")
         extra = [self._checked_attrs(a) for a in (attrs or [{}] * len(candidates))]
@@ -392,6 +394,8 @@ class StudyStore:
                     deferred.append(index)
                 else:
                     results[index] = outcome
+                    if on_score is not None:
+                        on_score(index, outcome)
             if len(deferred) == len(pending):
                 time.sleep(self.poll_interval)  # every one is being evaluated elsewhere
             pending = deferred
@@ -407,7 +411,7 @@ class StudyStore:
     def trials(self, states: Sequence[str] = ("COMPLETE",)) -> list[StoredTrial]:
         """Trials in ``states`` (Optuna state names), by trial number."""
         wanted = tuple(TrialState[s] for s in states)
-        frozen = self._storage.get_all_trials(self._study_id, deepcopy=False, states=wanted)
+        frozen = self.study.get_trials(deepcopy=False, states=wanted)
         return [StoredTrial.from_frozen(t) for t in sorted(frozen, key=lambda t: t.number)]
 
     def best(self) -> StoredTrial | None:
@@ -419,7 +423,7 @@ class StudyStore:
         return min(complete, key=lambda t: (sign * t.value, t.number))
 
     def count(self, state: str = "COMPLETE") -> int:
-        return len(self._storage.get_all_trials(self._study_id, False, (TrialState[state],)))
+        return len(self.study.get_trials(deepcopy=False, states=(TrialState[state],)))
 
     def close(self) -> None:
         """Release the database connections."""
@@ -448,9 +452,10 @@ class StudyStore:
         return self._complete.get(key)
 
     def _refresh(self) -> list[optuna.trial.FrozenTrial]:
-        """Read the study; remember completed trials by key; return the running ones."""
-        trials = self._storage.get_all_trials(
-            self._study_id, deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING)
+        """Read the study; remember completed trials by key; return the running ones. (Reads go
+        through the study's trial cache, which fetches only new and unfinished trials.)"""
+        trials = self.study.get_trials(
+            deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING)
         )
         running = []
         for trial in sorted(trials, key=lambda t: t.number):

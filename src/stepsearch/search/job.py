@@ -1,0 +1,271 @@
+"""What every search job shares: its output folder, its starting points, progress, result files.
+
+A job (``stepsearch search <family> ... --out DIR``) writes into ``DIR``:
+
+- ``study.sqlite3``: the study store (unless ``--storage`` names another file or a database URL);
+- ``best_schedule.json``: the result as a :class:`~stepsearch.schedule_file.ScheduleFile` whose
+  provenance carries the search-seed and held-out scores;
+- ``scheduler/``: a diffusers scheduler directory replaying it
+  (``StepsearchXScheduler.from_pretrained(DIR / "scheduler")``);
+- ``result.json``: a summary (best, starting point, baselines, held-out scores, trials, timings);
+- ``progress.png``: best score vs trials, and the schedule against the baselines.
+
+Searches call these helpers; the CLI modules only parse arguments.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stepsearch._io import atomic_write_bytes, atomic_write_json
+from stepsearch.noise import DiscreteVP, FlowMatching, NoiseSchedule
+from stepsearch.schedule import StepSchedule, make_schedule
+from stepsearch.schedule_file import ScheduleFile
+from stepsearch.search.store import DEFAULT_STORAGE_NAME
+from stepsearch.solvers import get_solver
+from stepsearch.solvers.base import Solver
+
+__all__ = [
+    "DEFAULT_SPACINGS",
+    "Baseline",
+    "SearchProgress",
+    "num_steps_for_nfe",
+    "output_dir",
+    "plot_search",
+    "resolve_storage",
+    "spacing_schedules",
+    "write_job_result",
+    "write_scheduler_dir",
+]
+
+DEFAULT_SPACINGS = ("time_uniform", "logsnr_uniform", "karras", "leading", "linspace", "trailing")
+"""The built-in spacings a search starts from and is compared with (those that apply to the
+model's noise schedule: diffusers' leading / linspace / trailing need a DiscreteVP)."""
+
+
+def output_dir(out: str | os.PathLike[str]) -> Path:
+    """``out`` as a folder (created); an existing file there raises ``ValueError``."""
+    path = Path(out).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out {path} is a file, not a folder")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def resolve_storage(storage: str | None, out: Path) -> str:
+    """The study store of a job: ``storage`` as given (a path or a database URL), else
+    ``out / study.sqlite3``."""
+    return str(out / DEFAULT_STORAGE_NAME) if storage in (None, "") else str(storage)
+
+
+def num_steps_for_nfe(solver: Solver, noise: NoiseSchedule, nfe: int) -> int:
+    """The number of schedule steps at which ``solver`` spends exactly ``nfe`` model evaluations
+    (``n`` for DDIM and multistep solvers, ``(nfe + 1) / 2`` for Heun, ...); ``ValueError`` if no
+    step count does."""
+    if isinstance(nfe, bool) or int(nfe) != nfe or nfe < 1:
+        raise ValueError(f"nfe must be a positive integer, got {nfe!r}")
+    reachable = {}
+    for steps in range(1, int(nfe) + 1):
+        spent = int(solver.evaluation_times(make_schedule(noise, steps, "time_uniform")).size)
+        reachable[steps] = spent
+        if spent == nfe:
+            return steps
+    raise ValueError(
+        f"{solver.name} cannot spend exactly {nfe} model evaluations "
+        f"(steps -> NFE: {', '.join(f'{s}->{n}' for s, n in reachable.items())})"
+    )
+
+
+def spacing_schedules(
+    noise: NoiseSchedule, num_steps: int, spacings: Sequence[str] = DEFAULT_SPACINGS
+) -> dict[str, StepSchedule]:
+    """``num_steps``-step schedules of the ``spacings`` that apply to ``noise`` (others skipped)."""
+    schedules = {}
+    for name in spacings:
+        if name in ("leading", "linspace", "trailing") and not isinstance(noise, DiscreteVP):
+            continue
+        if name == "flow_shifted" and not isinstance(noise, FlowMatching):
+            continue
+        schedules[name] = make_schedule(noise, num_steps, name)
+    return schedules
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """A built-in spacing's schedule and its score on the search seed (for plots and reports)."""
+
+    name: str
+    schedule: StepSchedule
+    value: float
+
+
+class SearchProgress:
+    """A progress bar of a search: trials done out of the budget, best score so far."""
+
+    def __init__(self, budget: int, description: str, *, enabled: bool = True):
+        self.budget = int(budget)
+        self.description = description
+        self.enabled = enabled
+        self.best = math.inf
+        self._progress: Any = None
+        self._task: Any = None
+
+    @contextmanager
+    def running(self) -> Iterator[SearchProgress]:
+        if not self.enabled:
+            yield self
+            return
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        columns = (
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("best {task.fields[best]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+        )
+        with Progress(*columns, transient=False) as progress:
+            self._progress = progress
+            self._task = progress.add_task(self.description, total=self.budget, best="-")
+            try:
+                yield self
+            finally:
+                self._progress = None
+
+    def update(self, done: int, best: float) -> None:
+        """``done`` trials finished (looked up or evaluated); ``best`` the best value so far."""
+        self.best = min(self.best, best)
+        if self._progress is not None:
+            self._progress.update(self._task, completed=done, best=f"{self.best:.5g}")
+
+
+def write_scheduler_dir(
+    path: str | os.PathLike[str], schedule: StepSchedule, solver: Solver, **config: Any
+) -> Path | None:
+    """A diffusers scheduler directory replaying ``schedule`` with ``solver`` (its drop-in class's
+    ``from_step_schedule(...).save_pretrained``); ``None`` when the noise schedule has no
+    diffusers form (EDM, continuous VP)."""
+    from stepsearch.integrations.diffusers import scheduler_for_solver
+
+    if not isinstance(schedule.noise, (DiscreteVP, FlowMatching)):
+        return None
+    scheduler_class = scheduler_for_solver(solver.name)
+    solver_kwargs = {k: v for k, v in solver.config().items() if k != "name"}
+    if solver_kwargs:
+        config.setdefault("solver_kwargs", solver_kwargs)
+    scheduler = scheduler_class.from_step_schedule(schedule, **config)
+    target = Path(path)
+    target.mkdir(parents=True, exist_ok=True)
+    scheduler.save_pretrained(target)
+    return target
+
+
+def plot_search(
+    path: str | os.PathLike[str],
+    values: Sequence[float],
+    best: StepSchedule,
+    baselines: Sequence[Baseline],
+    *,
+    metric: str,
+    title: str,
+) -> Path:
+    """A PNG: the best search-seed score vs trials (every trial faint, baselines as lines), and
+    the best schedule's noise levels (k-diffusion sigma, log scale) against the baselines'."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import io
+
+    import matplotlib.pyplot as plt
+
+    values_array = np.asarray(values, dtype=np.float64)
+    finite = np.where(np.isfinite(values_array), values_array, np.nan)
+    best_so_far = np.fmin.accumulate(np.where(np.isnan(finite), np.inf, finite))
+    trials = np.arange(1, values_array.size + 1)
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    left.scatter(trials, finite, s=6, alpha=0.25, color="tab:gray", label="trial")
+    left.plot(trials, best_so_far, color="tab:red", lw=2, label="best so far")
+    for index, baseline in enumerate(baselines):
+        left.axhline(baseline.value, lw=1, ls="--", color=f"C{index % 10}", label=baseline.name)
+    reference = [b.value for b in baselines if math.isfinite(b.value)]
+    if reference and np.isfinite(best_so_far[-1]):
+        top = max(reference) * 1.5
+        left.set_ylim(best_so_far[np.isfinite(best_so_far)].min() * 0.9, top)
+    left.set_xlabel("trials")
+    left.set_ylabel(f"{metric} (search seed)")
+    left.legend(fontsize=7)
+    for index, baseline in enumerate(baselines):
+        _plot_schedule(right, baseline.schedule, baseline.name, f"C{index % 10}", lw=1, ls="--")
+    _plot_schedule(right, best, "search result", "tab:red", lw=2.5, ls="-")
+    right.set_xlabel("step i")
+    right.set_ylabel("k-diffusion sigma (log)")
+    right.set_yscale("log")
+    right.legend(fontsize=7)
+    figure.suptitle(title)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=120)
+    plt.close(figure)
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
+def _plot_schedule(axes: Any, schedule: StepSchedule, label: str, color: str, **style: Any) -> None:
+    sigmas = schedule.to_kdiffusion_sigmas()
+    noisy = sigmas > 0
+    axes.plot(np.arange(sigmas.size)[noisy], sigmas[noisy], marker="o", ms=3, label=label,
+              color=color, **style)  # fmt: skip
+
+
+def write_job_result(
+    out: Path,
+    schedule_file: ScheduleFile,
+    summary: Mapping[str, Any],
+    *,
+    values: Sequence[float],
+    baselines: Sequence[Baseline],
+    title: str,
+) -> dict[str, str]:
+    """Write a job's result files into ``out`` (module docstring); returns their paths by role."""
+    schedule_path = out / "best_schedule.json"
+    schedule_file.save(schedule_path)
+    paths = {"schedule": str(schedule_path)}
+    solver_json = schedule_file.provenance.solver
+    solver = get_solver(
+        str(solver_json["name"]),
+        **{k: v for k, v in dict(solver_json.get("config", {})).items() if k != "name"},
+    )
+    config = {}
+    if schedule_file.provenance.prediction_type is not None:
+        config["prediction_type"] = schedule_file.provenance.prediction_type
+    scheduler_dir = write_scheduler_dir(out / "scheduler", schedule_file.schedule, solver, **config)
+    if scheduler_dir is not None:
+        paths["scheduler"] = str(scheduler_dir)
+    paths["plot"] = str(
+        plot_search(
+            out / "progress.png",
+            values,
+            schedule_file.schedule,
+            baselines,
+            metric=str(schedule_file.provenance.objective.get("metric", "score")),
+            title=title,
+        )
+    )
+    paths["summary"] = str(out / "result.json")
+    atomic_write_json(out / "result.json", {**summary, "files": paths})
+    return paths

@@ -1,0 +1,62 @@
+"""A toy AutoDiffusion search (Gaussian test bed, exact denoiser, 25-point grid) shared by the
+search tests and the worker processes they start: ``python _toy_search.py STORAGE BUDGET OUT``."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+
+from stepsearch.eval.cache import TensorCache
+from stepsearch.eval.objective import Objective
+from stepsearch.eval.sources import DenoiserSource
+from stepsearch.noise import DiscreteVP
+from stepsearch.search.autodiffusion import (
+    AutoDiffusionResult,
+    AutoDiffusionSettings,
+    autodiffusion,
+    time_grid,
+)
+from stepsearch.search.job import spacing_schedules
+from stepsearch.search.store import StudyStore
+from stepsearch.testbeds.gaussian_mixture import GaussianMixture
+
+NOISE = DiscreteVP.from_diffusers_config({"beta_schedule": "linear"})
+GRID = time_grid(NOISE)[::40]  # 25 trained steps: C(25, 3) = 2300 candidates at NFE 3
+SETTINGS = AutoDiffusionSettings(population=8, mutations=4, crossovers=2, parents=3)
+NFE = 3
+
+
+def toy_objective() -> Objective:
+    rng = np.random.default_rng(0)
+    mixture = GaussianMixture.gaussian(rng.normal(size=4), rng.uniform(0.05, 0.5, 4), NOISE)
+    source = DenoiserSource.of_mixture(mixture, name="toy-gaussian", num_reference=64)
+    return Objective(source, "traj", num_samples=16, bootstrap=0, cache=TensorCache(None))
+
+
+def toy_search(storage: str, budget: int, *, seed: int = 0, **open_kwargs) -> AutoDiffusionResult:
+    objective = toy_objective()
+    starts = spacing_schedules(NOISE, NFE, ("time_uniform", "trailing"))
+    with StudyStore.open(storage, "toy", metadata={"toy": NFE}, **open_kwargs) as store:
+        return autodiffusion(
+            objective, "ddim", nfe=NFE, budget=budget, store=store, seed=seed, starts=starts,
+            settings=SETTINGS, grid=GRID,
+        )  # fmt: skip
+
+
+def summary(result: AutoDiffusionResult) -> dict:
+    return {
+        "best": result.best.times.tolist(),
+        "best_value": result.best_score.value,
+        "history": [
+            [r.index, r.generation, r.origin, list(r.genes), r.value] for r in result.history
+        ],
+    }
+
+
+if __name__ == "__main__":
+    storage, budget, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    result = toy_search(storage, budget, poll_interval=0.02)
+    with open(out, "w") as file:
+        json.dump(summary(result), file)
