@@ -168,6 +168,12 @@ def test_oss_per_sample_paths_on_flow_matching():
     alone = dynamic.dynamic_schedule(single, "euler", 4, per_sample=True, cache=cache)
     pooled = dynamic.dynamic_schedule(single, "euler", 4, cache=cache, reduction="rms")
     assert alone.path == pooled.path  # one trajectory: the per-sample path is the pooled one
+    multistep = dynamic.dynamic_schedule(
+        teacher, "dpm_solver_pp_2m", 4, per_sample=True, cache=cache
+    )
+    assert multistep.schedule.num_steps == 4  # 16 trajectories: two chunks of per-sample tables
+    one = dynamic.dynamic_schedule(single, "dpm_solver_pp_2m", 4, per_sample=True, cache=cache)
+    assert one.path == dynamic.dynamic_schedule(single, "dpm_solver_pp_2m", 4, cache=cache).path
 
 
 def test_teacher_is_cached_on_disk(tmp_path):

@@ -84,6 +84,9 @@ later steps weigh more. Measured on a 4-component Gaussian mixture (tests): at N
 
 ProgressHook = Callable[[str], None]
 
+_PER_SAMPLE_CHUNK = 8
+"""Trajectories whose per-sample cost tables are held at once (OSS): a pair table is ``G^3``."""
+
 
 # ------------------------------------------------------------------------------------------------
 # grid and teacher
@@ -387,7 +390,7 @@ def _cost_table(
 
 
 def _per_sample_errors(
-    vectors: Tensor, rows: list[np.ndarray], weights: np.ndarray, chunk: int = 2048
+    vectors: Tensor, rows: list[np.ndarray], weights: np.ndarray, chunk: int = 256
 ) -> np.ndarray:
     """Per-sample RMS of ``sum_a w_a V_{rows_a}`` for each of ``T`` index tuples: ``(T, N)``."""
     total = len(rows[0])
@@ -549,22 +552,23 @@ def dynamic_schedule(
     if not coeff > 0:
         raise ValueError(f"coeff must be positive, got {coeff!r}")
     rules = layer_rules(run_solver, num_steps)
-    costs = step_costs(
-        teacher, rules, reduction=reduction, per_sample=per_sample, cache=cache, progress=progress
-    )
     weights = [float(coeff) ** m for m in range(num_steps)]
     size = len(teacher.grid)
+    options = {"reduction": reduction, "cache": cache, "progress": progress}
     if per_sample:
         paths = []
-        for k in range(teacher.num_samples):
-            layers = [costs.tables[rule.key][k] for rule in rules]
-            paths.append(best_path(layers, weights)[0])
+        for first in range(0, teacher.num_samples, _PER_SAMPLE_CHUNK):
+            chunk = teacher.subset(slice(first, first + _PER_SAMPLE_CHUNK))
+            tables = step_costs(chunk, rules, per_sample=True, **options).tables
+            for k in range(chunk.num_samples):
+                paths.append(best_path([tables[rule.key][k] for rule in rules], weights)[0])
         path = median_path(np.asarray(paths), size)
-        mean_tables = {key: np.mean(table, axis=0) for key, table in costs.tables.items()}
-        layers = [mean_tables[rule.key] for rule in rules]
+        pooled = step_costs(teacher, rules, **options).tables
+        layers = [pooled[rule.key] for rule in rules]
         cost = path_cost(path, layers, weights)
     else:
-        layers = [costs.tables[rule.key] for rule in rules]
+        tables = step_costs(teacher, rules, **options).tables
+        layers = [tables[rule.key] for rule in rules]
         path, cost = best_path(layers, weights)
     per_step = _per_step_costs(path, layers)
     schedule = StepSchedule(
