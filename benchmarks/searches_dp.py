@@ -28,7 +28,7 @@ from stepsearch.eval.cache import TensorCache
 from stepsearch.eval.objective import Objective
 from stepsearch.eval.sources import load_source
 from stepsearch.schedule import StepSchedule, make_schedule
-from stepsearch.search.dp_job import run_dp_search
+from stepsearch.search.dp_job import DPSettings, run_dp_search
 from stepsearch.search.dynamic import dynamic_schedule, fine_grid, record_teacher
 from stepsearch.solvers import get_solver
 
@@ -150,9 +150,11 @@ def main() -> None:
             5,
             Path(args.out),
             storage=str(Path(directory) / "study.db"),
-            grid_points=args.grid_points,
-            teacher_samples=args.teacher_samples,
-            coeffs=[float(c) for c in _csv(args.coeffs)],
+            settings=DPSettings(
+                grid_points=args.grid_points,
+                teacher_samples=args.teacher_samples,
+                coeffs=tuple(float(c) for c in _csv(args.coeffs)),
+            ),
             progress=False,
         )
     timings["job_nfe5_s"] = time.perf_counter() - start

@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from stepsearch.search.dp_job import DEFAULT_COEFFS
+from stepsearch.search.dp_job import DEFAULT_COEFFS, DPSettings
 
 
 def _floats(text: str) -> list[float]:
@@ -30,7 +30,10 @@ def search_dp(
     ),
     nfe: Annotated[int, typer.Option(help="Model evaluations (= steps).", min=1)] = 5,
     storage: Annotated[
-        str | None, typer.Option(help="Optuna storage: an SQLite file path or a database URL.")
+        str | None,
+        typer.Option(
+            help="Study store: a SQLite file or a database URL (default OUT/study.sqlite3)."
+        ),
     ] = None,
     out: Annotated[Path, typer.Option(help="Output directory.")] = Path("stepsearch-dp"),
     metric: Annotated[str, typer.Option(help="Objective: traj, fd or kid.")] = "fd",
@@ -52,7 +55,8 @@ def search_dp(
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Dynamic-programming schedule (GITS / OSS style) for one solver and NFE; writes
-    `schedule.json`, `scheduler/`, `dp.png` and `summary.json` under `--out`."""
+    `best_schedule.json`, `scheduler/`, `result.json`, `progress.png` and the study store
+    (`study.sqlite3` unless `--storage`) under `--out`."""
     from rich.console import Console
 
     from stepsearch.eval.cache import TensorCache
@@ -74,30 +78,27 @@ def search_dp(
             cache=TensorCache(cache) if cache is not None else None,
             progress=progress,
         )
-        result = run_dp_search(
-            objective,
-            solver,
-            nfe,
-            out,
-            storage=storage,
+        settings = DPSettings(
             grid_points=grid_points,
             grid_spacing=grid_spacing,
             teacher_samples=teacher_samples,
-            coeffs=_floats(coeffs),
+            coeffs=tuple(_floats(coeffs)),
             reductions=(reduction,),
             per_sample=per_sample,
-            progress=progress,
+        )
+        result = run_dp_search(
+            objective, solver, nfe, out, storage=storage, settings=settings, progress=progress
         )
     except ValueError as error:
         console.print(f"[red]error:[/red] {error}")
         raise typer.Exit(2) from None
     console.print(
         f"DP schedule {result.best.result.path} (coeff {result.best.coeff}): {metric} "
-        f"{result.best.score.value:.4g} search, {result.held_out.value:.4g} held-out"
+        f"{result.best.score.value:.4g} search, {result.held_out.value:.4g} held-out; best start "
+        f"{result.start.name}: {result.start.value:.4g} search, "
+        f"{result.held_out_values[f'start ({result.start.name})']:.4g} held-out"
     )
-    for spacing, scores in result.baselines.items():
-        console.print(f"  {spacing:>15}: {scores['held_out'].value:.4g} held-out")
-    console.print(f"wrote {', '.join(str(path) for path in result.files.values())}")
+    console.print(f"wrote {', '.join(result.files.values())}")
 
 
 def register(search_app: typer.Typer) -> None:
