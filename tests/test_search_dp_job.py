@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import optuna
 import pytest
 import typer
@@ -15,7 +16,7 @@ from stepsearch.eval.objective import Objective
 from stepsearch.eval.sources import DenoiserSource
 from stepsearch.noise import DiscreteVP
 from stepsearch.schedule_file import ScheduleFile
-from stepsearch.search.dp_job import run_dp_search
+from stepsearch.search.dp_job import DPSettings, run_dp_search
 from stepsearch.testbeds.gaussian_mixture import GaussianMixture
 
 
@@ -29,20 +30,18 @@ def objective(tmp_path):
 
 def test_job_writes_a_schedule_file_scheduler_plot_and_trials(objective, tmp_path):
     out = tmp_path / "out"
-    storage = tmp_path / "study.db"
-    result = run_dp_search(
-        objective, "dpm_solver_pp_2m", 4, out, storage=str(storage), grid_points=16,
-        teacher_samples=32, coeffs=(1.0, 1.15, 1.3), progress=False,
-    )  # fmt: skip
-    loaded = ScheduleFile.load(out / "schedule.json", noise=objective.source.noise)
+    settings = DPSettings(grid_points=16, teacher_samples=32, coeffs=(1.0, 1.15, 1.3))
+    result = run_dp_search(objective, "dpm_solver_pp_2m", 4, out, settings=settings, progress=False)
+    loaded = ScheduleFile.load(out / "best_schedule.json", noise=objective.source.noise)
     assert loaded.schedule == result.best.result.schedule
     assert loaded.provenance.search["family"] == "dp"
     assert loaded.provenance.scores["held_out"]["value"] == pytest.approx(result.held_out.value)
     assert loaded.provenance.nfe == 4
     assert result.best.score.value == min(c.score.value for c in result.candidates)
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "result.json").read_text())
     assert set(summary["baselines"]) >= {"trailing", "time_uniform", "logsnr_uniform", "karras"}
-    assert (out / "dp.png").stat().st_size > 1000
+    assert summary["held_out"]["search_result"] == pytest.approx(result.held_out.value)
+    assert (out / "progress.png").stat().st_size > 1000
 
     from stepsearch.integrations.diffusers import StepsearchScheduler
 
@@ -52,26 +51,26 @@ def test_job_writes_a_schedule_file_scheduler_plot_and_trials(objective, tmp_pat
     )
     assert scheduler.config.solver == "dpm_solver_pp_2m"
 
-    study_name = optuna.get_all_study_summaries(f"sqlite:///{storage}")[0].study_name
-    study = optuna.load_study(study_name=study_name, storage=f"sqlite:///{storage}")
-    distinct = {c.result.path.__repr__() for c in result.candidates}
-    assert len(study.trials) == len(distinct)  # candidates with one path are one trial
+    storage = f"sqlite:///{out / 'study.sqlite3'}"
+    study_name = optuna.get_all_study_summaries(storage)[0].study_name
+    schedules = [b.schedule for b in result.baselines] + [
+        c.result.schedule for c in result.candidates
+    ]
+    expected = len({tuple(np.round(s.times, 12)) for s in schedules})  # one schedule, one trial
+    assert len(optuna.load_study(study_name=study_name, storage=storage).trials) == expected
     evaluations = objective.evaluations
-    again = run_dp_search(
-        objective, "dpm_solver_pp_2m", 4, out, storage=str(storage), grid_points=16,
-        teacher_samples=32, coeffs=(1.0, 1.15, 1.3), progress=False,
-    )  # fmt: skip
-    assert len(optuna.load_study(study_name=study_name, storage=f"sqlite:///{storage}").trials) == (
-        len(distinct)
-    )  # a rerun looks its candidates up
+    again = run_dp_search(objective, "dpm_solver_pp_2m", 4, out, settings=settings, progress=False)
+    assert len(optuna.load_study(study_name=study_name, storage=storage).trials) == expected
     assert again.best.result.path == result.best.result.path
-    assert objective.evaluations > evaluations  # (scores are recomputed for the report)
+    assert objective.evaluations == evaluations + 2  # only the two held-out reports: lookups
+    with pytest.raises(ValueError, match="another search"):  # one study, one set of settings
+        run_dp_search(objective, "dpm_solver_pp_2m", 4, out, progress=False,
+                      settings=DPSettings(grid_points=12, teacher_samples=32))  # fmt: skip
 
 
 def test_job_refuses_unsupported_solvers(objective, tmp_path):
     with pytest.raises(ValueError, match="not supported"):
-        run_dp_search(objective, "heun", 4, tmp_path, grid_points=8, teacher_samples=8,
-                      progress=False)  # fmt: skip
+        run_dp_search(objective, "dpm_solver_2", 3, tmp_path, progress=False)
 
 
 def test_cli_on_the_bundled_model(tmp_path):
@@ -84,7 +83,7 @@ def test_cli_on_the_bundled_model(tmp_path):
         app,
         [
             "search", "dp", "--model", "digits", "--solver", "ddim", "--nfe", "3",
-            "--out", str(out), "--storage", str(tmp_path / "s.db"), "--metric", "traj",
+            "--out", str(out), "--storage", str(tmp_path / "s.sqlite3"), "--metric", "traj",
             "--num-samples", "16", "--held-out-samples", "16", "--grid-points", "10",
             "--teacher-samples", "16", "--coeffs", "1.0", "--cache", str(tmp_path / "cache"),
             "--no-progress",
@@ -92,8 +91,8 @@ def test_cli_on_the_bundled_model(tmp_path):
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "held-out" in result.output
-    assert (out / "schedule.json").is_file() and (out / "scheduler").is_dir()
-    bad = CliRunner().invoke(app, ["search", "dp", "--solver", "heun", "--out", str(out),
+    assert (out / "best_schedule.json").is_file() and (out / "scheduler").is_dir()
+    bad = CliRunner().invoke(app, ["search", "dp", "--solver", "pndm", "--out", str(out),
                                    "--no-progress", "--grid-points", "5",
                                    "--cache", str(tmp_path / "cache")])  # fmt: skip
     assert bad.exit_code == 2 and "not supported" in bad.output
