@@ -125,6 +125,8 @@ def test_layer_rules_follow_the_solver_orders():
     assert all(rule.depth == 0 for rule in dynamic.layer_rules(get_solver("ddim"), 5))
     unipc = dynamic.layer_rules(get_solver("unipc_bh2"), 5)
     assert [rule.depth for rule in unipc] == [0, 1, 1, 1, 1]  # the corrector reads the history
+    unipc_1 = dynamic.layer_rules(get_solver("unipc_bh2", order=1), 4)  # UniC-1 after UniP-1
+    assert [rule.depth for rule in unipc_1] == [0, 1, 1, 1]
     long = dynamic.layer_rules(get_solver("dpm_solver_pp_2m"), 16)  # no lower_order_final at 16
     assert [rule.depth for rule in long] == [0] + [1] * 15
     for name in ("heun", "dpm_solver_2", "dpm_solver_pp_2s", "pndm"):

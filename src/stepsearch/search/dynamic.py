@@ -254,8 +254,8 @@ def layer_rules(solver: Solver, num_steps: int) -> list[LayerRule]:
         order = min(solver.step_order(m, int(num_steps)), 2)
         if order >= 2:
             rules.append(LayerRule(1, second_order))
-        elif isinstance(solver, UniPC) and solver.solver_order > 1:
-            rules.append(LayerRule(1, first_order))  # a first-order predictor after a corrector
+        elif isinstance(solver, UniPC):
+            rules.append(LayerRule(1, first_order))  # the corrector reads the previous point
         else:
             rules.append(LayerRule(0, solver))  # DPM-Solver++'s first-order step: no history
     return rules
