@@ -1,0 +1,242 @@
+"""DP schedules (GITS / OSS style) on the bundled digits model vs the best built-in solver + spacing.
+
+For each NFE and each metric (FD-digits, trajectory error to the converged solve):
+
+- **built-in**: every solver of ``--baseline-solvers`` on every spacing of ``--spacings``, scored on
+  the *search* seed; the best one is the starting point and is then scored on the *held-out* seed;
+- **DP**: for every solver of ``--dp-solvers`` and GITS coefficient of ``--coeffs``, the DP schedule
+  from a 100-point grid teacher (256 trajectories, search seed), scored on the search seed; the best
+  is scored on the held-out seed.
+
+Only held-out numbers are compared. Also timed: the teacher, the DP with cold and warm coefficient
+caches (the coefficients depend only on the noise schedule, the grid and the solver), and one
+``run_dp_search`` job at NFE 5. Writes ``benchmarks/results/searches_dp.{json,md}``.
+
+    OMP_NUM_THREADS=1 nice python benchmarks/searches_dp.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from stepsearch._io import atomic_write_json, atomic_write_text
+from stepsearch.eval.cache import TensorCache
+from stepsearch.eval.objective import Objective
+from stepsearch.eval.sources import load_source
+from stepsearch.schedule import StepSchedule, make_schedule
+from stepsearch.search.dp_job import DPSettings, run_dp_search
+from stepsearch.search.dynamic import dynamic_schedule, fine_grid, record_teacher
+from stepsearch.solvers import get_solver
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _csv(text: str) -> list[str]:
+    return [item for item in text.split(",") if item]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="digits")
+    parser.add_argument("--nfe", default="4,5,6,8,10")
+    parser.add_argument("--metrics", default="fd,traj")
+    parser.add_argument("--num-samples", type=int, default=512)
+    parser.add_argument("--held-out-samples", type=int, default=1000)
+    parser.add_argument("--grid-points", type=int, default=100)
+    parser.add_argument("--teacher-samples", type=int, default=256)
+    parser.add_argument("--dp-solvers", default="ddim,dpm_solver_pp_2m,unipc_bh2")
+    parser.add_argument("--coeffs", default="1.0,1.15,1.3")
+    parser.add_argument(
+        "--baseline-solvers", default="ddim,dpm_solver_pp_2m,dpm_solver_pp_3m,unipc_bh2"
+    )
+    parser.add_argument("--diffusers-3m", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument(
+        "--spacings", default="trailing,leading,linspace,time_uniform,logsnr_uniform,karras"
+    )
+    parser.add_argument("--cache", default=None, help="tensor cache (default: the user cache)")
+    parser.add_argument("--out", default=str(RESULTS / "searches_dp"))
+    args = parser.parse_args()
+
+    source = load_source(args.model)
+    cache = TensorCache(args.cache) if args.cache else TensorCache.default()
+    nfes = [int(n) for n in _csv(args.nfe)]
+    objectives = {
+        metric: Objective(
+            source,
+            metric,
+            num_samples=args.num_samples,
+            held_out_samples=args.held_out_samples,
+            cache=cache,
+        )
+        for metric in _csv(args.metrics)
+    }
+    first = next(iter(objectives.values()))
+
+    def score_all(schedule: StepSchedule, solver, split: str = "search") -> dict:
+        """Every metric from one set of samples (the objectives share seeds and sample counts)."""
+        samples = first.samples(schedule, solver, split)
+        nfe = int(solver.evaluation_times(schedule).size)
+        return {
+            metric: objective.score_samples(samples, nfe, split=split)
+            for metric, objective in objectives.items()
+        }
+
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    grid = fine_grid(source.noise, args.grid_points)
+    teacher = record_teacher(source, grid, num_samples=args.teacher_samples, seed=0, cache=cache)
+    timings["teacher_s"] = time.perf_counter() - start
+    print(f"teacher: {timings['teacher_s']:.1f} s", flush=True)
+
+    dp_seconds: dict[str, list[float]] = {}
+    dp_rows: dict[str, dict[int, list[dict]]] = {metric: {} for metric in objectives}
+    for name in _csv(args.dp_solvers):
+        solver = get_solver(name)
+        for nfe in nfes:
+            for coeff in (float(c) for c in _csv(args.coeffs)):
+                start = time.perf_counter()
+                result = dynamic_schedule(teacher, solver, nfe, coeff=coeff, cache=cache)
+                seconds = time.perf_counter() - start
+                dp_seconds.setdefault(name, []).append(seconds)
+                for metric, score in score_all(result.schedule, solver).items():
+                    dp_rows[metric].setdefault(nfe, []).append(
+                        {"solver": name, "coeff": coeff, "path": result.path,
+                         "times": result.schedule.times.tolist(), "search": score.value}
+                    )  # fmt: skip
+            print(f"dp {name} NFE {nfe} done", flush=True)
+    dp_times = {  # the first call computes the solver coefficients (cached afterwards)
+        name: {"first_s": times[0], "max_warm_s": max(times[1:], default=0.0)}
+        for name, times in dp_seconds.items()
+    }
+
+    base_rows: dict[str, dict[int, list[dict]]] = {metric: {} for metric in objectives}
+    baseline_solvers = {name: get_solver(name) for name in _csv(args.baseline_solvers)}
+    if args.diffusers_3m:  # diffusers' DPM-Solver++(3M) (second order; the README's best at NFE 4)
+        baseline_solvers["dpm_solver_pp_3m_legacy"] = get_solver("dpm_solver_pp_3m", legacy_3m=True)
+    for name, solver in baseline_solvers.items():
+        for spacing in _csv(args.spacings):
+            for nfe in nfes:
+                schedule = make_schedule(source.noise, nfe, spacing)
+                for metric, score in score_all(schedule, solver).items():
+                    base_rows[metric].setdefault(nfe, []).append(
+                        {"solver": name, "spacing": spacing, "search": score.value}
+                    )
+        print(f"baselines {name} done", flush=True)
+
+    table: dict[str, dict[int, dict]] = {metric: {} for metric in objectives}
+    for metric, objective in objectives.items():
+        for nfe in nfes:
+            best_base = min(base_rows[metric][nfe], key=lambda row: row["search"])
+            best_dp = min(dp_rows[metric][nfe], key=lambda row: row["search"])
+            base_schedule = make_schedule(source.noise, nfe, best_base["spacing"])
+            base_held = objective.held_out(base_schedule, baseline_solvers[best_base["solver"]])
+            dp_schedule = StepSchedule(best_dp["times"], source.noise)
+            dp_held = objective.held_out(dp_schedule, get_solver(best_dp["solver"]))
+            table[metric][nfe] = {
+                "baseline": {**best_base, "held_out": base_held.to_json_dict()},
+                "dp": {**best_dp, "held_out": dp_held.to_json_dict()},
+                "dp_wins": dp_held.value < base_held.value,
+            }
+            print(metric, nfe, best_base, base_held.value, "| dp", best_dp["solver"],
+                  best_dp["coeff"], dp_held.value, flush=True)  # fmt: skip
+
+    reference = {}
+    if "fd" in objectives:
+        spec = objectives["fd"].teacher_spec
+        converged = make_schedule(source.noise, spec.num_steps, spec.spacing)
+        reference = objectives["fd"].held_out(converged, get_solver(spec.solver)).to_json_dict()
+
+    payload = {
+        "model": source.identity.to_json_dict(),
+        "settings": vars(args),
+        "timings": {**timings, "dp": dp_times},
+        "converged_reference_fd": reference,
+        "table": {m: {str(n): row for n, row in rows.items()} for m, rows in table.items()},
+        "dp_candidates": dp_rows,
+        "baselines": base_rows,
+    }
+    _write(payload, nfes)  # the comparison is complete here; the job below adds its timing
+
+    start = time.perf_counter()
+    job_metric = "fd" if "fd" in objectives else next(iter(objectives))
+    with tempfile.TemporaryDirectory() as directory:
+        job = run_dp_search(
+            objectives[job_metric],
+            "dpm_solver_pp_2m",
+            5,
+            Path(args.out),
+            storage=str(Path(directory) / "study.sqlite3"),
+            settings=DPSettings(
+                grid_points=args.grid_points,
+                teacher_samples=args.teacher_samples,
+                coeffs=tuple(float(c) for c in _csv(args.coeffs)),
+            ),
+            progress=False,
+        )
+    timings["job_nfe5_s"] = time.perf_counter() - start
+    payload["timings"] = {**timings, "dp": dp_times}
+    payload["job_nfe5"] = {"path": job.best.result.path, "held_out": job.held_out.to_json_dict()}
+    _write(payload, nfes)
+    print(_markdown(payload, nfes))
+
+
+def _write(payload: dict, nfes: list[int]) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    atomic_write_json(RESULTS / "searches_dp.json", json.loads(json.dumps(payload, default=str)))
+    atomic_write_text(RESULTS / "searches_dp.md", _markdown(payload, nfes))
+
+
+def _markdown(payload: dict, nfes: list[int]) -> str:
+    lines = [
+        "## DP schedules (GITS / OSS style) vs the best built-in solver + spacing",
+        "",
+        f"Model {payload['model']['name']} ({payload['model']['digest'][:19]}); held-out seed, "
+        f"{payload['settings']['held_out_samples']} samples; both picked on the search seed "
+        f"({payload['settings']['num_samples']} samples). Lower is better.",
+        "",
+    ]
+    for metric, rows in payload["table"].items():
+        lines += [f"### {metric}", "", "| NFE | best built-in | held-out | best DP | held-out | DP wins |",
+                  "| ---: | --- | ---: | --- | ---: | --- |"]  # fmt: skip
+        for nfe in nfes:
+            row = rows[str(nfe)]
+            base, dp = row["baseline"], row["dp"]
+            lines.append(
+                f"| {nfe} | {base['solver']} / {base['spacing']} | {base['held_out']['value']:.4g} "
+                f"| {dp['solver']} (coeff {dp['coeff']}) | {dp['held_out']['value']:.4g} "
+                f"| {'yes' if row['dp_wins'] else 'no'} |"
+            )
+        lines.append("")
+    reference = payload.get("converged_reference_fd") or {}
+    if reference:
+        lines.append(
+            f"Converged reference (the teacher's solve) FD-digits: {reference['value']:.4g}."
+        )
+    timings = payload["timings"]
+    lines += [
+        "",
+        f"Teacher (grid {payload['settings']['grid_points']} points, "
+        f"{payload['settings']['teacher_samples']} trajectories): {timings['teacher_s']:.1f} s "
+        "(cached across runs). "
+        + (
+            f"Job at NFE 5 (dpm_solver_pp_2m, {payload['settings']['metrics'].split(',')[0]}, "
+            f"teacher and coefficients cached): {timings['job_nfe5_s']:.1f} s."
+            if "job_nfe5_s" in timings
+            else "Job at NFE 5: not run."
+        ),
+        "",
+        "DP time per solver: first call (computes the solver coefficients, cached afterwards) / "
+        "slowest later call:",
+        "",
+    ]
+    for name, times in timings["dp"].items():
+        lines.append(f"- {name}: {times['first_s']:.1f} s / {times.get('max_warm_s', 0.0):.1f} s")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
