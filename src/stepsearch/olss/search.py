@@ -269,6 +269,20 @@ def _markdown(report: dict[str, Any]) -> str:
     ]
     for i, error in enumerate(fit["step_errors"]):
         lines.append(f"| {i} | {fit['path'][i + 1]} | {error:.3e} |")
+    if fit["candidates"]:
+        lines += [
+            "",
+            "Path searches compared (teacher-forced path, then the same refit; the lowest endpoint "
+            "error is kept):",
+            "",
+            "| search | path | endpoint error | total error | max error |",
+            "| --- | --- | ---: | ---: | ---: |",
+        ]
+        for name, candidate in fit["candidates"].items():
+            lines.append(
+                f"| {name} | {candidate['path']} | {candidate['endpoint_error']:.3e} | "
+                f"{candidate['total_error']:.3e} | {candidate['max_error']:.3e} |"
+            )
     metrics = [m for m in ("traj", "fd") if any(m in row for row in report["held_out"])]
     lines += [
         "",
