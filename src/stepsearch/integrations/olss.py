@@ -37,8 +37,10 @@ from stepsearch.schedule import StepSchedule
 
 __all__ = ["RecordingScheduler", "RolloutFitScheduler", "StepsearchOLSSScheduler"]
 
-_MATCH_RTOL = 1e-6
-"""Relative tolerance for ``timesteps`` / ``sigmas`` that name the fitted schedule (float32)."""
+_MATCH_RTOL = 1e-5
+"""Relative tolerance for ``sigmas`` that name the fitted schedule (float32 lists)."""
+_TIMESTEP_TOLERANCE = 1e-3
+"""Largest difference, in train-step units, of ``timesteps`` that name the fitted schedule."""
 
 
 class RecordingScheduler(StepsearchScheduler):
@@ -203,28 +205,41 @@ class StepsearchOLSSScheduler(StepsearchScheduler):
             raise ValueError("OLSS runs the schedule it was fitted on; `mu` cannot shift it")
         if timesteps is not None and sigmas is not None:
             raise ValueError("pass only one of `timesteps` or `sigmas`")
-        asked = None
-        if timesteps is not None:
-            asked = self._schedule_from_timesteps(timesteps)
-        elif sigmas is not None:
-            asked = self._schedule_from_sigmas(sigmas, None)
-        elif num_inference_steps is not None and int(num_inference_steps) != fitted.num_steps:
+        if num_inference_steps is not None and int(num_inference_steps) != fitted.num_steps:
             raise ValueError(
                 f"these OLSS coefficients were fitted for {fitted.num_steps} steps, not "
                 f"{num_inference_steps}; fit OLSS for that step count (stepsearch search olss --nfe "
                 f"{num_inference_steps})"
             )
-        if asked is not None and not (
-            asked.times.shape == fitted.times.shape
-            and np.allclose(asked.times, fitted.times, rtol=_MATCH_RTOL, atol=1e-12)
-        ):
+        if timesteps is not None or sigmas is not None:
             what = "timesteps" if timesteps is not None else "sigmas"
-            raise ValueError(
-                f"OLSS cannot honour these {what}: its coefficients were fitted for the "
-                f"{fitted.num_steps}-step schedule with timesteps "
-                f"{np.round(np.asarray(fitted.noise.model_time(fitted.times[:-1])), 3).tolist()}"
-            )
+            if not self._names_fitted(timesteps, sigmas):
+                shown = np.round(np.asarray(fitted.noise.model_time(fitted.times[:-1])), 3)
+                raise ValueError(
+                    f"OLSS cannot honour these {what}: its coefficients were fitted for the "
+                    f"{fitted.num_steps}-step schedule with timesteps {shown.tolist()}"
+                )
         self.set_schedule(fitted, device=device)
+
+    def _names_fitted(
+        self, timesteps: ArrayLike | torch.Tensor | None, sigmas: ArrayLike | torch.Tensor | None
+    ) -> bool:
+        """Whether ``timesteps`` (the evaluations, diffusers units) or ``sigmas`` (this
+        scheduler's ``sigmas``, with or without the final entry) are the fitted schedule's."""
+        fitted = self._solver.schedule
+        if timesteps is not None:
+            given = self._as_float_array(timesteps)
+            expected = np.asarray(self.noise.model_time(fitted.times[:-1]))
+            return given.shape == expected.shape and bool(
+                np.allclose(given, expected, rtol=0, atol=_TIMESTEP_TOLERANCE)
+            )
+        given = self._as_float_array(sigmas)
+        expected = self._pipeline_sigmas(fitted)
+        if given.size == expected.size - 1:
+            expected = expected[:-1]
+        return given.shape == expected.shape and bool(
+            np.allclose(given, expected, rtol=_MATCH_RTOL, atol=1e-9)
+        )
 
     def _step_starts(self) -> dict[int, int]:
         """Runs start at the first evaluation only (the coefficients combine ``x_T``)."""
