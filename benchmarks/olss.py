@@ -73,7 +73,26 @@ def main() -> None:
         fit_olss(recording, 10, search=search, denoise=denoise)
         timings[search] = time.perf_counter() - start
     rows: list[dict[str, Any]] = []
-    for nfe in nfes:
+
+    def write(done: tuple[int, ...]) -> None:
+        payload = {
+            "model": source.identity.to_json_dict(),
+            "teacher": OLSS_TEACHER.to_json_dict(),
+            "train_samples": train,
+            "held_out_samples": held_out,
+            "reference_fd": reference_fd,
+            "teacher_seconds": teacher_seconds,
+            "fit_seconds_10_steps": timings,
+            "nfes": list(done),
+            "rows": rows,
+            "environment": environment(),
+        }
+        args.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(args.out / "olss.json", payload)
+        atomic_write_text(args.out / "olss.md", _markdown(payload, done))
+
+    reference_fd = fd_of(reference)
+    for k, nfe in enumerate(nfes):
         fit = fit_olss(recording, nfe, search="best", denoise=denoise)
         samples = traj.samples(fit.schedule, OLSSSolver(fit.coefficients), "held_out")
         rows.append(_row("OLSS", nfe, fit.search, samples, reference, fd_of, fit=fit.describe()))
@@ -99,24 +118,12 @@ def main() -> None:
         rows.append(
             _row("diffusers DPMSolverMultistep", nfe, method.label, samples, reference, fd_of)
         )
+        write(nfes[: k + 1])
         print(
             f"NFE {nfe}: "
-            + ", ".join(f"{r['method']} {r['traj']:.4f}/{r['fd']:.1f}" for r in rows[-5:])
+            + ", ".join(f"{r['method']} {r['traj']:.4f}/{r['fd']:.1f}" for r in rows[-5:]),
+            flush=True,
         )
-    payload = {
-        "model": source.identity.to_json_dict(),
-        "teacher": OLSS_TEACHER.to_json_dict(),
-        "train_samples": train,
-        "held_out_samples": held_out,
-        "reference_fd": fd_of(reference),
-        "teacher_seconds": teacher_seconds,
-        "fit_seconds_10_steps": timings,
-        "rows": rows,
-        "environment": environment(),
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(args.out / "olss.json", payload)
-    atomic_write_text(args.out / "olss.md", _markdown(payload, nfes))
 
 
 def _row(method: str, nfe: int, spacing: str, samples, reference, fd_of, **extra: Any) -> dict:
