@@ -63,9 +63,12 @@ class TensorCache:
             return None
         return self.directory / f"{kind}-{cache_key(key)[:24]}.safetensors"
 
-    def get(self, kind: str, key: Mapping[str, Any]) -> dict[str, Tensor] | None:
+    def get(
+        self, kind: str, key: Mapping[str, Any], *, keep_in_memory: bool = True
+    ) -> dict[str, Tensor] | None:
         """The stored tensors, or ``None``. A file whose stored key differs (a hash prefix
-        collision, or a hand-edited file) is ignored."""
+        collision, or a hand-edited file) is ignored. ``keep_in_memory=False`` reads a disk entry
+        without keeping it (streaming large shards)."""
         digest = cache_key({"kind": kind, **key})
         if digest in self._memory:
             return self._memory[digest]
@@ -82,14 +85,24 @@ class TensorCache:
                 tensors = {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118
         except (OSError, ValueError, RuntimeError):  # truncated or foreign file: recompute
             return None
-        self._memory[digest] = tensors
+        if keep_in_memory:
+            self._memory[digest] = tensors
         return tensors
 
-    def put(self, kind: str, key: Mapping[str, Any], tensors: Mapping[str, Tensor]) -> None:
-        """Store ``tensors`` (contiguous CPU copies) under ``kind`` and ``key``, atomically."""
+    def put(
+        self,
+        kind: str,
+        key: Mapping[str, Any],
+        tensors: Mapping[str, Tensor],
+        *,
+        keep_in_memory: bool = True,
+    ) -> None:
+        """Store ``tensors`` (contiguous CPU copies) under ``kind`` and ``key``, atomically;
+        ``keep_in_memory=False`` only writes the file (a memory-only cache keeps it anyway)."""
         stored = {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
-        self._memory[cache_key({"kind": kind, **key})] = stored
         path = self.path(kind, key)
+        if keep_in_memory or path is None:
+            self._memory[cache_key({"kind": kind, **key})] = stored
         if path is None:
             return
         from safetensors.torch import save

@@ -1,0 +1,340 @@
+"""Teacher trajectories for OLSS: every point and model output of a many-step reference solve.
+
+OLSS (Duan et al. 2023, Sec. 3.2) fits its coefficients to the trajectory of a converged sampler:
+the samples ``x_0 = x_T, x_1, .., x_K`` at the teacher's times ``tau_0 > .. > tau_K`` and the model
+outputs ``denoised_0 .. denoised_{K-1}`` seen on the way. :func:`record_teacher` records them
+through the one sampling loop (:func:`~stepsearch.eval.sources.generate_from_source`'s
+``on_step``), chunk by chunk; each chunk is a *shard* stored in the
+:class:`~stepsearch.eval.cache.TensorCache` (safetensors, keyed by the model identity, the noise
+schedule, the teacher, the seed and the sample range), so memory stays bounded by one chunk and a
+second fit on the same model reuses the shards. :func:`record_pipeline_teacher` does the same for a
+diffusers text-to-image pipeline through a recording scheduler around the drop-in scheduler, so what
+is recorded is the *guided* (classifier-free guidance) output the pipeline steps with.
+
+The least-squares fits never need the raw tensors at once: :meth:`TeacherRecording.summary`
+streams the shards into the R factor of a QR decomposition of the pooled column matrix
+``[x_0 .. x_K, d_0 .. d_{K-1}]`` (one row per sample and pixel, float64; Demmel et al.'s
+TSQR), from which every fit is an exact small least-squares problem (:mod:`stepsearch.olss.fit`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from stepsearch.eval.cache import TensorCache
+from stepsearch.eval.objective import TeacherSpec
+from stepsearch.eval.sources import SampleSource, generate_from_source
+from stepsearch.noise import NoiseSchedule
+from stepsearch.sampling import StepRecord
+from stepsearch.schedule import StepSchedule, make_schedule
+from stepsearch.solvers import get_solver
+from stepsearch.solvers.base import noise_levels
+
+__all__ = [
+    "OLSS_TEACHER",
+    "TeacherRecording",
+    "TeacherTrajectory",
+    "TrajectorySummary",
+    "record_pipeline_teacher",
+    "record_teacher",
+]
+
+OLSS_TEACHER = TeacherSpec("dpm_solver_pp_3m", "logsnr_uniform", 100)
+"""The default teacher: DPM-Solver++(3M) on 100 logSNR-uniform steps (the Objective's converged
+solve, so OLSS's targets and the ``traj`` reference agree)."""
+
+
+@dataclass(frozen=True, eq=False)
+class TeacherTrajectory:
+    """One shard of a teacher solve: ``x`` ``(K + 1, m, *shape)`` (``x[0]`` the initial noise,
+    ``x[K]`` the endpoint), ``denoised`` ``(K, m, *shape)`` and the float64 ``times`` ``(K + 1,)``
+    of the teacher's schedule on ``noise``; ``indices`` are the sample indices of the ``m`` rows."""
+
+    times: np.ndarray
+    x: Tensor
+    denoised: Tensor
+    noise: NoiseSchedule
+    indices: range
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.times.size - 1)
+
+    def directions(self, basis: str) -> Tensor:
+        """The model outputs in ``basis`` (``eps`` or ``denoised``), float64, ``(K, m, *shape)``."""
+        denoised = self.denoised.double()
+        if basis == "denoised":
+            return denoised
+        levels = noise_levels(self.noise, self.times[:-1])
+        alphas = torch.tensor([level.alpha for level in levels], dtype=torch.float64)
+        sigmas = torch.tensor([level.sigma for level in levels], dtype=torch.float64)
+        shape = (-1,) + (1,) * (denoised.ndim - 1)
+        return (self.x[:-1].double() - alphas.view(shape) * denoised) / sigmas.view(shape)
+
+    def columns(self, basis: str) -> Tensor:
+        """The pooled column matrix ``[x_0 .. x_K, d_0 .. d_{K-1}]``: ``(m * D, 2K + 1)``, float64."""
+        x = self.x.double().reshape(self.num_steps + 1, -1)
+        d = self.directions(basis).reshape(self.num_steps, -1)
+        return torch.cat([x, d]).T
+
+
+@dataclass(frozen=True, eq=False)
+class TrajectorySummary:
+    """The R factor of the pooled teacher columns (:meth:`TeacherTrajectory.columns`): for any
+    column subset ``S`` and target column ``y``, ``||A_S c - y|| = ||R_S c - R_y||``, so every
+    least-squares fit of the whole teacher set is a problem of ``2K + 1`` rows. ``num_rows`` is
+    the number of pooled rows (samples x pixels) mean squared errors divide by."""
+
+    r: Tensor
+    num_rows: int
+    times: np.ndarray
+    noise: NoiseSchedule
+    basis: str
+
+    @property
+    def num_steps(self) -> int:
+        """``K``, the teacher's steps."""
+        return int(self.times.size - 1)
+
+    def x_column(self, k: int) -> int:
+        return int(k)
+
+    def d_column(self, k: int) -> int:
+        return int(self.num_steps + 1 + k)
+
+    @classmethod
+    def of(
+        cls, shards: Sequence[TeacherTrajectory] | Iterator[TeacherTrajectory], basis: str
+    ) -> TrajectorySummary:
+        """Streamed TSQR over ``shards`` (each one loaded, folded into ``R`` and dropped)."""
+        r: Tensor | None = None
+        rows = 0
+        first: TeacherTrajectory | None = None
+        for shard in shards:
+            first = first or shard
+            block = shard.columns(basis)
+            rows += block.shape[0]
+            stacked = block if r is None else torch.cat([r, block])
+            r = torch.linalg.qr(stacked, mode="r").R
+        if r is None or first is None:
+            raise ValueError("no teacher shards to summarise")
+        return cls(r, rows, first.times, first.noise, basis)
+
+
+@dataclass(eq=False)
+class TeacherRecording:
+    """A recorded teacher: its shards in a :class:`TensorCache` (see the module docstring)."""
+
+    cache: TensorCache
+    key: dict[str, Any]
+    chunks: list[range]
+    times: np.ndarray
+    noise: NoiseSchedule
+    sample_shape: tuple[int, ...]
+
+    @property
+    def num_samples(self) -> int:
+        return self.chunks[-1].stop if self.chunks else 0
+
+    @property
+    def schedule(self) -> StepSchedule:
+        return StepSchedule(self.times, self.noise)
+
+    def shard(self, chunk: range) -> TeacherTrajectory:
+        found = self.cache.get("olss-teacher", _shard_key(self.key, chunk), keep_in_memory=False)
+        if found is None:
+            raise RuntimeError(f"teacher shard {chunk} is missing from the cache")
+        return TeacherTrajectory(self.times, found["x"], found["denoised"], self.noise, chunk)
+
+    def shards(self) -> Iterator[TeacherTrajectory]:
+        for chunk in self.chunks:
+            yield self.shard(chunk)
+
+    def summary(self, basis: str) -> TrajectorySummary:
+        return TrajectorySummary.of(self.shards(), basis)
+
+    def points(self, teacher_indices: Sequence[int]) -> Tensor:
+        """``x`` at the given teacher indices for every sample: ``(len, N, *shape)``."""
+        picked = [self.shard(chunk).x[list(teacher_indices)] for chunk in self.chunks]
+        return torch.cat(picked, dim=1)
+
+
+def _shard_key(key: dict[str, Any], chunk: range) -> dict[str, Any]:
+    return {**key, "chunk": [chunk.start, chunk.stop]}
+
+
+def _check_teacher(solver: Any, schedule: StepSchedule) -> None:
+    plan = solver.plan(schedule)
+    if len(plan) != schedule.num_steps or any(not info.on_grid or info.stage for info in plan):
+        raise ValueError(
+            f"an OLSS teacher needs one model evaluation per step on its grid; {solver.name} "
+            "evaluates elsewhere (use ddim, dpm_solver_pp_2m / 3m or unipc)"
+        )
+
+
+class _ShardWriter:
+    """Collects one chunk's trajectory from ``on_step`` records and stores it as a shard."""
+
+    def __init__(self, recording: TeacherRecording):
+        self.recording = recording
+        self.x: list[Tensor] = []
+        self.denoised: list[Tensor] = []
+
+    def add(self, indices: range, x: Tensor, denoised: Tensor, x_next: Tensor, last: bool) -> None:
+        self.x.append(x.detach().to("cpu", copy=True))
+        self.denoised.append(denoised.detach().to("cpu", copy=True))
+        if not last:
+            return
+        self.x.append(x_next.detach().to("cpu", copy=True))
+        self.store(indices, torch.stack(self.x), torch.stack(self.denoised))
+        self.x, self.denoised = [], []
+
+    def store(self, indices: range, x: Tensor, denoised: Tensor) -> None:
+        key = _shard_key(self.recording.key, indices)
+        tensors = {"x": x, "denoised": denoised}
+        self.recording.cache.put("olss-teacher", key, tensors, keep_in_memory=False)
+
+
+def _all_cached(recording: TeacherRecording) -> bool:
+    return all(
+        recording.cache.get("olss-teacher", _shard_key(recording.key, chunk), keep_in_memory=False)
+        is not None
+        for chunk in recording.chunks
+    )
+
+
+def _chunks(num_samples: int, chunk_size: int) -> list[range]:
+    if isinstance(num_samples, bool) or int(num_samples) < 1:
+        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+    if int(chunk_size) < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size!r}")
+    n, size = int(num_samples), int(chunk_size)
+    return [range(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def record_teacher(
+    source: SampleSource,
+    num_samples: int,
+    *,
+    seed: int = 0,
+    teacher: TeacherSpec = OLSS_TEACHER,
+    cache: TensorCache | None = None,
+    chunk_size: int = 256,
+    progress: bool | str = False,
+) -> TeacherRecording:
+    """Record (or load from ``cache``) the teacher trajectories of samples ``0 .. num_samples - 1``
+    of ``source`` under ``seed`` (sample ``i`` starts from the noise of ``(seed, i)``, as everywhere)."""
+    schedule = make_schedule(source.noise, teacher.num_steps, teacher.spacing)
+    solver = get_solver(teacher.solver)
+    _check_teacher(solver, schedule)
+    key = {
+        "model": source.identity.to_json_dict(),
+        "source": source.describe(),
+        "noise": source.noise.to_config(),
+        "teacher": teacher.to_json_dict(),
+        "seed": int(seed),
+        "num_samples": int(num_samples),
+        "chunk_size": int(chunk_size),
+    }
+    recording = TeacherRecording(
+        cache if cache is not None else TensorCache.default(),
+        key,
+        _chunks(num_samples, chunk_size),
+        schedule.times.copy(),
+        source.noise,
+        tuple(source.sample_shape),
+    )
+    if _all_cached(recording):
+        return recording
+    writer = _ShardWriter(recording)
+    last = schedule.num_steps - 1
+
+    def on_step(indices: range, record: StepRecord) -> None:
+        writer.add(indices, record.x, record.denoised, record.x_next, record.index == last)
+
+    generate_from_source(
+        source,
+        solver,
+        schedule,
+        int(num_samples),
+        seed=seed,
+        chunk_size=chunk_size,
+        progress=progress,
+        decode=False,
+        on_step=on_step,
+    )
+    return recording
+
+
+# ------------------------------------------------------------------------------------------------
+# text-to-image pipelines
+# ------------------------------------------------------------------------------------------------
+
+
+def record_pipeline_teacher(
+    model: Any,
+    num_samples: int,
+    *,
+    seed: int = 0,
+    teacher: TeacherSpec = OLSS_TEACHER,
+    cache: TensorCache | None = None,
+    chunk_size: int = 16,
+    progress: bool | str = False,
+) -> TeacherRecording:
+    """Teacher trajectories of a :class:`~stepsearch.eval.text_to_image.TextToImageModel` (its
+    prompts and guidance scale) in latent space, through a recording drop-in scheduler; image
+    ``i`` starts from the latent noise of ``(seed, i)`` as in
+    :func:`~stepsearch.eval.text_to_image.generate_images`."""
+    from stepsearch.eval.sources import digest_text, module_digest
+    from stepsearch.eval.text_to_image import generate_images
+
+    noise = model.noise
+    schedule = make_schedule(noise, teacher.num_steps, teacher.spacing)
+    _check_teacher(get_solver(teacher.solver), schedule)
+    key = {
+        "model": {"name": model.name, "digest": module_digest(model.pipeline.unet)},
+        "prompts": digest_text("\n".join(model.prompts)),
+        "guidance_scale": float(model.guidance_scale),
+        "image_size": list(model.image_size),
+        "noise": noise.to_config(),
+        "teacher": teacher.to_json_dict(),
+        "seed": int(seed),
+        "num_samples": int(num_samples),
+        "chunk_size": int(chunk_size),
+    }
+    recording = TeacherRecording(
+        cache if cache is not None else TensorCache.default(),
+        key,
+        _chunks(num_samples, chunk_size),
+        schedule.times.copy(),
+        noise,
+        tuple(model.latent_shape),
+    )
+    if _all_cached(recording):
+        return recording
+    from stepsearch.integrations.olss import RecordingScheduler
+
+    writer = _ShardWriter(recording)
+    pending = iter(recording.chunks)
+
+    def on_trajectory(x: Tensor, denoised: Tensor) -> None:
+        writer.store(next(pending), x, denoised)
+
+    recorder = RecordingScheduler.from_config(model.scheduler_config, solver=teacher.solver)
+    recorder.on_trajectory = on_trajectory
+    generate_images(
+        model,
+        recorder,
+        int(num_samples),
+        sigmas=schedule.to_kdiffusion_sigmas().tolist(),
+        seed=seed,
+        chunk_size=chunk_size,
+        progress=progress,
+    )
+    return recording
