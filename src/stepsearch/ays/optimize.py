@@ -25,6 +25,7 @@ resumes exactly where it stopped.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -73,10 +74,12 @@ class EulerGaussianKL:
     reach: int = 0
 
     def terms(self, intervals: Sequence[Interval]) -> FloatArray:
-        return np.asarray([
-            -math.log(math.cos(math.atan(iv.upper / self.c) - math.atan(iv.lower / self.c)))
-            for iv in intervals
-        ])
+        return np.asarray(
+            [
+                -math.log(math.cos(math.atan(iv.upper / self.c) - math.atan(iv.lower / self.c)))
+                for iv in intervals
+            ]
+        )
 
 
 @dataclass(frozen=True)
@@ -91,9 +94,9 @@ class ExactGaussianKLUB:
     def terms(self, intervals: Sequence[Interval]) -> FloatArray:
         from stepsearch.ays.klub import gaussian_klub_interval
 
-        return np.asarray([
-            self.dim * gaussian_klub_interval(iv.lower, iv.upper, self.c) for iv in intervals
-        ])
+        return np.asarray(
+            [self.dim * gaussian_klub_interval(iv.lower, iv.upper, self.c) for iv in intervals]
+        )
 
 
 @dataclass(frozen=True)
@@ -151,7 +154,7 @@ def _check_sigmas(sigmas: Sequence[float]) -> list[float]:
     values = [float(v) for v in sigmas]
     if len(values) < 2 or not all(math.isfinite(v) and v > 0 for v in values):
         raise ValueError("sigmas must be at least two positive finite numbers")
-    if any(b >= a for a, b in zip(values, values[1:], strict=False)):
+    if any(b >= a for a, b in itertools.pairwise(values)):
         raise ValueError("sigmas must decrease strictly")
     return values
 
@@ -160,7 +163,7 @@ def subdivide(sigmas: Sequence[float]) -> tuple[list[float], list[bool]]:
     """Insert the log-midpoint of every interval (AYS Sec. 3.3); the new points are the free ones."""
     values = _check_sigmas(sigmas)
     refined, free = [values[0]], [False]
-    for upper, lower in zip(values, values[1:], strict=False):
+    for upper, lower in itertools.pairwise(values):
         refined += [math.sqrt(upper * lower), lower]
         free += [True, False]
     return refined, free
@@ -259,13 +262,15 @@ def coordinate_search(
         state.best_proxy = float(proxy(list(state.sigmas)))
         state.best_sigmas = list(state.sigmas)
     if not state.history:
-        state.history.append({
-            "sweep": 0,
-            "klub": state.klub,
-            "accepted": 0,
-            "radius": state.radius,
-            "proxy": state.best_proxy,
-        })
+        state.history.append(
+            {
+                "sweep": 0,
+                "klub": state.klub,
+                "accepted": 0,
+                "radius": state.radius,
+                "proxy": state.best_proxy,
+            }
+        )
         if on_sweep is not None:
             on_sweep(state)
     while not state.done:
@@ -283,13 +288,15 @@ def coordinate_search(
                 state.best_proxy, state.best_sigmas, state.stale = score, list(state.sigmas), 0
             else:
                 state.stale += 1
-        state.history.append({
-            "sweep": state.sweeps,
-            "klub": state.klub,
-            "accepted": accepted,
-            "radius": state.radius,
-            "proxy": score,
-        })
+        state.history.append(
+            {
+                "sweep": state.sweeps,
+                "klub": state.klub,
+                "accepted": accepted,
+                "radius": state.radius,
+                "proxy": score,
+            }
+        )
         if accepted == 0:
             state.radius *= 0.5
         if state.radius < settings.min_radius:

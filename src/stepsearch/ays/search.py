@@ -157,7 +157,9 @@ def _steps_for_nfe(solver: Solver, noise: NoiseSchedule, nfe: int) -> int:
 def _schedule(noise: NoiseSchedule, sigmas: list[float], num_steps: int) -> StepSchedule:
     """Noisy ``sigmas`` + a clean end, resampled log-linearly to ``num_steps`` if needed."""
     schedule = StepSchedule.from_kdiffusion_sigmas(noise, [*sigmas, 0.0], clip_to_range=True)
-    return schedule if schedule.num_steps == num_steps else loglinear_interpolate(schedule, num_steps)
+    return (
+        schedule if schedule.num_steps == num_steps else loglinear_interpolate(schedule, num_steps)
+    )
 
 
 def _snapped(schedule: StepSchedule) -> StepSchedule:
@@ -257,7 +259,9 @@ def _run_strategy(
             if on_progress is not None:
                 on_progress(strategy, index, current)
 
-        states.append(coordinate_search(estimator, state, config.settings, proxy=proxy, on_sweep=record))
+        states.append(
+            coordinate_search(estimator, state, config.settings, proxy=proxy, on_sweep=record)
+        )
     return states
 
 
@@ -408,3 +412,53 @@ def plot_result(result: AYSResult, path: str | os.PathLike[str]) -> Path:
     plt.close(figure)
     os.replace(temporary, target)
     return target
+
+
+def run_ays_job(
+    model: str,
+    nfe: int,
+    out: str | os.PathLike[str],
+    *,
+    data: str | os.PathLike[str] | None = None,
+    solver: str = "dpm_solver_pp_2m",
+    config: AYSConfig | None = None,
+    metric: str = "traj",
+    proxy_samples: int = 256,
+    teacher_steps: int = 100,
+    checkpoint: str | os.PathLike[str] | None = None,
+    plot: str | os.PathLike[str] | None = None,
+    device: str = "cpu",
+    cache_dir: str | os.PathLike[str] | None = None,
+    on_progress: Callable[[str, int, SearchState], None] | None = None,
+) -> AYSResult:
+    """What ``stepsearch search ays`` does: load the model (``"digits"`` or a local diffusers
+    ``UNet2DModel`` directory), build the proxy objective (``metric`` on ``proxy_samples`` samples;
+    for ``traj`` the teacher is DPM-Solver++(3M) on ``teacher_steps`` logSNR steps, cached), search (resuming ``checkpoint``, default ``OUT.ckpt.json``), write the schedule
+    file to ``out`` and the plot to ``plot`` (default ``OUT`` with ``.png``; ``""`` for none)."""
+    from stepsearch.eval.cache import TensorCache
+    from stepsearch.eval.objective import TeacherSpec
+    from stepsearch.eval.sources import load_source
+
+    source = load_source(model, device=device)
+    cache = TensorCache(cache_dir) if cache_dir is not None else TensorCache.default()
+    teacher = TeacherSpec(num_steps=teacher_steps)
+    objective = Objective(source, metric, num_samples=proxy_samples, teacher=teacher, cache=cache)
+    target = Path(out)
+    if checkpoint is None:
+        checkpoint = target.with_name(target.stem + ".ckpt.json")
+    result = search_ays(
+        source,
+        solver,
+        nfe,
+        data=data,
+        objective=objective,
+        config=config,
+        checkpoint=checkpoint,
+        on_progress=on_progress,
+    )
+    result.schedule_file.save(target)
+    if plot is None:
+        plot = target.with_suffix(".png")
+    if plot != "":
+        result.extra["plot"] = str(plot_result(result, plot))
+    return result
