@@ -206,6 +206,20 @@ def test_ays_beats_the_built_in_spacings_on_held_out_seeds(mixtures, name, solve
     assert provenance.scores["held_out"]["value"] == pytest.approx(result.held_out.value)
 
 
+def test_ays_on_flow_matching_starts_time_uniform_and_improves_on_it():
+    """Flow matching: sigma_max = exp(30) at t = 1 is handled in sigma space."""
+    mixture = GaussianMixture.random(3, 2, FlowMatching(), seed=1)
+    source = DenoiserSource.of_mixture(mixture, num_reference=512)
+    objective = Objective(
+        source, "traj", num_samples=64, held_out_samples=256, cache=TensorCache(None), bootstrap=0
+    )
+    config = AYSConfig(strategy="direct", num_samples=32, max_sweeps=4)
+    result = search_ays(source, "dpm_solver_pp_2m", 8, objective=objective, config=config)
+    assert result.schedule.times[0] == pytest.approx(1.0, abs=1e-9) and result.schedule.ends_clean
+    uniform = objective.held_out(make_schedule(mixture.noise, 8, "time_uniform"), "dpm_solver_pp_2m")
+    assert result.held_out.value < 0.8 * uniform.value
+
+
 def test_search_file_loads_back_and_refuses_another_noise(mixtures, tmp_path):
     mixture = mixtures["image-vp"]
     source = DenoiserSource.of_mixture(mixture, num_reference=256)

@@ -33,7 +33,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from stepsearch.ays.klub import Interval, intervals_of
+from stepsearch.ays.klub import Interval
 from stepsearch.noise import FloatArray
 
 __all__ = [
@@ -307,7 +307,3 @@ def coordinate_search(
             on_sweep(state)
     return state
 
-
-def intervals_for(sigmas: Sequence[float], cost: IntervalCost) -> list[Interval]:
-    """All intervals of ``sigmas`` as ``cost`` sees them."""
-    return intervals_of(sigmas, 2 if cost.reach else 1)
