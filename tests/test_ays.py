@@ -216,7 +216,9 @@ def test_ays_on_flow_matching_starts_time_uniform_and_improves_on_it():
     config = AYSConfig(strategy="direct", num_samples=32, max_sweeps=4)
     result = search_ays(source, "dpm_solver_pp_2m", 8, objective=objective, config=config)
     assert result.schedule.times[0] == pytest.approx(1.0, abs=1e-9) and result.schedule.ends_clean
-    uniform = objective.held_out(make_schedule(mixture.noise, 8, "time_uniform"), "dpm_solver_pp_2m")
+    uniform = objective.held_out(
+        make_schedule(mixture.noise, 8, "time_uniform"), "dpm_solver_pp_2m"
+    )
     assert result.held_out.value < 0.8 * uniform.value
 
 

@@ -1,7 +1,6 @@
 """``stepsearch search ays``: Align Your Steps on a model (argument parsing only).
 
-The work is :func:`stepsearch.ays.search.run_ays_job`. Until the ``cli`` package lands this module
-offers :func:`register` for the ``search`` group.
+The work is :func:`stepsearch.ays.search.run_ays_job`.
 """
 
 from __future__ import annotations
@@ -10,13 +9,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 
 from stepsearch.ays.optimize import SearchState
 from stepsearch.ays.search import STRATEGIES, AYSConfig, run_ays_job
-
-console = Console()
+from stepsearch.cli._common import console, usage_errors
+from stepsearch.cli.search import search_command
 
 
 def _progress(strategy: str, stage: int, state: SearchState) -> None:
@@ -29,6 +26,7 @@ def _progress(strategy: str, stage: int, state: SearchState) -> None:
     )
 
 
+@search_command("ays")
 def ays_command(
     model: Annotated[
         str, typer.Option(help="'digits' (bundled) or a local diffusers model dir.")
@@ -68,7 +66,7 @@ def ays_command(
     device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
 ) -> None:
     """Optimise a step schedule with Align Your Steps (KL upper bound, coordinate search)."""
-    try:
+    with usage_errors():
         config = AYSConfig(
             strategy=strategy,
             num_samples=samples,
@@ -91,9 +89,6 @@ def ays_command(
             device=device,
             on_progress=_progress,
         )
-    except (ValueError, FileNotFoundError) as error:
-        console.print(f"[red]error:[/red] {escape(str(error))}")
-        raise typer.Exit(2) from None
     sigmas = ", ".join(f"{s:.4g}" for s in result.schedule.to_kdiffusion_sigmas())
     console.print(f"chose {result.chosen}; sigmas [{sigmas}]")
     search = result.runs[result.chosen].score
@@ -102,8 +97,3 @@ def ays_command(
         f"{result.seconds:.1f} s; wrote {out}"
         + (f" and {result.extra['plot']}" if "plot" in result.extra else "")
     )
-
-
-def register(search_app: typer.Typer) -> None:
-    """Add ``ays`` to the ``search`` command group."""
-    search_app.command("ays")(ays_command)
