@@ -130,19 +130,51 @@ def test_noise_prediction_dpm_solver_maps_or_refuses():
             StepsearchDPMSolverMultistepScheduler.from_config(twin.config)
 
 
-@pytest.mark.xfail(reason="unresolved: differs from DDIMScheduler's loop (see report)")
+THRESHOLD = {"dynamic_thresholding_ratio": 0.9, "sample_max_value": 2.0}
+
+
+def twin_loop(scheduler, x: torch.Tensor, num_steps: int, **step_kwargs) -> torch.Tensor:
+    scheduler.set_timesteps(num_steps)
+    model = Model()
+    for t in scheduler.timesteps:
+        x = scheduler.step(model(x, t), t, x, **step_kwargs).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("use_clipped_model_output", [False, True])
 @pytest.mark.parametrize("num_steps", [10, 25])
 @pytest.mark.parametrize("thresholding", [True, False])
-def test_thresholding_and_clip_sample_match_ddim(thresholding, num_steps, x_T):
+def test_thresholding_and_clip_sample_match_ddim(
+    thresholding, num_steps, use_clipped_model_output, x_T
+):
+    """diffusers' DDIM clips x0 in the data term but keeps the model's eps in the direction term
+    (unless ``use_clipped_model_output``); the drop-in does the same."""
     twin = DDIMScheduler(
         **SD, thresholding=thresholding, clip_sample=True, clip_sample_range=1.5,
-        dynamic_thresholding_ratio=0.9, sample_max_value=2.0, set_alpha_to_one=True,
+        set_alpha_to_one=True, **THRESHOLD,
     )  # fmt: skip
     ours = StepsearchDDIMScheduler.from_config(twin.config)
-    got = loop(ours, x_T * 3.0, num_inference_steps=num_steps)
-    assert error(got, loop(twin, x_T * 3.0, num_inference_steps=num_steps)) < TOLERANCE
+    kwargs = {"use_clipped_model_output": True} if use_clipped_model_output else {}
+    got = twin_loop(ours, x_T * 3.0, num_steps, **kwargs)
+    assert error(got, twin_loop(twin, x_T * 3.0, num_steps, **kwargs)) < TOLERANCE
     plain = loop(StepsearchDDIMScheduler(**SD), x_T * 3.0, num_inference_steps=num_steps)
     assert error(got, plain) > 1e-3  # post-processing really changes the result
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("num_steps", [10, 25])
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_thresholding_matches_dpm_solver_multistep(order, num_steps, prediction_type, x_T):
+    twin = DPMSolverMultistepScheduler(
+        **SD, solver_order=order, thresholding=True, prediction_type=prediction_type, **THRESHOLD
+    )
+    ours = StepsearchDPMSolverMultistepScheduler.from_config(twin.config)
+    got = loop(ours, x_T * 3.0, num_inference_steps=num_steps)
+    assert error(got, loop(twin, x_T * 3.0, num_inference_steps=num_steps)) < TOLERANCE
+    plain = StepsearchDPMSolverMultistepScheduler(
+        **SD, solver_order=order, prediction_type=prediction_type
+    )
+    assert error(got, loop(plain, x_T * 3.0, num_inference_steps=num_steps)) > 1e-3
 
 
 # 2. constructor and from_config agree ---------------------------------------------------------

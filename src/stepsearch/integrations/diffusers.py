@@ -74,6 +74,7 @@ from stepsearch.schedule import (
     sigma_spacing,
 )
 from stepsearch.solvers.base import Solver, SolverState, compute_dtype
+from stepsearch.solvers.ddim import DDIM
 
 logger = logging.getLogger(__name__)
 
@@ -371,6 +372,8 @@ class StepsearchScheduler(SchedulerMixin, ConfigMixin):
         # what was given wins over what is derived: the config stays equal to the input
         self.register_to_config(**resolved, **{**derived, **diffusers_options})
         self._options = {**derived, **diffusers_options}
+        # DDIMScheduler keeps the model's eps when it clips x0 (see _keep_model_noise)
+        self._keeps_model_noise = class_name == "DDIMScheduler"
 
         self.init_noise_sigma = 1.0
         self.num_inference_steps: int | None = None
@@ -998,7 +1001,8 @@ class StepsearchScheduler(SchedulerMixin, ConfigMixin):
         """Advance one model evaluation: ``sample`` was fed to the model at ``timestep`` (the
         next entry of ``timesteps``), ``model_output`` is its raw output. Returns the next
         sample (the final one after the last evaluation) and the ``x0`` estimate."""
-        del kwargs  # diffusers' eta, variance_noise, ...: the solver decides
+        # diffusers' eta, variance_noise, ...: the solver decides
+        use_clipped_model_output = bool(kwargs.get("use_clipped_model_output"))
         self._require_schedule()
         value = self._timestep_value(timestep)
         if self._step_index is None or self._step_index >= len(self._evaluation_times):
@@ -1022,10 +1026,14 @@ class StepsearchScheduler(SchedulerMixin, ConfigMixin):
             denoised = torch.add(x, output, alpha=c_out)
         else:  # c_x (x + (c_out / c_x) output): one allocation, two kernels
             denoised = torch.add(x, output, alpha=c_out / c_x).mul_(c_x)
-        denoised = self._postprocess_x0(denoised)
+        processed = self._postprocess_x0(denoised)
+        solver_input = processed
+        if processed is not denoised and not use_clipped_model_output:
+            solver_input = self._keep_model_noise(x, denoised, processed, i - self._run_start)
         x_next, self._state = self._solver.step(
-            self._state, x, denoised, i - self._run_start, generator=generator
+            self._state, x, solver_input, i - self._run_start, generator=generator
         )
+        denoised = processed
         self._step_index = i + 1
         if x_next.dtype != dtype:
             x_next, denoised = x_next.to(dtype), denoised.to(dtype)
@@ -1050,6 +1058,30 @@ class StepsearchScheduler(SchedulerMixin, ConfigMixin):
             bound = float(self._option("clip_sample_range", 1.0))
             return denoised.clamp(-bound, bound)
         return denoised
+
+    def _keep_model_noise(
+        self, x: torch.Tensor, raw: torch.Tensor, processed: torch.Tensor, i: int
+    ) -> torch.Tensor:
+        """The ``x0`` to give the DDIM solver so that its step is diffusers' ``DDIMScheduler``
+        step with a clipped / thresholded ``x0`` (``use_clipped_model_output=False``, the
+        default): DDIM's eq. 12 with the clipped ``x0`` in the data term but the model's own
+        ``eps`` in the direction term. The solver's step ``x_s = d x_t + (alpha_s - d alpha_t)
+        x0`` (``d`` = the direction coefficient over ``sigma_t``) is linear in ``x0``, so
+        ``x0 = (alpha_s processed - d alpha_t raw) / (alpha_s - d alpha_t)`` reproduces it.
+        Other solvers (and DDPM, Heun, DPM-Solver, UniPC in diffusers) re-derive ``eps`` from
+        the processed ``x0``: it is passed on unchanged."""
+        if not self._keeps_model_noise:
+            return processed
+        assert self._state is not None
+        solver = self._solver
+        if not isinstance(solver, DDIM):
+            return processed
+        now, target = self._state.level(i), self._state.target_level(i)
+        if target.is_clean:
+            return processed
+        d = solver.direction_std(now, target) / now.sigma
+        data_weight = target.alpha - d * now.alpha
+        return (processed * target.alpha - raw * (d * now.alpha)) / data_weight
 
     # helpers for pipelines -----------------------------------------------------------------
     def scale_model_input(

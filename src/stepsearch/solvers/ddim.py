@@ -11,6 +11,7 @@ from torch import Tensor
 from stepsearch.plan import SolverPlan
 from stepsearch.schedule import StepSchedule
 from stepsearch.solvers.base import (
+    NoiseLevel,
     Solver,
     SolverState,
     eps_from_denoised,
@@ -60,6 +61,14 @@ class DDIM(Solver):
         """Order 1 at every step (data and noise prediction coincide at first order)."""
         return SolverPlan.uniform(schedule, 1)
 
+    def direction_std(self, now: NoiseLevel, target: NoiseLevel) -> float:
+        """The coefficient ``sqrt(sigma_s^2 - c^2)`` of ``eps`` in the step from ``now`` to
+        ``target`` (Song et al. 2021, eq. 12; ``sigma_s`` for ``eta = 0``)."""
+        if target.is_clean:
+            return 0.0
+        h = target.lambda_ - now.lambda_
+        return target.sigma * math.sqrt(1.0 + self.eta**2 * math.expm1(-2.0 * h))
+
     def _step(
         self,
         state: SolverState,
@@ -74,7 +83,7 @@ class DDIM(Solver):
         h = target.lambda_ - now.lambda_
         posterior_variance_fraction = -math.expm1(-2.0 * h)  # 1 - exp(-2h)
         noise_std = self.eta * target.sigma * math.sqrt(posterior_variance_fraction)
-        direction_std = target.sigma * math.sqrt(1.0 - self.eta**2 * posterior_variance_fraction)
+        direction_std = self.direction_std(now, target)
         eps = eps_from_denoised(x, denoised, now)
         z = randn_like(x, generator)
         x_next = target.alpha * denoised + direction_std * eps + noise_std * z
