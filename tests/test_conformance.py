@@ -82,20 +82,62 @@ def test_dpm_multistep_options_match_diffusers(order, final, lower_order_final, 
                  loop(twin, x_T, num_inference_steps=num_steps)) < TOLERANCE  # fmt: skip
 
 
-@pytest.mark.parametrize("lower_order_final", [True, False])
-@pytest.mark.parametrize("solver_type", ["bh1", "bh2"])
-@pytest.mark.parametrize("order", [2, 3])
-def test_unipc_options_reach_the_solver(order, solver_type, lower_order_final):
-    """(Sample parity with diffusers' UniPC is not asserted here: in this loop diffusers 0.42's
-    UniPC returned NaN/Inf on these tiny inputs; to be investigated.)"""
+def loop_with_last_input(scheduler, x: torch.Tensor, num_steps: int):
+    """``(final sample, the sample fed to the last step)`` of a loop on the toy model; a last
+    step that fails (diffusers' UniPC-3 to sigma = 0 solves a singular system) gives NaN."""
+    scheduler.set_timesteps(num_steps)
+    model, before_last = Model(), x
+    for t in scheduler.timesteps:
+        before_last = x
+        try:
+            x = scheduler.step(model(x, t), t, x).prev_sample
+        except torch.linalg.LinAlgError:
+            x = torch.full_like(x, float("nan"))
+    return x, before_last
+
+
+UNIPC_METHODS = [("bh1", 1, True), *[
+    (solver_type, order, lower_order_final)
+    for solver_type in ("bh1", "bh2") for order in (2, 3) for lower_order_final in (True, False)
+], ("bh2", 1, True)]  # fmt: skip
+
+
+@pytest.mark.parametrize("final", ["zero", "sigma_min"])
+@pytest.mark.parametrize(("num_steps", "prediction_type"), [(10, "epsilon"), (10, "v_prediction"), (25, "epsilon")])
+@pytest.mark.parametrize(("solver_type", "order", "lower_order_final"), UNIPC_METHODS)
+def test_unipc_matches_diffusers(solver_type, order, lower_order_final, num_steps, prediction_type, final, x_T):
+    """UniPC (bh1 / bh2, orders 1-3, lower_order_final at every step count, as diffusers) against
+    UniPCMultistepScheduler. Where diffusers' last step to sigma = 0 is NaN (bh1: B(h) = h is
+    infinite there; order >= 2 without lower_order_final: its r_k = 0 divides, or its linear
+    system is singular), stepsearch's
+    step is finite and every step before the last still agrees."""
     twin = UniPCMultistepScheduler(
-        **SD, solver_order=order, solver_type=solver_type, lower_order_final=lower_order_final
-    )
+        **SD, solver_type=solver_type, solver_order=order, lower_order_final=lower_order_final,
+        prediction_type=prediction_type, final_sigmas_type=final,
+    )  # fmt: skip
     ours = StepsearchUniPCMultistepScheduler.from_config(twin.config)
-    assert ours.config.solver == f"unipc_{solver_type}"
     config = ours.solver.config()
+    assert ours.config.solver == f"unipc_{solver_type}"
     assert (config["order"], config["lower_order_final"]) == (order, lower_order_final)
     assert config["lower_order_final_below"] is None  # diffusers' UniPC has no 15-step rule
+    got, got_last_input = loop_with_last_input(ours, x_T, num_steps)
+    want, want_last_input = loop_with_last_input(twin, x_T, num_steps)
+    assert torch.isfinite(got).all()
+    assert error(got_last_input, want_last_input) < TOLERANCE
+    if torch.isfinite(want).all():
+        assert error(got, want) < TOLERANCE
+    else:
+        assert final == "zero" and (solver_type == "bh1" or not lower_order_final)
+
+
+def test_unipc_lower_order_final_applies_above_15_steps(x_T):
+    results = [
+        loop(StepsearchUniPCMultistepScheduler(**SD, solver_order=3, lower_order_final=lof,
+                                               final_sigmas_type="sigma_min"),
+             x_T, num_inference_steps=25)
+        for lof in (True, False)
+    ]  # fmt: skip
+    assert error(*results) > 1e-7
 
 
 @pytest.mark.parametrize(
