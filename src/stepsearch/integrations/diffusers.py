@@ -367,6 +367,11 @@ class StepsearchScheduler(SchedulerMixin, ConfigMixin):
             "custom_times": custom_times,
         }
         derived = self._derived_keys(resolved)
+        if class_name == "FlowMatchEulerDiscreteScheduler":
+            # DPM-Solver / UniPC keys: Flux pipelines drop their own sigmas when a scheduler's
+            # config says use_flow_sigmas, which FlowMatchEulerDiscreteScheduler's never does
+            derived.pop("use_flow_sigmas")
+            derived.pop("flow_shift")
         if solver == "pndm":
             derived["skip_prk_steps"] = self._solver.config().get("warmup") != "prk"
         # what was given wins over what is derived: the config stays equal to the input
