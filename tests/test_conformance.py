@@ -8,30 +8,38 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import diffusers
 import numpy as np
 import pytest
 import torch
 from diffusers import (
     DDIMScheduler,
     DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
+    HeunDiscreteScheduler,
     UniPCMultistepScheduler,
 )
 
 from stepsearch.integrations import diffusers_keys
 from stepsearch.integrations.diffusers import (
+    SCHEDULERS,
     StepsearchDDIMScheduler,
+    StepsearchDPMSolver1Scheduler,
     StepsearchDPMSolver2Scheduler,
     StepsearchDPMSolver3Scheduler,
     StepsearchDPMSolverMultistepScheduler,
+    StepsearchDPMSolverPP3MScheduler,
     StepsearchDPMSolverSinglestepScheduler,
+    StepsearchEulerDiscreteScheduler,
     StepsearchFlowMatchEulerDiscreteScheduler,
     StepsearchHeunDiscreteScheduler,
     StepsearchScheduler,
+    StepsearchUniPCBH1Scheduler,
     StepsearchUniPCMultistepScheduler,
 )
 from stepsearch.noise import DiscreteVP
-from stepsearch.schedule import karras
+from stepsearch.schedule import StepSchedule, karras
 
 SD = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
 TOLERANCE = 1e-5
@@ -385,3 +393,202 @@ def test_unknown_diffusers_keys_are_not_dropped_silently(caplog):
     with caplog.at_level(logging.WARNING):
         StepsearchScheduler.from_config({"_class_name": "DDIMScheduler", "some_new_option": 3})
     assert "some_new_option" in caplog.text
+
+
+# the parity matrix: class x twin x prediction type x spacing x steps --------------------------
+GRIDS = ("leading", "linspace", "trailing")
+SPACING_KEYS = {
+    "leading": {"timestep_spacing": "leading", "steps_offset": 1},
+    "linspace": {"timestep_spacing": "linspace"},
+    "trailing": {"timestep_spacing": "trailing"},
+    "karras": {"use_karras_sigmas": True},
+    "exponential": {"use_exponential_sigmas": True},
+    "beta": {"use_beta_sigmas": True},
+    "lu": {"use_lu_lambdas": True},
+}
+PARITY = {
+    # name: (twin, twin options, drop-in class, spacings with exact parity, warned spacings)
+    "ddim": (DDIMScheduler, {"clip_sample": False}, StepsearchDDIMScheduler, ("leading", "trailing"), ()),
+    "dpm_1": (DPMSolverMultistepScheduler, {"solver_order": 1}, StepsearchDPMSolver1Scheduler, GRIDS, ()),
+    "dpm_2m": (DPMSolverMultistepScheduler, {}, StepsearchDPMSolverMultistepScheduler, GRIDS,
+               ("karras", "exponential", "beta", "lu")),
+    "dpm_3m": (DPMSolverMultistepScheduler, {"solver_order": 3}, StepsearchDPMSolverPP3MScheduler, GRIDS, ()),
+    "unipc_bh2": (UniPCMultistepScheduler, {}, StepsearchUniPCMultistepScheduler, GRIDS,
+                  ("karras", "exponential", "beta")),
+    "unipc_bh1": (UniPCMultistepScheduler, {"solver_type": "bh1", "final_sigmas_type": "sigma_min"},
+                  StepsearchUniPCBH1Scheduler, GRIDS, ()),
+    "euler": (EulerDiscreteScheduler, {}, StepsearchEulerDiscreteScheduler, GRIDS,
+              ("karras", "exponential", "beta")),
+    "heun": (HeunDiscreteScheduler, SD, StepsearchHeunDiscreteScheduler, GRIDS, ("karras", "exponential", "beta")),
+}  # fmt: skip
+EXACT = [(name, spacing) for name, case in PARITY.items() for spacing in case[3]]
+WARNED = [(name, spacing) for name, case in PARITY.items() for spacing in case[4]]
+
+
+def twin_and_ours(name: str, prediction_type: str, **options):
+    twin_class, twin_options, ours_class, _, _ = PARITY[name]
+    twin = twin_class(**{**SD, **twin_options, **options, "prediction_type": prediction_type})
+    return twin, ours_class.from_config(twin.config)
+
+
+def parity_error(twin, ours, x: torch.Tensor, **set_kwargs) -> float:
+    """Relative difference of full loops; Euler / Heun work on ``x / alpha`` (their start is
+    ``init_noise_sigma`` eps), the drop-in in x-space (its start is eps)."""
+    want = loop(twin, x, **set_kwargs)
+    start = x
+    if twin.init_noise_sigma != 1.0:
+        sigma_0 = float(twin.sigmas[0])
+        start = x * float(twin.init_noise_sigma) / (1.0 + sigma_0**2) ** 0.5
+    got = loop(ours, start, **set_kwargs)
+    return error(got, want)
+
+
+@pytest.mark.parametrize(("num_steps", "prediction_type"), [(10, "epsilon"), (25, "v_prediction"), (50, "epsilon")])
+@pytest.mark.parametrize(("name", "spacing"), EXACT)
+def test_parity_matrix(name, spacing, num_steps, prediction_type, x_T):
+    twin, ours = twin_and_ours(name, prediction_type, **SPACING_KEYS[spacing])
+    assert parity_error(twin, ours, x_T, num_inference_steps=num_steps) < TOLERANCE
+    assert torch.allclose(ours.timesteps.double(), twin.timesteps.double())
+
+
+@pytest.mark.parametrize(("name", "spacing"), WARNED)
+def test_warned_spacings_warn_and_stay_close(name, spacing, x_T, caplog, monkeypatch):
+    """Karras / exponential / beta / Lu sigmas: the model is evaluated at each sigma's exact
+    fractional timestep (diffusers rounds or interpolates): warned once, samples within 1e-3."""
+    monkeypatch.setattr(diffusers_keys, "_WARNED", set())
+    with caplog.at_level(logging.WARNING):
+        twin, ours = twin_and_ours(name, "epsilon", **SPACING_KEYS[spacing])
+    assert f"use_{spacing}" in caplog.text or spacing in caplog.text
+    assert parity_error(twin, ours, x_T, num_inference_steps=10) < 1e-3
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_ddim_linspace_is_warned(caplog, monkeypatch):
+    monkeypatch.setattr(diffusers_keys, "_WARNED", set())
+    with caplog.at_level(logging.WARNING):
+        StepsearchDDIMScheduler.from_config(DDIMScheduler(timestep_spacing="linspace").config)
+    assert "timestep_spacing='linspace'" in caplog.text
+
+
+AYS_TIMESTEPS = [999, 850, 736, 645, 545, 455, 343, 233, 124, 24]
+AYS_SIGMAS = [14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.0]
+
+
+@pytest.mark.parametrize(
+    ("name", "given"),
+    [
+        ("dpm_2m", {"timesteps": AYS_TIMESTEPS}),
+        ("dpm_3m", {"timesteps": AYS_TIMESTEPS}),
+        ("euler", {"timesteps": AYS_TIMESTEPS}),
+        ("heun", {"timesteps": AYS_TIMESTEPS}),
+        ("euler", {"sigmas": AYS_SIGMAS}),
+    ],
+)
+def test_custom_timesteps_and_sigmas_match(name, given, x_T, monkeypatch):
+    monkeypatch.setattr(diffusers_keys, "_WARNED", set())
+    twin, ours = twin_and_ours(name, "epsilon")
+    tolerance = TOLERANCE if "timesteps" in given else 1e-3  # sigmas: fractional timesteps
+    assert parity_error(twin, ours, x_T, **given) < tolerance
+
+
+@pytest.mark.parametrize("num_steps", [10, 25])
+@pytest.mark.parametrize("final", ["zero", "sigma_min"])
+@pytest.mark.parametrize("name", ["euler", "dpm_1"])
+def test_final_sigma_type_matches(name, final, num_steps, x_T):
+    """(diffusers' Euler on ``sigma_min`` ends with a zero-length step from the last trained sigma
+    to itself, one model evaluation more; the drop-in leaves it out.)"""
+    twin, ours = twin_and_ours(name, "epsilon", final_sigmas_type=final)
+    want = loop(twin, x_T, num_inference_steps=num_steps)
+    if final == "sigma_min" and twin.init_noise_sigma != 1.0:  # Euler ends in x / alpha space
+        want = want / (1.0 + float(twin.sigmas[-1]) ** 2) ** 0.5
+    start = x_T
+    if twin.init_noise_sigma != 1.0:
+        sigma_0 = float(twin.sigmas[0])
+        start = x_T * float(twin.init_noise_sigma) / (1.0 + sigma_0**2) ** 0.5
+    assert error(loop(ours, start, num_inference_steps=num_steps), want) < TOLERANCE
+
+
+# every class: config round trips, img2img tails, half precision ----------------------------------
+ALL_CLASSES = [*SCHEDULERS.values(), StepsearchFlowMatchEulerDiscreteScheduler]
+
+
+NOISE_PREDICTION = {"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min"}
+TWIN_OPTIONS = {  # the twin config whose method the class runs
+    "StepsearchDPMSolver1Scheduler": {"solver_order": 1},
+    "StepsearchDPMSolver2Scheduler": NOISE_PREDICTION,
+    "StepsearchDPMSolver3Scheduler": {"solver_order": 3, **NOISE_PREDICTION},
+    "StepsearchDPMSolverPP3MScheduler": {"solver_order": 3},
+    "StepsearchUniPCBH1Scheduler": {"solver_type": "bh1"},
+    "StepsearchPNDMScheduler": {"skip_prk_steps": True},
+}
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("cls", ALL_CLASSES, ids=lambda c: c.__name__)
+def test_config_round_trips(cls, tmp_path):
+    twin_name = diffusers_keys.TWINS[cls.__name__]
+    options = {**({} if "Flow" in twin_name else SD), **TWIN_OPTIONS.get(cls.__name__, {})}
+    twin = getattr(diffusers, twin_name)(**options)
+    ours = cls.from_config(twin.config)
+    ours.save_pretrained(tmp_path)
+    loaded = cls.from_pretrained(tmp_path)
+    public = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}  # noqa: E731
+    assert public(loaded.config) == public(ours.config)
+    assert public(cls.from_config(ours.config).config) == public(ours.config)
+    for key, value in twin.config.items():  # what was given stays as given
+        if not key.startswith("_"):
+            assert ours.config[key] == value, key
+    # and back: the twin rebuilt from ours has the twin's config
+    back = getattr(diffusers, twin_name).from_config(loaded.config)
+    assert {key: back.config[key] for key in public(twin.config)} == public(twin.config)
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_a_class_with_its_own_method_says_so_in_its_config():
+    """A fixed-method class built from another method's config writes the method it runs."""
+    ours = StepsearchDPMSolver1Scheduler.from_config(DPMSolverMultistepScheduler(**SD).config)
+    assert ours.config.solver_order == 1
+    bh1 = StepsearchUniPCBH1Scheduler.from_config(UniPCMultistepScheduler(**SD).config)
+    assert bh1.config.solver_type == "bh1"
+    assert UniPCMultistepScheduler.from_config(bh1.config).config.solver_type == "bh1"
+
+
+IMG2IMG_CLASSES = [
+    StepsearchDDIMScheduler, StepsearchDPMSolverMultistepScheduler, StepsearchDPMSolverPP3MScheduler,
+    StepsearchUniPCMultistepScheduler, StepsearchEulerDiscreteScheduler, StepsearchHeunDiscreteScheduler,
+    StepsearchDPMSolverSinglestepScheduler,
+]  # fmt: skip
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("strength", [0.3, 0.75])
+@pytest.mark.parametrize("cls", IMG2IMG_CLASSES, ids=lambda c: c.__name__)
+def test_img2img_keeps_a_custom_schedule_tail(cls, strength, x_T):
+    """As diffusers' img2img pipelines: ``t_start = n - int(n strength)``, run ``timesteps[t_start *
+    order:]`` after ``set_begin_index(t_start * order)``: the run is the fitted schedule's tail, and
+    equals a fresh scheduler on that tail."""
+    fitted = karras(DiscreteVP.stable_diffusion(), 10)
+    scheduler = cls.from_step_schedule(fitted)
+    scheduler.set_timesteps(10)
+    t_start = 10 - int(10 * strength)
+    begin = t_start * scheduler.order
+    timesteps = scheduler.timesteps[begin:]
+    scheduler.set_begin_index(begin)
+    model, x = Model(), x_T * 0.5
+    for t in timesteps:
+        x = scheduler.step(model(x, t), t, x).prev_sample
+    tail = StepSchedule(fitted.times[t_start:], fitted.noise)
+    fresh = cls.from_step_schedule(tail)
+    fresh.set_timesteps()
+    assert torch.allclose(fresh.timesteps.double(), timesteps.double())
+    assert error(loop(fresh, x_T * 0.5, num_inference_steps=tail.num_steps), x) < 1e-6
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("cls", ALL_CLASSES, ids=lambda c: c.__name__)
+def test_every_class_half_precision_in_same_dtype_out(cls, dtype, x_T):
+    out = loop(cls(), x_T.to(dtype), num_inference_steps=5)
+    assert out.dtype == dtype and torch.isfinite(out.float()).all()
+    full = loop(cls(), x_T, num_inference_steps=5)
+    assert error(out.float(), full) < 3e-2

@@ -54,7 +54,7 @@ from stepsearch.denoiser import (
     x0_from_model_output,
 )
 from stepsearch.denoiser import PREDICTION_TYPES as _CORE_PREDICTION_TYPES
-from stepsearch.integrations.diffusers_keys import RULES, TWINS, check_options
+from stepsearch.integrations.diffusers_keys import RULES, TWINS, check_options, warn_method_once
 from stepsearch.noise import (
     DiscreteVP,
     FloatArray,
@@ -113,6 +113,11 @@ _DERIVED_KEYS = (
 )
 """diffusers keys a stepsearch config carries so that ``DDIMScheduler.from_config(ours)`` and
 friends reproduce its choices; derived from the stepsearch keys, never read back."""
+
+_METHOD_KEYS = ("solver_order", "solver_type", "algorithm_type")
+"""Derived keys that name the method the class runs: they override given values (a
+``StepsearchDPMSolver1Scheduler`` built from a 2M config says ``solver_order: 1``), so the twin
+rebuilt from a stepsearch config runs the same method."""
 
 _SOLVER_FOR_DIFFUSERS_CLASS = {
     "DDIMScheduler": "ddim",
@@ -301,6 +306,9 @@ class StepsearchScheduler(SchedulerMixin, ConfigMixin):
     _default_spacing: ClassVar[str] = "linspace"
     _default_prediction_type: ClassVar[str] = "epsilon"
     _grid_convention: ClassVar[str] = "dpm"
+    closest_method: ClassVar[str | None] = None
+    """Set on classes whose method is the closest stepsearch has to their diffusers twin's, not
+    the same one: how they differ (warned once per class, listed in docs/schedulers.md)."""
 
     @register_to_config
     def __init__(
@@ -326,9 +334,16 @@ class StepsearchScheduler(SchedulerMixin, ConfigMixin):
         if unknown:
             raise TypeError(f"{type(self).__name__} got unknown keyword arguments {unknown}")
         class_name = self._twin_of(kwargs)
+        if self.closest_method is not None:
+            warn_method_once(type(self).__name__, self.closest_method)
         prediction_type = prediction_type or self._default_prediction_type
         check_options(
-            {**diffusers_options, "prediction_type": prediction_type, "_twin": class_name},
+            {
+                **diffusers_options,
+                "prediction_type": prediction_type,
+                "timestep_spacing": timestep_spacing,
+                "_twin": class_name,
+            },
             type(self).__name__,
         )
         translated = self._translate(diffusers_options, class_name)
@@ -374,8 +389,11 @@ class StepsearchScheduler(SchedulerMixin, ConfigMixin):
             derived.pop("flow_shift")
         if solver == "pndm":
             derived["skip_prk_steps"] = self._solver.config().get("warmup") != "prk"
-        # what was given wins over what is derived: the config stays equal to the input
-        self.register_to_config(**resolved, **{**derived, **diffusers_options})
+        # what was given wins over what is derived: the config stays equal to the input; except
+        # the order of the solver the class runs (a DPM-Solver-1 class given solver_order: 2
+        # says 1, so that the twin rebuilt from this config runs the same method)
+        method = {key: derived[key] for key in _METHOD_KEYS if key in derived}
+        self.register_to_config(**resolved, **{**derived, **diffusers_options, **method})
         self._options = {**derived, **diffusers_options}
         # DDIMScheduler keeps the model's eps when it clips x0 (see _keep_model_noise)
         self._keeps_model_noise = class_name == "DDIMScheduler"
@@ -465,6 +483,13 @@ class StepsearchScheduler(SchedulerMixin, ConfigMixin):
         }
         if resolved["solver"] in _SOLVER_ORDER:
             derived["solver_order"] = _SOLVER_ORDER[resolved["solver"]]
+        elif resolved["solver"].startswith("unipc"):
+            derived["solver_order"] = int(resolved["solver_kwargs"].get("order", 2))
+            derived["solver_type"] = resolved["solver"].removeprefix("unipc_")
+        if resolved["solver"].startswith("dpm_solver_pp"):
+            derived["algorithm_type"] = "dpmsolver++"
+        elif resolved["solver"] != "dpm_solver_1" and resolved["solver"].startswith("dpm_solver"):
+            derived["algorithm_type"] = "dpmsolver"
         return derived
 
     def _option(self, key: str, default: Any = None) -> Any:
@@ -482,6 +507,9 @@ class StepsearchScheduler(SchedulerMixin, ConfigMixin):
         if config is None:
             raise ValueError("from_config needs a config")
         config = dict(config)
+        if config.get("_class_name") == cls.__name__:
+            # our own config: every value in it is what was resolved, defaults included
+            config.pop("_use_default_values", None)
         if "solver" in config or (cls is not StepsearchScheduler and "solver" in kwargs):
             for key in _DERIVED_KEYS:  # ours, written for diffusers: recomputed, not read back
                 config.pop(key, None)
@@ -1124,11 +1152,19 @@ class StepsearchDDIMScheduler(StepsearchScheduler):
 
 
 class StepsearchPNDMScheduler(StepsearchScheduler):
-    """Pseudo linear multistep (Liu et al. 2022), variable-step, on PNDMScheduler's grid."""
+    """Pseudo linear multistep (Liu et al. 2022), variable-step, on PNDMScheduler's grid.
+
+    The closest method to ``PNDMScheduler``, not parity (see :attr:`closest_method`; warned once)."""
 
     _default_solver = "pndm"
     _default_spacing = "leading"
     _grid_convention = "ddim"
+    closest_method = (
+        "closest method, not parity with PNDMScheduler: stepsearch's PLMS uses variable-step "
+        "Adams-Bashforth weights on the grid as given; diffusers hard-codes the uniform-step "
+        "weights and, with skip_prk_steps=True, evaluates one timestep twice, so timesteps and "
+        "samples differ"
+    )
 
 
 class StepsearchDPMSolver1Scheduler(StepsearchScheduler):
@@ -1138,15 +1174,39 @@ class StepsearchDPMSolver1Scheduler(StepsearchScheduler):
 
 
 class StepsearchDPMSolver2Scheduler(StepsearchScheduler):
-    """Singlestep DPM-Solver-2 (noise prediction; two evaluations per step)."""
+    """Singlestep DPM-Solver-2 (noise prediction; two evaluations per step).
+
+    The closest method to ``DPMSolverSinglestepScheduler``, not parity (see
+    :attr:`closest_method`; warned once)."""
 
     _default_solver = "dpm_solver_2"
 
+    closest_method = (
+        "closest method, not parity with DPMSolverSinglestepScheduler: diffusers spends one "
+        "model evaluation per grid timestep (a 2nd/3rd-order step spans 2/3 grid intervals and "
+        "uses the grid points inside as its intermediate evaluations; orders from "
+        "get_order_list); stepsearch takes a full singlestep step on every grid interval, with "
+        "its own intermediate evaluations (2n-1 / 3n-2 evaluations for n steps), so timesteps, "
+        "cost and samples differ"
+    )
+
 
 class StepsearchDPMSolver3Scheduler(StepsearchScheduler):
-    """Singlestep DPM-Solver-3 (noise prediction; three evaluations per step)."""
+    """Singlestep DPM-Solver-3 (noise prediction; three evaluations per step).
+
+    The closest method to ``DPMSolverSinglestepScheduler``, not parity (see
+    :attr:`closest_method`; warned once)."""
 
     _default_solver = "dpm_solver_3"
+
+    closest_method = (
+        "closest method, not parity with DPMSolverSinglestepScheduler: diffusers spends one "
+        "model evaluation per grid timestep (a 2nd/3rd-order step spans 2/3 grid intervals and "
+        "uses the grid points inside as its intermediate evaluations; orders from "
+        "get_order_list); stepsearch takes a full singlestep step on every grid interval, with "
+        "its own intermediate evaluations (2n-1 / 3n-2 evaluations for n steps), so timesteps, "
+        "cost and samples differ"
+    )
 
 
 class StepsearchDPMSolverMultistepScheduler(StepsearchScheduler):
@@ -1168,9 +1228,21 @@ class StepsearchDPMSolverPP3MScheduler(StepsearchScheduler):
 
 
 class StepsearchDPMSolverSinglestepScheduler(StepsearchScheduler):
-    """DPM-Solver++(2S), singlestep data prediction (two evaluations per step)."""
+    """DPM-Solver++(2S), singlestep data prediction (two evaluations per step).
+
+    The closest method to ``DPMSolverSinglestepScheduler``, not parity (see
+    :attr:`closest_method`; warned once)."""
 
     _default_solver = "dpm_solver_pp_2s"
+
+    closest_method = (
+        "closest method, not parity with DPMSolverSinglestepScheduler: diffusers spends one "
+        "model evaluation per grid timestep (a 2nd/3rd-order step spans 2/3 grid intervals and "
+        "uses the grid points inside as its intermediate evaluations; orders from "
+        "get_order_list); stepsearch takes a full singlestep step on every grid interval, with "
+        "its own intermediate evaluations (2n-1 / 3n-2 evaluations for n steps), so timesteps, "
+        "cost and samples differ"
+    )
 
     @classmethod
     def _solver_from_diffusers_config(

@@ -100,6 +100,8 @@ def _algorithm_check(value: Any, config: Mapping[str, Any]) -> str | None:
     if value in ("dpmsolver++", None):
         return None
     if value == "dpmsolver":
+        if config.get("_twin") == "DPMSolverSinglestepScheduler":
+            return None  # singlestep DPM-Solver-2 / -3 (noise prediction)
         from stepsearch.solvers import SOLVERS
 
         if {"dpm_solver_2m", "dpm_solver_3m"} <= set(SOLVERS):
@@ -128,6 +130,15 @@ def _lambda_min_check(value: Any, config: Mapping[str, Any]) -> str | None:
     return None if value is None or value == -math.inf else "clipping the grid in lambda"
 
 
+def _ddim_spacing_check(value: Any, config: Mapping[str, Any]) -> str | None:
+    if value == "linspace" and config.get("_twin") == "DDIMScheduler":
+        return (
+            "DDIMScheduler steps from t to t - num_train_timesteps // N, which is not the next "
+            "timestep of a linspace grid; stepsearch steps to the next timestep, so samples differ"
+        )
+    return None
+
+
 _NOISE = "builds the DiscreteVP noise schedule (float64)"
 
 RULES: dict[str, KeyRule] = {
@@ -144,7 +155,10 @@ RULES: dict[str, KeyRule] = {
     ),
     # grids
     "timestep_spacing": KeyRule(
-        "leading / linspace / trailing computed with the twin's arithmetic (or a stepsearch spacing)"
+        "leading / linspace / trailing computed with the twin's arithmetic (or a stepsearch "
+        "spacing); DDIM steps to the next grid timestep",
+        _ddim_spacing_check,
+        "warned",
     ),
     "steps_offset": KeyRule("added to leading timesteps"),
     "set_alpha_to_one": KeyRule("final step: True = to clean data, False = to the first trained step"),
@@ -183,7 +197,8 @@ RULES: dict[str, KeyRule] = {
     # solvers
     "solver_order": KeyRule("the solver's order (1, 2, 3)", _singlestep_order_check),
     "algorithm_type": KeyRule(
-        "dpmsolver++ (data prediction); dpmsolver maps to dpm_solver_2m / dpm_solver_3m",
+        "dpmsolver++ (data prediction); dpmsolver: singlestep dpm_solver_2 / dpm_solver_3, "
+        "multistep dpm_solver_2m / dpm_solver_3m",
         _algorithm_check,
     ),
     "solver_type": KeyRule(
@@ -260,6 +275,12 @@ def _warn_once(key: str, value: Any, message: str) -> None:
     if token not in _WARNED:
         _WARNED.add(token)
         logger.warning(message)
+
+
+def warn_method_once(class_name: str, message: str) -> None:
+    """One warning per drop-in class whose method is the closest stepsearch has to its twin's,
+    not the same (:attr:`StepsearchScheduler.closest_method`)."""
+    _warn_once("_method", class_name, f"{class_name}: {message}")
 
 
 def twin_parameters(diffusers_class: str) -> dict[str, Any]:
