@@ -166,18 +166,21 @@ def test_unsupported_options_are_refused(options, message):
         StepsearchDPMSolverMultistepScheduler(**SD, **options)
 
 
-def test_noise_prediction_dpm_solver_maps_or_refuses():
-    from stepsearch.solvers import SOLVERS
-
+@pytest.mark.parametrize("spacing", ["linspace", "trailing"])
+@pytest.mark.parametrize(("num_steps", "prediction_type"), [(10, "epsilon"), (25, "v_prediction")])
+@pytest.mark.parametrize("lower_order_final", [True, False])
+@pytest.mark.parametrize("order", [2, 3])
+def test_noise_prediction_dpm_solver_matches_diffusers(order, lower_order_final, num_steps, prediction_type, spacing, x_T):
+    """``algorithm_type="dpmsolver"`` (multistep DPM-Solver-2M / 3M on noise prediction)."""
     twin = DPMSolverMultistepScheduler(
-        **SD, algorithm_type="dpmsolver", final_sigmas_type="sigma_min"
-    )
-    if "dpm_solver_2m" in SOLVERS:
-        ours = StepsearchDPMSolverMultistepScheduler.from_config(twin.config)
-        assert ours.config.solver == "dpm_solver_2m"
-    else:
-        with pytest.raises(ValueError, match="dpmsolver"):
-            StepsearchDPMSolverMultistepScheduler.from_config(twin.config)
+        **SD, algorithm_type="dpmsolver", final_sigmas_type="sigma_min", solver_order=order,
+        lower_order_final=lower_order_final, prediction_type=prediction_type,
+        timestep_spacing=spacing,
+    )  # fmt: skip
+    ours = StepsearchDPMSolverMultistepScheduler.from_config(twin.config)
+    assert ours.config.solver == f"dpm_solver_{order}m"
+    got = loop(ours, x_T, num_inference_steps=num_steps)
+    assert error(got, loop(twin, x_T, num_inference_steps=num_steps)) < TOLERANCE
 
 
 THRESHOLD = {"dynamic_thresholding_ratio": 0.9, "sample_max_value": 2.0}
