@@ -390,8 +390,7 @@ class StepsearchScheduler(SchedulerMixin, ConfigMixin):
         if solver == "pndm":
             derived["skip_prk_steps"] = self._solver.config().get("warmup") != "prk"
         # what was given wins over what is derived: the config stays equal to the input; except
-        # the order of the solver the class runs (a DPM-Solver-1 class given solver_order: 2
-        # says 1, so that the twin rebuilt from this config runs the same method)
+        # the keys naming the method the class runs (_METHOD_KEYS)
         method = {key: derived[key] for key in _METHOD_KEYS if key in derived}
         self.register_to_config(**resolved, **{**derived, **diffusers_options, **method})
         self._options = {**derived, **diffusers_options}
@@ -1062,7 +1061,7 @@ class StepsearchScheduler(SchedulerMixin, ConfigMixin):
         processed = self._postprocess_x0(denoised)
         solver_input = processed
         if processed is not denoised and not use_clipped_model_output:
-            solver_input = self._keep_model_noise(x, denoised, processed, i - self._run_start)
+            solver_input = self._keep_model_noise(denoised, processed, i - self._run_start)
         x_next, self._state = self._solver.step(
             self._state, x, solver_input, i - self._run_start, generator=generator
         )
@@ -1092,9 +1091,7 @@ class StepsearchScheduler(SchedulerMixin, ConfigMixin):
             return denoised.clamp(-bound, bound)
         return denoised
 
-    def _keep_model_noise(
-        self, x: torch.Tensor, raw: torch.Tensor, processed: torch.Tensor, i: int
-    ) -> torch.Tensor:
+    def _keep_model_noise(self, raw: torch.Tensor, processed: torch.Tensor, i: int) -> torch.Tensor:
         """The ``x0`` to give the DDIM solver so that its step is diffusers' ``DDIMScheduler``
         step with a clipped / thresholded ``x0`` (``use_clipped_model_output=False``, the
         default): DDIM's eq. 12 with the clipped ``x0`` in the data term but the model's own
