@@ -59,17 +59,12 @@ def test_pipeline_olss_beats_dpm_solver_2m_and_runs_in_the_pipeline(text_model, 
 
 
 def test_search_olss_command_writes_scheduler_schedule_and_report(tmp_path, monkeypatch):
-    import typer
     from typer.testing import CliRunner
 
-    from stepsearch.cli_search_olss import register
+    from stepsearch.cli import app
     from stepsearch.integrations.olss import StepsearchOLSSScheduler
 
     monkeypatch.setenv("STEPSEARCH_CACHE", str(tmp_path / "cache"))
-    app = typer.Typer()
-    search_app = typer.Typer()
-    app.add_typer(search_app, name="search")
-    register(search_app)
     out = tmp_path / "olss"
     arguments = ["search", "olss", "--model", "digits", "--nfe", "4", "--samples", "16"]
     arguments += ["--held-out-samples", "32", "--teacher-steps", "40", "--out", str(out)]

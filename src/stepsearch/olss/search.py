@@ -345,12 +345,13 @@ def search_olss_pipeline(
 ) -> OLSSResult:
     """OLSS for a :class:`~stepsearch.eval.text_to_image.TextToImageModel` (its prompts and
     guidance scale): the teacher is recorded in latent space through a recording scheduler (the
-    guided output), the fit is teacher-forced (the paper's; a rollout would need the guided model
-    outside the pipeline), and the report compares decoded images with the pipeline's 100-step
-    reference on held-out noise."""
+    guided output); the path is searched teacher-forced and refitted by a rollout inside one
+    pipeline call over all ``num_samples`` (:class:`~stepsearch.integrations.olss.RolloutFitScheduler`;
+    ``refit="teacher"`` keeps the paper's fit); the report compares decoded images with the
+    pipeline's many-step reference (the teacher's solver and steps) on held-out noise."""
     from stepsearch.eval.experiment import Method
     from stepsearch.eval.sources import digest_text, module_digest
-    from stepsearch.eval.text_to_image import generate_images, reference_images, run_method
+    from stepsearch.eval.text_to_image import generate_images
     from stepsearch.eval.trajectory import trajectory_error
     from stepsearch.integrations.olss import StepsearchOLSSScheduler
 
@@ -375,13 +376,14 @@ def search_olss_pipeline(
     bar.update()
     identity = {"name": model.name, "digest": module_digest(model.pipeline.unet)}
     scheduler = StepsearchOLSSScheduler.from_fit(fit, model.scheduler_config)
-    reference = reference_images(
-        model,
-        held_out_samples,
-        seed=held_out_seed,
-        chunk_size=chunk_size,
-        num_steps=teacher.num_steps,
-    )
+
+    def images(method: Any, schedule: Any) -> Any:
+        return model.sample_schedule(
+            method, schedule, held_out_samples, held_out_seed, None, chunk_size, progress=False
+        )
+
+    teacher_schedule = make_schedule(model.noise, teacher.num_steps, teacher.spacing)
+    reference = images(Method.stepsearch(teacher.solver, teacher.spacing), teacher_schedule)
 
     def held_out(images: Any) -> dict[str, Any]:
         return {
@@ -414,18 +416,10 @@ def search_olss_pipeline(
     for name in baselines:
         best = None
         for spacing in spacings:
-            found = run_method(
-                model,
-                Method.stepsearch(name, spacing),
-                nfe,
-                held_out_samples,
-                seed=held_out_seed,
-                chunk_size=chunk_size,
-            )
+            schedule = make_schedule(model.noise, nfe, spacing)  # one evaluation per step
+            found = images(Method.stepsearch(name, spacing), schedule)
             bar.update()
-            if found is None:
-                continue
-            row = {"method": name, "spacing": spacing, **held_out(found[0])}
+            row = {"method": name, "spacing": spacing, **held_out(found)}
             if best is None or row["traj"]["value"] < best["traj"]["value"]:
                 best = row
         if best is not None:

@@ -1,7 +1,4 @@
-"""``stepsearch search olss``: argument parsing only (the job is :mod:`stepsearch.olss.search`).
-
-Until the ``cli`` package lands, :func:`register` adds the command to a ``search`` typer group.
-"""
+"""``stepsearch search olss``: argument parsing only (the job is :mod:`stepsearch.olss.search`)."""
 
 from __future__ import annotations
 
@@ -10,9 +7,13 @@ from typing import Annotated
 
 import typer
 
-__all__ = ["olss_command", "register"]
+from stepsearch.cli._common import console, usage_errors
+from stepsearch.cli.search import search_command
+
+__all__ = ["olss_command"]
 
 
+@search_command("olss")
 def olss_command(
     out: Annotated[
         Path, typer.Option(help="Directory for the scheduler, schedule file and report.")
@@ -51,7 +52,7 @@ def olss_command(
     from stepsearch.olss.search import search_olss, search_olss_pipeline
 
     teacher = TeacherSpec("dpm_solver_pp_3m", "logsnr_uniform", teacher_steps)
-    try:
+    with usage_errors():
         if pipeline is not None:
             if prompts is None:
                 raise ValueError("--pipeline needs --prompts")
@@ -76,17 +77,9 @@ def olss_command(
                 held_out_samples=held_out_samples, out=out, search=search, refit=refit,
                 teacher=teacher, seed=seed, held_out_seed=seed + 1, progress=True,
             )  # fmt: skip
-    except (ValueError, FileNotFoundError) as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(2) from None
     for row in result.report["held_out"]:
         values = ", ".join(
             f"{metric} {row[metric]['value']:.4g}" for metric in ("traj", "fd") if metric in row
         )
-        typer.echo(f"{row['method']:>18} ({row['spacing']}): {values}")
-    typer.echo(f"wrote {out}")
-
-
-def register(search_app: typer.Typer) -> None:
-    """Add ``olss`` to the ``search`` command group."""
-    search_app.command("olss")(olss_command)
+        console.print(f"{row['method']:>18} ({row['spacing']}): {values}")
+    console.print(f"wrote {out}")
