@@ -1,7 +1,6 @@
-"""``stepsearch search dp``: argument parsing only; the job is :func:`stepsearch.search.dp_job.run_dp_search`.
+"""``stepsearch search dp``: GITS / OSS-style DP schedules (argument parsing only).
 
-Until the ``cli`` package with its ``search`` group lands, :func:`register` adds the command to any
-typer group (``register(search_app)``).
+The work is :func:`stepsearch.search.dp_job.run_dp_search`.
 """
 
 from __future__ import annotations
@@ -11,6 +10,8 @@ from typing import Annotated
 
 import typer
 
+from stepsearch.cli._common import console, usage_errors
+from stepsearch.cli.search import search_command
 from stepsearch.search.dp_job import DEFAULT_COEFFS, DPSettings
 
 
@@ -21,7 +22,8 @@ def _floats(text: str) -> list[float]:
         raise typer.BadParameter(f"expected comma-separated numbers, got {text!r}") from None
 
 
-def search_dp(
+@search_command("dp")
+def dp_command(
     model: Annotated[
         str, typer.Option(help="`digits` or a local UNet2DModel directory.")
     ] = "digits",
@@ -57,8 +59,6 @@ def search_dp(
     """Dynamic-programming schedule (GITS / OSS style) for one solver and NFE; writes
     `best_schedule.json`, `scheduler/`, `result.json`, `progress.png` and the study store
     (`study.sqlite3` unless `--storage`) under `--out`."""
-    from rich.console import Console
-
     from stepsearch.eval.cache import TensorCache
     from stepsearch.eval.objective import Objective
     from stepsearch.eval.sources import load_source
@@ -66,8 +66,7 @@ def search_dp(
     from stepsearch.search.dynamic import layer_rules
     from stepsearch.solvers import get_solver
 
-    console = Console()
-    try:
+    with usage_errors():
         layer_rules(get_solver(solver), nfe)  # an unsupported solver fails before the model loads
         source = load_source(model)
         objective = Objective(
@@ -89,9 +88,6 @@ def search_dp(
         result = run_dp_search(
             objective, solver, nfe, out, storage=storage, settings=settings, progress=progress
         )
-    except ValueError as error:
-        console.print(f"[red]error:[/red] {error}")
-        raise typer.Exit(2) from None
     console.print(
         f"DP schedule {result.best.result.path} (coeff {result.best.coeff}): {metric} "
         f"{result.best.score.value:.4g} search, {result.held_out.value:.4g} held-out; best start "
@@ -99,8 +95,3 @@ def search_dp(
         f"{result.held_out_values[f'start ({result.start.name})']:.4g} held-out"
     )
     console.print(f"wrote {', '.join(result.files.values())}")
-
-
-def register(search_app: typer.Typer) -> None:
-    """Add ``dp`` to a ``search`` command group."""
-    search_app.command("dp")(search_dp)
