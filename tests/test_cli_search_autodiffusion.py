@@ -5,16 +5,11 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import typer
 from typer.testing import CliRunner
 
-from stepsearch.cli_search_autodiffusion import register
+from stepsearch.cli import app
 from stepsearch.integrations.diffusers import StepsearchDPMSolverMultistepScheduler
 from stepsearch.schedule_file import ScheduleFile
-
-app = typer.Typer()
-register(app)
-app.command("noop")(lambda: None)  # a group of one command would take it as the default
 
 TINY = ["--model", "digits", "--solver", "dpm_solver_pp_2m", "--nfe", "3", "--budget", "5",
         "--metric", "traj", "--num-samples", "8", "--held-out-samples", "8", "--population", "3",
@@ -23,7 +18,15 @@ TINY = ["--model", "digits", "--solver", "dpm_solver_pp_2m", "--nfe", "3", "--bu
 
 def test_job_writes_its_results_and_a_rerun_resumes(tmp_path):
     runner = CliRunner()
-    arguments = ["autodiffusion", *TINY, "--out", str(tmp_path / "run"), "--cache", str(tmp_path)]
+    arguments = [
+        "search",
+        "autodiffusion",
+        *TINY,
+        "--out",
+        str(tmp_path / "run"),
+        "--cache",
+        str(tmp_path),
+    ]
     first = runner.invoke(app, arguments)
     assert first.exit_code == 0, first.output
     out = tmp_path / "run"
@@ -46,8 +49,10 @@ def test_job_writes_its_results_and_a_rerun_resumes(tmp_path):
 
 def test_bad_input_is_a_usage_error(tmp_path):
     runner = CliRunner()
-    result = runner.invoke(app, ["autodiffusion", *TINY, "--out", str(tmp_path), "--solver", "x"])
+    result = runner.invoke(
+        app, ["search", "autodiffusion", *TINY, "--out", str(tmp_path), "--solver", "x"]
+    )
     assert result.exit_code == 2 and "unknown solver" in result.output
-    other = runner.invoke(app, ["autodiffusion", *TINY, "--out", str(tmp_path), "--nfe", "4",
+    other = runner.invoke(app, ["search", "autodiffusion", *TINY, "--out", str(tmp_path), "--nfe", "4",
                                 "--solver", "heun"])  # fmt: skip
     assert other.exit_code == 2 and "cannot spend exactly 4" in other.output

@@ -1,14 +1,12 @@
 """The study store: duplicates looked up, killed workers' trials re-run, metadata guarded, workers
-sharing one study (SQLite; test_search_autodiffusion runs a search on a PostgreSQL server)."""
+sharing one study (test_search_autodiffusion runs two worker processes on SQLite and PostgreSQL)."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +20,6 @@ from stepsearch.schedule import StepSchedule, karras, logsnr_uniform
 from stepsearch.search.store import StudyStore, candidate_key, storage_url
 from stepsearch.testbeds.gaussian_mixture import GaussianMixture
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
 NOISE = DiscreteVP.from_diffusers_config({"beta_schedule": "linear"})
 META = {"model": "toy", "solver": "ddim", "nfe": 4, "objective": {"metric": "toy"}}
 
@@ -165,52 +162,3 @@ def test_a_remote_workers_trial_is_failed_by_heartbeat(tmp_path):
         score = Counting()
         assert store.evaluate(candidate, score, solver="ddim").value == 0.9**2 + 0.5**2
         assert score.calls == 1 and store.trials(("FAIL",))[0].worker["id"] == "remote"
-
-
-WORKER = textwrap.dedent(
-    """
-    import json, sys, time
-    import numpy as np
-    from stepsearch.eval.objective import Score
-    from stepsearch.noise import DiscreteVP
-    from stepsearch.schedule import StepSchedule
-    from stepsearch.search.store import StudyStore
-
-    storage, name, out = sys.argv[1:4]
-    noise = DiscreteVP.from_diffusers_config({"beta_schedule": "linear"})
-    evaluated = []
-
-    def score(candidate):
-        evaluated.append(candidate.times.tolist())
-        time.sleep(0.05)
-        return Score(float(np.sum(candidate.times ** 3)), None, "toy", "search", 8, 2)
-
-    candidates = [StepSchedule(np.array([0.99 - 0.01 * i, 0.3, 0.0]), noise) for i in range(16)]
-    with StudyStore.open(storage, name, metadata={"toy": 1}, poll_interval=0.02) as store:
-        values = [s.value for s in store.evaluate_many(candidates, score, solver="ddim")]
-    json.dump({"values": values, "evaluated": evaluated}, open(out, "w"))
-    """
-)
-
-
-def _run_two_workers(tmp_path: Path, storage: str, name: str) -> None:
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
-    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
-    workers = [
-        subprocess.Popen([sys.executable, str(script), storage, name, str(tmp_path / f"{w}.json")],
-                         env=env)
-        for w in range(2)
-    ]  # fmt: skip
-    assert [w.wait(timeout=120) for w in workers] == [0, 0]
-    results = [json.loads((tmp_path / f"{w}.json").read_text()) for w in range(2)]
-    assert results[0]["values"] == results[1]["values"]
-    evaluated = results[0]["evaluated"] + results[1]["evaluated"]
-    assert len(evaluated) == 16 == len({tuple(t) for t in evaluated})  # each candidate once
-    with StudyStore.open(storage, name, metadata={"toy": 1}) as store:
-        assert store.count("COMPLETE") == 16 and store.count("RUNNING") == 0
-        assert store.best().candidate().times[0] == pytest.approx(0.84)
-
-
-def test_two_processes_share_one_sqlite_study(tmp_path):
-    _run_two_workers(tmp_path, str(tmp_path / "shared.sqlite3"), "shared")

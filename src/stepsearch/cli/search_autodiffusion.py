@@ -1,10 +1,5 @@
 """``stepsearch search autodiffusion``: argument parsing only; the job is
-:func:`stepsearch.search.autodiffusion.run_autodiffusion_job`.
-
-Until the ``stepsearch.cli`` package has its ``search`` group, :func:`register` adds the command
-to a given typer group (the lead wires it; in the package it becomes ``cli/search_autodiffusion.py``
-with ``@search_command("autodiffusion")`` on :func:`autodiffusion_command`).
-"""
+:func:`stepsearch.search.autodiffusion.run_autodiffusion_job`."""
 
 from __future__ import annotations
 
@@ -12,11 +7,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
-console = Console()
+from stepsearch.cli._common import console, usage_errors
+from stepsearch.cli.search import search_command
 
 
+@search_command("autodiffusion")
 def autodiffusion_command(
     model: Annotated[str, typer.Option(help="`digits` (bundled) or a local UNet2DModel folder.")],
     solver: Annotated[str, typer.Option(help="The solver the schedule is searched for.")],
@@ -64,7 +60,7 @@ def autodiffusion_command(
     from stepsearch.search.autodiffusion import AutoDiffusionSettings, run_autodiffusion_job
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
+    with usage_errors():
         settings = AutoDiffusionSettings(
             population=population,
             mutations=mutations,
@@ -93,9 +89,6 @@ def autodiffusion_command(
             progress=progress,
             worker_name=worker_name,
         )
-    except (ValueError, FileNotFoundError) as error:
-        console.print(f"[red]error:[/red] {error}")
-        raise typer.Exit(2) from None
     best = summary.result.best
     console.print(f"best schedule ({solver}, NFE {nfe}): timesteps {_shown(best)}")
     for name, value in summary.held_out.items():
@@ -109,8 +102,3 @@ def _shown(schedule) -> str:
         return str(schedule.to_diffusers_timesteps(integer=False).round(1).tolist())
     except ValueError:
         return str(schedule.times.round(4).tolist())
-
-
-def register(search_app: typer.Typer) -> None:
-    """Add ``autodiffusion`` to the ``stepsearch search`` group."""
-    search_app.command("autodiffusion")(autodiffusion_command)
