@@ -1,12 +1,21 @@
-"""Train the bundled digits model: a small DDPM UNet and the FD-digits classifier (CPU, seeded).
+"""Train the bundled digits models and the FD-digits classifier (CPU, seeded).
 
-    python scripts/train_digits.py --out src/stepsearch/data --seed 0
+    python scripts/train_digits.py --out src/stepsearch/data --seed 0 --threads 1
+    python scripts/train_digits.py --models digits-flow --threads 1   # one model only
 
-Writes ``digits_unet.{safetensors,json}`` and ``digits_classifier.{safetensors,json}`` into
-``--out`` (atomically). The default is a fixed number of UNet epochs, so the same command gives
-the same weights (on CPU with the same ``--threads``, which is recorded). With ``--minutes`` the
-epoch count is instead fixed after the second epoch from its wall time and recorded; pass it as
-``--epochs`` to reproduce such a run.
+``--models`` picks from ``classifier`` and the registry of :mod:`stepsearch.testbeds.digits`:
+
+- ``digits``: DDPM on 1000 linear betas with v-prediction (Salimans & Ho 2022), the default model;
+- ``digits-flow``: rectified flow ``x_t = (1 - t) x0 + t eps`` with velocity ``u = eps - x0``
+  (Liu et al. 2022; Esser et al. 2024), a ``FlowMatchEulerDiscreteScheduler`` config;
+- ``digits-cond``: the DDPM conditioned on the digit label, with label dropout for the
+  unconditional branch of classifier-free guidance (Ho & Salimans 2022).
+
+Each writes ``<stem>.{safetensors,json}`` into ``--out`` (atomically). Every model draws from its
+own seeded streams, so training one alone gives the same weights as training all of them. The
+default is a fixed number of epochs, so the same command gives the same weights (on CPU with the
+same ``--threads``, which is recorded). With ``--minutes`` the epoch count is instead fixed after
+the second epoch from its wall time and recorded; pass it as ``--epochs`` to reproduce such a run.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ import math
 import platform
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +46,27 @@ except ModuleNotFoundError:  # a source checkout without `pip install -e .`
     from stepsearch.testbeds import digits
 
 import diffusers
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DModel
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 NUM_TRAIN_TIMESTEPS = 1000
 CALIBRATION_EPOCHS = 2  # the first epoch pays one-off kernel set-up; time the second
+TARGETS = ("classifier", *digits.MODELS)
+DEFAULT_EPOCHS = {"digits": 150, "digits-flow": 120, "digits-cond": 120}
+FLOW_SHIFT = 1.0
+DDPM_BETAS = {
+    "num_train_timesteps": NUM_TRAIN_TIMESTEPS,
+    "beta_start": 1e-4,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+}
+OBJECTIVE_TEXT = {
+    "digits": "v-prediction MSE, timesteps uniform over 1000 linear betas",
+    "digits-flow": "rectified-flow velocity (eps - x0) MSE, t ~ U[0, 1), timestep 1000 t",
+    "digits-cond": "v-prediction MSE on the digit label, label dropped to the null label w.p. p",
+}
+STREAM = {"digits": 2, "digits-flow": 4, "digits-cond": 6}
+"""Each model's seed offset: its RNG streams are ``seed + STREAM``, independent of the others."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -51,12 +77,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add = parser.add_argument
     add("--out", type=Path, default=Path("src/stepsearch/data"), help="output directory")
     add("--seed", type=int, default=0, help="seed of every random stream and of the split")
-    add("--epochs", type=int, default=90, help="UNet epochs (~8 min on 2 idle cores)")
+    add("--models", nargs="+", choices=TARGETS, default=list(TARGETS), help="what to train")
+    add("--epochs", type=int, default=None, help="UNet epochs (default: each model's own)")
     add("--minutes", type=float, default=None, help="UNet wall-clock budget (replaces --epochs)")
     add("--batch-size", type=int, default=128, help="UNet batch size")
     add("--lr", type=float, default=1e-3, help="UNet peak learning rate (AdamW)")
     add("--warmup-steps", type=int, default=100, help="UNet linear warm-up steps")
     add("--ema-decay", type=float, default=0.999, help="EMA decay cap of the saved weights")
+    add("--label-dropout", type=float, default=0.1, help="digits-cond: P(label -> null label)")
+    add("--flow-shift", type=float, default=FLOW_SHIFT, help="digits-flow: scheduler shift")
     add("--classifier-epochs", type=int, default=60, help="classifier epochs")
     add("--classifier-lr", type=float, default=2e-3, help="classifier peak learning rate")
     add("--threads", type=int, default=2, help="torch.set_num_threads (results depend on it)")
@@ -75,8 +104,11 @@ def public_config(config: Any) -> dict[str, Any]:
     }
 
 
-def make_unet() -> UNet2DModel:
-    """The 1.62M-parameter 8×8 UNet: channels (32, 64, 64), attention at the 2×2 level."""
+def make_unet(num_class_embeds: int | None = None) -> UNet2DModel:
+    """The 1.62M-parameter 8×8 UNet: channels (32, 64, 64), attention at the 2×2 level.
+
+    ``num_class_embeds`` adds a label embedding to the time embedding (``class_embed_type=None``).
+    """
     return UNet2DModel(
         sample_size=8,
         in_channels=1,
@@ -85,19 +117,21 @@ def make_unet() -> UNet2DModel:
         layers_per_block=2,
         down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
         up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        num_class_embeds=num_class_embeds,
     )
 
 
-def make_noise_scheduler() -> DDPMScheduler:
-    """diffusers' default 1000-step linear betas, epsilon prediction, no x0 clipping."""
-    return DDPMScheduler(
-        num_train_timesteps=NUM_TRAIN_TIMESTEPS,
-        beta_start=1e-4,
-        beta_end=0.02,
-        beta_schedule="linear",
-        prediction_type="epsilon",
-        clip_sample=False,
-    )
+def make_noise_scheduler(name: str, flow_shift: float) -> DDPMScheduler | FlowMatchEulerDiscreteScheduler:
+    """The scheduler whose config ships with ``name``.
+
+    DDPM models: diffusers' default 1000-step linear betas, v-prediction, no x0 clipping. Flow:
+    ``FlowMatchEulerDiscreteScheduler`` with ``shift`` (applied at sampling only).
+    """
+    if digits.MODELS[name].family == "flow":
+        return FlowMatchEulerDiscreteScheduler(
+            num_train_timesteps=NUM_TRAIN_TIMESTEPS, shift=flow_shift
+        )
+    return DDPMScheduler(**DDPM_BETAS, prediction_type="v_prediction", clip_sample=False)
 
 
 def count_parameters(module: nn.Module) -> int:
@@ -219,30 +253,75 @@ def train_classifier(
 # ----------------------------------------------------------------------------- diffusion
 
 
+@dataclass(frozen=True)
+class Objective:
+    """What one model regresses on: ``family`` ``ddpm`` (v-prediction on ``alphas_cumprod``) or
+    ``flow`` (velocity), optionally on labels dropped to the null label with ``label_dropout``."""
+
+    family: str
+    alphas_cumprod: Tensor
+    conditional: bool = False
+    label_dropout: float = 0.0
+
+
+def training_batch(
+    objective: Objective, x0: Tensor, labels: Tensor, generator: torch.Generator
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """``(x_t, timestep, target, class_labels)`` for a batch of clean images ``x0``.
+
+    ``ddpm``: ``t`` uniform over the 1000 trained steps, ``x_t = alpha x0 + sigma eps``, target
+    ``v = alpha eps - sigma x0`` (Salimans & Ho 2022, Sec. 4). ``flow``: ``t ~ U[0, 1)``,
+    ``x_t = (1 - t) x0 + t eps``, target ``u = eps - x0`` at timestep ``1000 t`` (Liu et al. 2022,
+    Eq. 1; diffusers' flow convention).
+    """
+    batch = len(x0)
+    if objective.family == "flow":
+        t = torch.rand(batch, generator=generator)
+        eps = torch.randn(x0.shape, generator=generator)
+        t_ = t.view(-1, 1, 1, 1)
+        x_t, timestep, target = (1.0 - t_) * x0 + t_ * eps, NUM_TRAIN_TIMESTEPS * t, eps - x0
+    else:
+        index = torch.randint(0, len(objective.alphas_cumprod), (batch,), generator=generator)
+        eps = torch.randn(x0.shape, generator=generator)
+        alpha_bar = objective.alphas_cumprod[index].view(-1, 1, 1, 1)
+        alpha, sigma = alpha_bar.sqrt(), (1.0 - alpha_bar).sqrt()
+        x_t, timestep, target = alpha * x0 + sigma * eps, index, alpha * eps - sigma * x0
+    class_labels = None
+    if objective.conditional:
+        dropped = torch.rand(batch, generator=generator) < objective.label_dropout
+        class_labels = torch.where(dropped, digits.NULL_LABEL, labels)
+    return x_t, timestep, target, class_labels
+
+
 def diffusion_loss(
-    unet: UNet2DModel, x0: Tensor, alphas_cumprod: Tensor, generator: torch.Generator
+    unet: UNet2DModel,
+    objective: Objective,
+    x0: Tensor,
+    labels: Tensor,
+    generator: torch.Generator,
 ) -> Tensor:
-    """Epsilon-prediction MSE at uniformly drawn training timesteps (Ho et al. 2020, Eq. 14)."""
-    t = torch.randint(0, len(alphas_cumprod), (len(x0),), generator=generator)
-    eps = torch.randn(x0.shape, generator=generator)
-    alpha_bar = alphas_cumprod[t].view(-1, 1, 1, 1)
-    x_t = alpha_bar.sqrt() * x0 + (1.0 - alpha_bar).sqrt() * eps
-    return F.mse_loss(unet(x_t, t).sample, eps)
+    """MSE of the network output against the objective's target, uniform over time."""
+    x_t, timestep, target, class_labels = training_batch(objective, x0, labels, generator)
+    return F.mse_loss(unet(x_t, timestep, class_labels=class_labels).sample, target)
 
 
 @torch.no_grad()
 def evaluation_loss(
-    unet: UNet2DModel, images: Tensor, alphas_cumprod: Tensor, seed: int, repeats: int = 4
+    unet: UNet2DModel,
+    objective: Objective,
+    images: Tensor,
+    labels: Tensor,
+    seed: int,
+    repeats: int = 4,
 ) -> float:
     """The loss over all images with fixed noise and timesteps: comparable across runs."""
     generator = torch.Generator().manual_seed(seed)
-    losses = [
-        diffusion_loss(unet, images[first : first + 128], alphas_cumprod, generator).item()
-        * len(images[first : first + 128])
-        for _ in range(repeats)
-        for first in range(0, len(images), 128)
-    ]
-    return sum(losses) / (repeats * len(images))
+    total = 0.0
+    for _ in range(repeats):
+        for first in range(0, len(images), 128):
+            x0, y = images[first : first + 128], labels[first : first + 128]
+            total += diffusion_loss(unet, objective, x0, y, generator).item() * len(x0)
+    return total / (repeats * len(images))
 
 
 @torch.no_grad()
@@ -256,22 +335,30 @@ def update_ema(ema: nn.Module, model: nn.Module, step: int, decay_cap: float) ->
 
 
 def train_unet(
-    args: argparse.Namespace, images: Tensor
-) -> tuple[UNet2DModel, DDPMScheduler, dict[str, Any]]:
-    """Train the DDPM for ``--epochs`` (or as many as fit ``--minutes``); return EMA weights."""
+    args: argparse.Namespace, name: str, images: Tensor, labels: Tensor
+) -> tuple[UNet2DModel, Any, dict[str, Any]]:
+    """Train model ``name`` for its epochs (or as many as fit ``--minutes``); return EMA weights."""
     start = time.perf_counter()
-    torch.manual_seed(args.seed)
-    rng = np.random.default_rng([args.seed, 2])
-    generator = torch.Generator().manual_seed(args.seed + 2)
-    unet, noise_scheduler = make_unet(), make_noise_scheduler()
+    spec = digits.MODELS[name]
+    stream = args.seed + STREAM[name]
+    torch.manual_seed(stream - 2)  # digits: `seed`, as before the registry existed
+    rng = np.random.default_rng([args.seed, STREAM[name]])
+    generator = torch.Generator().manual_seed(stream)
+    unet = make_unet(digits.NUM_CLASSES + 1 if spec.conditional else None)
+    noise_scheduler = make_noise_scheduler(name, args.flow_shift)
+    objective = Objective(
+        family=spec.family,
+        alphas_cumprod=DDPMScheduler(**DDPM_BETAS).alphas_cumprod.float(),
+        conditional=spec.conditional,
+        label_dropout=args.label_dropout if spec.conditional else 0.0,
+    )
     ema = copy.deepcopy(unet).requires_grad_(False)
-    alphas_cumprod = noise_scheduler.alphas_cumprod.float()
     optimizer = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.0)
     steps_per_epoch = len(images) // args.batch_size
-    epochs = None if args.minutes is not None else args.epochs
+    epochs = None if args.minutes is not None else (args.epochs or DEFAULT_EPOCHS[name])
     if epochs is None and args.warmup_steps < CALIBRATION_EPOCHS * steps_per_epoch:
         raise SystemExit(f"--minutes needs --warmup-steps >= {CALIBRATION_EPOCHS} epochs of steps")
-    progress = tqdm(total=epochs, desc="unet", unit="epoch")
+    progress = tqdm(total=epochs, desc=name, unit="epoch")
     step, epoch, epoch_losses, epoch_start = 0, 0, [], start
     while epochs is None or epoch < epochs:
         order = torch.from_numpy(rng.permutation(len(images)))
@@ -281,8 +368,8 @@ def train_unet(
             set_learning_rate(
                 optimizer, learning_rate(step, total_steps, args.lr, args.warmup_steps)
             )
-            batch = images[order[first : first + args.batch_size]]
-            loss = diffusion_loss(unet, batch, alphas_cumprod, generator)
+            batch = order[first : first + args.batch_size]
+            loss = diffusion_loss(unet, objective, images[batch], labels[batch], generator)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -300,6 +387,8 @@ def train_unet(
     progress.close()
     train_time = time.perf_counter() - start
     record = {
+        "model": name,
+        "objective": OBJECTIVE_TEXT[name],
         "seed": args.seed,
         "epochs": epochs,
         "minutes_budget": args.minutes,
@@ -310,8 +399,8 @@ def train_unet(
         "ema_decay": args.ema_decay,
         "ema_warmup": "decay = min(ema_decay, (1 + step) / (10 + step))",
         "final_loss": float(np.mean(epoch_losses)),
-        "eval_loss_ema": evaluation_loss(ema, images, alphas_cumprod, args.seed + 3),
-        "eval_loss_raw": evaluation_loss(unet, images, alphas_cumprod, args.seed + 3),
+        "eval_loss_ema": evaluation_loss(ema, objective, images, labels, args.seed + 3),
+        "eval_loss_raw": evaluation_loss(unet, objective, images, labels, args.seed + 3),
         "num_parameters": count_parameters(ema),
         "num_threads": args.threads,
         "wall_time_s": round(train_time, 2),
@@ -319,6 +408,9 @@ def train_unet(
         "dataset": "sklearn.datasets.load_digits, all 1797 images, x / 8 - 1, no augmentation",
         "versions": versions(),
     }
+    if spec.conditional:
+        record["label_dropout"] = args.label_dropout
+        record["null_label"] = digits.NULL_LABEL
     return ema, noise_scheduler, record
 
 
@@ -326,25 +418,33 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.threads < 1:
         raise SystemExit("--threads must be >= 1")
+    if not 0.0 <= args.label_dropout < 1.0:
+        raise SystemExit("--label-dropout must lie in [0, 1)")
     torch.set_num_threads(args.threads)
     images, labels = digits.real_images(), digits.real_labels()
 
-    classifier, classifier_record = train_classifier(args, images, labels)
-    save_checkpoint(args.out, "digits_classifier", classifier, classifier_record)
-    print(f"classifier test accuracy {classifier_record['test_accuracy']:.4f}")
+    if "classifier" in args.models:
+        classifier, classifier_record = train_classifier(args, images, labels)
+        save_checkpoint(args.out, "digits_classifier", classifier, classifier_record)
+        print(f"classifier test accuracy {classifier_record['test_accuracy']:.4f}")
 
-    ema, noise_scheduler, training = train_unet(args, images)
-    unet_record = {
-        "format_version": FORMAT_VERSION,
-        "unet_config": public_config(ema.config),
-        "scheduler_config": public_config(noise_scheduler.config),
-        "training": training,
-    }
-    save_checkpoint(args.out, "digits_unet", ema, unet_record)
-    print(
-        f"unet: {training['epochs']} epochs, final loss {training['final_loss']:.4f}, "
-        f"EMA eval loss {training['eval_loss_ema']:.4f}, {training['wall_time_s']:.0f} s"
-    )
+    for name in digits.MODELS:
+        if name not in args.models:
+            continue
+        ema, noise_scheduler, training = train_unet(args, name, images, labels)
+        unet_record = {
+            "format_version": FORMAT_VERSION,
+            "model": name,
+            "unet_config": public_config(ema.config),
+            "scheduler_class": type(noise_scheduler).__name__,
+            "scheduler_config": public_config(noise_scheduler.config),
+            "training": training,
+        }
+        save_checkpoint(args.out, digits.MODELS[name].stem, ema, unet_record)
+        print(
+            f"{name}: {training['epochs']} epochs, final loss {training['final_loss']:.4f}, "
+            f"EMA eval loss {training['eval_loss_ema']:.4f}, {training['wall_time_s']:.0f} s"
+        )
 
 
 if __name__ == "__main__":

@@ -65,11 +65,45 @@ TRAIN_COMMAND = "python scripts/train_digits.py --out src/stepsearch/data --seed
 NUM_IMAGES = 1797
 IMAGE_SHAPE = (1, 8, 8)
 NUM_CLASSES = 10
+NULL_LABEL = NUM_CLASSES
+"""The class label of the unconditional branch of ``digits-cond`` (label dropout's target)."""
 FEATURE_DIM = 64
 PIXEL_MAX = 16.0
 
 Device = torch.device | str | None
 DataDir = str | Path | Traversable | None
+
+
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One bundled model: its name, checkpoint stem, family (``ddpm`` or ``flow``), conditioning."""
+
+    name: str
+    stem: str
+    family: str
+    conditional: bool
+    description: str
+
+
+MODELS: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        ModelSpec("digits", "digits_unet", "ddpm", False, "DDPM, 1000 linear betas, v-prediction"),
+        ModelSpec(
+            "digits-flow", "digits_flow_unet", "flow", False, "rectified flow, velocity prediction"
+        ),
+        ModelSpec(
+            "digits-cond",
+            "digits_cond_unet",
+            "ddpm",
+            True,
+            "class-conditional DDPM (v-prediction) with classifier-free guidance",
+        ),
+    )
+}
+"""The registry of bundled models by name: ``digits | digits-flow | digits-cond``."""
 
 
 # ----------------------------------------------------------------------------- data
