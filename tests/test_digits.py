@@ -1,4 +1,4 @@
-"""The bundled digits model and the FD-digits classifier, loaded from package data."""
+"""The bundled digits models and the FD-digits classifier, loaded from package data."""
 
 from __future__ import annotations
 
@@ -43,28 +43,97 @@ def test_split_is_reproducible_disjoint_and_stratified() -> None:
     assert np.all(np.abs(fractions - 0.2) < 0.02)
 
 
-def test_unet_checkpoint_loads_and_runs(model: digits.DigitsModel) -> None:
+def test_registry_names_the_three_models() -> None:
+    assert list(digits.MODELS) == ["digits", "digits-flow", "digits-cond"]
+    with pytest.raises(ValueError, match="unknown digits model"):
+        digits.load("digits-xl")
+
+
+@pytest.mark.parametrize("name", list(digits.MODELS))
+def test_unet_checkpoint_loads_and_runs(name: str) -> None:
+    model = digits.load(name)
     unet = model.unet
     num_parameters = sum(parameter.numel() for parameter in unet.parameters())
     assert 1_400_000 <= num_parameters <= 1_800_000
     assert num_parameters == model.metadata["num_parameters"]
+    assert model.name == name and model.metadata["model"] == name
     assert not unet.training
     assert not any(parameter.requires_grad for parameter in unet.parameters())
     x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 3, 9, digits.NULL_LABEL]) if model.spec.conditional else None
     with torch.no_grad():
-        eps = unet(x, torch.tensor([999, 500, 10, 0])).sample
-    assert eps.shape == (4, 1, 8, 8) and torch.isfinite(eps).all()
+        output = model.model_fn(labels)(x, torch.tensor([999, 500, 10, 0]))
+    assert output.shape == (4, 1, 8, 8) and torch.isfinite(output).all()
+    record = digits.checkpoint_record(name)
+    assert len(record["weights_sha256"]) == 64 and record["model"] == name
 
 
-def test_scheduler_config_and_metadata(model: digits.DigitsModel) -> None:
+def test_scheduler_configs_and_metadata(model: digits.DigitsModel) -> None:
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
+    from stepsearch.noise import DiscreteVP, FlowMatching
+
     scheduler = model.make_scheduler()
+    assert isinstance(scheduler, DDPMScheduler) and isinstance(model.noise, DiscreteVP)
     assert scheduler.config.num_train_timesteps == 1000
     assert scheduler.config.beta_schedule == "linear"
-    assert scheduler.config.prediction_type == "epsilon"
+    assert scheduler.config.prediction_type == "v_prediction" == model.prediction_type
     assert scheduler.config.clip_sample is False
     for key in ("seed", "epochs", "final_loss", "wall_time_s", "num_threads", "versions"):
         assert key in model.metadata
-    assert model.metadata["final_loss"] < 0.2
+    # v-prediction MSE of a trained model; an untrained one starts near 1 (one epoch: ~0.6).
+    assert model.metadata["eval_loss_ema"] < 0.2
+
+    flow = digits.load("digits-flow")
+    flow_scheduler = flow.make_scheduler()
+    assert isinstance(flow_scheduler, FlowMatchEulerDiscreteScheduler)
+    assert isinstance(flow.noise, FlowMatching) and flow.prediction_type == "flow"
+    assert flow.noise.shift == flow_scheduler.config.shift
+    assert flow.metadata["eval_loss_ema"] < 0.5  # velocity MSE; untrained ~2
+
+    conditional = digits.load("digits-cond")
+    assert conditional.unet.config.num_class_embeds == digits.NUM_CLASSES + 1
+    assert conditional.metadata["null_label"] == digits.NULL_LABEL
+    assert 0 < conditional.metadata["label_dropout"] < 1
+
+
+def test_labels_are_checked() -> None:
+    conditional, unconditional = digits.load("digits-cond"), digits.load("digits")
+    with pytest.raises(ValueError, match="class-conditional"):
+        conditional.model_fn()
+    with pytest.raises(ValueError, match=r"0\.\.10"):
+        conditional.model_fn(11)
+    with pytest.raises(ValueError, match="unconditional"):
+        unconditional.model_fn(3)
+    with pytest.raises(ValueError, match="guidance needs digits-cond"):
+        unconditional.denoiser(guidance=2.0)
+    with pytest.raises(ValueError, match="3 labels for a batch of 2"):
+        conditional.model_fn(torch.tensor([1, 2, 3]))(torch.zeros(2, 1, 8, 8), torch.zeros(2))
+
+
+@pytest.mark.parametrize("name", list(digits.MODELS))
+def test_high_noise_end_is_close_to_the_exact_posterior_mean(name: str) -> None:
+    """At t = T the exact E[x0 | x_t] is near the mean digit; the v / flow models stay within
+    1 RMS of it (the epsilon model this replaces was off by ~8 RMS at timestep 999)."""
+    model = digits.load(name)
+    rows = digits.posterior_mean_error(model, (400, 999), num_samples=64, seed=1)
+    for row in rows:
+        # Same error seen through eps: eps = (x - alpha x0) / sigma scales it by alpha / sigma.
+        assert row["eps_rms"] * row["sigma_over_alpha"] == pytest.approx(row["x0_rms"], rel=1e-6)
+    assert rows[-1]["x0_rms"] <= 1.0 and rows[-1]["x0_max_abs"] < 3.0
+    assert rows[0]["x0_rms"] < 0.5
+
+
+def test_class_accuracy_is_the_classifiers_agreement_with_requested_labels(
+    classifier: digits.DigitsClassifier,
+) -> None:
+    images, labels = digits.real_images()[:300], digits.real_labels()[:300]
+    assert digits.class_accuracy(classifier, images, labels) > 0.95
+    assert digits.class_accuracy(classifier, images, (labels + 1) % 10) < 0.05
+    zeros = images[labels == 0]
+    assert digits.class_accuracy(classifier, zeros, 0) > 0.95
+    with pytest.raises(ValueError, match="one label per image"):
+        digits.class_accuracy(classifier, images, labels[:10])
 
 
 def test_classifier_accuracy_recorded_and_recomputed(classifier: digits.DigitsClassifier) -> None:
@@ -98,9 +167,10 @@ def test_feature_extractor_rejects_wrong_shapes(classifier: digits.DigitsClassif
         extractor(torch.zeros(2, 3, 8, 8))
 
 
-def test_missing_checkpoint_names_the_training_script(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", list(digits.MODELS))
+def test_missing_checkpoint_names_the_training_script(tmp_path: Path, name: str) -> None:
     with pytest.raises(FileNotFoundError, match=r"train_digits\.py"):
-        digits.load(directory=tmp_path)
+        digits.load(name, directory=tmp_path)
 
 
 def test_weights_out_of_sync_with_json_are_refused(tmp_path: Path) -> None:

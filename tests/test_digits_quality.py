@@ -56,3 +56,52 @@ def test_diffusers_baseline_spends_exactly_the_nfe_and_matches_its_stepsearch_tw
     ours, _ = Method.stepsearch("ddim", "trailing").run(model, 5, 16, seed=3)
     assert steps == 5
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def flow_model():
+    torch.set_grad_enabled(False)
+    yield load_image_model("digits-flow")
+    torch.set_grad_enabled(True)
+
+
+def test_flow_twin_loads_as_a_flow_and_gets_closer_with_more_steps(flow_model):
+    from stepsearch.noise import FlowMatching
+
+    assert isinstance(flow_model.noise, FlowMatching) and flow_model.prediction_type == "flow"
+    euler = Method.stepsearch("ddim", "flow_shifted")  # DDIM is Euler on a rectified flow
+    fd_by_nfe = {}
+    for nfe in (5, 10, 20):
+        samples, _ = euler.run(flow_model, nfe, NUM_SAMPLES, seed=0)
+        fd_by_nfe[nfe] = _fd(flow_model, samples)
+    assert fd_by_nfe[5] > fd_by_nfe[10] > fd_by_nfe[20], fd_by_nfe
+
+
+def test_flow_twin_matches_diffusers_flow_match_euler(flow_model):
+    """diffusers' FlowMatchEulerDiscreteScheduler (with the model's shift) and stepsearch's Euler
+    on the same shifted grid give the same samples."""
+    theirs, steps = Method.diffusers("FlowMatchEulerDiscreteScheduler").run(flow_model, 8, 16, 3)
+    ours, _ = Method.stepsearch("ddim", "flow_shifted").run(flow_model, 8, 16, seed=3)
+    assert steps == 8
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
+
+
+def test_guidance_raises_accuracy_on_the_requested_digit():
+    from stepsearch.eval.generate import generate
+    from stepsearch.schedule import make_schedule
+    from stepsearch.solvers import get_solver
+    from stepsearch.testbeds import digits
+
+    torch.set_grad_enabled(False)
+    model, classifier = digits.load("digits-cond"), digits.load_classifier()
+    labels = torch.arange(200) % 10
+    schedule = make_schedule(model.noise, 10, "logsnr_uniform")
+    accuracy = {}
+    for scale in (0.0, 1.0, 4.0):  # 0: the unconditional branch alone
+        samples = generate(
+            model.denoiser(labels, scale), schedule, get_solver("dpm_solver_pp_2m"), 200,
+            digits.IMAGE_SHAPE, seed=0, chunk_size=200, progress=False,
+        )
+        accuracy[scale] = digits.class_accuracy(classifier, samples, labels)
+    torch.set_grad_enabled(True)
+    assert accuracy[0.0] < 0.3 < accuracy[1.0] < accuracy[4.0], accuracy

@@ -73,13 +73,19 @@ class ImageModel:
     feature_extractor: torch.nn.Module | None = None
     reference_images: Tensor | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    noise_schedule: NoiseSchedule | None = None  # None: DiscreteVP from scheduler_config
+    prediction: str | None = None  # None: scheduler_config's prediction_type
 
     @cached_property
-    def noise(self) -> DiscreteVP:
+    def noise(self) -> NoiseSchedule:
+        if self.noise_schedule is not None:
+            return self.noise_schedule
         return DiscreteVP.from_diffusers_config(self.scheduler_config)
 
     @property
     def prediction_type(self) -> str:
+        if self.prediction is not None:
+            return self.prediction
         return str(self.scheduler_config.get("prediction_type", "epsilon"))
 
     def model_fn(self, x: Tensor, timestep: Tensor) -> Tensor:
@@ -170,7 +176,8 @@ def _model_directory_files(spec: str) -> tuple[Path, Path]:
     root = Path(spec)
     if not root.is_dir():
         raise FileNotFoundError(
-            f"model {spec!r}: expected 'digits' or a local diffusers model directory"
+            f"model {spec!r}: expected a bundled model {sorted(_bundled())} or a local "
+            "diffusers model directory"
         )
     unet_dir = root / "unet" if (root / "unet").is_dir() else root
     config_path = next(
@@ -186,14 +193,20 @@ def _model_directory_files(spec: str) -> tuple[Path, Path]:
     return unet_dir, config_path
 
 
-def model_noise(spec: str) -> DiscreteVP:
-    """The noise schedule of ``spec`` (``"digits"`` or a local diffusers model directory, as for
-    :func:`load_image_model`), read from its scheduler config: what a schedule file for that
-    model must be made on."""
-    if spec == "digits":
+def _bundled() -> dict[str, Any]:
+    from stepsearch.testbeds import digits
+
+    return digits.MODELS
+
+
+def model_noise(spec: str) -> NoiseSchedule:
+    """The noise schedule of ``spec`` (a bundled model name or a local diffusers model directory,
+    as for :func:`load_image_model`), read from its scheduler config: what a schedule file for
+    that model must be made on."""
+    if spec in _bundled():
         from stepsearch.testbeds import digits
 
-        return DiscreteVP.from_diffusers_config(digits.load().scheduler_config)
+        return digits.load(spec).noise
     _, config_path = _model_directory_files(spec)
     return DiscreteVP.from_diffusers_config(json.loads(config_path.read_text()))
 
@@ -201,22 +214,27 @@ def model_noise(spec: str) -> DiscreteVP:
 def load_image_model(
     spec: str, device: str | torch.device = "cpu", inception_weights: str | None = None
 ) -> ImageModel:
-    """``"digits"`` (the bundled model with FD-digits features and the 1,797 real digits), or a local
-    diffusers directory holding a ``UNet2DModel`` (at its root or in ``unet/``) and a scheduler
-    config (``scheduler_config.json`` at the root or in ``scheduler/``)."""
+    """A bundled model by name (``digits`` or ``digits-flow``: FD-digits features and the 1,797 real
+    digits; :data:`stepsearch.testbeds.digits.MODELS`), or a local diffusers directory holding a
+    ``UNet2DModel`` (at its root or in ``unet/``) and a scheduler config (``scheduler_config.json``
+    at the root or in ``scheduler/``)."""
     device = torch.device(device)
-    if spec == "digits":
-        from stepsearch.testbeds import digits
+    from stepsearch.testbeds import digits
 
-        bundle = digits.load(device=device)
+    if spec in digits.MODELS:
+        if digits.MODELS[spec].conditional:
+            raise ValueError(f"{spec} is class-conditional: use digits.load({spec!r}).denoiser()")
+        bundle = digits.load(spec, device=device)
         return ImageModel(
-            name="digits",
+            name=spec,
             unet=bundle.unet,
             scheduler_config=dict(bundle.scheduler_config),
             sample_shape=digits.IMAGE_SHAPE,
             feature_extractor=digits.DigitsFeatureExtractor(digits.load_classifier(device=device)),
             reference_images=digits.real_images(),
             device=device,
+            noise_schedule=bundle.noise,
+            prediction=bundle.prediction_type,
         )
     from diffusers import UNet2DModel
 

@@ -1,13 +1,20 @@
-"""The bundled digits model: a small DDPM on scikit-learn's 8×8 digits, and a digit classifier.
+"""The bundled digits models: small diffusion models on scikit-learn's 8×8 digits, and a classifier.
 
-The checkpoint files live in ``stepsearch/data/`` and were produced, bit for bit reproducibly on
-CPU, by ``python scripts/train_digits.py --out src/stepsearch/data --seed 0 --threads 1``:
+Three models, selected by name from :data:`MODELS` (``load("digits-flow")``), all diffusers
+``UNet2DModel`` s (1.6M parameters, EMA weights) trained on the 1,797 digits:
 
-- ``digits_unet.safetensors`` / ``digits_unet.json``: a diffusers ``UNet2DModel`` (epsilon
-  prediction, EMA weights) trained with 1000-step linear betas, its ``DDPMScheduler`` config and
-  the training metadata.
-- ``digits_classifier.safetensors`` / ``digits_classifier.json``: a small CNN whose 64-d
-  penultimate layer defines an offline Fréchet distance for this domain ("FD-digits").
+- ``digits`` (``digits_unet.*``): DDPM on 1000 linear betas, v-prediction (``DDPMScheduler``);
+- ``digits-flow`` (``digits_flow_unet.*``): rectified flow, velocity prediction
+  (``FlowMatchEulerDiscreteScheduler`` with a shift);
+- ``digits-cond`` (``digits_cond_unet.*``): the DDPM conditioned on the digit label, with a
+  null label for classifier-free guidance (:meth:`DigitsModel.denoiser`).
+
+``digits_classifier.*`` is a small CNN whose 64-d penultimate layer defines an offline Fréchet
+distance for this domain ("FD-digits"); its accuracy on the requested digit
+(:func:`class_accuracy`) is the conditional model's adherence metric. All files live in
+``stepsearch/data/`` and were produced, bit for bit reproducibly on CPU, by
+``python scripts/train_digits.py --out src/stepsearch/data --seed 0 --threads 1``; model cards
+are in ``docs/models.md``.
 
 Images everywhere in this module are ``(B, 1, 8, 8)`` tensors with pixel values in ``[-1, 1]``
 (the dataset's 0..16 intensities mapped by ``x / 8 - 1``).
@@ -18,6 +25,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -33,13 +41,19 @@ except ImportError:  # Python 3.10
     from importlib.abc import Traversable
 
 if TYPE_CHECKING:
-    from diffusers import DDPMScheduler, UNet2DModel
+    from diffusers import UNet2DModel
+
+    from stepsearch.denoiser import GuidanceSchedule, ModelDenoiser
+    from stepsearch.noise import NoiseSchedule
 
 __all__ = [
     "CLASSIFIER_CONFIG",
     "CLASSIFIER_WEIGHTS",
+    "DIAGNOSTIC_TIMESTEPS",
     "FEATURE_DIM",
     "IMAGE_SHAPE",
+    "MODELS",
+    "NULL_LABEL",
     "NUM_CLASSES",
     "NUM_IMAGES",
     "TRAIN_COMMAND",
@@ -48,9 +62,13 @@ __all__ = [
     "DigitsClassifier",
     "DigitsFeatureExtractor",
     "DigitsModel",
+    "ModelSpec",
+    "checkpoint_record",
+    "class_accuracy",
     "classifier_metadata",
     "load",
     "load_classifier",
+    "posterior_mean_error",
     "real_images",
     "real_labels",
     "train_test_split_indices",
@@ -241,21 +259,107 @@ class DigitsFeatureExtractor(nn.Module):
 
 @dataclass(frozen=True)
 class DigitsModel:
-    """The bundled digits DDPM: an eval-mode, frozen ``UNet2DModel`` that predicts epsilon.
+    """A bundled digits model: an eval-mode, frozen ``UNet2DModel`` and its scheduler config.
 
-    ``scheduler_config`` is the ``DDPMScheduler`` config it was trained with (1000 linear betas,
-    ``clip_sample=False``); ``metadata`` records how it was trained.
+    ``spec`` says which registry entry it is; ``scheduler_class`` names the diffusers scheduler
+    whose ``scheduler_config`` it was trained with (``DDPMScheduler``: 1000 linear betas,
+    ``clip_sample=False``, the ``prediction_type`` it predicts; ``FlowMatchEulerDiscreteScheduler``:
+    rectified flow with a sampling ``shift``); ``metadata`` records how it was trained.
     """
 
+    spec: ModelSpec
     unet: UNet2DModel
+    scheduler_class: str
     scheduler_config: dict[str, Any]
     metadata: dict[str, Any]
 
-    def make_scheduler(self) -> DDPMScheduler:
-        """A fresh ``DDPMScheduler`` with the training noise schedule."""
-        from diffusers import DDPMScheduler
+    @property
+    def name(self) -> str:
+        return self.spec.name
 
-        return DDPMScheduler.from_config(self.scheduler_config)
+    @property
+    def prediction_type(self) -> str:
+        """The :class:`~stepsearch.denoiser.ModelDenoiser` prediction type (``flow`` for flows)."""
+        if self.spec.family == "flow":
+            return "flow"
+        return str(self.scheduler_config.get("prediction_type", "epsilon"))
+
+    @functools.cached_property
+    def noise(self) -> NoiseSchedule:
+        """The training noise schedule: ``DiscreteVP`` or ``FlowMatching`` (with the shift)."""
+        from stepsearch.noise import DiscreteVP, FlowMatching
+
+        if self.spec.family == "flow":
+            total = int(self.scheduler_config["num_train_timesteps"])
+            shift = float(self.scheduler_config.get("shift", 1.0))
+            return FlowMatching(shift=shift, t_min=1.0 / total, num_train_timesteps=total)
+        return DiscreteVP.from_diffusers_config(self.scheduler_config)
+
+    def make_scheduler(self) -> Any:
+        """A fresh diffusers scheduler (``scheduler_class``) with the training noise schedule."""
+        import diffusers
+
+        return getattr(diffusers, self.scheduler_class).from_config(self.scheduler_config)
+
+    def model_fn(
+        self, labels: int | Tensor | None = None
+    ) -> Callable[[Tensor, Tensor], Tensor]:
+        """``f(x, timestep) -> output`` of the UNet; ``digits-cond`` needs ``labels`` (an int for
+        every sample, a ``(B,)`` tensor for a batch of ``B``, or :data:`NULL_LABEL`)."""
+        if not self.spec.conditional:
+            if labels is not None:
+                raise ValueError(f"{self.name} is unconditional; it takes no labels")
+            return lambda x, timestep: self.unet(x, timestep).sample
+        if labels is None:
+            raise ValueError(f"{self.name} is class-conditional: pass labels (0..9)")
+        fixed = _check_labels(labels)
+
+        def conditional(x: Tensor, timestep: Tensor) -> Tensor:
+            if fixed.ndim == 0:
+                class_labels = fixed.expand(x.shape[0])
+            elif fixed.shape[0] == x.shape[0]:
+                class_labels = fixed
+            else:
+                raise ValueError(
+                    f"{fixed.shape[0]} labels for a batch of {x.shape[0]}: sample in one chunk"
+                )
+            return self.unet(x, timestep, class_labels=class_labels.to(x.device)).sample
+
+        return conditional
+
+    def denoiser(
+        self,
+        labels: int | Tensor | None = None,
+        guidance: GuidanceSchedule | float = 1.0,
+        guidance_rescale: float = 0.0,
+    ) -> ModelDenoiser:
+        """The ``x0`` denoiser; for ``digits-cond``, classifier-free guided towards ``labels``
+        (``uncond + w (cond - uncond)``, Ho & Salimans 2022, Eq. 6, on the v output; ``w = 1``
+        evaluates the conditional branch alone)."""
+        from stepsearch.denoiser import ModelDenoiser
+
+        unguided = isinstance(guidance, (int, float)) and float(guidance) == 1.0
+        if not self.spec.conditional or unguided:
+            if not unguided and not self.spec.conditional:
+                raise ValueError(f"{self.name} is unconditional; guidance needs digits-cond")
+            return ModelDenoiser(self.model_fn(labels), self.noise, self.prediction_type)
+        return ModelDenoiser(
+            self.model_fn(labels),
+            self.noise,
+            self.prediction_type,
+            unconditional=self.model_fn(NULL_LABEL),
+            guidance=guidance,
+            guidance_rescale=guidance_rescale,
+        )
+
+
+def _check_labels(labels: int | Tensor) -> Tensor:
+    tensor = torch.as_tensor(labels, dtype=torch.int64)
+    if tensor.ndim > 1 or tensor.numel() == 0:
+        raise ValueError("labels must be an int or a non-empty (B,) tensor")
+    if ((tensor < 0) | (tensor > NULL_LABEL)).any():
+        raise ValueError(f"labels must lie in 0..{NULL_LABEL} ({NULL_LABEL}: unconditional)")
+    return tensor
 
 
 def _data_dir(directory: DataDir) -> Traversable:
@@ -289,24 +393,34 @@ def _read_checkpoint(
 
 
 def load(
-    device: Device = None, dtype: torch.dtype = torch.float32, directory: DataDir = None
+    name: str = "digits",
+    device: Device = None,
+    dtype: torch.dtype = torch.float32,
+    directory: DataDir = None,
 ) -> DigitsModel:
-    """Load the bundled digits DDPM (from package data unless ``directory`` is given).
+    """Load a bundled digits model by registry name (from package data unless ``directory``).
 
     The UNet is returned in eval mode with ``requires_grad`` off (gradients still flow to
-    its inputs). Raises ``FileNotFoundError`` naming the training command when the files are
-    missing.
+    its inputs). Raises ``ValueError`` for an unknown name and ``FileNotFoundError`` naming the
+    training command when the files are missing.
     """
     from diffusers import UNet2DModel
 
-    tensors, config = _read_checkpoint(directory, UNET_WEIGHTS, UNET_CONFIG)
+    if name not in MODELS:
+        raise ValueError(f"unknown digits model {name!r}; expected one of {sorted(MODELS)}")
+    spec = MODELS[name]
+    tensors, config = _read_checkpoint(directory, f"{spec.stem}.safetensors", f"{spec.stem}.json")
+    if config.get("model", "digits") != name:
+        raise ValueError(f"{spec.stem}.json holds model {config.get('model')!r}, not {name!r}")
     unet = UNet2DModel.from_config(config["unet_config"])
     unet.load_state_dict(tensors, strict=True)
     if dtype != unet.dtype:  # diffusers warns on every `.to(dtype=...)`, even a no-op one
         unet = unet.to(dtype=dtype)
     unet = unet.to(device=device).eval().requires_grad_(False)
     return DigitsModel(
+        spec=spec,
         unet=unet,
+        scheduler_class=str(config.get("scheduler_class", "DDPMScheduler")),
         scheduler_config=dict(config["scheduler_config"]),
         metadata=dict(config["training"]),
     )
@@ -324,6 +438,95 @@ def load_classifier(device: Device = None, directory: DataDir = None) -> DigitsC
     )
     classifier.load_state_dict(tensors, strict=True)
     return classifier.to(device=device).eval().requires_grad_(False)
+
+
+def class_accuracy(classifier: DigitsClassifier, images: Tensor, labels: Tensor | int) -> float:
+    """The fraction of ``images`` the classifier assigns to the requested ``labels``: the
+    digits analogue of CLIP score for ``digits-cond`` (images clamped to ``[-1, 1]`` first)."""
+    _check_images(images)
+    requested = _check_labels(labels).expand(images.shape[0]) if isinstance(labels, int) else labels
+    if requested.shape != (images.shape[0],):
+        raise ValueError(f"need one label per image, got {tuple(requested.shape)} labels")
+    weight = classifier.head.weight
+    x = images.to(device=weight.device, dtype=weight.dtype).clamp(-1.0, 1.0)
+    with torch.no_grad():
+        predicted = classifier(x).argmax(dim=1).cpu()
+    return (predicted == requested.cpu()).double().mean().item()
+
+
+# ----------------------------------------------------------------------------- diagnostics
+
+DIAGNOSTIC_TIMESTEPS = (50, 200, 400, 600, 800, 900, 950, 999)
+
+
+def posterior_mean_error(
+    model: DigitsModel,
+    timesteps: tuple[int, ...] = DIAGNOSTIC_TIMESTEPS,
+    num_samples: int = 256,
+    seed: int = 0,
+) -> list[dict[str, float]]:
+    """The model's error against the exact posterior mean ``E[x0 | x_t]`` of the 1,797 digits.
+
+    At each diffusers ``timestep`` ``n`` (DDPM: trained index, time ``t = (n + 1) / N``; flow:
+    ``t = n / N``, diffusers' flow convention), ``num_samples`` digits drawn
+    with ``seed`` are noised, ``x_t = alpha x0 + sigma eps``, and the model's ``x0`` (and the
+    ``eps`` it implies) is compared with :class:`~stepsearch.testbeds.gaussian_mixture.
+    EmpiricalDenoiser`'s, in float64. ``digits-cond`` is measured on its unconditional branch.
+    Rows: ``timestep``, ``t``, ``sigma_over_alpha``, ``x0_rms``, ``eps_rms``, ``x0_max_abs``
+    (the largest model ``|x0|``) and ``exact_x0_rms_to_data`` (how far the exact mean is from
+    the clean digits: the part of the error no model can remove).
+    """
+    from stepsearch.denoiser import eps_from_x0
+    from stepsearch.testbeds.gaussian_mixture import EmpiricalDenoiser
+
+    if num_samples < 1:
+        raise ValueError("num_samples must be positive")
+    data = real_images(torch.float64)
+    exact = EmpiricalDenoiser(data, model.noise)
+    denoiser = model.denoiser(NULL_LABEL if model.spec.conditional else None)
+    generator = torch.Generator().manual_seed(seed)
+    total = int(model.noise.num_train_timesteps)
+    rows = []
+    for timestep in timesteps:
+        if not 0 <= timestep < total:
+            raise ValueError(f"timestep {timestep} outside 0..{total - 1}")
+        t = (timestep + 1) / total if model.spec.family == "ddpm" else timestep / total
+        index = torch.randint(0, len(data), (num_samples,), generator=generator)
+        x0 = data[index]
+        eps = torch.randn(x0.shape, generator=generator, dtype=torch.float64)
+        alpha, sigma = float(model.noise.alpha(t)), float(model.noise.sigma(t))
+        x_t = alpha * x0 + sigma * eps
+        with torch.no_grad():
+            predicted = denoiser(x_t.float(), t).double()
+        target = exact(x_t, t)
+        rows.append(
+            {
+                "timestep": timestep,
+                "t": t,
+                "sigma_over_alpha": sigma / alpha,
+                "x0_rms": (predicted - target).pow(2).mean().sqrt().item(),
+                "eps_rms": (
+                    eps_from_x0(model.noise, x_t, t, predicted)
+                    - eps_from_x0(model.noise, x_t, t, target)
+                )
+                .pow(2)
+                .mean()
+                .sqrt()
+                .item(),
+                "x0_max_abs": predicted.abs().max().item(),
+                "exact_x0_rms_to_data": (target - x0).pow(2).mean().sqrt().item(),
+            }
+        )
+    return rows
+
+
+def checkpoint_record(name: str = "digits", directory: DataDir = None) -> dict[str, Any]:
+    """A bundled model's JSON record: configs, training metadata and the weights' SHA-256."""
+    if name not in MODELS:
+        raise ValueError(f"unknown digits model {name!r}; expected one of {sorted(MODELS)}")
+    stem = MODELS[name].stem
+    _, config = _read_checkpoint(directory, f"{stem}.safetensors", f"{stem}.json")
+    return config
 
 
 def classifier_metadata(directory: DataDir = None) -> dict[str, Any]:
