@@ -2,8 +2,9 @@
 
 For each model: the error against the exact posterior mean by timestep, FD-digits of a converged
 solve (DPM-Solver++(3M), 100 logSNR-uniform steps, 1,000 samples) over ``--seeds`` noise seeds (the
-metric's noise), FD-digits against NFE for DPM-Solver++(2M) and UniPC on two spacings, and for
-``digits-cond`` the classifier's accuracy on the requested digit at guidance 1, 2 and 4. Results go
+metric's noise), FD-digits against NFE for DPM-Solver++(2M) and UniPC on two spacings, for DDPMs
+DPM-Solver++(2M) on AYS' Gaussian closed form at NFE 10, and for ``digits-cond`` the classifier's
+accuracy on the requested digit and FD at guidance 1, 2 and 4 (labels ``i mod 10``). Results go
 to ``benchmarks/results/digits_models_<name>.{json,md}``.
 
     python benchmarks/digits_models.py --models digits digits-flow digits-cond
@@ -45,6 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--directory", type=Path, default=None, help="checkpoint directory (default: bundled)")
     add("--num-samples", type=int, default=1000)
     add("--seeds", type=int, default=3, help="noise seeds of the converged solve")
+    add("--nfe", type=int, nargs="+", default=list(NFES), help="NFEs of the FD-vs-NFE table")
+    add("--guidance-steps", type=int, default=20, help="digits-cond: DPM-Solver++(2M) steps")
     add("--out", type=Path, default=Path("benchmarks/results"))
     return parser.parse_args(argv)
 
@@ -108,7 +111,7 @@ def measure(
     result["fd_by_nfe"] = {
         f"{solver} / {spacing}": {
             nfe: scorer.fd(solve(model, unguided, solver, spacing, nfe, args.num_samples, 0))
-            for nfe in NFES
+            for nfe in args.nfe
         }
         for solver in SOLVERS
         for spacing in SPACINGS[model.spec.family]
@@ -119,11 +122,14 @@ def measure(
     if model.spec.conditional:
         result["guidance"] = {}
         for scale in GUIDANCE_SCALES:
+            guided = model.denoiser(labels, scale)
+            steps = args.guidance_steps
             samples = solve(
-                model, model.denoiser(labels, scale), solver, spacing, 50, args.num_samples, 0
+                model, guided, "dpm_solver_pp_2m", "logsnr_uniform", steps, args.num_samples, 0
             )
             result["guidance"][scale] = {
-                "num_steps": 50,
+                "solver": "dpm_solver_pp_2m / logsnr_uniform",
+                "num_steps": steps,
                 "accuracy": digits.class_accuracy(scorer.classifier, samples, labels),
                 "fd": scorer.fd(samples),
             }
@@ -141,6 +147,7 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {row['eps_rms']:.3g} | {row['x0_max_abs']:.3g} |"
         )
     fds = result["converged"]["fd_by_seed"]
+    nfes = sorted(next(iter(result["fd_by_nfe"].values())))
     lines += [
         "",
         f"Converged solve ({result['converged']['solver']}, {result['converged']['num_steps']} "
@@ -148,11 +155,11 @@ def markdown(result: dict[str, Any]) -> str:
         + ", ".join(f"{value:.2f}" for value in fds)
         + f" over {len(fds)} seeds (mean {np.mean(fds):.2f}).",
         "",
-        "| method | " + " | ".join(f"NFE {nfe}" for nfe in NFES) + " |",
-        "| --- |" + " ---: |" * len(NFES),
+        "| method | " + " | ".join(f"NFE {nfe}" for nfe in nfes) + " |",
+        "| --- |" + " ---: |" * len(nfes),
     ]
     for method, row in result["fd_by_nfe"].items():
-        lines.append(f"| {method} | " + " | ".join(f"{row[nfe]:.2f}" for nfe in NFES) + " |")
+        lines.append(f"| {method} | " + " | ".join(f"{row[nfe]:.2f}" for nfe in nfes) + " |")
     if "ays_gaussian_2m_nfe10_fd" in result:
         lines += ["", f"DPM-Solver++(2M) / ays_gaussian, NFE 10: FD {result['ays_gaussian_2m_nfe10_fd']:.2f}"]
     if "guidance" in result:
