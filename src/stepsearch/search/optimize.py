@@ -850,8 +850,9 @@ def _score(payload: dict[str, Any]) -> Score:
 def _grid_samples(
     run: _Run, winner: Candidate, baseline: Candidate, folder: Path, files: dict[str, str]
 ) -> dict[str, Tensor] | None:
-    """The report's sample grid: the first ``grid_rows * grid_cols`` samples of the report seed,
-    made by the written scheduler directories in diffusers' own loop (so the directory loaded into
+    """The report's sample grid: the first ``grid_rows * grid_cols`` samples of the report seed
+    (``samples.safetensors``: ``winner`` and ``baseline``, their ``num_inference_steps`` in its
+    metadata), made by the written scheduler directories in diffusers' own loop (so the directory loaded into
     a pipeline reproduces them bit for bit); ``None`` for sources without a UNet."""
     if run.model is None or "scheduler" not in files:
         return None
@@ -859,7 +860,7 @@ def _grid_samples(
 
     count = run.settings.grid_rows * run.settings.grid_cols
     prediction = run.source.describe().get("prediction_type")
-    made = {}
+    made, steps_of = {}, {}
     for role, candidate, directory in (
         ("winner", winner, Path(files["scheduler"])),
         ("baseline", baseline, folder / "baseline_scheduler"),
@@ -876,9 +877,11 @@ def _grid_samples(
             seed=REPORT_SEED, chunk_size=count, device=run.model.device, progress=False,
         )  # fmt: skip
         made[role] = samples.contiguous()
+        steps_of[f"steps_{role}"] = str(steps)
     path = folder / "samples.safetensors"
     tmp = path.with_name(".samples.tmp.safetensors")
-    save_file(made, str(tmp), metadata={"seed": str(REPORT_SEED), "count": str(count)})
+    metadata = {"seed": str(REPORT_SEED), "count": str(count), **steps_of}
+    save_file(made, str(tmp), metadata=metadata)
     tmp.replace(path)
     files["samples"] = str(path)
     return made
