@@ -54,6 +54,7 @@ REPLAY = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::FutureWarning")
 def test_scheduler_dirs_reproduce_the_report_samples_in_a_fresh_pipeline(tmp_path):
     out = tmp_path / "run"
