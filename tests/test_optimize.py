@@ -203,3 +203,17 @@ def test_bad_input_is_a_clear_error_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="budget-minutes"):
         _run(tmp_path / "e", budget_minutes=0)
     assert not any((tmp_path / name).exists() for name in "abcde")
+
+
+def test_cli_errors_are_usage_errors(tmp_path):
+    from typer.testing import CliRunner
+
+    from stepsearch.cli import app
+
+    runner = CliRunner()
+    done = runner.invoke(app, ["optimize", "--nfe", "4", "--methods", "dp", "gits",
+                               "--out", str(tmp_path / "x")])  # fmt: skip
+    assert done.exit_code == 2 and "unknown method 'gits'" in done.output
+    done = runner.invoke(app, ["optimize", "--pipeline", str(tmp_path), "--out", str(tmp_path)])
+    assert done.exit_code == 2 and "not take --pipeline" in done.output
+    assert "optimize" in runner.invoke(app, ["--help"]).output

@@ -327,15 +327,19 @@ def _resolve_model(
     return None, model
 
 
-def _check_inputs(
-    source: SampleSource, nfes: Sequence[int], methods: Sequence[str], settings: OptimizeSettings
-) -> None:
+def _check_methods(methods: Sequence[str]) -> None:
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise ValueError(
             f"unknown method {', '.join(map(repr, unknown)) or '(none given)'}; choose from "
             f"{', '.join(METHODS)}"
         )
+
+
+def _check_inputs(
+    source: SampleSource, nfes: Sequence[int], methods: Sequence[str], settings: OptimizeSettings
+) -> None:
+    _check_methods(methods)
     if not nfes:
         raise ValueError("give at least one NFE (--nfe 4 6 8)")
     for nfe in nfes:
@@ -416,6 +420,7 @@ def optimize(
     nfes = sorted({int(n) for n in nfes}) if all(isinstance(n, int) for n in nfes) else list(nfes)
     if budget_minutes is None or not budget_minutes > 0:
         raise ValueError(f"--budget-minutes must be positive, got {budget_minutes!r}")
+    _check_methods(methods)
     image_model, source = _resolve_model(model, device)
     _check_inputs(source, nfes, methods, settings)
     out_path = Path(out).expanduser()
@@ -1096,7 +1101,8 @@ def _plot(
     axes.set_xlabel("step")
     axes.set_ylabel("k-diffusion sigma")
     axes.set_title("chosen schedules (solid) vs karras / logSNR / trailing (dotted)")
-    axes.legend(fontsize=6)
+    if axes.get_legend_handles_labels()[0]:
+        axes.legend(fontsize=6)
     rows, cols = run.settings.grid_rows, run.settings.grid_cols
     for position, (nfe, made) in enumerate(sorted(grids.items())):
         entry = report["per_nfe"][str(nfe)]
