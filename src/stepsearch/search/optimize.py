@@ -726,12 +726,15 @@ def _value(score: dict[str, Any]) -> float:
 def _reference(run: _Run, judges: dict[str, Objective]) -> dict[str, Any]:
     """The converged solve's scores on the report seed (its FD is the floor a sampler can reach)."""
     path = run.out / "reference.json"
-    if path.is_file():
-        return json.loads(path.read_text())
     traj = judges["traj"]
+    key = {name: judge.describe() for name, judge in judges.items()}
+    if path.is_file():
+        stored = json.loads(path.read_text())
+        if stored.get("key") == key:
+            return stored
     teacher = traj.teacher("held_out")
     spec = traj.teacher_spec
-    payload: dict[str, Any] = {"sampler": spec.to_json_dict()}
+    payload: dict[str, Any] = {"key": key, "sampler": spec.to_json_dict()}
     if "fd" in judges:
         payload["fd"] = judges["fd"].score_samples(
             teacher, spec.num_steps, split="held_out"
@@ -782,7 +785,7 @@ def _judge_and_report(
         "report": {"seed": REPORT_SEED, "samples": run.settings.held_out_samples,
                    "metrics": list(judges)},
         "search": {"metric": "traj", "seed": 0, "samples": run.settings.search_samples},
-        "reference": reference,
+        "reference": {k: v for k, v in reference.items() if k != "key"},
         "partial": bool(run.incomplete),
         "incomplete": run.incomplete,
         "per_nfe": {str(n): entry for n, entry in per_nfe.items()},
