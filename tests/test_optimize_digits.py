@@ -27,7 +27,7 @@ SETTINGS = OptimizeSettings(
 
 REPLAY = textwrap.dedent(
     """
-    import json, sys
+    import inspect, json, sys
     import numpy as np
     import torch
     from diffusers import DDPMPipeline
@@ -41,7 +41,13 @@ REPLAY = textwrap.dedent(
     folder, role, directory, steps = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
     name = json.load(open(f"{directory}/scheduler_config.json"))["_class_name"]
     cls = next(getattr(m, name) for m in (drop_in, olss, diffusers) if hasattr(m, name))
-    pipe = DDPMPipeline(unet=digits.load().unet, scheduler=cls.from_pretrained(directory))
+    scheduler = cls.from_pretrained(directory)
+    if "generator" not in inspect.signature(scheduler.step).parameters:
+        # DDPMPipeline passes generator= to step; diffusers' deterministic multistep schedulers
+        # (a built-in baseline) take none, so it is dropped (nothing random is drawn)
+        step = scheduler.step
+        scheduler.step = lambda *args, generator=None, **kwargs: step(*args, **kwargs)
+    pipe = DDPMPipeline(unet=digits.load().unet, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     expected = load_file(f"{folder}/samples.safetensors")[role]
     generators = [sample_generator(2, i) for i in range(len(expected))]

@@ -306,8 +306,10 @@ def _resolve_model(
     if isinstance(model, ImageModel):
         return model, model.source()
     if isinstance(model, (str, Path)):
+        from stepsearch.testbeds import digits
+
         spec = str(model)
-        if spec != "digits":
+        if spec not in digits.MODELS:
             root = Path(spec)
             if not root.is_dir():
                 raise ValueError(
