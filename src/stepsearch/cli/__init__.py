@@ -3,7 +3,8 @@
 One thin module per subcommand, argument parsing only (the work is done in the library):
 
 ============================  ==============================================================
-``stepsearch demo``           :mod:`stepsearch.cli.demo` -> :func:`stepsearch.eval.evaluate.evaluate`
+``stepsearch demo``           :mod:`stepsearch.cli.demo` -> :func:`stepsearch.search.optimize.optimize`
+``stepsearch optimize``       :mod:`stepsearch.cli.optimize` -> :func:`stepsearch.search.optimize.optimize`
 ``stepsearch eval``           :mod:`stepsearch.cli.eval` -> :func:`stepsearch.eval.evaluate.evaluate`
 ``stepsearch stats``          :mod:`stepsearch.cli.stats` -> :func:`~stepsearch.eval.evaluate.compute_statistics`
 ``stepsearch export``         :mod:`stepsearch.cli.export` -> :mod:`stepsearch.integrations.export`
@@ -35,7 +36,7 @@ import pkgutil
 
 import typer
 
-from stepsearch.cli import demo, eval, export, stats
+from stepsearch.cli import demo, eval, export, optimize, stats
 from stepsearch.cli._common import HelpGroup, ListOptionsCommand, expand_list_options, usage_errors
 from stepsearch.cli.schedule import schedule_app
 from stepsearch.cli.search import search_app, search_command
@@ -59,6 +60,7 @@ app = typer.Typer(
     cls=HelpGroup,
 )
 app.command("demo", cls=ListOptionsCommand)(demo.demo_command)
+app.command("optimize", cls=ListOptionsCommand)(optimize.optimize_command)
 app.command("eval", cls=ListOptionsCommand)(eval.eval_command)
 app.command("stats", cls=ListOptionsCommand)(stats.stats_command)
 app.command("export", cls=ListOptionsCommand)(export.export_command)
