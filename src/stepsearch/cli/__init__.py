@@ -32,6 +32,7 @@ exits with status 2 instead of a traceback.
 from __future__ import annotations
 
 import importlib
+import logging
 import pkgutil
 
 import typer
@@ -79,5 +80,7 @@ _import_search_commands()
 
 
 def main() -> None:
-    """The console script ``stepsearch``."""
+    """The console script ``stepsearch``. Optuna's per-trial INFO lines are silenced: the search
+    commands show their own progress bars."""
+    logging.getLogger("optuna").setLevel(logging.WARNING)
     app(prog_name="stepsearch")
