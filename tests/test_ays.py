@@ -88,6 +88,45 @@ def test_klub_uses_common_random_numbers_and_order_two_extrapolates():
     assert frozen.terms([Interval(0.3, 1.0, 2.0)])[0] > 1.0
 
 
+class _Memoriser:
+    """A conditional denoiser that knows each row's data sample: ``D(x, t) = data[index]`` (the
+    exact posterior mean when the conditioning pins the sample down, e.g. a caption per image)."""
+
+    def __init__(self, data: torch.Tensor, noise, indices):
+        self.data, self.noise, self.indices = data, noise, list(indices)
+
+    def __call__(self, x: torch.Tensor, t) -> torch.Tensor:
+        assert x.shape[0] == len(self.indices)
+        return self.data[self.indices].to(x.dtype)
+
+
+def test_conditioned_klub_routes_every_row_to_its_own_data_sample():
+    """With a per-sample oracle every KLUB term is exactly 0, but only if row j is conditioned
+    on data sample data_index[j] in every part of the batch (the noisy point, the interval's upper
+    end and the order-2 previous point); the unconditional posterior mean of the same three points
+    is not constant, so its KLUB is positive."""
+    noise = EDM()
+    data = torch.tensor([[-1.0, 0.5], [0.25, 2.0], [1.5, -1.0]], dtype=torch.float64)
+
+    def conditioned(indices):
+        return _Memoriser(data, noise, indices)
+
+    mixture = GaussianMixture(
+        np.full(3, 1 / 3), data.numpy(), np.tile(1e-6 * np.eye(2), (3, 1, 1)), noise
+    )
+    for order in (1, 2):
+        intervals = [Interval(0.2, 1.0, 3.0 if order == 2 else None), Interval(1.0, 5.0)]
+        oracle = KLUBEstimator(
+            conditioned(range(3)), data, conditioned=conditioned, num_samples=12, order=order,
+            batch_size=5, dtype=torch.float64,
+        )  # fmt: skip
+        assert np.array_equal(oracle.terms(intervals), np.zeros(2))
+        unconditional = KLUBEstimator(
+            mixture, data, num_samples=12, order=order, batch_size=5, dtype=torch.float64
+        )
+        assert (unconditional.terms(intervals) > 1e-3).all()
+
+
 def test_klub_rejects_bad_input():
     gaussian = _gaussian(EDM(), dim=2)
     data = gaussian.sample(8, generator=torch.Generator().manual_seed(0))

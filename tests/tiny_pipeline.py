@@ -144,3 +144,67 @@ def run(pipe: Any, seed: int = 0, **kwargs: Any) -> torch.Tensor:
     }
     arguments.update(kwargs)
     return pipe(**arguments).images
+
+
+def tiny_sdxl_pipeline(directory: Path, scheduler: Any, seed: int = 0) -> Any:
+    """A ``StableDiffusionXLPipeline`` of the same widths: two text encoders (the second with a
+    projection, for SDXL's pooled embedding) concatenated to a cross-attention width of 16, and
+    the ``text_time`` added conditioning (pooled text embedding + size / crop ids)."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+
+    def text_config(**extra: Any) -> Any:
+        return CLIPTextConfig(
+            vocab_size=1000,
+            hidden_size=CROSS_ATTENTION_DIM,
+            intermediate_size=16,
+            num_attention_heads=2,
+            num_hidden_layers=2,
+            max_position_embeddings=77,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+            **extra,
+        )
+
+    projection = 8
+    time_embed = 4
+    unet = UNet2DConditionModel(
+        sample_size=LATENT_SIZE,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(4, 8),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=2 * CROSS_ATTENTION_DIM,
+        attention_head_dim=2,
+        norm_num_groups=2,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_embed,
+        projection_class_embeddings_input_dim=6 * time_embed + projection,
+    )
+    vae = tiny_components(directory, seed)["vae"]
+    tokenizer = tiny_tokenizer(directory)
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=CLIPTextModel(text_config()).eval(),
+        text_encoder_2=CLIPTextModelWithProjection(text_config(projection_dim=projection)).eval(),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet.eval(),
+        scheduler=scheduler,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_tokenizer(directory: Path) -> Any:
+    """The byte-level tokenizer of :func:`write_tokenizer_files` under ``directory``."""
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(
+        str(write_tokenizer_files(directory / "tokenizer")), model_max_length=77
+    )

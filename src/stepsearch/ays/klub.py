@@ -37,7 +37,7 @@ of that grid, and the weights use the same density, so the estimator is unbiased
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -149,7 +149,13 @@ class KLUBEstimator:
 
     Args:
         denoiser: ``(x, t) -> x0_hat`` on ``denoiser.noise`` (per-sample ``t`` tensors allowed).
-        data: real samples ``(N, ...)`` in the space the denoiser works in.
+        data: real samples ``(N, ...)`` in the space the denoiser works in (latents for a latent
+            model: see :func:`~stepsearch.eval.pipeline_source.encode_images`).
+        conditioned: for conditional data, the denoiser of a batch of data indices (e.g.
+            :meth:`SampleSource.denoiser <stepsearch.eval.sources.SampleSource.denoiser>` of a
+            pipeline whose prompt ``i`` describes ``data[i]``): every row is denoised conditioned
+            on its own data sample's prompt or label, as in the paper's text-to-image setup.
+            ``None``: ``denoiser`` for every row.
         num_samples: Monte Carlo samples per interval (the paper used 8192 data samples).
         seed: seed of the fixed draws.
         order: 1 (stochastic DDIM, the paper's derivation) or 2 (multistep, see module docstring).
@@ -164,6 +170,7 @@ class KLUBEstimator:
         denoiser: Denoiser,
         data: Tensor,
         *,
+        conditioned: Callable[[Sequence[int]], Denoiser] | None = None,
         num_samples: int = 1024,
         seed: int = 0,
         order: int = 1,
@@ -182,6 +189,7 @@ class KLUBEstimator:
         if isinstance(batch_size, bool) or int(batch_size) < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.denoiser = denoiser
+        self.conditioned = conditioned
         self.noise: NoiseSchedule = denoiser.noise
         self.order = int(order)
         self.sigma_data = float(sigma_data)
@@ -232,13 +240,16 @@ class KLUBEstimator:
         return np.clip(s, interval.lower, interval.upper), mass / width
 
     # estimation --------------------------------------------------------------------------------
-    def _denoise_ve(self, x_ve: Tensor, sigmas: FloatArray) -> Tensor:
-        """``D~(x~, s) = D(alpha(t) x~, t)`` row by row."""
+    def _denoise_ve(self, x_ve: Tensor, sigmas: FloatArray, data_index: np.ndarray) -> Tensor:
+        """``D~(x~, s) = D(alpha(t) x~, t)`` row by row, row ``r`` conditioned on data sample
+        ``data_index[r]`` when the estimator is conditioned."""
         t = np.asarray(self.noise.t_from_kdiffusion_sigma(sigmas))
         alpha = torch.as_tensor(np.asarray(self.noise.alpha(t)), dtype=self.dtype)
         alpha = alpha.to(self.device).reshape(-1, *([1] * (x_ve.ndim - 1)))
         times = torch.as_tensor(t, dtype=torch.float64, device=self.device)
-        return self.denoiser(alpha * x_ve, times)
+        if self.conditioned is None:
+            return self.denoiser(alpha * x_ve, times)
+        return self.conditioned(data_index.tolist())(alpha * x_ve, times)
 
     def terms(self, intervals: Sequence[Interval]) -> FloatArray:
         """The KLUB term of each interval (mean over the fixed draws)."""
@@ -282,8 +293,9 @@ class KLUBEstimator:
             rise = np.sqrt(np.maximum(np.where(has_previous, previous, upper) ** 2 - upper**2, 0.0))
             inputs.append(x_upper + column(rise) * draws.noise_previous[index])
             sigmas.append(np.where(has_previous, previous, upper))
+        data_index = np.tile(draws.data_index[row], len(inputs))
         with torch.inference_mode():
-            denoised = self._denoise_ve(torch.cat(inputs), np.concatenate(sigmas))
+            denoised = self._denoise_ve(torch.cat(inputs), np.concatenate(sigmas), data_index)
         self.evaluations += int(denoised.shape[0])
         parts = denoised.double().split(s.size)
         frozen = parts[1]

@@ -27,6 +27,15 @@ stochastic DDIM and used by the paper for every solver; ``order=None`` picks 2 f
 solvers (the bound of a multistep solver's linearised SDE, :mod:`stepsearch.ays.klub`), which costs
 three model evaluations per Monte Carlo sample instead of two and touches three intervals per move.
 
+Text-to-image and latent models (the paper's COCO setup): :func:`pipeline_ays_inputs` turns a local
+diffusers pipeline and a folder of (prompt, image) pairs into a
+:class:`~stepsearch.eval.pipeline_source.PipelineSource` (the UNet conditioned on each pair's
+prompt, guided) and the pairs' VAE latents; every KLUB sample is denoised with its own caption::
+
+    source, latents = pipeline_ays_inputs("./sd15", "./coco_pairs", guidance_scale=7.5)
+    result = search_ays(source, "dpm_solver_pp_2m", nfe=10, data=latents,
+                        objective=Objective(source, "traj", num_samples=32))
+
 Resumable: the whole search state is written atomically (JSON) to ``checkpoint`` after every sweep;
 running again with the same arguments resumes it and ends with the same schedule as a run that was
 never interrupted (the Monte Carlo draws are fixed by the seed). Other arguments raise ``ValueError``.
@@ -64,7 +73,16 @@ from stepsearch.schedule_file import ScheduleFile
 from stepsearch.solvers import get_solver
 from stepsearch.solvers.base import Solver
 
-__all__ = ["STRATEGIES", "AYSConfig", "AYSResult", "AYSRun", "klub_order", "search_ays"]
+__all__ = [
+    "STRATEGIES",
+    "AYSConfig",
+    "AYSResult",
+    "AYSRun",
+    "klub_order",
+    "pipeline_ays_inputs",
+    "run_ays_job",
+    "search_ays",
+]
 
 STRATEGIES = ("hierarchical", "direct", "both")
 CHECKPOINT_FORMAT = "stepsearch.AYSCheckpoint"
@@ -278,7 +296,12 @@ def search_ays(
 ) -> AYSResult:
     """Optimise a schedule for ``source`` and ``solver`` at ``nfe`` model evaluations (module
     docstring); ``data`` defaults to the source's reference data, ``objective`` to trajectory error
-    on 256 samples. ``on_progress(strategy, stage, state)`` sees every sweep."""
+    on 256 samples. ``on_progress(strategy, stage, state)`` sees every sweep.
+
+    ``data`` lives in the space the solver integrates (latents for a latent model). For a
+    conditional source, ``data[i]`` goes with the conditioning of sample index ``i`` (a
+    :class:`~stepsearch.eval.pipeline_source.PipelineSource` built on the pairs' prompts: see
+    :func:`pipeline_ays_inputs`), and every KLUB row is denoised with its own sample's prompt."""
     began = time.perf_counter()
     config = config or AYSConfig()
     run_solver = get_solver(solver) if isinstance(solver, str) else solver
@@ -293,12 +316,14 @@ def search_ays(
     if tuple(samples.shape[1:]) != tuple(source.sample_shape):
         raise ValueError(
             f"data samples have shape {tuple(samples.shape[1:])}, the model's are "
-            f"{tuple(source.sample_shape)}"
+            f"{tuple(source.sample_shape)} (a latent model needs latents: "
+            "stepsearch.eval.pipeline_source.encode_images)"
         )
     order = config.order or klub_order(run_solver)
     estimator = KLUBEstimator(
         source.denoiser(range(config.num_samples)),
         samples,
+        conditioned=source.denoiser,  # row j sees data sample j's prompt / label (if any)
         num_samples=config.num_samples,
         seed=config.seed,
         order=order,
@@ -414,12 +439,43 @@ def plot_result(result: AYSResult, path: str | os.PathLike[str]) -> Path:
     return target
 
 
+def pipeline_ays_inputs(
+    pipeline: str | os.PathLike[str] | Any,
+    pairs: str | os.PathLike[str],
+    *,
+    guidance_scale: float = 7.5,
+    device: str = "cpu",
+    progress: bool = False,
+) -> tuple[SampleSource, Tensor]:
+    """The source and KLUB data of Align Your Steps on a text-to-image pipeline (the paper's COCO
+    setup): (prompt, image) pairs from the folder ``pairs`` (``metadata.jsonl``, see
+    :func:`~stepsearch.eval.pipeline_source.load_prompt_image_pairs`) resized to the pipeline's
+    native size and encoded by its VAE; the source's prompt ``i`` is pair ``i``'s, so each data
+    latent is denoised conditioned on its own caption, with classifier-free guidance at
+    ``guidance_scale``."""
+    from stepsearch.eval.pipeline_source import (
+        PipelineSource,
+        encode_images,
+        load_prompt_image_pairs,
+    )
+    from stepsearch.eval.text_to_image import TextToImageModel, load_pipeline, native_image_size
+
+    pipe = load_pipeline(pipeline, device=device)
+    loaded = load_prompt_image_pairs(pairs, size=native_image_size(pipe))
+    name = Path(pipeline).name if isinstance(pipeline, str | os.PathLike) else "pipeline"
+    model = TextToImageModel(pipe, loaded.prompts, guidance_scale=guidance_scale, name=name)
+    latents = encode_images(pipe, loaded.images, progress=progress)
+    return PipelineSource(model, name=name), latents
+
+
 def run_ays_job(
     model: str,
     nfe: int,
     out: str | os.PathLike[str],
     *,
     data: str | os.PathLike[str] | None = None,
+    pipeline: str | os.PathLike[str] | None = None,
+    guidance_scale: float = 7.5,
     solver: str = "dpm_solver_pp_2m",
     config: AYSConfig | None = None,
     metric: str = "traj",
@@ -432,14 +488,27 @@ def run_ays_job(
     on_progress: Callable[[str, int, SearchState], None] | None = None,
 ) -> AYSResult:
     """What ``stepsearch search ays`` does: load the model (``"digits"`` or a local diffusers
-    ``UNet2DModel`` directory), build the proxy objective (``metric`` on ``proxy_samples`` samples;
+    ``UNet2DModel`` directory; or, with ``pipeline``, a local text-to-image pipeline directory
+    with ``data`` a folder of (prompt, image) pairs, see :func:`pipeline_ays_inputs`), build the
+    proxy objective (``metric`` on ``proxy_samples`` samples;
     for ``traj`` the teacher is DPM-Solver++(3M) on ``teacher_steps`` logSNR steps, cached), search (resuming ``checkpoint``, default ``OUT.ckpt.json``), write the schedule
     file to ``out`` and the plot to ``plot`` (default ``OUT`` with ``.png``; ``""`` for none)."""
     from stepsearch.eval.cache import TensorCache
     from stepsearch.eval.objective import TeacherSpec
     from stepsearch.eval.sources import load_source
 
-    source = load_source(model, device=device)
+    samples: Tensor | str | os.PathLike[str] | None = data
+    if pipeline is not None:
+        if data is None:
+            raise ValueError(
+                "a pipeline needs data: a folder of (prompt, image) pairs with a metadata.jsonl "
+                "(--data)"
+            )
+        source, samples = pipeline_ays_inputs(
+            pipeline, data, guidance_scale=guidance_scale, device=device
+        )
+    else:
+        source = load_source(model, device=device)
     cache = TensorCache(cache_dir) if cache_dir is not None else TensorCache.default()
     teacher = TeacherSpec(num_steps=teacher_steps)
     objective = Objective(source, metric, num_samples=proxy_samples, teacher=teacher, cache=cache)
@@ -450,7 +519,7 @@ def run_ays_job(
         source,
         solver,
         nfe,
-        data=data,
+        data=samples,
         objective=objective,
         config=config,
         checkpoint=checkpoint,

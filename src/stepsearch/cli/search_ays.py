@@ -34,9 +34,21 @@ def ays_command(
     data: Annotated[
         Path | None,
         typer.Option(
-            help="Image folder or .safetensors file of images (default: the model's data)."
+            help="Image folder or .safetensors file of images (default: the model's data); "
+            "with --pipeline, a folder of (prompt, image) pairs with a metadata.jsonl "
+            '(lines {"file_name": ..., "text": ...}).'
         ),
     ] = None,
+    pipeline: Annotated[
+        Path | None,
+        typer.Option(
+            help="Local diffusers text-to-image pipeline dir (SD 1.x / 2.x, SDXL) instead of "
+            "--model: KLUB on its VAE latents, each conditioned on its prompt."
+        ),
+    ] = None,
+    guidance_scale: Annotated[
+        float, typer.Option(help="Classifier-free guidance scale (with --pipeline).")
+    ] = 7.5,
     nfe: Annotated[int, typer.Option(help="Model evaluations of the schedule.", min=1)] = 10,
     out: Annotated[Path, typer.Option(help="Schedule file to write (JSON).")] = Path("ays.json"),
     solver: Annotated[str, typer.Option(help="Solver the schedule is for.")] = "dpm_solver_pp_2m",
@@ -79,6 +91,8 @@ def ays_command(
             nfe,
             out,
             data=data,
+            pipeline=pipeline,
+            guidance_scale=guidance_scale,
             solver=solver,
             config=config,
             metric=metric,

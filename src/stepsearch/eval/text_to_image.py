@@ -57,6 +57,7 @@ __all__ = [
     "TextToImageModel",
     "generate_images",
     "load_pipeline",
+    "native_image_size",
     "read_prompts",
 ]
 
@@ -77,6 +78,14 @@ def read_prompts(path: str | os.PathLike[str]) -> list[str]:
     if not prompts:
         raise ValueError(f"prompts file '{path}' is empty: give one prompt per line (--prompts)")
     return prompts
+
+
+def native_image_size(pipeline: Any) -> tuple[int, int]:
+    """``(height, width)`` a UNet pipeline makes by default: the UNet's sample size times the VAE
+    scale factor."""
+    size = pipeline.unet.config.sample_size
+    native = (size, size) if isinstance(size, int) else tuple(size)
+    return (int(native[0]) * pipeline.vae_scale_factor, int(native[1]) * pipeline.vae_scale_factor)
 
 
 def load_pipeline(
@@ -162,13 +171,8 @@ class TextToImageModel:
     @property
     def image_size(self) -> tuple[int, int]:
         """``(height, width)`` of the generated images (default: the UNet's native size)."""
-        pipe = self.pipeline
-        size = pipe.unet.config.sample_size
-        native = (size, size) if isinstance(size, int) else tuple(size)
-        return (
-            self.height or native[0] * pipe.vae_scale_factor,
-            self.width or native[1] * pipe.vae_scale_factor,
-        )
+        native = native_image_size(self.pipeline)
+        return (self.height or native[0], self.width or native[1])
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
