@@ -55,7 +55,7 @@ FORMAT_VERSION = 2
 NUM_TRAIN_TIMESTEPS = 1000
 CALIBRATION_EPOCHS = 2  # the first epoch pays one-off kernel set-up; time the second
 TARGETS = ("classifier", *digits.MODELS)
-DEFAULT_EPOCHS = {"digits": 100, "digits-flow": 12, "digits-cond": 10}
+DEFAULT_EPOCHS = {"digits": 100, "digits-flow": 12, "digits-cond": 40}
 FINE_TUNED = ("digits-flow", "digits-cond")
 """Models that start from ``digits``' EMA weights (read from ``--out``) instead of a random init."""
 FLOW_SHIFT = 1.0
@@ -70,7 +70,7 @@ OBJECTIVE_TEXT = {
     "digits-flow": "rectified-flow velocity (eps - x0) MSE, t ~ U[0, 1), timestep 1000 t; "
     "fine-tuned from digits",
     "digits-cond": "v-prediction MSE on the digit label, label dropped to the null label w.p. p; "
-    "fine-tuned from digits (label embedding zero-initialized)",
+    "fine-tuned from digits (label embedding zero-initialized, trained at its own learning rate)",
 }
 STREAM = {"digits": 2, "digits-flow": 4, "digits-cond": 6}
 """Each model's seed offset: its RNG streams are ``seed + STREAM``, independent of the others."""
@@ -93,6 +93,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--warmup-steps", type=int, default=100, help="UNet linear warm-up steps")
     add("--ema-decay", type=float, default=0.999, help="EMA decay cap of the saved weights")
     add("--label-dropout", type=float, default=0.1, help="digits-cond: P(label -> null label)")
+    add("--label-lr", type=float, default=1e-2, help="digits-cond: label embedding's peak lr")
     add("--flow-shift", type=float, default=FLOW_SHIFT, help="digits-flow: scheduler shift")
     add("--classifier-epochs", type=int, default=60, help="classifier epochs")
     add("--classifier-lr", type=float, default=2e-3, help="classifier peak learning rate")
@@ -175,8 +176,24 @@ def learning_rate(step: int, total_steps: int, peak: float, warmup_steps: int) -
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, value: float) -> None:
+    """Set every parameter group's learning rate to ``value`` times its ``lr_scale`` (1 if unset)."""
     for group in optimizer.param_groups:
-        group["lr"] = value
+        group["lr"] = value * group.get("lr_scale", 1.0)
+
+
+def parameter_groups(unet: UNet2DModel, peak_lr: float, label_lr: float) -> Any:
+    """The UNet's parameters for AdamW: one group, or for a conditional model the label embedding
+    in a group of its own at peak ``label_lr``.
+
+    The label embedding of a fine-tune starts at zero; at the fine-tune's learning rate Adam moves
+    each entry by about ``lr`` per step, so in a few hundred steps it would stay far below the
+    scale of the time embedding it is added to, and the model would ignore its labels."""
+    if unet.class_embedding is None:
+        return unet.parameters()
+    labels = list(unet.class_embedding.parameters())
+    label_ids = {id(parameter) for parameter in labels}
+    rest = [parameter for parameter in unet.parameters() if id(parameter) not in label_ids]
+    return [{"params": rest}, {"params": labels, "lr_scale": label_lr / peak_lr}]
 
 
 def random_shift(images: Tensor, max_shift: int, generator: torch.Generator) -> Tensor:
@@ -378,7 +395,8 @@ def train_unet(
         label_dropout=args.label_dropout if spec.conditional else 0.0,
     )
     ema = copy.deepcopy(unet).requires_grad_(False)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=peak_lr, weight_decay=0.0)
+    groups = parameter_groups(unet, peak_lr, args.label_lr)
+    optimizer = torch.optim.AdamW(groups, lr=peak_lr, weight_decay=0.0)
     steps_per_epoch = len(images) // args.batch_size
     epochs = None if args.minutes is not None else (args.epochs or DEFAULT_EPOCHS[name])
     if epochs is None and args.warmup_steps < CALIBRATION_EPOCHS * steps_per_epoch:
@@ -436,6 +454,7 @@ def train_unet(
     }
     if spec.conditional:
         record["label_dropout"] = args.label_dropout
+        record["label_learning_rate"] = args.label_lr
         record["null_label"] = digits.NULL_LABEL
     return ema, noise_scheduler, record
 
