@@ -212,6 +212,32 @@ def test_scheduler_dirs_reproduce_the_report_samples_in_a_fresh_pipeline(finishe
     assert all(line.split()[1] == "0.0" for line in lines.values())
 
 
+def test_a_rerun_reads_the_finished_stages_and_scores_back(finished, saved, monkeypatch):
+    out, report, _ = finished
+    grid = load_file(str(out / f"nfe-{NFE}" / "samples.safetensors"))
+
+    def not_again(*args, **kwargs):
+        raise AssertionError("a finished stage ran again")
+
+    monkeypatch.setattr(optimize_module, "run_dp_search", not_again)
+    monkeypatch.setattr("stepsearch.olss.search.search_olss", not_again)
+    monkeypatch.setattr(optimize_module, "generate_from_source", not_again)  # judged.json
+    again = optimize(
+        None, [NFE], ["dp", "ays", "olss"], 30.0, out, pipeline=saved["pipeline"],
+        prompts=saved["prompts"], guidance_scale=GUIDANCE, settings=SETTINGS,
+        cache=TensorCache(saved["cache"]), progress=False,
+    )  # fmt: skip
+
+    def comparable(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: comparable(v) for k, v in value.items() if k not in ("seconds", "files")}
+        return [comparable(v) for v in value] if isinstance(value, list) else value
+
+    assert comparable(again.report) == comparable(report)
+    regrid = load_file(str(out / f"nfe-{NFE}" / "samples.safetensors"))
+    assert all(torch.equal(regrid[role], grid[role]) for role in ("winner", "baseline"))
+
+
 def test_changed_guidance_is_another_run(finished, saved):
     out, _, _ = finished
     with pytest.raises(ValueError, match="another optimize run"):

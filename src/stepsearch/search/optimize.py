@@ -49,6 +49,7 @@ budget ends before every stage ran, the report is still written from what finish
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -834,9 +835,12 @@ def _judges(run: _Run) -> dict[str, Objective]:
 def _judge(
     run: _Run, nfe: int, candidates: list[Candidate], judges: dict[str, Objective]
 ) -> dict[str, dict[str, Any]]:
-    """Scores of every candidate on both judges' splits (``judged.json``: reused on resume)."""
+    """Scores of every candidate on both judges' splits (``judged.json``: reused on resume where
+    the candidate and the judges are the same: model, conditioning, seeds, sample counts)."""
     path = run.out / f"nfe-{nfe}" / "judged.json"
     stored = json.loads(path.read_text()) if path.is_file() else {}
+    described = json.dumps({m: j.describe() for m, j in judges.items()}, sort_keys=True)
+    judged_by = "sha256:" + hashlib.sha256(described.encode("utf-8")).hexdigest()
     selection = next(iter(judges))
     bar = SearchProgress(
         len(candidates), f"judging NFE {nfe} ({selection}, seed {SELECT_SEED})",
@@ -848,8 +852,8 @@ def _judge(
         for index, candidate in enumerate(candidates):
             key = candidate.key()
             entry = stored.get(candidate.label)
-            if entry is None or entry.get("key") != key:
-                entry = {"key": key}
+            if entry is None or entry.get("key") != key or entry.get("judges") != judged_by:
+                entry = {"key": key, "judges": judged_by}
                 for split, seed in (("search", SELECT_SEED), ("held_out", REPORT_SEED)):
                     count = first.num_samples if split == "search" else first.held_out_samples
                     samples = candidate.samples(
