@@ -83,9 +83,10 @@ def test_winner_is_never_worse_than_the_best_built_in_on_the_selection_seed(fini
         built_in = [row for row in entry["rows"] if row["family"] in ("baseline", "diffusers")]
         best = min(row["select"]["fd"] for row in built_in)
         assert rows[entry["winner"]]["select"]["fd"] <= best
-        assert min(row["select"]["fd"] for row in entry["rows"]) == rows[entry["winner"]][
-            "select"
-        ]["fd"]
+        assert (
+            min(row["select"]["fd"] for row in entry["rows"])
+            == rows[entry["winner"]]["select"]["fd"]
+        )
         # every family ran and was judged on both seeds
         families = {row["family"] for row in entry["rows"]}
         assert set(METHODS) <= families
@@ -215,5 +216,5 @@ def test_cli_errors_are_usage_errors(tmp_path):
                                "--out", str(tmp_path / "x")])  # fmt: skip
     assert done.exit_code == 2 and "unknown method 'gits'" in done.output
     done = runner.invoke(app, ["optimize", "--pipeline", str(tmp_path), "--out", str(tmp_path)])
-    assert done.exit_code == 2 and "not take --pipeline" in done.output
+    assert done.exit_code == 2 and "--pipeline needs --prompts" in done.output
     assert "optimize" in runner.invoke(app, ["--help"]).output

@@ -16,13 +16,14 @@ DEFAULT_NFES = [4, 6, 8]
 
 def optimize_command(
     model: Annotated[
-        str,
+        str | None,
         typer.Option(
             metavar="digits|DIR",
             help="'digits' (bundled) or a local diffusers UNet2DModel directory with its "
-            "scheduler config.",
+            "scheduler config. [default: digits, unless --pipeline]",
+            show_default=False,
         ),
-    ] = "digits",
+    ] = None,
     nfe: Annotated[
         list[int] | None,
         typer.Option(
@@ -39,8 +40,11 @@ def optimize_command(
     ] = None,
     budget_minutes: Annotated[
         float,
-        typer.Option(metavar="M", help="Wall-clock minutes for the searches (AutoDiffusion gets "
-                     "what the cheap searches leave)."),
+        typer.Option(
+            metavar="M",
+            help="Wall-clock minutes for the searches (AutoDiffusion gets "
+            "what the cheap searches leave).",
+        ),
     ] = 30.0,
     out: Annotated[Path, typer.Option(metavar="DIR", help="Output directory.")] = Path(
         "stepsearch-optimize"
@@ -53,32 +57,54 @@ def optimize_command(
     ] = False,
     pipeline: Annotated[
         Path | None,
-        typer.Option(metavar="DIR", help="A text-to-image pipeline directory (not yet)."),
+        typer.Option(
+            metavar="DIR",
+            help="A local diffusers text-to-image pipeline directory (model_index.json; Stable "
+            "Diffusion 1.x / 2.x, SDXL) instead of --model.",
+        ),
     ] = None,
     prompts: Annotated[
-        Path | None, typer.Option(metavar="FILE", help="Prompts for --pipeline (not yet).")
+        Path | None,
+        typer.Option(metavar="FILE", help="One prompt per line (with --pipeline; cycled)."),
     ] = None,
     guidance_scale: Annotated[
-        float | None, typer.Option(metavar="G", help="Guidance scale for --pipeline (not yet).")
+        float | None,
+        typer.Option(
+            metavar="G",
+            help="Classifier-free guidance (with --pipeline). [default: 7.5]",
+            show_default=False,
+        ),
+    ] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            metavar="DIR",
+            help="(prompt, image) pairs for Align Your Steps with --pipeline: images and a "
+            "metadata.jsonl of {file_name, text} lines (without it AYS is skipped).",
+        ),
     ] = None,
     device: Annotated[str, typer.Option(metavar="NAME", help="torch device.")] = "cpu",
 ) -> None:
     """Search DP, AYS, OLSS and AutoDiffusion schedules for the model at each NFE, pick the
     winner against diffusers' and stepsearch's built-in samplers on unseen noise, and write a
-    ready scheduler directory per NFE plus one report (markdown, JSON, PNG)."""
+    ready scheduler directory per NFE plus one report (markdown, JSON, PNG).
+
+    With --pipeline DIR --prompts FILE [--guidance-scale G]: the same inside a text-to-image
+    pipeline (its guided UNet in latent space, image i with prompt i mod the number of prompts),
+    judged by trajectory error of the decoded images; AYS runs only with --data pairs."""
     with usage_errors():
-        if pipeline is not None or prompts is not None or guidance_scale is not None:
-            raise ValueError(
-                "stepsearch optimize does not take --pipeline / --prompts / --guidance-scale yet: "
-                "only OLSS searches inside text-to-image pipelines so far; run `stepsearch search "
-                "olss --pipeline DIR --prompts FILE` for that"
-            )
+        if pipeline is None and data is not None:
+            raise ValueError("--data goes with --pipeline (AYS on the bundled model uses its data)")
         result = optimize(
-            model,
+            model if model is not None or pipeline is not None else "digits",
             nfe or DEFAULT_NFES,
             methods or list(METHODS),
             budget_minutes,
             out,
+            pipeline=pipeline,
+            prompts=prompts,
+            guidance_scale=guidance_scale,
+            ays_data=data,
             resume=resume,
             overwrite=overwrite,
             device=device,

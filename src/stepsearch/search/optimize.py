@@ -21,6 +21,18 @@
    report says so (the "two judges" rule: FD-digits rewards samplers that miss the model's own
    distribution in the direction of the data).
 
+Text-to-image pipelines (``pipeline=`` a local Stable Diffusion 1.x / 2.x or SDXL directory,
+``prompts=``, ``guidance_scale=``): the searches run on a
+:class:`~stepsearch.eval.pipeline_source.PipelineSource` (the UNet conditioned on sample ``i``'s
+prompt ``i mod len(prompts)``, classifier-free guided, in latent space; samples are VAE-decoded
+images), the diffusers baselines run in the pipeline's own loop from the same latent noise and
+prompts, and both judges are trajectory error of the decoded images (there is no feature network
+for FD). Align Your Steps needs (prompt, image) pairs for its KL upper bound (``ays_data=``, a
+folder in the ``imagefolder`` layout, encoded by the pipeline's VAE, each latent conditioned on
+its own caption); without them it is skipped and the report says so. The run's fingerprint and the
+schedule files name the guidance scale, the image size and a digest of the prompts besides the
+weights' digest.
+
 Files (``out/``): ``run.json`` (the run's settings and state), ``nfe-N/scheduler/`` (the winner as
 a ``from_pretrained``-able diffusers scheduler; OLSS winners are a
 :class:`~stepsearch.integrations.olss.StepsearchOLSSScheduler`), ``nfe-N/best_schedule.json``
@@ -37,8 +49,10 @@ budget ends before every stage ran, the report is still written from what finish
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import shutil
 import time
 from collections.abc import Sequence
@@ -47,15 +61,23 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from stepsearch._io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from stepsearch.ays.search import AYSConfig, search_ays
-from stepsearch.eval.cache import TensorCache
+from stepsearch.eval.cache import TensorCache, tensor_digest
 from stepsearch.eval.experiment import ImageModel, Method, default_methods, load_image_model
 from stepsearch.eval.generate import generate_with_diffusers_scheduler
 from stepsearch.eval.objective import Objective, Score
+from stepsearch.eval.pipeline_source import PipelineSource, encode_images, load_prompt_image_pairs
 from stepsearch.eval.sources import SampleSource, generate_from_source
+from stepsearch.eval.text_to_image import (
+    TextToImageModel,
+    generate_images,
+    load_pipeline,
+    read_prompts,
+)
 from stepsearch.noise import DiscreteVP
 from stepsearch.schedule import StepSchedule
 from stepsearch.schedule_file import ScheduleFile
@@ -81,6 +103,8 @@ __all__ = [
     "gains_in_words",
     "load_scheduler_dir",
     "optimize",
+    "pipeline_settings",
+    "text_to_image_model",
 ]
 
 METHODS = ("dp", "ays", "olss", "autodiffusion")
@@ -92,6 +116,15 @@ RUN_FORMAT = "stepsearch-optimize/1"
 SELECT_SEED, REPORT_SEED = 1, 2
 """The judges' seeds: selection (seed 1) and report (seed 2); the searches use seed 0."""
 
+AYS_NEEDS_DATA = (
+    "Align Your Steps skipped: on a text-to-image pipeline its KL upper bound needs (prompt, "
+    "image) pairs; pass ays_data= (--data DIR: images with a metadata.jsonl of "
+    '{"file_name": ..., "text": ...} lines)'
+)
+
+Model = ImageModel | TextToImageModel
+"""A model whose diffusers scheduler directories the report replays in diffusers' own loop."""
+
 
 @dataclass(frozen=True)
 class OptimizeSettings:
@@ -100,7 +133,8 @@ class OptimizeSettings:
     ``search_samples`` samples per trial on the search seed; ``select_samples`` /
     ``held_out_samples`` per candidate on the selection / report seeds. ``*_solvers``: the solvers
     each family searches for (OLSS is its own solver). ``baseline_solvers`` x ``spacings`` are the
-    stepsearch baselines; ``diffusers_baselines`` adds diffusers' schedulers (image models only).
+    stepsearch baselines; ``diffusers_baselines`` adds diffusers' schedulers (image models and
+    pipelines, in their own loop).
     ``autodiffusion_trials``: its trial budget when time is not short. ``grid_rows`` x
     ``grid_cols`` samples per method in the report's grid.
     """
@@ -188,7 +222,7 @@ class Candidate:
         )  # fmt: skip
 
     def samples(
-        self, model: ImageModel | None, source: SampleSource, count: int, seed: int, chunk: int
+        self, model: Model | None, source: SampleSource, count: int, seed: int, chunk: int
     ) -> Tensor:
         """``count`` samples from the noise of ``seed`` (sample ``i`` from its own generator)."""
         if self.method is not None:
@@ -222,9 +256,7 @@ class Candidate:
         return None if written is None else (written, self.schedule.num_steps)
 
 
-def _write_diffusers_scheduler(
-    candidate: Candidate, model: ImageModel, path: Path
-) -> tuple[Path, int]:
+def _write_diffusers_scheduler(candidate: Candidate, model: Model, path: Path) -> tuple[Path, int]:
     assert candidate.method is not None
     if path.exists():
         shutil.rmtree(path)
@@ -280,7 +312,7 @@ class OptimizeResult:
 class _Run:
     """What every stage of one run shares."""
 
-    model: ImageModel | None
+    model: Model | None
     source: SampleSource
     settings: OptimizeSettings
     out: Path
@@ -289,6 +321,7 @@ class _Run:
     deadline: float
     search: Objective
     incomplete: list[dict[str, Any]] = field(default_factory=list)
+    ays_inputs: tuple[SampleSource, Tensor] | None = None
 
     def seconds_left(self) -> float:
         return self.deadline - time.perf_counter()
@@ -300,11 +333,47 @@ class _Run:
             Console(stderr=True).print(text)
 
 
+def text_to_image_model(
+    pipeline: str | os.PathLike[str] | Any,
+    prompts: Sequence[str] | os.PathLike[str] | str | None,
+    guidance_scale: float | None = None,
+    *,
+    device: str = "cpu",
+) -> TextToImageModel:
+    """A local text-to-image pipeline directory (``model_index.json``, loaded by
+    :func:`~stepsearch.eval.text_to_image.load_pipeline`, never from the hub) or pipeline object,
+    with its prompts (a list, or a file of one prompt per line) and guidance scale (default 7.5,
+    diffusers' own; guidance runs above 1), checked for a discrete VP scheduler config.
+
+    Raises:
+        ValueError: no prompts, a non-finite or negative guidance scale, a pipeline without a UNet
+            or without a discrete VP scheduler config (flow matching).
+        FileNotFoundError: the directory, its ``model_index.json`` or the prompts file is missing.
+    """
+    if prompts is None:
+        raise ValueError("--pipeline needs --prompts FILE (one prompt per line)")
+    if isinstance(prompts, str | os.PathLike):
+        prompts = read_prompts(prompts)
+    scale = 7.5 if guidance_scale is None else float(guidance_scale)
+    if not math.isfinite(scale) or scale < 0:
+        raise ValueError(f"--guidance-scale must be a finite number >= 0, got {guidance_scale!r}")
+    name = Path(pipeline).name if isinstance(pipeline, str | os.PathLike) else "pipeline"
+    model = TextToImageModel(
+        load_pipeline(pipeline, device=device), list(prompts), scale, name=name
+    )
+    model.noise  # noqa: B018 - a flow-matching config fails here, before any work
+    return model
+
+
 def _resolve_model(
-    model: str | Path | ImageModel | SampleSource, device: str
-) -> tuple[ImageModel | None, SampleSource]:
+    model: str | Path | Model | SampleSource, device: str
+) -> tuple[Model | None, SampleSource]:
     if isinstance(model, ImageModel):
         return model, model.source()
+    if isinstance(model, TextToImageModel):
+        return model, PipelineSource(model, name=model.name)
+    if isinstance(model, PipelineSource):
+        return model.model, model
     if isinstance(model, (str, Path)):
         from stepsearch.testbeds import digits
 
@@ -363,15 +432,48 @@ def _check_inputs(
 
 
 def _fingerprint(
-    source: SampleSource, nfes: Sequence[int], methods: Sequence[str], settings: OptimizeSettings
+    source: SampleSource,
+    nfes: Sequence[int],
+    methods: Sequence[str],
+    settings: OptimizeSettings,
+    ays_inputs: tuple[SampleSource, Tensor] | None = None,
 ) -> dict[str, Any]:
-    return {
+    fingerprint = {
         "model": source.identity.to_json_dict(),
         "noise": source.noise.to_config(),
         "nfes": [int(n) for n in nfes],
         "methods": list(methods),
         "settings": settings.to_json_dict(),
     }
+    if isinstance(source, PipelineSource):  # prompts, guidance and size (the weights are above)
+        fingerprint["conditioning"] = source.describe()
+    if ays_inputs is not None:
+        fingerprint["ays_data"] = _data_digest(ays_inputs)
+    return fingerprint
+
+
+def _data_digest(ays_inputs: tuple[SampleSource, Tensor]) -> dict[str, Any]:
+    """What Align Your Steps' pairs change: their captions and their latents."""
+    data_source, latents = ays_inputs
+    return {
+        "prompts": data_source.describe().get("prompts"),
+        "latents": "sha256:" + tensor_digest({"data": latents.detach().cpu().contiguous()}),
+    }
+
+
+def _ays_inputs(
+    source: PipelineSource, data: str | os.PathLike[str], progress: bool
+) -> tuple[PipelineSource, Tensor]:
+    """Align Your Steps' source and data on a pipeline: the (prompt, image) pairs of ``data``
+    resized to the run's image size and encoded by its VAE, on a source over the same pipeline
+    (same weights, guidance and size) whose prompt ``i`` is pair ``i``'s caption."""
+    model = source.model
+    pairs = load_prompt_image_pairs(data, size=model.image_size)
+    captioned = TextToImageModel(
+        model.pipeline, pairs.prompts, model.guidance_scale, model.height, model.width, model.name
+    )
+    latents = encode_images(model.pipeline, pairs.images, progress=progress)
+    return PipelineSource(captioned, source.negative_prompt, name=source.name), latents
 
 
 def _prepare_out(out: Path, fingerprint: dict[str, Any], resume: bool, overwrite: bool) -> None:
@@ -399,12 +501,16 @@ def _prepare_out(out: Path, fingerprint: dict[str, Any], resume: bool, overwrite
 
 
 def optimize(
-    model: str | Path | ImageModel | SampleSource,
+    model: str | Path | Model | SampleSource | None,
     nfes: Sequence[int],
     methods: Sequence[str] = METHODS,
     budget_minutes: float = 30.0,
     out: str | Path = "stepsearch-optimize",
     *,
+    pipeline: str | os.PathLike[str] | Any | None = None,
+    prompts: Sequence[str] | os.PathLike[str] | str | None = None,
+    guidance_scale: float | None = None,
+    ays_data: str | os.PathLike[str] | None = None,
     resume: bool = False,
     overwrite: bool = False,
     settings: OptimizeSettings | None = None,
@@ -413,20 +519,52 @@ def optimize(
     progress: bool = True,
 ) -> OptimizeResult:
     """Run the searches ``methods`` at every NFE of ``nfes`` on ``model`` (``"digits"``, a local
-    diffusers ``UNet2DModel`` directory, an :class:`ImageModel` or any sample source) within
+    diffusers ``UNet2DModel`` directory, an :class:`ImageModel`, a
+    :class:`~stepsearch.eval.text_to_image.TextToImageModel` or any sample source) within
     ``budget_minutes`` of search time, select and report on unseen noise, write everything under
-    ``out`` (module docstring)."""
+    ``out`` (module docstring).
+
+    A text-to-image pipeline is ``model=None, pipeline=DIR, prompts=[...] or FILE,
+    guidance_scale=G`` (:func:`text_to_image_model`); its default settings are
+    :func:`pipeline_settings`. ``ays_data``: (prompt, image) pairs for Align Your Steps on a
+    pipeline (without them AYS is skipped there, and the report says so).
+
+    Raises:
+        ValueError: bad input (module docstring), found before anything is written.
+    """
     began = time.perf_counter()
-    settings = settings or OptimizeSettings()
     methods = list(dict.fromkeys(methods))
     nfes = sorted({int(n) for n in nfes}) if all(isinstance(n, int) for n in nfes) else list(nfes)
     if budget_minutes is None or not budget_minutes > 0:
         raise ValueError(f"--budget-minutes must be positive, got {budget_minutes!r}")
     _check_methods(methods)
+    if pipeline is not None:
+        if model is not None:
+            raise ValueError("give a model (--model) or a pipeline (--pipeline), not both")
+        model = text_to_image_model(pipeline, prompts, guidance_scale, device=device)
+    elif prompts is not None or guidance_scale is not None:
+        raise ValueError("--prompts and --guidance-scale go with --pipeline DIR")
+    if model is None:
+        raise ValueError("give a model (--model digits|DIR) or a pipeline (--pipeline DIR)")
     image_model, source = _resolve_model(model, device)
+    pipeline_run = isinstance(source, PipelineSource)
+    settings = settings or (pipeline_settings() if pipeline_run else OptimizeSettings())
+    skipped: list[dict[str, str]] = []
+    if ays_data is not None and not pipeline_run:
+        raise ValueError("ays_data (--data) is for text-to-image pipelines (--pipeline)")
+    if pipeline_run and "ays" in methods and ays_data is None:
+        methods.remove("ays")
+        skipped.append({"method": "ays", "reason": AYS_NEEDS_DATA})
+        if not methods:
+            raise ValueError(AYS_NEEDS_DATA.replace("skipped", "cannot run"))
     _check_inputs(source, nfes, methods, settings)
+    ays_inputs = None
+    if ays_data is not None and "ays" in methods:
+        assert isinstance(source, PipelineSource)
+        ays_inputs = _ays_inputs(source, ays_data, progress)
     out_path = Path(out).expanduser()
-    _prepare_out(out_path, _fingerprint(source, nfes, methods, settings), resume, overwrite)
+    fingerprint = _fingerprint(source, nfes, methods, settings, ays_inputs)
+    _prepare_out(out_path, fingerprint, resume, overwrite)
     cache = cache if cache is not None else TensorCache.default()
     search = Objective(
         source,
@@ -441,8 +579,10 @@ def optimize(
     )
     run = _Run(
         image_model, source, settings, out_path, cache, progress,
-        began + 60.0 * float(budget_minutes), search,
+        began + 60.0 * float(budget_minutes), search, ays_inputs=ays_inputs,
     )  # fmt: skip
+    for item in skipped:
+        run.say(f"[yellow]{item['reason']}[/]")
     found: dict[int, list[Candidate]] = {nfe: [] for nfe in nfes}
     for family in [m for m in methods if m in CHEAP_METHODS]:
         for nfe in nfes:
@@ -457,7 +597,7 @@ def optimize(
             candidate = _stage(run, "autodiffusion", name, nfe, seconds=share)
             if candidate is not None:
                 found[nfe].append(candidate)
-    return _judge_and_report(run, nfes, methods, found, began)
+    return _judge_and_report(run, nfes, methods, found, began, skipped)
 
 
 # -------------------------------------------------------------------------------------------
@@ -467,13 +607,16 @@ def optimize(
 
 def _stage_fingerprint(run: _Run, family: str, solver: str, nfe: int) -> dict[str, Any]:
     objective = {k: v for k, v in run.search.describe().items() if k != "held_out_samples"}
-    return {
+    fingerprint = {
         "family": family,
         "solver": solver,
         "nfe": int(nfe),
         "settings": run.settings.family_settings(family),
         "objective": objective,
     }
+    if family == "ays" and run.ays_inputs is not None:
+        fingerprint["data"] = _data_digest(run.ays_inputs)
+    return fingerprint
 
 
 def _stage(
@@ -581,11 +724,13 @@ def _ays_stage(run: _Run, solver: str, nfe: int, folder: Path) -> Path:
         bar.budget = max(bar.budget, sweeps[0])
         bar.update(sweeps[0], math.inf if proxy is None else float(proxy))
 
+    data_source, data = run.ays_inputs or (run.source, None)
     with bar.running():
         result = search_ays(
-            run.source,
+            data_source,
             solver,
             nfe,
+            data=data,
             objective=run.search,
             config=run.settings.ays,
             checkpoint=folder / "ays.ckpt.json",
@@ -642,8 +787,10 @@ def _autodiffusion_trials(
 
 def _baselines(run: _Run, nfe: int) -> list[Candidate]:
     candidates = []
-    if run.model is not None and run.settings.diffusers_baselines and isinstance(
-        run.source.noise, DiscreteVP
+    if (
+        run.model is not None
+        and run.settings.diffusers_baselines
+        and isinstance(run.source.noise, DiscreteVP)
     ):
         for method in default_methods():
             if method.diffusers_scheduler is None:
@@ -688,9 +835,12 @@ def _judges(run: _Run) -> dict[str, Objective]:
 def _judge(
     run: _Run, nfe: int, candidates: list[Candidate], judges: dict[str, Objective]
 ) -> dict[str, dict[str, Any]]:
-    """Scores of every candidate on both judges' splits (``judged.json``: reused on resume)."""
+    """Scores of every candidate on both judges' splits (``judged.json``: reused on resume where
+    the candidate and the judges are the same: model, conditioning, seeds, sample counts)."""
     path = run.out / f"nfe-{nfe}" / "judged.json"
     stored = json.loads(path.read_text()) if path.is_file() else {}
+    described = json.dumps({m: j.describe() for m, j in judges.items()}, sort_keys=True)
+    judged_by = "sha256:" + hashlib.sha256(described.encode("utf-8")).hexdigest()
     selection = next(iter(judges))
     bar = SearchProgress(
         len(candidates), f"judging NFE {nfe} ({selection}, seed {SELECT_SEED})",
@@ -702,8 +852,8 @@ def _judge(
         for index, candidate in enumerate(candidates):
             key = candidate.key()
             entry = stored.get(candidate.label)
-            if entry is None or entry.get("key") != key:
-                entry = {"key": key}
+            if entry is None or entry.get("key") != key or entry.get("judges") != judged_by:
+                entry = {"key": key, "judges": judged_by}
                 for split, seed in (("search", SELECT_SEED), ("held_out", REPORT_SEED)):
                     count = first.num_samples if split == "search" else first.held_out_samples
                     samples = candidate.samples(
@@ -738,9 +888,9 @@ def _reference(run: _Run, judges: dict[str, Objective]) -> dict[str, Any]:
     spec = traj.teacher_spec
     payload: dict[str, Any] = {"key": key, "sampler": spec.to_json_dict()}
     if "fd" in judges:
-        payload["fd"] = judges["fd"].score_samples(
-            teacher, spec.num_steps, split="held_out"
-        ).to_json_dict()
+        payload["fd"] = (
+            judges["fd"].score_samples(teacher, spec.num_steps, split="held_out").to_json_dict()
+        )
     atomic_write_json(path, payload)
     return payload
 
@@ -751,6 +901,7 @@ def _judge_and_report(
     methods: Sequence[str],
     found: dict[int, list[Candidate]],
     began: float,
+    skipped: Sequence[dict[str, str]] = (),
 ) -> OptimizeResult:
     judges = _judges(run)
     selection = next(iter(judges))
@@ -787,9 +938,11 @@ def _judge_and_report(
         "report": {"seed": REPORT_SEED, "samples": run.settings.held_out_samples,
                    "metrics": list(judges)},
         "search": {"metric": "traj", "seed": 0, "samples": run.settings.search_samples},
+        "conditioning": run.source.describe() if isinstance(run.source, PipelineSource) else None,
         "reference": {k: v for k, v in reference.items() if k != "key"},
         "partial": bool(run.incomplete),
         "incomplete": run.incomplete,
+        "skipped": list(skipped),
         "per_nfe": {str(n): entry for n, entry in per_nfe.items()},
         "seconds": round(time.perf_counter() - began, 1),
         "settings": run.settings.to_json_dict(),
@@ -837,7 +990,7 @@ def _write_winner(
                 extra={"optimize": judged},
             )
         path = folder / "best_schedule.json"
-        ScheduleFile(winner.schedule, provenance).save(path)
+        ScheduleFile(winner.schedule, _conditioned(provenance, run.source)).save(path)
         files["schedule"] = str(path)
     winner_path = folder / "winner.json"
     atomic_write_json(
@@ -848,6 +1001,18 @@ def _write_winner(
     )  # fmt: skip
     files["winner"] = str(winner_path)
     return files, steps
+
+
+def _conditioned(provenance: Any, source: SampleSource) -> Any:
+    """A pipeline's guidance scale, image size and prompts (their digest) in a provenance."""
+    if not isinstance(source, PipelineSource):
+        return provenance
+    return replace(
+        provenance,
+        guidance_scale=float(source.model.guidance_scale),
+        resolution=tuple(source.model.image_size),
+        extra={**provenance.extra, "conditioning": source.describe()},
+    )
 
 
 def _score(payload: dict[str, Any]) -> Score:
@@ -862,8 +1027,9 @@ def _grid_samples(
 ) -> dict[str, Tensor] | None:
     """The report's sample grid: the first ``grid_rows * grid_cols`` samples of the report seed
     (``samples.safetensors``: ``winner`` and ``baseline``, their ``num_inference_steps`` in its
-    metadata), made by the written scheduler directories in diffusers' own loop (so the directory loaded into
-    a pipeline reproduces them bit for bit); ``None`` for sources without a UNet."""
+    metadata, and for a pipeline its guidance scale, size and the grid's prompts), made by the
+    written scheduler directories in diffusers' own loop (so the directory loaded into a pipeline
+    reproduces them bit for bit); ``None`` for sources without a UNet."""
     if run.model is None or "scheduler" not in files:
         return None
     from safetensors.torch import save_file
@@ -882,22 +1048,40 @@ def _grid_samples(
                 return None
         scheduler = load_scheduler_dir(directory)
         steps = _inference_steps(candidate, run.model)
-        samples, _ = generate_with_diffusers_scheduler(
-            run.model.model_fn, scheduler, steps, count, run.model.sample_shape,
-            seed=REPORT_SEED, chunk_size=count, device=run.model.device, progress=False,
-        )  # fmt: skip
-        made[role] = samples.contiguous()
+        made[role] = _diffusers_loop(run.model, scheduler, steps, count).contiguous()
         steps_of[f"steps_{role}"] = str(steps)
     path = folder / "samples.safetensors"
     tmp = path.with_name(".samples.tmp.safetensors")
     metadata = {"seed": str(REPORT_SEED), "count": str(count), **steps_of}
+    if isinstance(run.model, TextToImageModel):  # what a replay passes the pipeline
+        height, width = run.model.image_size
+        metadata.update(
+            guidance_scale=repr(float(run.model.guidance_scale)), height=str(height),
+            width=str(width),
+            prompts=json.dumps(run.model.prompts_for(range(count)), ensure_ascii=False),
+        )  # fmt: skip
     save_file(made, str(tmp), metadata=metadata)
     tmp.replace(path)
     files["samples"] = str(path)
     return made
 
 
-def _inference_steps(candidate: Candidate, model: ImageModel) -> int:
+def _diffusers_loop(model: Model, scheduler: Any, steps: int, count: int) -> Tensor:
+    """``count`` samples of the report seed in diffusers' own loop with ``scheduler``, in one
+    batch: the model's plain denoising loop, or the pipeline's ``__call__`` (decoded images)."""
+    if isinstance(model, TextToImageModel):
+        return generate_images(
+            model, scheduler, count, num_inference_steps=steps, seed=REPORT_SEED,
+            chunk_size=count, progress=False,
+        )  # fmt: skip
+    samples, _ = generate_with_diffusers_scheduler(
+        model.model_fn, scheduler, steps, count, model.sample_shape,
+        seed=REPORT_SEED, chunk_size=count, device=model.device, progress=False,
+    )  # fmt: skip
+    return samples
+
+
+def _inference_steps(candidate: Candidate, model: Model) -> int:
     if candidate.method is not None:
         found = candidate.method.diffusers_scheduler_for(model.scheduler_config, candidate.nfe)
         assert found is not None
@@ -974,6 +1158,18 @@ def _markdown(report: dict[str, Any]) -> str:
         "noise neither the searches nor the selection saw.",
         "",
     ]
+    conditioning = report.get("conditioning")
+    if conditioning:
+        lines += [
+            f"Text-to-image pipeline ({conditioning['pipeline']}, {conditioning['height']}x"
+            f"{conditioning['width']}): {conditioning['num_prompts']} prompts "
+            f"({conditioning['prompts'][:19]}...), sample i gets prompt i mod "
+            f"{conditioning['num_prompts']}, guidance scale {conditioning['guidance_scale']:g}; "
+            "trajectory error is measured on the decoded images.",
+            "",
+        ]
+    for item in report.get("skipped", []):
+        lines += [f"- {item['reason']}", ""]
     if report["partial"]:
         lines += ["**Partial result** (the budget ended before every stage finished):", ""]
         lines += [f"- NFE {i['nfe']}, {i['stage']}: {i['reason']}" for i in report["incomplete"]]
@@ -1020,10 +1216,20 @@ def _cell(value: float | None) -> str:
     return "-" if value is None else f"{value:.4g}"
 
 
+GRID_PIXELS = 192
+"""The largest side of one image in the report's PNG grid."""
+
+
 def _upscaled(samples: Tensor, rows: int, cols: int, scale: int) -> np.ndarray:
     """A ``rows x cols`` montage of images in ``[-1, 1]`` as ``[0, 1]`` pixels, each pixel a
-    ``scale x scale`` block (nearest neighbour), one blank pixel row / column between images."""
-    images = ((samples.detach().cpu().double() / 2 + 0.5).clamp(0, 1)).numpy()
+    ``scale x scale`` block (nearest neighbour), one blank pixel row / column between images.
+    Images above :data:`GRID_PIXELS` a side (a pipeline's 512 or 1024) are average-pooled to about
+    that first: a figure shows no more, and the montage stays small."""
+    samples = samples.detach().cpu().double()[: rows * cols]
+    pool = math.ceil(max(samples.shape[-2:]) / GRID_PIXELS)
+    if pool > 1:
+        samples = torch.nn.functional.avg_pool2d(samples, pool, ceil_mode=True)
+    images = ((samples / 2 + 0.5).clamp(0, 1)).numpy()
     channels, height, width = images.shape[1:]
     pad = max(1, scale // 2)
     canvas = np.ones((rows * (height * scale + pad), cols * (width * scale + pad), channels))
@@ -1092,8 +1298,9 @@ def _plot(
     axes = figure.add_subplot(grid_spec[0, len(metrics)])
     for index, nfe in enumerate(nfes):
         color = f"C{index % 10}"
-        for schedule in spacing_schedules(run.source.noise, nfe, ("karras", "logsnr_uniform",
-                                                                  "trailing")).values():
+        for schedule in spacing_schedules(
+            run.source.noise, nfe, ("karras", "logsnr_uniform", "trailing")
+        ).values():
             sigmas = schedule.to_kdiffusion_sigmas()
             axes.plot(np.flatnonzero(sigmas > 0), sigmas[sigmas > 0], ls=":", lw=0.8, color=color)
         winner = next((c for c in found[nfe] if c.label == report["per_nfe"][str(nfe)]["winner"]),
@@ -1159,6 +1366,22 @@ def gains_in_words(result: OptimizeResult | dict[str, Any]) -> list[str]:
         )  # fmt: skip
     return lines
 
+
+def pipeline_settings() -> OptimizeSettings:
+    """Defaults for a text-to-image pipeline, where every sample is a full guided UNet solve and
+    a VAE decode: 64 search samples, 128 for selection and report, 16 images per model call, a
+    64-sample DP teacher, 32 OLSS trajectories, a 2 x 4 sample grid (made in one pipeline call:
+    a replay reproduces it bit for bit with the same batch of 8 prompts)."""
+    return OptimizeSettings(
+        search_samples=64,
+        select_samples=128,
+        held_out_samples=128,
+        dp=DPSettings(teacher_samples=64),
+        olss_samples=32,
+        grid_rows=2,
+        grid_cols=4,
+        chunk_size=16,
+    )
 
 
 def demo_settings() -> OptimizeSettings:
