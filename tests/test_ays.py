@@ -193,6 +193,17 @@ def test_klub_search_on_1d_gaussian_data_finds_the_klub_optimum():
     assert np.abs(np.asarray(state.sigmas) / theorem - 1).max() > 0.3
 
 
+def test_hierarchical_stages_stop_at_the_requested_step_count():
+    from stepsearch.ays.search import hierarchical_plan
+
+    assert hierarchical_plan(10, 2, 5) == [10]
+    assert hierarchical_plan(10, 2, 10) == [10]
+    assert hierarchical_plan(10, 2, 11) == [10, 20]
+    assert hierarchical_plan(10, 2, 32) == [10, 20, 40]
+    assert hierarchical_plan(10, 2, 50) == [10, 20, 40]  # then interpolated up
+    assert hierarchical_plan(3, 1, 5) == [3, 6]
+
+
 def test_subdivide_frees_only_the_new_points():
     refined, free = subdivide([8.0, 2.0, 0.5])
     assert refined == pytest.approx([8.0, 4.0, 2.0, 1.0, 0.5])

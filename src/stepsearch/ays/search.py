@@ -11,8 +11,9 @@
 Strategies (``AYSConfig.strategy``):
 
 - ``"hierarchical"`` (the paper's): optimise ``base_intervals`` (10) intervals from the start spacing
-  (time-uniform for discrete and flow models, Karras for continuous ones), then ``refinements`` (2)
-  rounds of log-midpoint subdivision optimising only the new points (10 -> 20 -> 40), then
+  (time-uniform for discrete and flow models, Karras for continuous ones), then up to
+  ``refinements`` (2) rounds of log-midpoint subdivision optimising only the new points
+  (10 -> 20 -> 40; the rounds stop once a stage has at least the requested step count), then
   log-linear interpolation (:func:`~stepsearch.schedule.loglinear_interpolate`) to the requested
   step count;
 - ``"direct"``: optimise the requested step count itself;
@@ -241,6 +242,18 @@ class _Checkpoint:
             )
 
 
+def hierarchical_plan(base_intervals: int, refinements: int, num_steps: int) -> list[int]:
+    """Interval counts of the hierarchical stages: ``base * 2^r`` for ``r = 0 .. refinements``,
+    stopping at the first that reaches ``num_steps`` (a finer stage would only be interpolated back
+    down to ``num_steps``: the paper refines to serve larger step counts)."""
+    plan: list[int] = []
+    for refinement in range(refinements + 1):
+        plan.append(base_intervals * 2**refinement)
+        if plan[-1] >= num_steps:
+            break
+    return plan
+
+
 def _run_strategy(
     strategy: str,
     estimator: KLUBEstimator,
@@ -256,7 +269,7 @@ def _run_strategy(
     if strategy == "direct":
         plan = [num_steps]
     else:
-        plan = [config.base_intervals * 2**r for r in range(config.refinements + 1)]
+        plan = hierarchical_plan(config.base_intervals, config.refinements, num_steps)
     states: list[SearchState] = []
     for index, intervals in enumerate(plan):
         if index < len(saved):
