@@ -172,3 +172,56 @@ def test_a_flow_schedule_written_with_the_models_prediction_type_replays_in_diff
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="needs prediction_type 'flow_prediction'"):
         StepsearchDDIMScheduler.from_step_schedule(schedule, prediction_type="epsilon")
+
+
+@pytest.mark.slow
+def test_optimize_on_digits_cond_records_the_guidance_and_its_grid_is_the_guided_source(tmp_path):
+    """``optimize("digits-cond", guidance_scale=4)``: the run's fingerprint, the report and the
+    winner's schedule file name guidance 4; the report grid, made by the written scheduler
+    directory in diffusers' loop (labels ``i mod 10``, guided output), equals the winner's solver
+    on the guided source from the same noise; another guidance is another run."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    import stepsearch.search.optimize as optimize_module
+    from stepsearch.eval.cache import TensorCache
+    from stepsearch.eval.sources import generate_from_source
+    from stepsearch.schedule_file import ScheduleFile
+    from stepsearch.search.dp_job import DPSettings
+    from stepsearch.search.optimize import OptimizeSettings, optimize
+
+    settings = OptimizeSettings(
+        search_samples=12, select_samples=12, held_out_samples=12, dp_solvers=("ddim",),
+        baseline_solvers=("ddim",), spacings=("trailing",), diffusers_baselines=False,
+        dp=DPSettings(grid_points=10, teacher_samples=12, coeffs=(1.15,)), grid_rows=1,
+        grid_cols=6, chunk_size=5,
+    )  # fmt: skip
+    out = tmp_path / "run"
+    result = optimize(
+        "digits-cond", [4], ["dp"], 30.0, out, guidance_scale=4.0, settings=settings,
+        cache=TensorCache(None), progress=False,
+    )  # fmt: skip
+    report = result.report
+    assert report["conditioning"]["guidance_scale"] == 4.0
+    fingerprint = json.loads((out / "run.json").read_text())["fingerprint"]
+    assert fingerprint["conditioning"]["guidance_scale"] == 4.0
+    entry = report["per_nfe"]["4"]
+    schedule_file = ScheduleFile.load(entry["files"]["schedule"])
+    assert schedule_file.provenance.guidance_scale == 4.0
+    assert schedule_file.provenance.extra["conditioning"]["labels"] == "index mod 10"
+    folder = out / "nfe-4"
+    with safe_open(str(folder / "samples.safetensors"), "pt") as grid_file:
+        metadata = grid_file.metadata()
+    assert metadata["guidance_scale"] == "4.0" and json.loads(metadata["labels"])[:3] == [0, 1, 2]
+    grid = load_file(str(folder / "samples.safetensors"))["winner"]
+    solver = optimize_module._solver_from_json(dict(schedule_file.provenance.solver))
+    source = load_image_model("digits-cond", guidance_scale=4.0).source()
+    direct = generate_from_source(source, solver, schedule_file.schedule, 6, seed=2, chunk_size=4)
+    torch.testing.assert_close(grid, direct, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="holds another optimize run"):
+        optimize(
+            "digits-cond", [4], ["dp"], 30.0, out, guidance_scale=2.0, settings=settings,
+            cache=TensorCache(None), progress=False,
+        )  # fmt: skip

@@ -1178,7 +1178,13 @@ def _markdown(report: dict[str, Any]) -> str:
         "",
     ]
     conditioning = report.get("conditioning")
-    if conditioning:
+    if conditioning and conditioning.get("kind") == "class_conditional":
+        lines += [
+            f"Class-conditional model: sample i asks for class {conditioning['labels']}, "
+            f"classifier-free guidance scale {conditioning['guidance_scale']:g}.",
+            "",
+        ]
+    elif conditioning:
         lines += [
             f"Text-to-image pipeline ({conditioning['pipeline']}, {conditioning['height']}x"
             f"{conditioning['width']}): {conditioning['num_prompts']} prompts "
