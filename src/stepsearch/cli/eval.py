@@ -93,8 +93,8 @@ def eval_command(
             metavar="NAME...",
             help=f"{', '.join(METRICS)} (--model; acc: digits-cond); "
             f"{', '.join(TEXT_TO_IMAGE_METRICS)} "
-            "(--pipeline). [default: fd traj; with --pipeline: clip if --clip-model is "
-            "given, else traj]",
+            "(--pipeline). [default: fd traj (and acc for digits-cond); with --pipeline: clip "
+            "if --clip-model is given, else traj]",
         ),
     ] = None,
     clip_model: Annotated[
@@ -166,7 +166,7 @@ def eval_command(
             model,
             methods,
             nfe or DEFAULT_NFES,
-            metric or default_metrics(pipeline is not None, clip_model is not None),
+            metric or default_metrics(pipeline is not None, clip_model is not None, model),
             num_samples,
             seed,
             device=device,

@@ -142,10 +142,14 @@ def check_nfes(nfes: Sequence[int]) -> None:
         raise ValueError(f"--nfe: budgets are model evaluations, at least 1 (got {bad})")
 
 
-def default_metrics(pipeline: bool, clip_model: bool) -> list[str]:
-    """``fd, traj`` for a model; ``clip`` (with a CLIP model) or ``traj`` for a pipeline."""
+def default_metrics(pipeline: bool, clip_model: bool, model: str | None = None) -> list[str]:
+    """``fd, traj`` for a model (and ``acc`` for the bundled class-conditional ``digits-cond``);
+    ``clip`` (with a CLIP model) or ``traj`` for a pipeline."""
     if not pipeline:
-        return ["fd", "traj"]
+        from stepsearch.testbeds import digits
+
+        spec = digits.MODELS.get(str(model))
+        return ["fd", "traj", "acc"] if spec is not None and spec.conditional else ["fd", "traj"]
     return ["clip" if clip_model else "traj"]
 
 
