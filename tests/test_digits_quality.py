@@ -80,20 +80,12 @@ def test_flow_twin_loads_as_a_flow_and_gets_closer_with_more_steps(flow_model):
 
 
 def test_flow_twin_matches_diffusers_flow_match_euler(flow_model):
-    """diffusers' FlowMatchEulerDiscreteScheduler (with the model's shift) and stepsearch's Euler
-    on the same shifted grid give the same samples. (The plain diffusers loop, written out: the
-    flow scheduler has no ``init_noise_sigma``, which ``generate_with_diffusers_scheduler`` needs.)"""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    from stepsearch.eval.generate import unit_noise
-
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config(flow_model.scheduler_config)
-    scheduler.set_timesteps(8)
-    theirs = unit_noise(range(16), flow_model.sample_shape, 3)
-    for timestep in scheduler.timesteps:
-        output = flow_model.model_fn(theirs, timestep.expand(16))
-        theirs = scheduler.step(output, timestep, theirs, return_dict=False)[0]
+    """diffusers' FlowMatchEulerDiscreteScheduler (with the model's shift), run as a baseline of
+    the harness (it has no ``init_noise_sigma``: the loop starts from the unit noise), and
+    stepsearch's Euler on the same shifted grid give the same samples."""
+    theirs, steps = Method.diffusers("FlowMatchEulerDiscreteScheduler").run(flow_model, 8, 16, 3)
     ours, _ = Method.stepsearch("ddim", "flow_shifted").run(flow_model, 8, 16, seed=3)
+    assert steps == 8
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
 
 
@@ -114,8 +106,14 @@ def test_guidance_raises_accuracy_on_the_requested_digit():
     accuracy = {}
     for scale in (0.0, 1.0, 4.0):  # 0: the unconditional branch alone
         samples = generate(
-            model.denoiser(labels, scale), schedule, get_solver("dpm_solver_pp_2m"), 200,
-            digits.IMAGE_SHAPE, seed=0, chunk_size=200, progress=False,
+            model.denoiser(labels, scale),
+            schedule,
+            get_solver("dpm_solver_pp_2m"),
+            200,
+            digits.IMAGE_SHAPE,
+            seed=0,
+            chunk_size=200,
+            progress=False,
         )
         accuracy[scale] = digits.class_accuracy(classifier, samples, labels)
     torch.set_grad_enabled(True)

@@ -488,7 +488,7 @@ def run_ays_job(
     *,
     data: str | os.PathLike[str] | None = None,
     pipeline: str | os.PathLike[str] | None = None,
-    guidance_scale: float = 7.5,
+    guidance_scale: float | None = None,
     solver: str = "dpm_solver_pp_2m",
     config: AYSConfig | None = None,
     metric: str = "traj",
@@ -500,9 +500,10 @@ def run_ays_job(
     cache_dir: str | os.PathLike[str] | None = None,
     on_progress: Callable[[str, int, SearchState], None] | None = None,
 ) -> AYSResult:
-    """What ``stepsearch search ays`` does: load the model (``"digits"`` or a local diffusers
-    ``UNet2DModel`` directory; or, with ``pipeline``, a local text-to-image pipeline directory
-    with ``data`` a folder of (prompt, image) pairs, see :func:`pipeline_ays_inputs`), build the
+    """What ``stepsearch search ays`` does: load the model (a bundled model, ``digits-cond`` at
+    ``guidance_scale``, default 2, or a local diffusers ``UNet2DModel`` directory; or, with
+    ``pipeline``, a local text-to-image pipeline directory with ``data`` a folder of (prompt,
+    image) pairs, see :func:`pipeline_ays_inputs`, guidance default 7.5), build the
     proxy objective (``metric`` on ``proxy_samples`` samples;
     for ``traj`` the teacher is DPM-Solver++(3M) on ``teacher_steps`` logSNR steps, cached), search (resuming ``checkpoint``, default ``OUT.ckpt.json``), write the schedule
     file to ``out`` and the plot to ``plot`` (default ``OUT`` with ``.png``; ``""`` for none)."""
@@ -517,11 +518,10 @@ def run_ays_job(
                 "a pipeline needs data: a folder of (prompt, image) pairs with a metadata.jsonl "
                 "(--data)"
             )
-        source, samples = pipeline_ays_inputs(
-            pipeline, data, guidance_scale=guidance_scale, device=device
-        )
+        scale = 7.5 if guidance_scale is None else float(guidance_scale)
+        source, samples = pipeline_ays_inputs(pipeline, data, guidance_scale=scale, device=device)
     else:
-        source = load_source(model, device=device)
+        source = load_source(model, device=device, guidance_scale=guidance_scale)
     cache = TensorCache(cache_dir) if cache_dir is not None else TensorCache.default()
     teacher = TeacherSpec(num_steps=teacher_steps)
     objective = Objective(source, metric, num_samples=proxy_samples, teacher=teacher, cache=cache)

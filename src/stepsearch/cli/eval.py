@@ -41,7 +41,8 @@ def eval_command(
         str,
         typer.Option(
             metavar="NAME|DIR",
-            help="'digits' (bundled) or a local diffusers UNet2DModel directory.",
+            help="Bundled: digits, digits-flow, digits-cond (sample i asks for digit i mod 10); "
+            "or a local diffusers UNet2DModel directory.",
         ),
     ] = "digits",
     pipeline: Annotated[
@@ -90,9 +91,10 @@ def eval_command(
         list[str] | None,
         typer.Option(
             metavar="NAME...",
-            help=f"{', '.join(METRICS)} (--model); {', '.join(TEXT_TO_IMAGE_METRICS)} "
-            "(--pipeline). [default: fd traj; with --pipeline: clip if --clip-model is "
-            "given, else traj]",
+            help=f"{', '.join(METRICS)} (--model; acc: digits-cond); "
+            f"{', '.join(TEXT_TO_IMAGE_METRICS)} "
+            "(--pipeline). [default: fd traj (and acc for digits-cond); with --pipeline: clip "
+            "if --clip-model is given, else traj]",
         ),
     ] = None,
     clip_model: Annotated[
@@ -114,8 +116,14 @@ def eval_command(
         ),
     ] = None,
     guidance_scale: Annotated[
-        float, typer.Option(metavar="W", help="Classifier-free guidance (with --pipeline).")
-    ] = 7.5,
+        float | None,
+        typer.Option(
+            metavar="W",
+            help="Classifier-free guidance (--pipeline, or --model digits-cond; 1: the "
+            "conditional branch alone). [default: 7.5; 2 for digits-cond]",
+            show_default=False,
+        ),
+    ] = None,
     num_samples: Annotated[int, typer.Option(metavar="N", help="Samples per cell.", min=2)] = 1000,
     seed: Annotated[int, typer.Option(metavar="N", help="Seed of the per-sample noise.")] = 0,
     out: Annotated[Path, typer.Option(metavar="DIR", help="Output directory.")] = Path(
@@ -138,15 +146,16 @@ def eval_command(
     """Evaluate solvers x schedules (and diffusers baselines) at several NFEs: tables, plots,
     sample grids.
 
-    Unconditional (--model) or text-to-image (--pipeline DIR --prompts FILE): image i always
-    starts from the noise of its own seed (and gets prompt i mod #prompts), so every method sees
-    the same noise. List options take several values: `--nfe 4 5 6`. Multi-GPU / multi-process:
+    An image model (--model) or text-to-image (--pipeline DIR --prompts FILE): image i always
+    starts from the noise of its own seed (and gets prompt i mod #prompts; with --model
+    digits-cond, digit i mod 10, guided at --guidance-scale), so every method sees the same
+    noise. List options take several values: `--nfe 4 5 6`. Multi-GPU / multi-process:
     `accelerate launch -m stepsearch eval ...` splits the samples across processes; results do
     not depend on the number of processes.
     """
     with usage_errors():
         if pipeline is not None and model != "digits":
-            raise ValueError("pass either --model (unconditional) or --pipeline, not both")
+            raise ValueError("pass either --model or --pipeline, not both")
         methods = methods_from_names(
             schedules or ["logsnr_uniform"], solvers or ["dpm_solver_pp_2m"], baselines or []
         )
@@ -157,7 +166,7 @@ def eval_command(
             model,
             methods,
             nfe or DEFAULT_NFES,
-            metric or default_metrics(pipeline is not None, clip_model is not None),
+            metric or default_metrics(pipeline is not None, clip_model is not None, model),
             num_samples,
             seed,
             device=device,

@@ -18,9 +18,10 @@ def optimize_command(
     model: Annotated[
         str | None,
         typer.Option(
-            metavar="digits|DIR",
-            help="'digits' (bundled) or a local diffusers UNet2DModel directory with its "
-            "scheduler config. [default: digits, unless --pipeline]",
+            metavar="NAME|DIR",
+            help="Bundled: digits, digits-flow, digits-cond (sample i asks for digit i mod 10); "
+            "or a local diffusers UNet2DModel directory with its scheduler config. "
+            "[default: digits, unless --pipeline]",
             show_default=False,
         ),
     ] = None,
@@ -71,7 +72,8 @@ def optimize_command(
         float | None,
         typer.Option(
             metavar="G",
-            help="Classifier-free guidance (with --pipeline). [default: 7.5]",
+            help="Classifier-free guidance (--pipeline, or --model digits-cond; 1: the "
+            "conditional branch alone). [default: 7.5; 2 for digits-cond]",
             show_default=False,
         ),
     ] = None,

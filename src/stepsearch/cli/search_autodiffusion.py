@@ -14,7 +14,10 @@ from stepsearch.cli.search import search_command
 
 @search_command("autodiffusion")
 def autodiffusion_command(
-    model: Annotated[str, typer.Option(help="`digits` (bundled) or a local UNet2DModel folder.")],
+    model: Annotated[
+        str,
+        typer.Option(help="`digits`, `digits-flow`, `digits-cond` or a local UNet2DModel folder."),
+    ],
     solver: Annotated[str, typer.Option(help="The solver the schedule is searched for.")],
     nfe: Annotated[int, typer.Option(help="Model evaluations per sample.", min=1)],
     out: Annotated[Path, typer.Option(help="Output folder (result files; study by default).")],
@@ -42,6 +45,14 @@ def autodiffusion_command(
     ),
     worker_name: Annotated[str | None, typer.Option(help="Label of this worker's trials.")] = None,
     cache: Annotated[Path | None, typer.Option(help="Cache folder (default ~/.cache).")] = None,
+    guidance_scale: Annotated[
+        float | None,
+        typer.Option(
+            help="Classifier-free guidance (--model digits-cond; 1: the conditional branch "
+            "alone). [default: 2]",
+            show_default=False,
+        ),
+    ] = None,
     device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
@@ -69,7 +80,7 @@ def autodiffusion_command(
             mutation_probability=mutation_probability,
         )
         objective = Objective(
-            load_source(model, device=device),
+            load_source(model, device=device, guidance_scale=guidance_scale),
             metric,
             num_samples=num_samples,
             held_out_samples=held_out_samples,

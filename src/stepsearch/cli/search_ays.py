@@ -29,8 +29,9 @@ def _progress(strategy: str, stage: int, state: SearchState) -> None:
 @search_command("ays")
 def ays_command(
     model: Annotated[
-        str, typer.Option(help="'digits' (bundled) or a local diffusers model dir.")
-    ] = ("digits"),
+        str,
+        typer.Option(help="'digits', 'digits-flow', 'digits-cond' or a local diffusers model dir."),
+    ] = "digits",
     data: Annotated[
         Path | None,
         typer.Option(
@@ -47,8 +48,13 @@ def ays_command(
         ),
     ] = None,
     guidance_scale: Annotated[
-        float, typer.Option(help="Classifier-free guidance scale (with --pipeline).")
-    ] = 7.5,
+        float | None,
+        typer.Option(
+            help="Classifier-free guidance (--pipeline, --model digits-cond). "
+            "[default: 7.5; 2 for digits-cond]",
+            show_default=False,
+        ),
+    ] = None,
     nfe: Annotated[int, typer.Option(help="Model evaluations of the schedule.", min=1)] = 10,
     out: Annotated[Path, typer.Option(help="Schedule file to write (JSON).")] = Path("ays.json"),
     solver: Annotated[str, typer.Option(help="Solver the schedule is for.")] = "dpm_solver_pp_2m",

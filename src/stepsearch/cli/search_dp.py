@@ -25,8 +25,17 @@ def _floats(text: str) -> list[float]:
 @search_command("dp")
 def dp_command(
     model: Annotated[
-        str, typer.Option(help="`digits` or a local UNet2DModel directory.")
+        str,
+        typer.Option(help="`digits`, `digits-flow`, `digits-cond` or a local UNet2DModel dir."),
     ] = "digits",
+    guidance_scale: Annotated[
+        float | None,
+        typer.Option(
+            help="Classifier-free guidance (--model digits-cond; 1: the conditional branch "
+            "alone). [default: 2]",
+            show_default=False,
+        ),
+    ] = None,
     solver: Annotated[str, typer.Option(help="Solver that will run the schedule.")] = (
         "dpm_solver_pp_2m"
     ),
@@ -68,7 +77,7 @@ def dp_command(
 
     with usage_errors():
         layer_rules(get_solver(solver), nfe)  # an unsupported solver fails before the model loads
-        source = load_source(model)
+        source = load_source(model, guidance_scale=guidance_scale)
         objective = Objective(
             source,
             metric,

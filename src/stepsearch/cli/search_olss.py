@@ -22,7 +22,8 @@ def olss_command(
         int, typer.Option(help="Model evaluations (steps) of the fitted sampler.", min=1)
     ] = 10,
     model: Annotated[
-        str, typer.Option(help="`digits` or a local UNet2DModel directory.")
+        str,
+        typer.Option(help="`digits`, `digits-flow`, `digits-cond` or a local UNet2DModel dir."),
     ] = "digits",
     samples: Annotated[int, typer.Option(help="Teacher trajectories to fit on.", min=2)] = 64,
     held_out_samples: Annotated[
@@ -43,7 +44,14 @@ def olss_command(
     prompts: Annotated[
         Path | None, typer.Option(help="Prompts file (one per line) for --pipeline.")
     ] = None,
-    guidance_scale: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 7.5,
+    guidance_scale: Annotated[
+        float | None,
+        typer.Option(
+            help="Classifier-free guidance (--pipeline, --model digits-cond). "
+            "[default: 7.5; 2 for digits-cond]",
+            show_default=False,
+        ),
+    ] = None,
     device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
     seed: Annotated[int, typer.Option(help="Seed of the teacher noise (held-out: seed + 1).")] = 0,
 ) -> None:
@@ -61,7 +69,7 @@ def olss_command(
             text_model = TextToImageModel(
                 load_pipeline(pipeline, device=device),
                 read_prompts(prompts),
-                guidance_scale=guidance_scale,
+                guidance_scale=7.5 if guidance_scale is None else guidance_scale,
                 name=pipeline.name,
             )
             result = search_olss_pipeline(
@@ -73,7 +81,8 @@ def olss_command(
             from stepsearch.eval.sources import load_source
 
             result = search_olss(
-                load_source(model, device=device), nfe, num_samples=samples,
+                load_source(model, device=device, guidance_scale=guidance_scale), nfe,
+                num_samples=samples,
                 held_out_samples=held_out_samples, out=out, search=search, refit=refit,
                 teacher=teacher, seed=seed, held_out_seed=seed + 1, progress=True,
             )  # fmt: skip

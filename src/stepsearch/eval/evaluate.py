@@ -52,6 +52,7 @@ __all__ = [
 
 METRIC_TITLES = {
     "fd": "Fréchet distance to real data (FD-digits for the bundled model)",
+    "acc": "classifier accuracy on the requested class (higher is better)",
     "fid": "FID (Inception features) against the reference statistics",
     "kid": "KID x 1e3",
     "clip": "CLIP score (100 x cosine of image and prompt embeddings; higher is better)",
@@ -141,24 +142,35 @@ def check_nfes(nfes: Sequence[int]) -> None:
         raise ValueError(f"--nfe: budgets are model evaluations, at least 1 (got {bad})")
 
 
-def default_metrics(pipeline: bool, clip_model: bool) -> list[str]:
-    """``fd, traj`` for a model; ``clip`` (with a CLIP model) or ``traj`` for a pipeline."""
+def default_metrics(pipeline: bool, clip_model: bool, model: str | None = None) -> list[str]:
+    """``fd, traj`` for a model (and ``acc`` for the bundled class-conditional ``digits-cond``);
+    ``clip`` (with a CLIP model) or ``traj`` for a pipeline."""
     if not pipeline:
-        return ["fd", "traj"]
+        from stepsearch.testbeds import digits
+
+        spec = digits.MODELS.get(str(model))
+        return ["fd", "traj", "acc"] if spec is not None and spec.conditional else ["fd", "traj"]
     return ["clip" if clip_model else "traj"]
 
 
 @dataclass(frozen=True)
 class EvalInputs:
     """What an evaluation needs beyond the methods: a text-to-image pipeline with its prompts
-    (instead of an unconditional model), and the files some metrics need."""
+    (instead of an image model), the files some metrics need, and the classifier-free guidance
+    scale (``None``: the default, 7.5 for a pipeline, ``digits.GUIDANCE_SCALE`` for
+    ``digits-cond``; refused for unconditional models)."""
 
     pipeline: str | None = None
     prompts: Path | None = None
     clip_model: Path | None = None
     inception_weights: Path | None = None
     reference_stats: Path | None = None
-    guidance_scale: float = 7.5
+    guidance_scale: float | None = None
+
+    @property
+    def pipeline_guidance_scale(self) -> float:
+        """The pipeline's guidance scale: as given, or diffusers' default 7.5."""
+        return 7.5 if self.guidance_scale is None else float(self.guidance_scale)
 
     def check(self, metrics: Sequence[str]) -> None:
         """Raise ``ValueError`` naming the missing option when a metric lacks what it needs."""
@@ -172,6 +184,11 @@ class EvalInputs:
                 raise ValueError(f"unknown metric {metric!r}; choose from {', '.join(known)}")
             if metric == "clip" and self.pipeline is None:
                 raise ValueError("metric clip needs a text-to-image --pipeline DIR and --prompts")
+            if metric == "acc" and self.pipeline is not None:
+                raise ValueError(
+                    "metric acc is a class-conditional model's classifier accuracy "
+                    "(--model digits-cond); with --pipeline use clip"
+                )
             if metric == "fd" and self.pipeline is not None:
                 raise ValueError(
                     "metric fd is an unconditional model's own feature space; with --pipeline "
@@ -294,7 +311,7 @@ def _run_unconditional(
     accelerator: Any | None,
     on_samples: OnSamples,
 ) -> tuple[dict[str, ResultTable], dict[str, Any]]:
-    model = load_image_model(model_spec, device=device)
+    model = load_image_model(model_spec, device=device, guidance_scale=inputs.guidance_scale)
     fid_reference = None
     own_features = model.feature_extractor is not None and model.reference_images is not None
     inception_metric = next(
@@ -315,6 +332,8 @@ def _run_unconditional(
         fid_reference=fid_reference,
     )
     context: dict[str, Any] = {"model": model_spec}
+    if model.conditional:
+        context.update(guidance_scale=model.guidance_scale, labels=f"index mod {model.num_classes}")
     if fid_reference is not None:
         context["reference_stats"] = fid_reference.source
     return tables, context
@@ -345,7 +364,9 @@ def _run_text_to_image(
         _fid_reference(inputs, inception_metric, device) if inception_metric is not None else None
     )
     pipe = load_pipeline(inputs.pipeline, device)
-    model = TextToImageModel(pipe, prompts, inputs.guidance_scale, name=Path(inputs.pipeline).name)
+    model = TextToImageModel(
+        pipe, prompts, inputs.pipeline_guidance_scale, name=Path(inputs.pipeline).name
+    )
     tables = run_experiment(
         model,
         methods,
@@ -363,7 +384,7 @@ def _run_text_to_image(
         "pipeline": inputs.pipeline,
         "prompts": str(inputs.prompts),
         "num_prompts": len(prompts),
-        "guidance_scale": inputs.guidance_scale,
+        "guidance_scale": inputs.pipeline_guidance_scale,
         "image_size": list(model.image_size),
     }
     if clip_scorer is not None:
@@ -393,8 +414,9 @@ def evaluate(
     """Run every method at every NFE and score it on every metric.
 
     With ``inputs.pipeline`` the methods run inside that text-to-image pipeline on
-    ``inputs.prompts`` (``model_spec`` is ignored); otherwise on the unconditional ``model_spec``
-    (``"digits"`` or a local ``UNet2DModel`` directory). ``samples_dir``: also write every cell's
+    ``inputs.prompts`` (``model_spec`` is ignored); otherwise on the image model ``model_spec``
+    (a bundled model, ``digits``, ``digits-flow``, ``digits-cond`` at ``inputs.guidance_scale``,
+    or a local ``UNet2DModel`` directory). ``samples_dir``: also write every cell's
     samples there as safetensors (main process only). Under ``accelerate launch`` the samples are
     split across processes; every process returns the same tables.
 

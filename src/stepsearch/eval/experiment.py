@@ -4,13 +4,20 @@ One model (an :class:`ImageModel`: the bundled digits DDPM or a local diffusers 
 directory; or a :class:`~stepsearch.eval.text_to_image.TextToImageModel`, see :class:`EvalModel`),
 a list of :class:`Method` s, a list of NFEs and metrics: every method generates the same samples
 (same per-index noise) at each NFE, every metric scores them, and :func:`run_experiment` (the one
-harness) returns one :class:`~stepsearch.eval.report.ResultTable` per metric. An unconditional
-model's stepsearch methods sample through its :class:`~stepsearch.eval.sources.SampleSource`.
+harness) returns one :class:`~stepsearch.eval.report.ResultTable` per metric. An image model's
+stepsearch methods sample through its :class:`~stepsearch.eval.sources.SampleSource`.
+
+Class-conditional models (``digits-cond``): sample ``i`` is conditioned on class label
+``i mod num_classes`` (as a pipeline's sample ``i`` gets prompt ``i mod len(prompts)``), guided
+with one classifier-free guidance scale ``w`` (``uncond + w (cond - uncond)`` on the network
+output; ``w = 1`` is the conditional branch alone), in stepsearch's solvers (through the source's
+``denoiser(indices)``) and in diffusers' loop (:meth:`ImageModel.model_fn_for`) alike.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -24,13 +31,14 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from stepsearch.denoiser import ModelDenoiser
+from stepsearch.denoiser import ModelDenoiser, ModelFn, classifier_free_guidance
 from stepsearch.eval.features import ensure_features
 from stepsearch.eval.fid import FeatureStatistics, frechet_distance, kernel_inception_distance
 from stepsearch.eval.generate import generate_with_diffusers_scheduler, steps_for_nfe
 from stepsearch.eval.images import iter_image_batches
 from stepsearch.eval.report import Cell, ResultTable
 from stepsearch.eval.sources import (
+    ClassConditionalSource,
     DenoiserSource,
     ModelIdentity,
     generate_from_source,
@@ -42,12 +50,13 @@ from stepsearch.schedule import StepSchedule, loglinear_interpolate, make_schedu
 from stepsearch.solvers import get_solver
 from stepsearch.solvers.base import Solver
 
-METRICS = ("fd", "fid", "kid", "traj")
+METRICS = ("fd", "fid", "kid", "traj", "acc")
 """``fd``: Fréchet distance in the model's own feature space (FD-digits for the bundled model);
 ``fid``: Fréchet distance in Inception features against a :class:`FeatureReference` (reference
 statistics or images); ``kid``: kernel distance in the model's own feature space, or in Inception
 features against reference images when the model has none; ``traj``: median RMS error to a
-reference ODE solution from the same noise."""
+reference ODE solution from the same noise; ``acc`` (class-conditional models with a classifier):
+the fraction of samples the classifier assigns to the requested class (higher is better)."""
 
 TEXT_TO_IMAGE_METRICS = ("clip", "fid", "kid", "traj")
 """For text-to-image pipelines: ``clip``: CLIP score ``mean_i 100 max(cos, 0)`` of image i and its
@@ -55,7 +64,7 @@ prompt (higher is better); ``fid`` / ``kid``: Inception features against referen
 images; ``traj``: median RMS error (decoded images in ``[-1, 1]``) to a reference solution from
 the same noise and prompt."""
 
-HIGHER_IS_BETTER = frozenset({"clip"})
+HIGHER_IS_BETTER = frozenset({"clip", "acc"})
 """Metrics whose result tables rank the largest value first."""
 
 REFERENCE_SOLVER = ("dpm_solver_pp_3m", "logsnr_uniform", 100)
@@ -64,7 +73,13 @@ REFERENCE_SOLVER = ("dpm_solver_pp_3m", "logsnr_uniform", 100)
 
 @dataclass
 class ImageModel:
-    """An unconditional image diffusion model with what evaluation needs."""
+    """An image diffusion model with what evaluation needs: unconditional, or class-conditional
+    with classifier-free guidance (``num_classes`` set; module docstring).
+
+    ``num_classes``: sample ``i`` gets label ``i mod num_classes`` (``class_labels`` of the UNet);
+    ``null_label``: the label of the unconditional branch; ``guidance_scale``: ``w``;
+    ``classifier``: a network whose argmax is the class of an image (metric ``acc``).
+    """
 
     name: str
     unet: torch.nn.Module
@@ -75,6 +90,25 @@ class ImageModel:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     noise_schedule: NoiseSchedule | None = None  # None: DiscreteVP from scheduler_config
     prediction: str | None = None  # None: scheduler_config's prediction_type
+    num_classes: int | None = None
+    null_label: int | None = None
+    guidance_scale: float = 1.0
+    classifier: torch.nn.Module | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_classes is None:
+            if self.guidance_scale != 1.0:
+                raise ValueError(
+                    f"model {self.name!r} is unconditional: a guidance scale needs a "
+                    "class-conditional model (digits-cond)"
+                )
+            return
+        if self.null_label is None and self.guidance_scale != 1.0:
+            raise ValueError(f"{self.name}: guidance needs the unconditional branch's null_label")
+        if not math.isfinite(self.guidance_scale) or self.guidance_scale < 0:
+            raise ValueError(
+                f"--guidance-scale must be a finite number >= 0, got {self.guidance_scale!r}"
+            )
 
     @cached_property
     def noise(self) -> NoiseSchedule:
@@ -88,15 +122,80 @@ class ImageModel:
             return self.prediction
         return str(self.scheduler_config.get("prediction_type", "epsilon"))
 
+    @property
+    def conditional(self) -> bool:
+        """Whether the model is class-conditional (sample ``i`` gets label ``i mod num_classes``)."""
+        return self.num_classes is not None
+
+    def labels_for(self, indices: Sequence[int]) -> Tensor | None:
+        """The class label of each sample index (``i mod num_classes``), ``None`` if unconditional."""
+        if self.num_classes is None:
+            return None
+        return torch.tensor([int(i) % self.num_classes for i in indices], dtype=torch.int64)
+
     def model_fn(self, x: Tensor, timestep: Tensor) -> Tensor:
+        """The unconditional network ``(x, timestep) -> output`` (conditional: :meth:`model_fn_for`)."""
+        if self.conditional:
+            raise ValueError(f"{self.name} is class-conditional: use model_fn_for(indices)")
         return self.unet(x, timestep).sample
 
-    def denoiser(self) -> ModelDenoiser:
-        return ModelDenoiser(self.model_fn, self.noise, self.prediction_type)
+    def _branch(self, labels: Tensor) -> ModelFn:
+        """The UNet conditioned on ``labels`` (one per sample of the batch)."""
+
+        def network(x: Tensor, timestep: Tensor) -> Tensor:
+            if labels.shape[0] != x.shape[0]:
+                raise ValueError(f"{labels.shape[0]} labels for a batch of {x.shape[0]}")
+            return self.unet(x, timestep, class_labels=labels.to(x.device)).sample
+
+        return network
+
+    def _null_labels(self, count: int) -> Tensor:
+        assert self.null_label is not None
+        return torch.full((count,), int(self.null_label), dtype=torch.int64)
+
+    def model_fn_for(self, indices: Sequence[int]) -> ModelFn:
+        """The network of the samples ``indices`` as diffusers' loop calls it: unconditional, or
+        conditioned on labels ``i mod num_classes`` and guided on the raw output,
+        ``uncond + w (cond - uncond)``, the same operations as the guided :meth:`denoiser`."""
+        labels = self.labels_for(indices)
+        if labels is None:
+            return self.model_fn
+        conditional = self._branch(labels)
+        if self.guidance_scale == 1.0:
+            return conditional
+        unconditional = self._branch(self._null_labels(len(labels)))
+        weight = float(self.guidance_scale)
+
+        def guided(x: Tensor, timestep: Tensor) -> Tensor:
+            return classifier_free_guidance(
+                conditional(x, timestep), unconditional(x, timestep), weight
+            )
+
+        return guided
+
+    def denoiser(self, indices: Sequence[int] | None = None) -> ModelDenoiser:
+        """The ``x0`` denoiser (of the samples ``indices``, for a class-conditional model: their
+        labels, classifier-free guided with :attr:`guidance_scale`; ``w = 1`` evaluates the
+        conditional branch alone)."""
+        labels = None if indices is None else self.labels_for(indices)
+        if not self.conditional:
+            return ModelDenoiser(self.model_fn, self.noise, self.prediction_type)
+        if labels is None:
+            raise ValueError(f"{self.name} is class-conditional: pass the sample indices")
+        if self.guidance_scale == 1.0:
+            return ModelDenoiser(self._branch(labels), self.noise, self.prediction_type)
+        return ModelDenoiser(
+            self._branch(labels),
+            self.noise,
+            self.prediction_type,
+            unconditional=self._branch(self._null_labels(len(labels))),
+            guidance=float(self.guidance_scale),
+        )
 
     @cached_property
     def identity(self) -> ModelIdentity:
-        """The model's name and a SHA-256 of its weights."""
+        """The model's name and a SHA-256 of its weights (a conditional model's guidance scale is
+        in its source's ``describe()``, hence in every cache key and provenance)."""
         return ModelIdentity(self.name, module_digest(self.unet))
 
     def solver_for(self, method: Method) -> Solver:
@@ -136,9 +235,10 @@ class ImageModel:
         chunk_size: int,
         progress: bool | str = True,
     ) -> Tensor:
-        """Samples of the plain diffusers loop with ``scheduler`` at ``num_steps`` steps."""
+        """Samples of the plain diffusers loop with ``scheduler`` at ``num_steps`` steps (each
+        chunk of a class-conditional model with its own labels and guidance)."""
         samples, _ = generate_with_diffusers_scheduler(
-            self.model_fn,
+            None if self.conditional else self.model_fn,
             scheduler,
             num_steps,
             num_samples,
@@ -148,25 +248,40 @@ class ImageModel:
             device=self.device,
             accelerator=accelerator,
             progress=progress,
+            conditioned=self.model_fn_for if self.conditional else None,
         )
         return samples
 
     def prompts_for(self, indices: Sequence[int]) -> None:
-        """An unconditional model has no prompts."""
+        """An image model has no prompts (a class-conditional one has :meth:`labels_for`)."""
         del indices
 
-    def source(self) -> DenoiserSource:
+    def source(self) -> DenoiserSource | ClassConditionalSource:
         """This model as a :class:`~stepsearch.eval.sources.SampleSource`."""
+        settings: dict[str, Any] = {
+            "prediction_type": self.prediction_type,
+            "sample_shape": list(self.sample_shape),
+        }
+        if self.num_classes is not None:
+            return ClassConditionalSource(
+                self.denoiser,
+                self.noise,
+                self.sample_shape,
+                self.identity,
+                num_classes=self.num_classes,
+                guidance_scale=float(self.guidance_scale),
+                features=self.feature_extractor,
+                reference_data=self.reference_images,
+                settings={**settings, "null_label": self.null_label},
+                device=self.device,
+            )
         return DenoiserSource(
             self.denoiser(),
             self.sample_shape,
             self.identity,
             features=self.feature_extractor,
             reference_data=self.reference_images,
-            settings={
-                "prediction_type": self.prediction_type,
-                "sample_shape": list(self.sample_shape),
-            },
+            settings=settings,
             device=self.device,
         )
 
@@ -212,29 +327,57 @@ def model_noise(spec: str) -> NoiseSchedule:
 
 
 def load_image_model(
-    spec: str, device: str | torch.device = "cpu", inception_weights: str | None = None
+    spec: str,
+    device: str | torch.device = "cpu",
+    inception_weights: str | None = None,
+    guidance_scale: float | None = None,
 ) -> ImageModel:
-    """A bundled model by name (``digits`` or ``digits-flow``: FD-digits features and the 1,797 real
-    digits; :data:`stepsearch.testbeds.digits.MODELS`), or a local diffusers directory holding a
-    ``UNet2DModel`` (at its root or in ``unet/``) and a scheduler config (``scheduler_config.json``
-    at the root or in ``scheduler/``)."""
+    """A bundled model by name (:data:`stepsearch.testbeds.digits.MODELS`: ``digits``,
+    ``digits-flow``, ``digits-cond``; FD-digits features, the real digits, the classifier), or a
+    local diffusers directory holding an unconditional ``UNet2DModel`` (at its root or in
+    ``unet/``) and a scheduler config (``scheduler_config.json`` at the root or in
+    ``scheduler/``).
+
+    ``digits-cond`` is class-conditional: sample ``i`` gets digit ``i mod 10``, guided with
+    ``guidance_scale`` (default :data:`~stepsearch.testbeds.digits.GUIDANCE_SCALE`, 2); its
+    reference images are the real digits ordered so that row ``j`` is a ``j mod 10`` (174 of each
+    digit). ``guidance_scale`` for an unconditional model is a ``ValueError``."""
     device = torch.device(device)
     from stepsearch.testbeds import digits
 
     if spec in digits.MODELS:
-        if digits.MODELS[spec].conditional:
-            raise ValueError(f"{spec} is class-conditional: use digits.load({spec!r}).denoiser()")
         bundle = digits.load(spec, device=device)
+        classifier = digits.load_classifier(device=device)
+        conditional = digits.MODELS[spec].conditional
+        if guidance_scale is not None and not conditional:
+            raise ValueError(
+                f"--guidance-scale: model {spec!r} is unconditional; guidance needs a "
+                "class-conditional model (--model digits-cond)"
+            )
+        real = digits.real_images()
         return ImageModel(
             name=spec,
             unet=bundle.unet,
             scheduler_config=dict(bundle.scheduler_config),
             sample_shape=digits.IMAGE_SHAPE,
-            feature_extractor=digits.DigitsFeatureExtractor(digits.load_classifier(device=device)),
-            reference_images=digits.real_images(),
+            feature_extractor=digits.DigitsFeatureExtractor(classifier),
+            reference_images=real[digits.label_cycle_indices()] if conditional else real,
             device=device,
             noise_schedule=bundle.noise,
             prediction=bundle.prediction_type,
+            num_classes=digits.NUM_CLASSES if conditional else None,
+            null_label=digits.NULL_LABEL if conditional else None,
+            guidance_scale=(
+                (digits.GUIDANCE_SCALE if guidance_scale is None else float(guidance_scale))
+                if conditional
+                else 1.0
+            ),
+            classifier=classifier,
+        )
+    if guidance_scale is not None:
+        raise ValueError(
+            f"--guidance-scale: {spec} is an unconditional model directory; guidance needs a "
+            "class-conditional model (--model digits-cond)"
         )
     from diffusers import UNet2DModel
 
@@ -613,6 +756,9 @@ class _Scorer:
     ):
         self.metrics = tuple(metrics)
         self.prompts = model.prompts_for(range(num_samples))
+        labels_for = getattr(model, "labels_for", None)
+        self.labels = labels_for(range(num_samples)) if labels_for is not None else None
+        self.classifier = getattr(model, "classifier", None)
         self.references = _metric_references(model, self.metrics, fid_reference, clip_scorer)
         self.clip_scorer = clip_scorer
         self.reference = (
@@ -625,9 +771,21 @@ class _Scorer:
         scores = distance_scores(samples, self.references)
         if "clip" in self.metrics:
             scores["clip"] = (self.clip_scorer(samples, self.prompts), None)
+        if "acc" in self.metrics:
+            scores["acc"] = (class_accuracy(self.classifier, samples, self.labels), None)
         if self.reference is not None:
             scores["traj"] = (trajectory_error(samples, self.reference), None)
         return scores
+
+
+def class_accuracy(classifier: nn.Module, samples: Tensor, labels: Tensor) -> float:
+    """The fraction of ``samples`` (clamped to ``[-1, 1]``, non-finite values zeroed) that
+    ``classifier``'s argmax assigns to ``labels``."""
+    weight = next(classifier.parameters())
+    x = samples.nan_to_num(0.0).clamp(-1.0, 1.0).to(device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        predicted = classifier(x).argmax(dim=1).cpu()
+    return (predicted == labels.cpu()).double().mean().item()
 
 
 def _metric_references(
@@ -644,6 +802,16 @@ def _metric_references(
     unknown = sorted(set(metrics) - set(known))
     if unknown:
         raise ValueError(f"unknown metrics {unknown}; choose from {known}")
+    labels_for = getattr(model, "labels_for", None)
+    if "acc" in metrics and (
+        labels_for is None
+        or labels_for(range(1)) is None
+        or getattr(model, "classifier", None) is None
+    ):
+        raise ValueError(
+            f"metric acc (classifier accuracy on the requested class) needs a class-conditional "
+            f"model with a classifier (--model digits-cond); {model.name!r} is not one"
+        )
     if "clip" in metrics and clip_scorer is None:
         raise ValueError("metric clip needs a CLIP model (--clip-model)")
     features = getattr(model, "feature_extractor", None)

@@ -122,7 +122,7 @@ def generate(
 
 
 def generate_with_diffusers_scheduler(
-    model: Callable[[Tensor, Tensor], Tensor],
+    model: Callable[[Tensor, Tensor], Tensor] | None,
     scheduler: Any,
     num_inference_steps: int,
     num_samples: int,
@@ -133,19 +133,33 @@ def generate_with_diffusers_scheduler(
     device: torch.device | str = "cpu",
     accelerator: Any | None = None,
     progress: bool | str = True,
+    conditioned: Callable[[range], Callable[[Tensor, Tensor], Tensor]] | None = None,
 ) -> tuple[Tensor, int]:
     """The plain diffusers loop (``set_timesteps``, ``scale_model_input``, ``step``) with the same
-    per-index noise, for side-by-side baselines. Returns samples and the NFE used."""
+    per-index noise, for side-by-side baselines. Returns samples and the NFE used.
+
+    ``model(x, timestep) -> output`` serves every sample; a conditional model is given as
+    ``conditioned(indices) -> model`` instead (``model=None``): the network of one chunk of sample
+    indices, with their labels or prompts and guidance applied to its output. Schedulers without
+    ``init_noise_sigma`` / ``scale_model_input`` (``FlowMatchEulerDiscreteScheduler``) start from
+    the unit noise and feed the model ``x`` unscaled, as diffusers' flow pipelines do.
+    """
+    if (model is None) == (conditioned is None):
+        raise ValueError("give a model or a conditioned(indices) -> model, not both")
     scheduler.set_timesteps(num_inference_steps)
     nfe = len(scheduler.timesteps)
+    init_noise_sigma = getattr(scheduler, "init_noise_sigma", 1.0)
+    scale_model_input = getattr(scheduler, "scale_model_input", lambda x, timestep: x)
 
     def make_chunk(indices: range) -> Tensor:
+        network = model if conditioned is None else conditioned(indices)
+        assert network is not None
         scheduler.set_timesteps(num_inference_steps)
-        x = unit_noise(indices, sample_shape, seed).to(device) * scheduler.init_noise_sigma
+        x = unit_noise(indices, sample_shape, seed).to(device) * init_noise_sigma
         with torch.inference_mode():
             for timestep in scheduler.timesteps:
-                model_input = scheduler.scale_model_input(x, timestep)
-                output = model(model_input, timestep.expand(x.shape[0]).to(device))
+                model_input = scale_model_input(x, timestep)
+                output = network(model_input, timestep.expand(x.shape[0]).to(device))
                 x = scheduler.step(output, timestep, x, return_dict=False)[0]
         return x
 

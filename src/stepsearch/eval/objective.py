@@ -331,6 +331,7 @@ class Objective:
         objective; ``fields`` fill the optional ones (``guidance_scale``, ``resolution``, ...)."""
         described = self.source.describe()
         fields.setdefault("prediction_type", described.get("prediction_type"))
+        fields.setdefault("guidance_scale", described.get("guidance_scale"))
         return Provenance(
             model=self.source.identity.to_json_dict(),
             solver={"name": solver.name, "config": solver.config()},

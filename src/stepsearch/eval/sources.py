@@ -38,6 +38,7 @@ from stepsearch.schedule import StepSchedule
 from stepsearch.solvers.base import Solver
 
 __all__ = [
+    "ClassConditionalSource",
     "DenoiserSource",
     "ModelIdentity",
     "SampleSource",
@@ -189,6 +190,62 @@ class DenoiserSource:
         )
 
 
+@dataclass(eq=False)
+class ClassConditionalSource:
+    """A class-conditional model with classifier-free guidance as a source (``digits-cond``):
+    sample ``i`` is conditioned on class label ``i mod num_classes``, as a pipeline's sample ``i``
+    gets prompt ``i mod len(prompts)``; the conditioning is a function of the index alone, so
+    common random numbers hold for labels as for noise.
+
+    Args:
+        conditioned: ``conditioned(indices)`` -> the (guided) denoiser of those samples.
+        noise: the noise schedule.
+        sample_shape, identity, features, device, dtype: as for :class:`DenoiserSource`.
+        reference_data: real data, row ``j`` of label ``j mod num_classes`` (so data-driven
+            searches, Align Your Steps' KL bound, see each row under its own label).
+        num_classes: labels cycle through ``0 .. num_classes - 1``.
+        guidance_scale: the classifier-free guidance weight ``w`` of ``uncond + w (cond -
+            uncond)`` (``w = 1``: the conditional branch alone); part of :meth:`describe`, so of
+            every cache key and provenance.
+        settings: provenance extras (``prediction_type``, the null label, ...).
+    """
+
+    conditioned: Callable[[Sequence[int]], Denoiser]
+    noise: NoiseSchedule
+    sample_shape: tuple[int, ...]
+    identity: ModelIdentity
+    num_classes: int
+    guidance_scale: float
+    features: nn.Module | None = None
+    reference_data: Tensor | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32
+
+    def __post_init__(self) -> None:
+        self.sample_shape = tuple(int(s) for s in self.sample_shape)
+        self.device = torch.device(self.device)
+
+    def labels_for(self, indices: Sequence[int]) -> list[int]:
+        """The class label of each sample index: ``i mod num_classes``."""
+        return [int(i) % self.num_classes for i in indices]
+
+    def denoiser(self, indices: Sequence[int]) -> Denoiser:
+        return self.conditioned(indices)
+
+    def decode(self, x: Tensor) -> Tensor:
+        return x
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "sample_shape": list(self.sample_shape),
+            **self.settings,
+            "kind": "class_conditional",
+            "labels": f"index mod {self.num_classes}",
+            "guidance_scale": float(self.guidance_scale),
+        }
+
+
 class _Flatten(nn.Module):
     """Identity features: each sample flattened, float64 (``num_features`` unknown up front)."""
 
@@ -251,12 +308,15 @@ def generate_from_source(
     return generate_chunks(make_chunk, num_samples, chunk_size, accelerator, progress)
 
 
-def load_source(spec: str, device: str | torch.device = "cpu") -> DenoiserSource:
-    """The source of a model spec: ``"digits"`` (the bundled model) or a local diffusers
-    ``UNet2DModel`` directory (see :func:`~stepsearch.eval.experiment.load_image_model`)."""
+def load_source(
+    spec: str, device: str | torch.device = "cpu", guidance_scale: float | None = None
+) -> DenoiserSource | ClassConditionalSource:
+    """The source of a model spec: a bundled model (``digits``, ``digits-flow``, ``digits-cond``
+    with its ``guidance_scale``) or a local diffusers ``UNet2DModel`` directory (see
+    :func:`~stepsearch.eval.experiment.load_image_model`)."""
     from stepsearch.eval.experiment import load_image_model
 
-    return load_image_model(spec, device=device).source()
+    return load_image_model(spec, device=device, guidance_scale=guidance_scale).source()
 
 
 def digest_text(text: str) -> str:

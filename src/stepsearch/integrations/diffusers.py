@@ -427,8 +427,10 @@ class StepsearchScheduler(SchedulerMixin, ConfigMixin):
         if spacing is not None:
             translated["timestep_spacing"] = spacing
         flow_twin = TWINS.get(cls.__name__) == "FlowMatchEulerDiscreteScheduler"
-        if options.get("use_flow_sigmas") or class_name == "FlowMatchEulerDiscreteScheduler" or (
-            flow_twin
+        if (
+            options.get("use_flow_sigmas")
+            or class_name == "FlowMatchEulerDiscreteScheduler"
+            or (flow_twin)
         ):
             translated["prediction_type"] = "flow_prediction"
             if "flow_shift" in options:
@@ -552,6 +554,11 @@ class StepsearchScheduler(SchedulerMixin, ConfigMixin):
                 ac = np.asarray(params.pop("alphas_cumprod"))
                 params["trained_betas"] = (1.0 - ac / np.concatenate([[1.0], ac[:-1]])).tolist()
         elif isinstance(noise, FlowMatching):
+            given = str(config.pop("prediction_type", "flow_prediction"))
+            if PREDICTION_TYPE_ALIASES.get(given, given) != "flow":
+                raise ValueError(
+                    f"a flow-matching schedule needs prediction_type 'flow_prediction', got {given!r}"
+                )
             params = {
                 "prediction_type": "flow_prediction",
                 "shift": noise.shift,
@@ -919,7 +926,9 @@ class StepsearchScheduler(SchedulerMixin, ConfigMixin):
                 noisy = values[values > 0]
                 times = shift(noisy)
                 end = 0.0 if self.config.final == "clean" else self._noise.t_min
-                return StepSchedule(np.append(times, end), self._noise, {"spacing": "custom_sigmas"})
+                return StepSchedule(
+                    np.append(times, end), self._noise, {"spacing": "custom_sigmas"}
+                )
             if values.size < 2:
                 raise ValueError("k-diffusion sigmas list the whole grid, including its end")
             return StepSchedule.from_kdiffusion_sigmas(self._noise, values, spacing="custom_sigmas")

@@ -19,11 +19,13 @@ The fit only ever sees the search seed's noise; every reported error is on the h
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from stepsearch._io import atomic_write_json, atomic_write_text
@@ -60,6 +62,28 @@ class OLSSResult:
     @property
     def solver(self) -> OLSSSolver:
         return OLSSSolver(self.fit.coefficients)
+
+
+def _indexed_denoiser(
+    source: SampleSource, num_samples: int, chunk_size: int
+) -> Callable[[Tensor, float], Tensor]:
+    """``(x, t) -> denoised`` for the rows of samples ``0 .. num_samples - 1`` in order, evaluated
+    in chunks of ``chunk_size``, each by the source's denoiser of its own indices (so a
+    conditional source's labels or prompts follow the sample index in every chunk)."""
+    chunks = [
+        range(start, min(start + chunk_size, num_samples))
+        for start in range(0, num_samples, chunk_size)
+    ]
+    denoisers = [source.denoiser(chunk) for chunk in chunks]
+
+    def denoise(x: Tensor, t: float) -> Tensor:
+        if x.shape[0] != num_samples:
+            raise ValueError(f"expected the {num_samples} recorded samples, got {x.shape[0]}")
+        return torch.cat(
+            [d(x[c.start : c.stop], t) for d, c in zip(denoisers, chunks, strict=True)]
+        )
+
+    return denoise
 
 
 def _bar(progress: bool, total: int) -> Any:
@@ -104,8 +128,8 @@ def search_olss(
         search=search,
         refit=refit,
         basis=basis,
-        denoise=source.denoiser(range(num_samples)),
-        chunk_size=chunk_size,
+        denoise=_indexed_denoiser(source, num_samples, chunk_size),
+        chunk_size=num_samples,  # _indexed_denoiser chunks, each chunk with its conditioning
     )
     bar.update()
     objectives = {

@@ -68,10 +68,9 @@ from stepsearch._io import atomic_write_bytes, atomic_write_json, atomic_write_t
 from stepsearch.ays.search import AYSConfig, search_ays
 from stepsearch.eval.cache import TensorCache, tensor_digest
 from stepsearch.eval.experiment import ImageModel, Method, default_methods, load_image_model
-from stepsearch.eval.generate import generate_with_diffusers_scheduler
 from stepsearch.eval.objective import Objective, Score
 from stepsearch.eval.pipeline_source import PipelineSource, encode_images, load_prompt_image_pairs
-from stepsearch.eval.sources import SampleSource, generate_from_source
+from stepsearch.eval.sources import ClassConditionalSource, SampleSource, generate_from_source
 from stepsearch.eval.text_to_image import (
     TextToImageModel,
     generate_images,
@@ -366,8 +365,12 @@ def text_to_image_model(
 
 
 def _resolve_model(
-    model: str | Path | Model | SampleSource, device: str
+    model: str | Path | Model | SampleSource, device: str, guidance_scale: float | None = None
 ) -> tuple[Model | None, SampleSource]:
+    if guidance_scale is not None and not isinstance(model, (str, Path)):
+        raise ValueError(
+            "guidance_scale goes with a model name (--model digits-cond) or --pipeline"
+        )
     if isinstance(model, ImageModel):
         return model, model.source()
     if isinstance(model, TextToImageModel):
@@ -393,7 +396,7 @@ def _resolve_model(
                     f"--model {spec}: no scheduler config (scheduler_config.json at its root or in "
                     "scheduler/): the noise schedule the model was trained on is needed"
                 )
-        image_model = load_image_model(spec, device=device)
+        image_model = load_image_model(spec, device=device, guidance_scale=guidance_scale)
         return image_model, image_model.source()
     return None, model
 
@@ -445,11 +448,16 @@ def _fingerprint(
         "methods": list(methods),
         "settings": settings.to_json_dict(),
     }
-    if isinstance(source, PipelineSource):  # prompts, guidance and size (the weights are above)
+    if _is_conditional(source):  # prompts or labels, guidance, size (the weights are above)
         fingerprint["conditioning"] = source.describe()
     if ays_inputs is not None:
         fingerprint["ays_data"] = _data_digest(ays_inputs)
     return fingerprint
+
+
+def _is_conditional(source: SampleSource) -> bool:
+    """A pipeline (prompts) or a class-conditional model (labels), both guided."""
+    return isinstance(source, (PipelineSource, ClassConditionalSource))
 
 
 def _data_digest(ays_inputs: tuple[SampleSource, Tensor]) -> dict[str, Any]:
@@ -542,11 +550,12 @@ def optimize(
         if model is not None:
             raise ValueError("give a model (--model) or a pipeline (--pipeline), not both")
         model = text_to_image_model(pipeline, prompts, guidance_scale, device=device)
-    elif prompts is not None or guidance_scale is not None:
-        raise ValueError("--prompts and --guidance-scale go with --pipeline DIR")
+        guidance_scale = None  # the pipeline's, in its model
+    elif prompts is not None:
+        raise ValueError("--prompts goes with --pipeline DIR")
     if model is None:
         raise ValueError("give a model (--model digits|DIR) or a pipeline (--pipeline DIR)")
-    image_model, source = _resolve_model(model, device)
+    image_model, source = _resolve_model(model, device, guidance_scale)
     pipeline_run = isinstance(source, PipelineSource)
     settings = settings or (pipeline_settings() if pipeline_run else OptimizeSettings())
     skipped: list[dict[str, str]] = []
@@ -938,7 +947,7 @@ def _judge_and_report(
         "report": {"seed": REPORT_SEED, "samples": run.settings.held_out_samples,
                    "metrics": list(judges)},
         "search": {"metric": "traj", "seed": 0, "samples": run.settings.search_samples},
-        "conditioning": run.source.describe() if isinstance(run.source, PipelineSource) else None,
+        "conditioning": run.source.describe() if _is_conditional(run.source) else None,
         "reference": {k: v for k, v in reference.items() if k != "key"},
         "partial": bool(run.incomplete),
         "incomplete": run.incomplete,
@@ -1004,7 +1013,14 @@ def _write_winner(
 
 
 def _conditioned(provenance: Any, source: SampleSource) -> Any:
-    """A pipeline's guidance scale, image size and prompts (their digest) in a provenance."""
+    """A pipeline's guidance scale, image size and prompts (their digest), a class-conditional
+    model's guidance scale and labels, in a provenance."""
+    if isinstance(source, ClassConditionalSource):
+        return replace(
+            provenance,
+            guidance_scale=float(source.guidance_scale),
+            extra={**provenance.extra, "conditioning": source.describe()},
+        )
     if not isinstance(source, PipelineSource):
         return provenance
     return replace(
@@ -1060,6 +1076,13 @@ def _grid_samples(
             width=str(width),
             prompts=json.dumps(run.model.prompts_for(range(count)), ensure_ascii=False),
         )  # fmt: skip
+    elif isinstance(run.model, ImageModel) and run.model.conditional:
+        labels = run.model.labels_for(range(count))
+        assert labels is not None
+        metadata.update(
+            guidance_scale=repr(float(run.model.guidance_scale)),
+            labels=json.dumps(labels.tolist()),
+        )
     save_file(made, str(tmp), metadata=metadata)
     tmp.replace(path)
     files["samples"] = str(path)
@@ -1074,11 +1097,7 @@ def _diffusers_loop(model: Model, scheduler: Any, steps: int, count: int) -> Ten
             model, scheduler, count, num_inference_steps=steps, seed=REPORT_SEED,
             chunk_size=count, progress=False,
         )  # fmt: skip
-    samples, _ = generate_with_diffusers_scheduler(
-        model.model_fn, scheduler, steps, count, model.sample_shape,
-        seed=REPORT_SEED, chunk_size=count, device=model.device, progress=False,
-    )  # fmt: skip
-    return samples
+    return model.sample_diffusers(scheduler, steps, count, REPORT_SEED, None, count, False)
 
 
 def _inference_steps(candidate: Candidate, model: Model) -> int:
@@ -1159,7 +1178,13 @@ def _markdown(report: dict[str, Any]) -> str:
         "",
     ]
     conditioning = report.get("conditioning")
-    if conditioning:
+    if conditioning and conditioning.get("kind") == "class_conditional":
+        lines += [
+            f"Class-conditional model: sample i asks for class {conditioning['labels']}, "
+            f"classifier-free guidance scale {conditioning['guidance_scale']:g}.",
+            "",
+        ]
+    elif conditioning:
         lines += [
             f"Text-to-image pipeline ({conditioning['pipeline']}, {conditioning['height']}x"
             f"{conditioning['width']}): {conditioning['num_prompts']} prompts "

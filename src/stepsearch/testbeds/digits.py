@@ -51,6 +51,7 @@ __all__ = [
     "CLASSIFIER_WEIGHTS",
     "DIAGNOSTIC_TIMESTEPS",
     "FEATURE_DIM",
+    "GUIDANCE_SCALE",
     "IMAGE_SHAPE",
     "MODELS",
     "NULL_LABEL",
@@ -66,6 +67,7 @@ __all__ = [
     "checkpoint_record",
     "class_accuracy",
     "classifier_metadata",
+    "label_cycle_indices",
     "load",
     "load_classifier",
     "posterior_mean_error",
@@ -85,13 +87,15 @@ IMAGE_SHAPE = (1, 8, 8)
 NUM_CLASSES = 10
 NULL_LABEL = NUM_CLASSES
 """The class label of the unconditional branch of ``digits-cond`` (label dropout's target)."""
+GUIDANCE_SCALE = 2.0
+"""``digits-cond``'s default classifier-free guidance scale wherever a model is selected
+(``--model digits-cond``): the smallest measured scale at which the classifier finds the requested
+digit in every one of 1,000 samples (accuracy 0.91 / 1.00 / 1.00 at guidance 1 / 2 / 4)."""
 FEATURE_DIM = 64
 PIXEL_MAX = 16.0
 
 Device = torch.device | str | None
 DataDir = str | Path | Traversable | None
-
-
 
 
 @dataclass(frozen=True)
@@ -154,6 +158,17 @@ def real_labels() -> Tensor:
     """The class (0..9) of every image of :func:`real_images`, as an int64 tensor."""
     _, labels = _digits_arrays()
     return torch.from_numpy(labels.copy())
+
+
+def label_cycle_indices() -> np.ndarray:
+    """Indices of real digits ordered so that row ``j`` has label ``j mod 10``: each class's
+    images in data order, interleaved, as many of each as the smallest class has (174), 1,740 in
+    all. The reference data of ``digits-cond``, whose sample ``i`` is asked for digit ``i mod 10``
+    (so FD compares class-balanced sets, and Align Your Steps sees each image under its label)."""
+    _, labels = _digits_arrays()
+    by_class = [np.flatnonzero(labels == c) for c in range(NUM_CLASSES)]
+    per_class = min(len(rows) for rows in by_class)
+    return np.stack([rows[:per_class] for rows in by_class], axis=1).reshape(-1)
 
 
 def train_test_split_indices(
@@ -301,9 +316,7 @@ class DigitsModel:
 
         return getattr(diffusers, self.scheduler_class).from_config(self.scheduler_config)
 
-    def model_fn(
-        self, labels: int | Tensor | None = None
-    ) -> Callable[[Tensor, Tensor], Tensor]:
+    def model_fn(self, labels: int | Tensor | None = None) -> Callable[[Tensor, Tensor], Tensor]:
         """``f(x, timestep) -> output`` of the UNet; ``digits-cond`` needs ``labels`` (an int for
         every sample, a ``(B,)`` tensor for a batch of ``B``, or :data:`NULL_LABEL`)."""
         if not self.spec.conditional:
