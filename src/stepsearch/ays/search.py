@@ -99,7 +99,7 @@ class AYSConfig:
     base_intervals: int = 10
     refinements: int = 2
     start: str | None = None
-    num_samples: int = 128
+    num_samples: int = 64
     seed: int = 0
     sigma_data: float = 0.5
     proposal: str = "gaussian"

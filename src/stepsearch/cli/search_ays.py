@@ -63,7 +63,7 @@ def ays_command(
     ),
     samples: Annotated[
         int, typer.Option(help="KLUB Monte Carlo samples per interval.", min=2)
-    ] = 128,
+    ] = 64,
     proxy_samples: Annotated[
         int, typer.Option(help="Samples of the early-stopping proxy (search seed).", min=2)
     ] = 256,
