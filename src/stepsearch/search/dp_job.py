@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +37,7 @@ from stepsearch.search.job import (
     num_steps_for_nfe,
     output_dir,
     resolve_storage,
+    sortable,
     spacing_schedules,
     write_job_result,
 )
@@ -112,10 +112,6 @@ class DPJobResult:
     held_out_values: dict[str, float]
     files: dict[str, str]
     seconds: dict[str, float]
-
-
-def _sortable(value: float) -> float:
-    return math.inf if math.isnan(value) else value
 
 
 def run_dp_search(
@@ -214,8 +210,8 @@ def run_dp_search(
         DPCandidate(coeff, reduction, settings.per_sample, result, score)
         for (coeff, reduction, result), score in zip(results, scored, strict=True)
     ]
-    best = min(candidates, key=lambda c: _sortable(c.score.value))
-    start = min(baselines, key=lambda b: _sortable(b.value))
+    best = min(candidates, key=lambda c: sortable(c.score.value))
+    start = min(baselines, key=lambda b: sortable(b.value))
     held_out = objective.held_out(best.result.schedule, run_solver)
     held_out_values = {
         "search_result": held_out.value,
