@@ -175,18 +175,25 @@ def main() -> None:
             print(f"  {family}: held-out {held_out:.2f} ({found['trials']} trials)")
         row["minutes"] = round((time.perf_counter() - t0) / 60, 2)
         rows.append(row)
+        payload = _write(args, source, converged, rows, time.perf_counter() - began)
+    print(markdown(payload))
+
+
+def _write(args: Any, source: Any, converged: float, rows: list, seconds: float) -> dict:
+    """Write the results so far (after every NFE, so a long run keeps what it finished)."""
     payload = {
+        "model": source.identity.to_json_dict(),
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "metric": args.metric,
         "converged_reference_held_out": converged,
         "rows": rows,
-        "minutes": round((time.perf_counter() - began) / 60, 2),
+        "minutes": round(seconds / 60, 2),
         "environment": environment(),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out / "searches.json", payload)
     atomic_write_text(args.out / "searches.md", markdown(payload))
-    print(markdown(payload))
+    return payload
 
 
 def markdown(payload: dict[str, Any]) -> str:
@@ -196,7 +203,8 @@ def markdown(payload: dict[str, Any]) -> str:
         f"## Searches vs their starting points: held-out {payload['metric'].upper()}-digits "
         "(lower is better)",
         "",
-        f"Bundled digits DDPM. Starting point: the best of solvers {', '.join(settings['solvers'])}"
+        f"Bundled digits model {payload['model']['name']} ({payload['model']['digest']}). "
+        f"Starting point: the best of solvers {', '.join(settings['solvers'])}"
         " x built-in spacings on the search seed. Budget "
         f"{settings['budget']} trials, {settings['num_samples']} samples per candidate (search "
         f"seed), {settings['held_out_samples']} held-out samples; population "

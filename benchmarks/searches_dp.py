@@ -58,7 +58,12 @@ def main() -> None:
         "--spacings", default="trailing,leading,linspace,time_uniform,logsnr_uniform,karras"
     )
     parser.add_argument("--cache", default=None, help="tensor cache (default: the user cache)")
-    parser.add_argument("--out", default=str(RESULTS / "searches_dp"))
+    parser.add_argument(
+        "--out", default=str(RESULTS / "searches_dp"), help="the NFE-5 job's folder"
+    )
+    parser.add_argument(
+        "--results", default=str(RESULTS), help="where searches_dp.{json,md} are written"
+    )
     args = parser.parse_args()
 
     source = load_source(args.model)
@@ -159,7 +164,8 @@ def main() -> None:
         "dp_candidates": dp_rows,
         "baselines": base_rows,
     }
-    _write(payload, nfes)  # the comparison is complete here; the job below adds its timing
+    # the comparison is complete here; the job below adds its timing
+    _write(payload, nfes, Path(args.results))
 
     start = time.perf_counter()
     job_metric = "fd" if "fd" in objectives else next(iter(objectives))
@@ -180,14 +186,14 @@ def main() -> None:
     timings["job_nfe5_s"] = time.perf_counter() - start
     payload["timings"] = {**timings, "dp": dp_times}
     payload["job_nfe5"] = {"path": job.best.result.path, "held_out": job.held_out.to_json_dict()}
-    _write(payload, nfes)
+    _write(payload, nfes, Path(args.results))
     print(_markdown(payload, nfes))
 
 
-def _write(payload: dict, nfes: list[int]) -> None:
-    RESULTS.mkdir(exist_ok=True)
-    atomic_write_json(RESULTS / "searches_dp.json", json.loads(json.dumps(payload, default=str)))
-    atomic_write_text(RESULTS / "searches_dp.md", _markdown(payload, nfes))
+def _write(payload: dict, nfes: list[int], results: Path) -> None:
+    results.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(results / "searches_dp.json", json.loads(json.dumps(payload, default=str)))
+    atomic_write_text(results / "searches_dp.md", _markdown(payload, nfes))
 
 
 def _markdown(payload: dict, nfes: list[int]) -> str:
