@@ -47,8 +47,12 @@ from stepsearch.solvers.base import Solver
 
 __all__ = ["DEFAULT_COEFFS", "DPCandidate", "DPJobResult", "DPSettings", "run_dp_search"]
 
-DEFAULT_COEFFS = (1.0, GITS_COEFF, 1.3)
-"""GITS cost coefficients tried by default (1.15 is GITS' own default)."""
+DEFAULT_COEFFS = (0.8, 0.9, 1.0, GITS_COEFF, 1.3, 1.5)
+"""GITS cost coefficients tried by default: the range of GITS' published Stable Diffusion 1.5
+tables (0.80-1.50; 1.15 is GITS' own default). Which one is best depends on the metric and the
+NFE: on the bundled digits model (``benchmarks/results/searches_dp.md``, search seed) FD-digits
+preferred 1.0 at NFE 4-6 and 0.9 at NFE 8-10, trajectory error 1.15-1.3. Each costs one DP (under a
+second once the solver's coefficients are cached) and one scoring on the search seed."""
 
 
 @dataclass(frozen=True)
