@@ -42,6 +42,7 @@ from stepsearch.schedule import StepSchedule, make_schedule
 from stepsearch.search.autodiffusion import AutoDiffusionSettings, run_autodiffusion_job
 from stepsearch.search.job import num_steps_for_nfe, spacing_schedules
 from stepsearch.solvers import get_solver
+from stepsearch.testbeds.digits import checkpoint_record
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SOLVERS = ("ddim", "pndm", "dpm_solver_pp_2m", "dpm_solver_pp_3m", "unipc_bh2")
@@ -120,6 +121,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("runs/searches"), help="studies, files")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--note", default="", help="a line for the markdown (machine load, ...)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -175,18 +177,27 @@ def main() -> None:
             print(f"  {family}: held-out {held_out:.2f} ({found['trials']} trials)")
         row["minutes"] = round((time.perf_counter() - t0) / 60, 2)
         rows.append(row)
+        payload = _write(args, source, converged, rows, time.perf_counter() - began)
+    print(markdown(payload))
+
+
+def _write(args: Any, source: Any, converged: float, rows: list, seconds: float) -> dict:
+    """Write the results so far (after every NFE, so a long run keeps what it finished)."""
     payload = {
+        "model": source.identity.to_json_dict(),
+        "checkpoint_sha256": checkpoint_record("digits")["weights_sha256"],
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "metric": args.metric,
         "converged_reference_held_out": converged,
         "rows": rows,
-        "minutes": round((time.perf_counter() - began) / 60, 2),
+        "minutes": round(seconds / 60, 2),
         "environment": environment(),
+        "note": args.note,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out / "searches.json", payload)
     atomic_write_text(args.out / "searches.md", markdown(payload))
-    print(markdown(payload))
+    return payload
 
 
 def markdown(payload: dict[str, Any]) -> str:
@@ -196,7 +207,9 @@ def markdown(payload: dict[str, Any]) -> str:
         f"## Searches vs their starting points: held-out {payload['metric'].upper()}-digits "
         "(lower is better)",
         "",
-        f"Bundled digits DDPM. Starting point: the best of solvers {', '.join(settings['solvers'])}"
+        f"Bundled digits model {payload['model']['name']} (checkpoint sha256 "
+        f"{payload.get('checkpoint_sha256', 'n/a')}; weights digest {payload['model']['digest']}). "
+        f"Starting point: the best of solvers {', '.join(settings['solvers'])}"
         " x built-in spacings on the search seed. Budget "
         f"{settings['budget']} trials, {settings['num_samples']} samples per candidate (search "
         f"seed), {settings['held_out_samples']} held-out samples; population "
@@ -246,6 +259,8 @@ def markdown(payload: dict[str, Any]) -> str:
         for family, found in row["families"].items():
             shown = ", ".join(f"{t:.0f}" for t in found["timesteps"])
             lines.append(f"- NFE {row['nfe']} {family}: [{shown}]")
+    if payload.get("note"):
+        lines += ["", payload["note"]]
     return "\n".join(lines) + "\n"
 
 

@@ -21,6 +21,7 @@ import argparse
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from stepsearch._io import atomic_write_json, atomic_write_text
@@ -28,9 +29,11 @@ from stepsearch.eval.cache import TensorCache
 from stepsearch.eval.objective import Objective
 from stepsearch.eval.sources import load_source
 from stepsearch.schedule import StepSchedule, make_schedule
-from stepsearch.search.dp_job import DPSettings, run_dp_search
+from stepsearch.search.dp_job import DEFAULT_COEFFS, DPSettings, run_dp_search
 from stepsearch.search.dynamic import dynamic_schedule, fine_grid, record_teacher
 from stepsearch.solvers import get_solver
+from stepsearch.solvers.base import Solver
+from stepsearch.testbeds.digits import MODELS, checkpoint_record
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -46,10 +49,16 @@ def main() -> None:
     parser.add_argument("--metrics", default="fd,traj")
     parser.add_argument("--num-samples", type=int, default=512)
     parser.add_argument("--held-out-samples", type=int, default=1000)
+    parser.add_argument(
+        "--check-seeds",
+        default="2,3",
+        help="more noise seeds (neither search nor held-out) on which the two FD winners are also "
+        "scored, to show how much of a held-out difference is seed noise; never used for choices",
+    )
     parser.add_argument("--grid-points", type=int, default=100)
     parser.add_argument("--teacher-samples", type=int, default=256)
     parser.add_argument("--dp-solvers", default="ddim,dpm_solver_pp_2m,unipc_bh2")
-    parser.add_argument("--coeffs", default="1.0,1.15,1.3")
+    parser.add_argument("--coeffs", default=",".join(str(c) for c in DEFAULT_COEFFS))
     parser.add_argument(
         "--baseline-solvers", default="ddim,dpm_solver_pp_2m,dpm_solver_pp_3m,unipc_bh2"
     )
@@ -57,8 +66,14 @@ def main() -> None:
     parser.add_argument(
         "--spacings", default="trailing,leading,linspace,time_uniform,logsnr_uniform,karras"
     )
+    parser.add_argument("--job-solver", default="unipc_bh2", help="the timed NFE-5 job's solver")
     parser.add_argument("--cache", default=None, help="tensor cache (default: the user cache)")
-    parser.add_argument("--out", default=str(RESULTS / "searches_dp"))
+    parser.add_argument(
+        "--out", default=str(RESULTS / "searches_dp"), help="the NFE-5 job's folder"
+    )
+    parser.add_argument(
+        "--results", default=str(RESULTS), help="where searches_dp.{json,md} are written"
+    )
     args = parser.parse_args()
 
     source = load_source(args.model)
@@ -128,6 +143,10 @@ def main() -> None:
         print(f"baselines {name} done", flush=True)
 
     table: dict[str, dict[int, dict]] = {metric: {} for metric in objectives}
+    checks = {
+        seed: _seed_scorer(first, seed, args.held_out_samples)
+        for seed in (int(s) for s in _csv(args.check_seeds))
+    }
     for metric, objective in objectives.items():
         for nfe in nfes:
             best_base = min(base_rows[metric][nfe], key=lambda row: row["search"])
@@ -141,6 +160,14 @@ def main() -> None:
                 "dp": {**best_dp, "held_out": dp_held.to_json_dict()},
                 "dp_wins": dp_held.value < base_held.value,
             }
+            if metric == "fd" and checks:
+                table[metric][nfe]["check_seeds"] = {
+                    str(seed): {
+                        "baseline": check(base_schedule, baseline_solvers[best_base["solver"]]),
+                        "dp": check(dp_schedule, get_solver(best_dp["solver"])),
+                    }
+                    for seed, check in checks.items()
+                }
             print(metric, nfe, best_base, base_held.value, "| dp", best_dp["solver"],
                   best_dp["coeff"], dp_held.value, flush=True)  # fmt: skip
 
@@ -152,6 +179,9 @@ def main() -> None:
 
     payload = {
         "model": source.identity.to_json_dict(),
+        "checkpoint_sha256": checkpoint_record(args.model)["weights_sha256"]
+        if args.model in MODELS
+        else None,
         "settings": vars(args),
         "timings": {**timings, "dp": dp_times},
         "converged_reference_fd": reference,
@@ -159,14 +189,15 @@ def main() -> None:
         "dp_candidates": dp_rows,
         "baselines": base_rows,
     }
-    _write(payload, nfes)  # the comparison is complete here; the job below adds its timing
+    # the comparison is complete here; the job below adds its timing
+    _write(payload, nfes, Path(args.results))
 
     start = time.perf_counter()
     job_metric = "fd" if "fd" in objectives else next(iter(objectives))
     with tempfile.TemporaryDirectory() as directory:
         job = run_dp_search(
             objectives[job_metric],
-            "dpm_solver_pp_2m",
+            args.job_solver,
             5,
             Path(args.out),
             storage=str(Path(directory) / "study.sqlite3"),
@@ -179,24 +210,85 @@ def main() -> None:
         )
     timings["job_nfe5_s"] = time.perf_counter() - start
     payload["timings"] = {**timings, "dp": dp_times}
-    payload["job_nfe5"] = {"path": job.best.result.path, "held_out": job.held_out.to_json_dict()}
-    _write(payload, nfes)
+    payload["job_nfe5"] = {
+        "solver": args.job_solver,
+        "metric": job_metric,
+        "best": job.best.settings,
+        "path": job.best.result.path,
+        "held_out": job.held_out.to_json_dict(),
+        "start": job.start.name,
+        "held_out_values": job.held_out_values,
+        "seconds": job.seconds,
+    }
+    _write(payload, nfes, Path(args.results))
     print(_markdown(payload, nfes))
 
 
-def _write(payload: dict, nfes: list[int]) -> None:
-    RESULTS.mkdir(exist_ok=True)
-    atomic_write_json(RESULTS / "searches_dp.json", json.loads(json.dumps(payload, default=str)))
-    atomic_write_text(RESULTS / "searches_dp.md", _markdown(payload, nfes))
+def _write(payload: dict, nfes: list[int], results: Path) -> None:
+    results.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(results / "searches_dp.json", json.loads(json.dumps(payload, default=str)))
+    atomic_write_text(results / "searches_dp.md", _markdown(payload, nfes))
+
+
+def _seed_scorer(
+    first: Objective, seed: int, num_samples: int
+) -> Callable[[StepSchedule, Solver], float]:
+    """FD on another noise seed, neither ``first``'s search nor its held-out seed."""
+    if seed in first.seeds.values():
+        raise ValueError(f"check seed {seed} is one of the objective's seeds {first.seeds}")
+    objective = Objective(
+        first.source,
+        "fd",
+        num_samples=num_samples,
+        search_seed=seed,
+        held_out_seed=first.seeds["held_out"],
+        cache=first.cache,
+    )
+    return lambda schedule, solver: objective(schedule, solver).value
+
+
+def _held(row: dict) -> str:
+    held = row["held_out"]
+    spread = held.get("std")
+    return f"{held['value']:.4g}" + (f" +- {spread:.2g}" if spread is not None else "")
+
+
+def _check_lines(rows: dict, nfes: list[int]) -> list[str]:
+    lines = [
+        "The same two schedules on other noise seeds (same sample count; never used to choose), "
+        "DP minus built-in:",
+        "",
+        "| NFE | seed | built-in | DP | DP - built-in |",
+        "| ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for nfe in nfes:
+        for seed, pair in rows[str(nfe)].get("check_seeds", {}).items():
+            base, dp = pair["baseline"], pair["dp"]
+            lines.append(f"| {nfe} | {seed} | {base:.4g} | {dp:.4g} | {dp - base:+.3g} |")
+    return [*lines, ""]
+
+
+def _job_line(payload: dict) -> str:
+    job, seconds = payload["job_nfe5"], payload["timings"]["job_nfe5_s"]
+    values = ", ".join(f"{k} {v:.4g}" for k, v in job["held_out_values"].items())
+    return (
+        f"`run_dp_search` at NFE 5 ({job['solver']}, {job['metric']}, teacher and solver "
+        f"coefficients cached): {seconds:.1f} s; chose coeff {job['best']['coeff']}, path "
+        f"{job['path']}; held-out {values}."
+    )
 
 
 def _markdown(payload: dict, nfes: list[int]) -> str:
     lines = [
         "## DP schedules (GITS / OSS style) vs the best built-in solver + spacing",
         "",
-        f"Model {payload['model']['name']} ({payload['model']['digest'][:19]}); held-out seed, "
+        f"Model {payload['model']['name']} (checkpoint sha256 "
+        f"{payload.get('checkpoint_sha256') or 'n/a'}; weights digest "
+        f"{payload['model']['digest']}); held-out seed, "
         f"{payload['settings']['held_out_samples']} samples; both picked on the search seed "
-        f"({payload['settings']['num_samples']} samples). Lower is better.",
+        f"({payload['settings']['num_samples']} samples); DP candidates: solvers "
+        f"{payload['settings']['dp_solvers']} x GITS coefficients {payload['settings']['coeffs']}. "
+        "Lower is better; +- is the held-out score's bootstrap standard deviation.",
         "",
     ]
     for metric, rows in payload["table"].items():
@@ -206,11 +298,13 @@ def _markdown(payload: dict, nfes: list[int]) -> str:
             row = rows[str(nfe)]
             base, dp = row["baseline"], row["dp"]
             lines.append(
-                f"| {nfe} | {base['solver']} / {base['spacing']} | {base['held_out']['value']:.4g} "
-                f"| {dp['solver']} (coeff {dp['coeff']}) | {dp['held_out']['value']:.4g} "
+                f"| {nfe} | {base['solver']} / {base['spacing']} | {_held(base)} "
+                f"| {dp['solver']} (coeff {dp['coeff']}) | {_held(dp)} "
                 f"| {'yes' if row['dp_wins'] else 'no'} |"
             )
         lines.append("")
+        if any("check_seeds" in row for row in rows.values()):
+            lines += _check_lines(rows, nfes)
     reference = payload.get("converged_reference_fd") or {}
     if reference:
         lines.append(
@@ -222,12 +316,7 @@ def _markdown(payload: dict, nfes: list[int]) -> str:
         f"Teacher (grid {payload['settings']['grid_points']} points, "
         f"{payload['settings']['teacher_samples']} trajectories): {timings['teacher_s']:.1f} s "
         "(cached across runs). "
-        + (
-            f"Job at NFE 5 (dpm_solver_pp_2m, {payload['settings']['metrics'].split(',')[0]}, "
-            f"teacher and coefficients cached): {timings['job_nfe5_s']:.1f} s."
-            if "job_nfe5_s" in timings
-            else "Job at NFE 5: not run."
-        ),
+        + (_job_line(payload) if "job_nfe5_s" in timings else "Job at NFE 5: not run."),
         "",
         "DP time per solver: first call (computes the solver coefficients, cached afterwards) / "
         "slowest later call:",

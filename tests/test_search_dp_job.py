@@ -16,6 +16,7 @@ from stepsearch.eval.sources import DenoiserSource
 from stepsearch.noise import DiscreteVP
 from stepsearch.schedule_file import ScheduleFile
 from stepsearch.search.dp_job import DPSettings, run_dp_search
+from stepsearch.search.job import sortable
 from stepsearch.testbeds.gaussian_mixture import GaussianMixture
 
 
@@ -91,3 +92,12 @@ def test_cli_on_the_bundled_model(tmp_path):
                                    "--no-progress", "--grid-points", "5",
                                    "--cache", str(tmp_path / "cache")])  # fmt: skip
     assert bad.exit_code == 2 and "not supported" in " ".join(bad.output.split())
+
+
+def test_sortable_ranks_nan_scores_last():
+    values = [3.0, float("nan"), -1.0, 7.0]
+    ranked = sorted(values, key=sortable)
+    assert ranked[:3] == [-1.0, 3.0, 7.0]
+    assert np.isnan(ranked[3])
+    assert sortable(float("nan")) == float("inf")
+    assert sortable(2.5) == 2.5

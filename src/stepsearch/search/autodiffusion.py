@@ -53,6 +53,7 @@ from stepsearch.search.job import (
     num_steps_for_nfe,
     output_dir,
     resolve_storage,
+    sortable,
     spacing_schedules,
     write_job_result,
 )
@@ -233,7 +234,7 @@ def propose_generation(
         while len(proposed) < settings.population and len(seen) < math.comb(grid_size, k):
             draw_random(settings.max_tries)
         return proposed
-    ranked = sorted(history, key=lambda r: (_sortable(r.value), r.index))
+    ranked = sorted(history, key=lambda r: (sortable(r.value), r.index))
     parents = [record.genes for record in ranked[: settings.parents]]
     for _ in range(settings.mutations):
         for _ in range(settings.max_tries):
@@ -252,10 +253,6 @@ def propose_generation(
     while len(proposed) < settings.population and len(seen) < math.comb(grid_size, k):
         draw_random(settings.max_tries)
     return proposed
-
-
-def _sortable(value: float) -> float:
-    return math.inf if math.isnan(value) else value
 
 
 # the search ------------------------------------------------------------------------------------
@@ -305,7 +302,7 @@ def autodiffusion(
 
         def report(position: int, result: Score) -> None:
             nonlocal best, done
-            best, done = min(best, _sortable(result.value)), done + 1
+            best, done = min(best, sortable(result.value)), done + 1
             if on_trial is not None:
                 on_trial(done, best)
 
@@ -321,7 +318,7 @@ def autodiffusion(
         generation += 1
     if not history:
         raise ValueError("the search evaluated nothing")
-    winner = min(history, key=lambda r: (_sortable(r.value), r.index))
+    winner = min(history, key=lambda r: (sortable(r.value), r.index))
     best_schedule = schedule_from_genes(winner.genes, grid, noise)
     best_score = store.evaluate(best_schedule, score, solver=run_solver)  # a lookup
     return AutoDiffusionResult(best_schedule, best_score, tuple(history), int(seed), settings)
@@ -409,7 +406,7 @@ def run_autodiffusion_job(
             on_trial=bar.update,
         )
         store_url, trials = store.url, store.count()
-    start = min(baselines, key=lambda b: _sortable(b.value)) if baselines else None
+    start = min(baselines, key=lambda b: sortable(b.value)) if baselines else None
     held_out_best = objective.held_out(result.best, run_solver)
     held_out = {"search_result": held_out_best.value}
     if start is not None:

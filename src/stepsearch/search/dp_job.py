@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +37,7 @@ from stepsearch.search.job import (
     num_steps_for_nfe,
     output_dir,
     resolve_storage,
+    sortable,
     spacing_schedules,
     write_job_result,
 )
@@ -47,8 +47,12 @@ from stepsearch.solvers.base import Solver
 
 __all__ = ["DEFAULT_COEFFS", "DPCandidate", "DPJobResult", "DPSettings", "run_dp_search"]
 
-DEFAULT_COEFFS = (1.0, GITS_COEFF, 1.3)
-"""GITS cost coefficients tried by default (1.15 is GITS' own default)."""
+DEFAULT_COEFFS = (0.8, 0.9, 1.0, GITS_COEFF, 1.3, 1.5)
+"""GITS cost coefficients tried by default: the range of GITS' published Stable Diffusion 1.5
+tables (0.80-1.50; 1.15 is GITS' own default). Which one is best depends on the metric and the
+NFE: on the bundled digits model (``benchmarks/results/searches_dp.md``, search seed) FD-digits
+preferred 1.0 at NFE 4-6 and 0.9 at NFE 8-10, trajectory error 1.15-1.3. Each costs one DP (under a
+second once the solver's coefficients are cached) and one scoring on the search seed."""
 
 
 @dataclass(frozen=True)
@@ -112,10 +116,6 @@ class DPJobResult:
     held_out_values: dict[str, float]
     files: dict[str, str]
     seconds: dict[str, float]
-
-
-def _sortable(value: float) -> float:
-    return math.inf if math.isnan(value) else value
 
 
 def run_dp_search(
@@ -214,8 +214,8 @@ def run_dp_search(
         DPCandidate(coeff, reduction, settings.per_sample, result, score)
         for (coeff, reduction, result), score in zip(results, scored, strict=True)
     ]
-    best = min(candidates, key=lambda c: _sortable(c.score.value))
-    start = min(baselines, key=lambda b: _sortable(b.value))
+    best = min(candidates, key=lambda c: sortable(c.score.value))
+    start = min(baselines, key=lambda b: sortable(b.value))
     held_out = objective.held_out(best.result.schedule, run_solver)
     held_out_values = {
         "search_result": held_out.value,

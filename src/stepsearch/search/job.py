@@ -41,6 +41,7 @@ __all__ = [
     "output_dir",
     "plot_search",
     "resolve_storage",
+    "sortable",
     "spacing_schedules",
     "write_job_result",
     "write_scheduler_dir",
@@ -64,6 +65,11 @@ def resolve_storage(storage: str | None, out: Path) -> str:
     """The study store of a job: ``storage`` as given (a path or a database URL), else
     ``out / study.sqlite3``."""
     return str(out / DEFAULT_STORAGE_NAME) if storage in (None, "") else str(storage)
+
+
+def sortable(value: float) -> float:
+    """A score as a sort key: NaN (a failed or diverged candidate) ranks last, as ``+inf``."""
+    return math.inf if math.isnan(value) else value
 
 
 def num_steps_for_nfe(solver: Solver, noise: NoiseSchedule, nfe: int) -> int:
