@@ -1,11 +1,17 @@
 """A toy AutoDiffusion search (Gaussian test bed, exact denoiser, 25-point grid) shared by the
 search tests and the worker processes they start:
-``python _toy_search.py STORAGE BUDGET OUT [STUDY]``."""
+``python _toy_search.py STORAGE BUDGET OUT [STUDY [GO]]``: with ``GO``, a worker writes
+``GO.ready.<pid>`` once it is set up and waits for the file ``GO`` before it searches (a start
+barrier, so that two workers really run side by side)."""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
@@ -37,11 +43,19 @@ def toy_objective() -> Objective:
 
 
 def toy_search(
-    storage: str, budget: int, *, seed: int = 0, study_name: str = "toy", **open_kwargs
+    storage: str,
+    budget: int,
+    *,
+    seed: int = 0,
+    study_name: str = "toy",
+    ready: Callable[[], None] | None = None,
+    **open_kwargs,
 ) -> AutoDiffusionResult:
     objective = toy_objective()
     starts = spacing_schedules(NOISE, NFE, ("time_uniform", "trailing"))
     with StudyStore.open(storage, study_name, metadata={"toy": NFE}, **open_kwargs) as store:
+        if ready is not None:
+            ready()
         return autodiffusion(
             objective, "ddim", nfe=NFE, budget=budget, store=store, seed=seed, starts=starts,
             settings=SETTINGS, grid=GRID,
@@ -61,6 +75,16 @@ def summary(result: AutoDiffusionResult) -> dict:
 if __name__ == "__main__":
     storage, budget, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     name = sys.argv[4] if len(sys.argv) > 4 else "toy"
-    result = toy_search(storage, budget, study_name=name, poll_interval=0.02)
+    go = Path(sys.argv[5]) if len(sys.argv) > 5 else None
+
+    def wait_for_go() -> None:
+        if go is None:
+            return
+        Path(f"{go}.ready.{os.getpid()}").touch()
+        deadline = time.monotonic() + 120
+        while not go.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    result = toy_search(storage, budget, study_name=name, ready=wait_for_go, poll_interval=0.02)
     with open(out, "w") as file:
         json.dump(summary(result), file)

@@ -114,10 +114,13 @@ def test_search_improves_on_its_starts_and_stores_every_candidate(tmp_path):
     assert schedule_from_genes(result.history[0].genes, GRID, NOISE).num_steps == 3
 
 
-def _worker(storage: str, budget: int, out: Path, study: str = "toy") -> subprocess.Popen:
+def _worker(
+    storage: str, budget: int, out: Path, study: str = "toy", go: Path | None = None
+) -> subprocess.Popen:
+    barrier = [] if go is None else [str(go)]
+    script = str(TESTS / "_toy_search.py")
     return subprocess.Popen(
-        [sys.executable, str(TESTS / "_toy_search.py"), storage, str(budget), str(out), study],
-        env=ENV,
+        [sys.executable, script, storage, str(budget), str(out), study, *barrier], env=ENV
     )
 
 
@@ -158,7 +161,13 @@ def test_sigkill_and_resume_reach_the_identical_result(tmp_path, uninterrupted, 
 
 def _two_workers(tmp_path: Path, storage: str, study: str, uninterrupted: dict) -> None:
     StudyStore.open(storage, study, metadata={"toy": 3}).close()  # the tables exist first
-    workers = [_worker(storage, BUDGET, tmp_path / f"{w}.json", study) for w in range(2)]
+    go = tmp_path / "go"  # both workers set up before either searches (a start barrier)
+    workers = [_worker(storage, BUDGET, tmp_path / f"{w}.json", study, go) for w in range(2)]
+    deadline = time.monotonic() + 120
+    while len(list(tmp_path.glob("go.ready.*"))) < 2 and time.monotonic() < deadline:
+        assert all(w.poll() is None for w in workers), "a worker exited before the barrier"
+        time.sleep(0.01)
+    go.touch()
     assert [w.wait(timeout=300) for w in workers] == [0, 0]
     results = [json.loads((tmp_path / f"{w}.json").read_text()) for w in range(2)]
     assert results[0] == results[1] == json.loads(json.dumps(uninterrupted))
