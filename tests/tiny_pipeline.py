@@ -65,11 +65,47 @@ def write_tokenizer_files(directory: Path) -> Path:
     return directory
 
 
+def text_config(**extra: Any) -> Any:
+    """The 2-layer CLIP text config of width 8 of the tiny pipelines (``extra``: e.g. the
+    ``projection_dim`` of SDXL's second encoder)."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=1000,
+        hidden_size=CROSS_ATTENTION_DIM,
+        intermediate_size=16,
+        num_attention_heads=2,
+        num_hidden_layers=2,
+        max_position_embeddings=77,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        **extra,
+    )
+
+
+def tiny_vae() -> Any:
+    """The AutoencoderKL of the tiny pipelines: widths (4, 8), 32x32 images, 16x16 latents."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(4, 8),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=2,
+        sample_size=IMAGE_SIZE,
+    )
+
+
 def tiny_components(directory: Path, seed: int = 0) -> dict[str, Any]:
     """UNet, VAE, text encoder and tokenizer of a tiny SD pipeline (no scheduler, no safety
     checker); random weights from ``seed``."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -84,33 +120,9 @@ def tiny_components(directory: Path, seed: int = 0) -> dict[str, Any]:
         attention_head_dim=2,
         norm_num_groups=2,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(4, 8),
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=2,
-        sample_size=IMAGE_SIZE,
-    )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=1000,
-            hidden_size=CROSS_ATTENTION_DIM,
-            intermediate_size=16,
-            num_attention_heads=2,
-            num_hidden_layers=2,
-            max_position_embeddings=77,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-        )
-    )
-    tokenizer = CLIPTokenizer.from_pretrained(
-        str(write_tokenizer_files(directory / "tokenizer")), model_max_length=77
-    )
+    vae = tiny_vae()
+    text_encoder = CLIPTextModel(text_config())
+    tokenizer = tiny_tokenizer(directory)
     for module in (unet, vae, text_encoder):
         module.eval()
     return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer}
@@ -151,23 +163,9 @@ def tiny_sdxl_pipeline(directory: Path, scheduler: Any, seed: int = 0) -> Any:
     projection, for SDXL's pooled embedding) concatenated to a cross-attention width of 16, and
     the ``text_time`` added conditioning (pooled text embedding + size / crop ids)."""
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
-
-    def text_config(**extra: Any) -> Any:
-        return CLIPTextConfig(
-            vocab_size=1000,
-            hidden_size=CROSS_ATTENTION_DIM,
-            intermediate_size=16,
-            num_attention_heads=2,
-            num_hidden_layers=2,
-            max_position_embeddings=77,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-            **extra,
-        )
 
     projection = 8
     time_embed = 4
@@ -186,7 +184,7 @@ def tiny_sdxl_pipeline(directory: Path, scheduler: Any, seed: int = 0) -> Any:
         addition_time_embed_dim=time_embed,
         projection_class_embeddings_input_dim=6 * time_embed + projection,
     )
-    vae = tiny_components(directory, seed)["vae"]
+    vae = tiny_vae().eval()
     tokenizer = tiny_tokenizer(directory)
     pipe = StableDiffusionXLPipeline(
         vae=vae,

@@ -334,7 +334,7 @@ def search_ays(
         )
     order = config.order or klub_order(run_solver)
     estimator = KLUBEstimator(
-        source.denoiser(range(config.num_samples)),
+        source.denoiser([0]),  # its noise schedule; the rows go through `conditioned`
         samples,
         conditioned=source.denoiser,  # row j sees data sample j's prompt / label (if any)
         num_samples=config.num_samples,
