@@ -98,6 +98,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--classifier-epochs", type=int, default=60, help="classifier epochs")
     add("--classifier-lr", type=float, default=2e-3, help="classifier peak learning rate")
     add("--threads", type=int, default=2, help="torch.set_num_threads (results depend on it)")
+    add(
+        "--snapshot-epochs",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also write the EMA weights after these epochs to OUT/snapshots/<model>_epochNNNN/ "
+        "(for FD-vs-training-length studies; the run itself is unchanged)",
+    )
     return parser.parse_args(argv)
 
 
@@ -374,6 +382,35 @@ def update_ema(ema: nn.Module, model: nn.Module, step: int, decay_cap: float) ->
         averaged.copy_(current)
 
 
+def checkpoint_record(
+    name: str, ema: nn.Module, noise_scheduler: Any, training: dict[str, Any]
+) -> dict[str, Any]:
+    """The JSON record beside a UNet's weights: configs (what ``digits.load`` reads) and training."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "model": name,
+        "unet_config": public_config(ema.config),
+        "scheduler_class": type(noise_scheduler).__name__,
+        "scheduler_config": public_config(noise_scheduler.config),
+        "training": training,
+    }
+
+
+def save_snapshot(
+    args: argparse.Namespace, name: str, ema: nn.Module, noise_scheduler: Any, epoch: int, step: int
+) -> None:
+    """The EMA weights after ``epoch``, loadable with ``digits.load(name, directory=...)``."""
+    directory = args.out / "snapshots" / f"{name}_epoch{epoch:04d}"
+    directory.mkdir(parents=True, exist_ok=True)
+    training = {"snapshot_of_run": vars_for_json(args), "epoch": epoch, "steps": step}
+    record = checkpoint_record(name, ema, noise_scheduler, training)
+    save_checkpoint(directory, digits.MODELS[name].stem, ema, record)
+
+
+def vars_for_json(args: argparse.Namespace) -> dict[str, Any]:
+    return {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
+
+
 def train_unet(
     args: argparse.Namespace, name: str, images: Tensor, labels: Tensor
 ) -> tuple[UNet2DModel, Any, dict[str, Any]]:
@@ -420,6 +457,8 @@ def train_unet(
             epoch_losses.append(loss.item())
             step += 1
         epoch += 1
+        if epoch in args.snapshot_epochs:
+            save_snapshot(args, name, ema, noise_scheduler, epoch, step)
         now = time.perf_counter()
         if epochs is None and epoch == CALIBRATION_EPOCHS:
             epochs = fit_epochs(args.minutes * 60.0 - (now - start), now - epoch_start, epoch)
@@ -477,15 +516,8 @@ def main(argv: list[str] | None = None) -> None:
         if name not in args.models:
             continue
         ema, noise_scheduler, training = train_unet(args, name, images, labels)
-        unet_record = {
-            "format_version": FORMAT_VERSION,
-            "model": name,
-            "unet_config": public_config(ema.config),
-            "scheduler_class": type(noise_scheduler).__name__,
-            "scheduler_config": public_config(noise_scheduler.config),
-            "training": training,
-        }
-        save_checkpoint(args.out, digits.MODELS[name].stem, ema, unet_record)
+        record = checkpoint_record(name, ema, noise_scheduler, training)
+        save_checkpoint(args.out, digits.MODELS[name].stem, ema, record)
         print(
             f"{name}: {training['epochs']} epochs, final loss {training['final_loss']:.4f}, "
             f"EMA eval loss {training['eval_loss_ema']:.4f}, {training['wall_time_s']:.0f} s"

@@ -118,6 +118,25 @@ def test_logsnr_uniform_is_uniform_in_lambda():
     assert schedule.times[-1] == pytest.approx(1e-3)
 
 
+@pytest.mark.parametrize("spacing", ["logsnr_uniform", "karras", "ays_gaussian", "beta"])
+def test_sigma_and_lambda_spacings_start_at_the_noisiest_finite_snr(spacing):
+    """Flow matching's t = 1 has lambda = -inf: these
+    spacings start one t_min below it, where the grid is finite (before: at lambda = -30, sigma 1e13,
+    so a flow model's logSNR grid spent half its steps where no sample is)."""
+    flow = FlowMatching()
+    schedule = make_schedule(flow, 10, spacing)
+    assert flow.t_max_finite == pytest.approx(1.0 - flow.t_min)
+    assert schedule.times[0] == pytest.approx(1.0 - flow.t_min, rel=1e-9)
+    assert schedule.lambdas[0] == pytest.approx(math.log(flow.t_min / (1.0 - flow.t_min)))
+    if spacing == "logsnr_uniform":
+        steps = np.diff(schedule.lambdas[:-1])
+        np.testing.assert_allclose(steps, steps[0], rtol=1e-9)
+    # finite SNR at t_max: unchanged (zero-terminal-SNR betas keep diffusers' alpha_bar = 2^-24)
+    zero_snr = DiscreteVP.from_diffusers_config({**SD_CONFIG, "rescale_betas_zero_snr": True})
+    assert SD.t_max_finite == SD.t_max and zero_snr.t_max_finite == zero_snr.t_max
+    assert logsnr_uniform(flow, 10, t_start=1.0).times[0] == pytest.approx(1.0, abs=1e-12)
+
+
 def test_ays_gaussian_closed_form():
     c, lo, hi, n = 0.5, 0.002, 80.0, 10
     schedule = ays_gaussian(EDM(lo, hi), n, sigma_data=c, clean_end=False)

@@ -90,6 +90,20 @@ class NoiseSchedule(ABC):
         """Inverse of :meth:`model_time`: the time axis value of a network's conditioning time."""
         return _like_input(_as_array(model_time) / self.model_time_scale, model_time)
 
+    @property
+    def t_max_finite(self) -> float:
+        """The noisiest time with a finite log-SNR: ``t_max``, or one ``t_min`` below it where
+        ``alpha(t_max) = 0`` (flow matching at ``t = 1``; zero-terminal-SNR betas keep
+        diffusers' ``alpha_bar = 2^-24`` there, a finite log-SNR).
+
+        Spacings defined by ``lambda`` or k-diffusion sigma (logSNR-uniform, Karras, Align Your
+        Steps' closed form, beta) start here by default: from ``lambda = -inf`` (clamped at
+        :data:`LAMBDA_MIN`) a uniform grid would spend its first interval on noise levels no
+        sample ever sees. Pass ``t_start`` / ``sigma_max`` to start from pure noise."""
+        if float(self.lambda_(self.t_max)) > LAMBDA_MIN:
+            return float(self.t_max)
+        return float(self.t_max - self.t_min)
+
     def initial_noise_scale(self, t: float) -> float:
         """Scale of the starting noise ``x_t = scale * eps`` at time ``t``: 1 for
         variance-preserving schedules (diffusers' ``init_noise_sigma = 1``; ``alpha(t_max) x0`` is

@@ -295,8 +295,9 @@ def _finish(
 def _kdiffusion_sigma_range(
     noise: NoiseSchedule, sigma_min: float | None, sigma_max: float | None
 ) -> tuple[float, float]:
-    """``(sigma_min, sigma_max)`` in k-diffusion sigma, defaulting to the model's trained range."""
-    high = float(noise.kdiffusion_sigma(noise.t_max)) if sigma_max is None else float(sigma_max)
+    """``(sigma_min, sigma_max)`` in k-diffusion sigma, defaulting to the model's trained range
+    (up to :attr:`~stepsearch.noise.NoiseSchedule.t_max_finite`: sigma is infinite at pure noise)."""
+    high = float(noise.kdiffusion_sigma(noise.t_max_finite)) if sigma_max is None else float(sigma_max)
     low = float(noise.kdiffusion_sigma(noise.t_min)) if sigma_min is None else float(sigma_min)
     if not 0 < low < high:
         raise ValueError(f"need 0 < sigma_min < sigma_max, got {low!r}, {high!r}")
@@ -339,9 +340,11 @@ def logsnr_uniform(
     t_end: float | None = None,
     clean_end: bool = True,
 ) -> StepSchedule:
-    """Uniform in ``lambda = log(alpha / sigma)`` (DPM-Solver's ``logSNR`` spacing)."""
+    """Uniform in ``lambda = log(alpha / sigma)`` (DPM-Solver's ``logSNR`` spacing), from
+    ``t_start`` (default :attr:`~stepsearch.noise.NoiseSchedule.t_max_finite`, the noisiest time
+    with a finite ``lambda``) to ``t_end`` (default ``t_min``)."""
     num_steps = _check_num_steps(num_steps)
-    lambda_start = float(noise.lambda_(noise.t_max if t_start is None else t_start))
+    lambda_start = float(noise.lambda_(noise.t_max_finite if t_start is None else t_start))
     lambda_end = float(noise.lambda_(noise.t_min if t_end is None else t_end))
     lambdas = lambda_start + _grid(num_steps, clean_end) * (lambda_end - lambda_start)
     times = np.asarray(noise.t_from_lambda(lambdas))
