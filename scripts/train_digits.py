@@ -55,7 +55,7 @@ FORMAT_VERSION = 2
 NUM_TRAIN_TIMESTEPS = 1000
 CALIBRATION_EPOCHS = 2  # the first epoch pays one-off kernel set-up; time the second
 TARGETS = ("classifier", *digits.MODELS)
-DEFAULT_EPOCHS = {"digits": 100, "digits-flow": 12, "digits-cond": 40}
+DEFAULT_EPOCHS = {"digits": 600, "digits-flow": 12, "digits-cond": 40}
 FINE_TUNED = ("digits-flow", "digits-cond")
 """Models that start from ``digits``' EMA weights (read from ``--out``) instead of a random init."""
 FLOW_SHIFT = 1.0
