@@ -402,13 +402,9 @@ def save_snapshot(
     """The EMA weights after ``epoch``, loadable with ``digits.load(name, directory=...)``."""
     directory = args.out / "snapshots" / f"{name}_epoch{epoch:04d}"
     directory.mkdir(parents=True, exist_ok=True)
-    training = {"snapshot_of_run": vars_for_json(args), "epoch": epoch, "steps": step}
+    training = {"snapshot_after_epoch": epoch, "steps": step, "seed": args.seed}
     record = checkpoint_record(name, ema, noise_scheduler, training)
     save_checkpoint(directory, digits.MODELS[name].stem, ema, record)
-
-
-def vars_for_json(args: argparse.Namespace) -> dict[str, Any]:
-    return {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
 
 
 def train_unet(

@@ -120,9 +120,8 @@ def test_logsnr_uniform_is_uniform_in_lambda():
 
 @pytest.mark.parametrize("spacing", ["logsnr_uniform", "karras", "ays_gaussian", "beta"])
 def test_sigma_and_lambda_spacings_start_at_the_noisiest_finite_snr(spacing):
-    """Flow matching's t = 1 has lambda = -inf: these
-    spacings start one t_min below it, where the grid is finite (before: at lambda = -30, sigma 1e13,
-    so a flow model's logSNR grid spent half its steps where no sample is)."""
+    """Flow matching's t = 1 has lambda = -inf: these spacings start one t_min below it, where the
+    grid is finite (before: at lambda = -30, sigma 1e13, a first interval no sample passes through)."""
     flow = FlowMatching()
     schedule = make_schedule(flow, 10, spacing)
     assert flow.t_max_finite == pytest.approx(1.0 - flow.t_min)
