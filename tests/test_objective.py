@@ -184,6 +184,40 @@ def test_schedule_file_round_trip_and_checks(gaussian, tmp_path):
         ScheduleFile.load(nan_file)
 
 
+def test_schedule_file_fitted_at_another_guidance_warns_and_loads_in_eval(gaussian, tmp_path):
+    """A schedule fitted at guidance 4 used at 2 warns; at 4, or where either side names no
+    scale, it does not; ``stepsearch eval --schedules`` reads a search's schedule file."""
+    import dataclasses
+    import warnings
+
+    from stepsearch.eval.evaluate import methods_from_names, sampling_guidance_scale
+    from stepsearch.schedule_file import GuidanceMismatchWarning, ScheduleFile, load_schedule
+
+    fitted, source = _fitted(gaussian)
+    guided = ScheduleFile(
+        fitted.candidate, dataclasses.replace(fitted.provenance, guidance_scale=4.0)
+    )
+    path = tmp_path / "guided.json"
+    guided.save(path)
+    with pytest.warns(GuidanceMismatchWarning, match="fitted at guidance scale 4 but is used at 2"):
+        load_schedule(path, noise=source.noise, guidance_scale=2.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_schedule(path, guidance_scale=4.0) == fitted.schedule
+        assert load_schedule(path) == fitted.schedule
+        unguided = tmp_path / "unguided.json"
+        fitted.save(unguided)  # guidance_scale None: nothing to compare
+        ScheduleFile.load(unguided, guidance_scale=2.0)
+    with pytest.warns(GuidanceMismatchWarning):
+        (method,) = methods_from_names([str(path)], ["ddim"], [], guidance_scale=7.5)
+    assert method.schedule == fitted.schedule.with_metadata(name="guided")
+    assert method.label.endswith("guided")
+    assert sampling_guidance_scale("digits", None, None) is None
+    assert sampling_guidance_scale("digits-cond", None, None) == 2.0
+    assert sampling_guidance_scale("digits", "pipe", None) == 7.5
+    assert sampling_guidance_scale("digits-cond", None, 3) == 3.0
+
+
 def test_score_samples_of_a_diffusers_loop_matches_the_solver():
     """diffusers' DDIMScheduler on trailing spacing is exact DDIM at 5 steps (REFERENCES: its
     uniform-step assumption holds there): its samples, scored through ``score_samples`` from the

@@ -14,7 +14,7 @@ fitted for and how well it did::
 
 Loading checks it against where it is used: another noise schedule raises (the times would mean
 other noise levels), another model warns with both identities (a schedule can transfer, but the user
-should know).
+should know), and so does another classifier-free guidance scale.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from stepsearch.schedule import StepSchedule
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "GuidanceMismatchWarning",
     "ModelMismatchWarning",
     "Provenance",
     "ScheduleFile",
@@ -49,6 +50,11 @@ REQUIRED_FIELDS = ("model", "solver", "nfe", "objective", "scores", "seeds", "se
 
 class ModelMismatchWarning(UserWarning):
     """A schedule file fitted on one model is used with another."""
+
+
+class GuidanceMismatchWarning(UserWarning):
+    """A schedule file fitted at one classifier-free guidance scale is used at another (guidance
+    changes the ODE: a schedule tuned at one scale need not be good at another)."""
 
 
 def _version() -> str:
@@ -188,15 +194,17 @@ class ScheduleFile:
         *,
         noise: NoiseSchedule | None = None,
         model: Mapping[str, Any] | Any | None = None,
+        guidance_scale: float | None = None,
     ) -> ScheduleFile:
         """Read a schedule file; with ``noise``, refuse it for another noise schedule; with
         ``model`` (an identity or its JSON), warn (:class:`ModelMismatchWarning`) if fitted on
-        another model. Bad content raises ``ValueError`` naming the file."""
+        another model; with ``guidance_scale``, warn (:class:`GuidanceMismatchWarning`) if fitted
+        at another guidance scale. Bad content raises ``ValueError`` naming the file."""
         try:
             loaded = cls.from_json_dict(read_json(path))
         except ValueError as error:
             raise ValueError(f"{path}: {error}") from None
-        loaded.check(noise=noise, model=model, where=str(path))
+        loaded.check(noise=noise, model=model, guidance_scale=guidance_scale, where=str(path))
         return loaded
 
     def check(
@@ -204,10 +212,25 @@ class ScheduleFile:
         *,
         noise: NoiseSchedule | None = None,
         model: Mapping[str, Any] | Any | None = None,
+        guidance_scale: float | None = None,
         where: str = "schedule file",
     ) -> None:
-        """Raise ``ValueError`` for another noise schedule; warn for another model."""
+        """Raise ``ValueError`` for another noise schedule; warn for another model or another
+        guidance scale (only where both the file and the caller name one)."""
         check_noise(self.schedule, noise, where)
+        fitted_scale = self.provenance.guidance_scale
+        if (
+            guidance_scale is not None
+            and fitted_scale is not None
+            and abs(float(fitted_scale) - float(guidance_scale)) > 1e-9
+        ):
+            warnings.warn(
+                f"{where} was fitted at guidance scale {float(fitted_scale):g} but is used at "
+                f"{float(guidance_scale):g}; guidance changes the sampling ODE, so its schedule "
+                "may not be optimal here (fit one at this scale)",
+                GuidanceMismatchWarning,
+                stacklevel=3,
+            )
         if model is None:
             return
         expected = model.to_json_dict() if hasattr(model, "to_json_dict") else dict(model)
@@ -237,15 +260,19 @@ def load_schedule(
     *,
     noise: NoiseSchedule | None = None,
     model: Mapping[str, Any] | Any | None = None,
+    guidance_scale: float | None = None,
 ) -> StepSchedule:
     """The step schedule of a schedule file or of a plain :class:`StepSchedule` JSON file, checked
-    against ``noise`` (raises) and ``model`` (warns), as :meth:`ScheduleFile.load` does."""
+    against ``noise`` (raises), ``model`` and ``guidance_scale`` (warn), as
+    :meth:`ScheduleFile.load` does (a plain schedule has no provenance to check)."""
     try:
         payload = read_json(path)
     except ValueError as error:
         raise ValueError(f"{path}: {error}") from None
     if isinstance(payload, Mapping) and payload.get("format") == FORMAT_NAME:
-        return ScheduleFile.load(path, noise=noise, model=model).schedule
+        return ScheduleFile.load(
+            path, noise=noise, model=model, guidance_scale=guidance_scale
+        ).schedule
     schedule = StepSchedule.load(path)
     check_noise(schedule, noise, str(path))
     return schedule

@@ -15,6 +15,7 @@ from stepsearch.eval.evaluate import (
     default_metrics,
     evaluate,
     methods_from_names,
+    sampling_guidance_scale,
     write_report,
 )
 from stepsearch.eval.experiment import METRICS, TEXT_TO_IMAGE_METRICS
@@ -157,7 +158,10 @@ def eval_command(
         if pipeline is not None and model != "digits":
             raise ValueError("pass either --model or --pipeline, not both")
         methods = methods_from_names(
-            schedules or ["logsnr_uniform"], solvers or ["dpm_solver_pp_2m"], baselines or []
+            schedules or ["logsnr_uniform"],
+            solvers or ["dpm_solver_pp_2m"],
+            baselines or [],
+            guidance_scale=sampling_guidance_scale(model, pipeline, guidance_scale),
         )
         inputs = EvalInputs(
             pipeline, prompts, clip_model, inception_weights, reference_stats, guidance_scale

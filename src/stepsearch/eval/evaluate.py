@@ -31,6 +31,7 @@ from stepsearch.eval.experiment import (
 from stepsearch.eval.fid import FeatureStatistics
 from stepsearch.eval.report import ResultTable, environment, save_sample_grid
 from stepsearch.schedule import SPACINGS, StepSchedule
+from stepsearch.schedule_file import load_schedule
 from stepsearch.solvers import SOLVERS
 
 __all__ = [
@@ -47,6 +48,7 @@ __all__ = [
     "evaluate",
     "load_inception",
     "methods_from_names",
+    "sampling_guidance_scale",
     "write_report",
 ]
 
@@ -109,10 +111,15 @@ def check_diffusers_scheduler(name: str) -> None:
 
 
 def methods_from_names(
-    schedules: Sequence[str], solvers: Sequence[str], baselines: Sequence[str]
+    schedules: Sequence[str],
+    solvers: Sequence[str],
+    baselines: Sequence[str],
+    guidance_scale: float | None = None,
 ) -> list[Method]:
     """The diffusers ``baselines`` (class names), then every solver on every schedule (a spacing
-    name or a schedule JSON file, named after its file stem)."""
+    name, a :class:`~stepsearch.schedule.StepSchedule` JSON file or a search's schedule file,
+    named after its file stem). A schedule file fitted at a guidance scale other than
+    ``guidance_scale`` (the one the evaluation samples at) warns."""
     for baseline in baselines:
         check_diffusers_scheduler(baseline)
     for solver in solvers:
@@ -128,9 +135,27 @@ def methods_from_names(
                 raise ValueError(
                     f"{schedule_spec!r} is neither a spacing ({', '.join(SPACINGS)}) nor a file"
                 )
-            schedule = StepSchedule.load(path).with_metadata(name=path.stem)
+            schedule = load_schedule(path, guidance_scale=guidance_scale).with_metadata(
+                name=path.stem
+            )
         methods += [Method.stepsearch(solver, schedule) for solver in solvers]
     return methods
+
+
+def sampling_guidance_scale(
+    model: str | None, pipeline: str | Path | None, guidance_scale: float | None
+) -> float | None:
+    """The classifier-free guidance scale an evaluation samples at: as given, else diffusers'
+    7.5 for a pipeline, :data:`~stepsearch.testbeds.digits.GUIDANCE_SCALE` for a bundled
+    class-conditional model; ``None`` for an unconditional model (nothing is guided)."""
+    if guidance_scale is not None:
+        return float(guidance_scale)
+    if pipeline is not None:
+        return 7.5
+    from stepsearch.testbeds import digits
+
+    spec = digits.MODELS.get(str(model))
+    return float(digits.GUIDANCE_SCALE) if spec is not None and spec.conditional else None
 
 
 def check_nfes(nfes: Sequence[int]) -> None:
