@@ -15,6 +15,7 @@ Run: ``OMP_NUM_THREADS=1 nice python benchmarks/optimize.py`` (defaults: 60 sear
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -62,16 +63,26 @@ def _confirm(report: dict[str, Any], run_dir: Path, nfe: int, samples: int) -> d
             "label": entry["winner" if role == "winner" else "best_baseline"],
             "fd": judge.score_samples(made, nfe, split="held_out").to_json_dict(),
         }
+    # The converged solve on the same noise: FD at 5,000 samples has less bias than at 1,000, so the
+    # winner's ratio to the reference is read against the reference at the same sample count.
+    teacher, spec = judge.teacher("held_out"), judge.teacher_spec
+    out["reference"] = {
+        "label": f"{spec.solver}, {spec.num_steps} {spec.spacing} steps",
+        "fd": judge.score_samples(teacher, spec.num_steps, split="held_out").to_json_dict(),
+    }
     return out
 
 
-def _markdown(report: dict[str, Any], confirm: dict[str, Any] | None, seconds: float) -> str:
+def _markdown(
+    report: dict[str, Any], confirm: dict[str, Any] | None, seconds: float, invocations: int = 1
+) -> str:
     lines = [
         "# stepsearch optimize on the bundled digits DDPM",
         "",
         f"Report seed {report['report']['seed']}, {report['report']['samples']} samples per cell; "
         f"winner picked on seed {report['selection']['seed']} by {report['selection']['metric']}; "
         f"searches on seed 0. Whole run {seconds / 60:.1f} min"
+        + (f" over {invocations} invocations (resumed)" if invocations > 1 else "")
         + (" (**partial**: " + "; ".join(f"NFE {i['nfe']} {i['stage']}: {i['reason']}"
                                           for i in report["incomplete"]) + ")"
            if report["partial"] else "")
@@ -99,8 +110,13 @@ def _markdown(report: dict[str, Any], confirm: dict[str, Any] | None, seconds: f
     if confirm:
         lines += ["", f"NFE 5 on {confirm['samples']} report-seed samples: winner "
                   f"{confirm['winner']['label']} FD {confirm['winner']['fd']['value']:.4g}, best "
-                  f"built-in {confirm['baseline']['label']} FD {confirm['baseline']['fd']['value']:.4g}."]  # fmt: skip
-    lines += ["", "In words:", ""] + [f"- {line}" for line in gains_in_words(report)]
+                  f"built-in {confirm['baseline']['label']} FD {confirm['baseline']['fd']['value']:.4g}"
+                  + (f", converged reference ({confirm['reference']['label']}) FD "
+                     f"{confirm['reference']['fd']['value']:.4g}: winner / reference "
+                     f"{confirm['winner']['fd']['value'] / confirm['reference']['fd']['value']:.3f}"
+                     if "reference" in confirm else "") + "."]  # fmt: skip
+    root = str(RESULTS.parent.parent) + "/"  # scheduler paths relative to the repository
+    lines += ["", "In words:", ""] + [f"- {line.replace(root, '')}" for line in gains_in_words(report)]
     return "\n".join(lines) + "\n"
 
 
@@ -113,7 +129,17 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--cache", default=None)
     parser.add_argument("--out", default=str(RESULTS / "optimize"))
+    parser.add_argument("--replot", action="store_true", help="rewrite the markdown from the JSON")
     args = parser.parse_args()
+    previous_path = Path(args.out + ".json")
+    previous = json.loads(previous_path.read_text()) if previous_path.is_file() else None
+    if args.replot:
+        if previous is None:
+            parser.error(f"--replot: no {previous_path}")
+        atomic_write_text(args.out + ".md", _markdown(
+            previous["report"], previous["confirm_nfe5"], previous["seconds_total"],
+            previous["invocations"]))  # fmt: skip
+        return
     settings = OptimizeSettings()
     if args.quick:
         args.nfe, args.budget_minutes, args.confirm_samples = [4, 6], 2.0, 0
@@ -128,10 +154,15 @@ def main() -> None:
     if args.confirm_samples and 5 in args.nfe:
         confirm = _confirm(result.report, run_dir, 5, args.confirm_samples)
     seconds = time.perf_counter() - began
+    # A rerun resumes the run folder: the whole run's time is every invocation's, added up.
+    same_run = previous is not None and previous["report"]["nfes"] == result.report["nfes"]
+    total = seconds + (previous.get("seconds_total", previous["seconds"]) if same_run else 0.0)
+    invocations = 1 + (previous.get("invocations", 1) if same_run else 0)
     payload = {"report": result.report, "confirm_nfe5": confirm, "seconds": round(seconds, 1),
+               "seconds_total": round(total, 1), "invocations": invocations,
                "quick": args.quick, "environment": environment()}  # fmt: skip
     atomic_write_json(args.out + ".json", payload)
-    atomic_write_text(args.out + ".md", _markdown(result.report, confirm, seconds))
+    atomic_write_text(args.out + ".md", _markdown(result.report, confirm, total, invocations))
     print("\n".join(gains_in_words(result.report)))
 
 

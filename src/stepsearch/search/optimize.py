@@ -1284,8 +1284,19 @@ def _plot(
     metrics = report["report"]["metrics"]
     nfes = [int(n) for n in report["per_nfe"]]
     image_rows = len(grids)
-    figure = plt.figure(figsize=(6 * max(len(metrics) + 1, 2), 4.5 * (1 + image_rows)))
-    grid_spec = figure.add_gridspec(1 + image_rows, len(metrics) + 1)
+    rows, cols = run.settings.grid_rows, run.settings.grid_cols
+    montages = {
+        nfe: {role: _upscaled(made[role], rows, cols, max(1, 48 // max(int(made[role].shape[-2]), 1)))
+              for role in ("baseline", "winner")}
+        for nfe, made in grids.items()
+    }  # fmt: skip
+    width = 6.0 * max(len(metrics) + 1, 2)
+    # An image row is as tall as its montage drawn at half the figure's width, plus its title.
+    aspect = max((m["winner"].shape[0] / m["winner"].shape[1] for m in montages.values()), default=0)
+    heights = [4.5] + [width / 2 * aspect + 0.4] * image_rows
+    figure = plt.figure(figsize=(width, sum(heights)), layout="constrained")
+    outer = figure.add_gridspec(1 + image_rows, 1, height_ratios=heights)
+    grid_spec = outer[0, 0].subgridspec(1, len(metrics) + 1)
     labels: dict[str, str] = {}
     for entry in report["per_nfe"].values():
         for row in entry["rows"]:
@@ -1340,22 +1351,18 @@ def _plot(
     axes.set_title("chosen schedules (solid) vs karras / logSNR / trailing (dotted)")
     if axes.get_legend_handles_labels()[0]:
         axes.legend(fontsize=6)
-    rows, cols = run.settings.grid_rows, run.settings.grid_cols
-    for position, (nfe, made) in enumerate(sorted(grids.items())):
+    for position, (nfe, montage) in enumerate(sorted(montages.items())):
         entry = report["per_nfe"][str(nfe)]
-        height = int(made["winner"].shape[-2])
-        scale = max(1, 48 // max(height, 1))
+        pair = outer[1 + position, 0].subgridspec(1, 2)
         for column, role in enumerate(("baseline", "winner")):
-            axes = figure.add_subplot(grid_spec[1 + position, column])
-            axes.imshow(_upscaled(made[role], rows, cols, scale), cmap="gray", vmin=0, vmax=1,
-                        interpolation="nearest")  # fmt: skip
+            axes = figure.add_subplot(pair[0, column])
+            axes.imshow(montage[role], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
             name = entry["best_baseline"] if role == "baseline" else entry["winner"]
             axes.set_title(f"NFE {nfe}: {'best built-in' if role == 'baseline' else 'optimized'}"
                            f" - {name}", fontsize=9)  # fmt: skip
             axes.axis("off")
     figure.suptitle(f"stepsearch optimize: {report['model']['name']}"
                     + (" (partial)" if report["partial"] else ""))  # fmt: skip
-    figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100)
     plt.close(figure)
