@@ -511,6 +511,13 @@ def default_methods() -> list[Method]:
             set_alpha_to_one=False,
         ),
         Method.diffusers("DPMSolverMultistepScheduler", timestep_spacing="linspace"),
+        # The strongest diffusers built-in at 5-8 NFE on the bundled DDPM (benchmarks/report.py).
+        Method.diffusers(
+            "DPMSolverMultistepScheduler",
+            "diffusers DPMSolverMultistepScheduler 3M (leading)",
+            solver_order=3,
+            timestep_spacing="leading",
+        ),
         Method.diffusers("UniPCMultistepScheduler", timestep_spacing="linspace"),
         Method.diffusers("EulerDiscreteScheduler", timestep_spacing="linspace"),
         Method.stepsearch("ddim", "trailing"),
