@@ -137,8 +137,8 @@ def main() -> None:
         if previous is None:
             parser.error(f"--replot: no {previous_path}")
         atomic_write_text(args.out + ".md", _markdown(
-            previous["report"], previous["confirm_nfe5"], previous["seconds_total"],
-            previous["invocations"]))  # fmt: skip
+            previous["report"], previous.get("confirm_nfe5"),
+            previous.get("seconds_total", previous["seconds"]), previous.get("invocations", 1)))  # fmt: skip
         return
     settings = OptimizeSettings()
     if args.quick:
