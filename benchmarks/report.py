@@ -24,7 +24,12 @@ from pathlib import Path
 import torch
 
 from stepsearch._io import atomic_write_text
-from stepsearch.eval.experiment import Method, load_image_model, run_experiment
+from stepsearch.eval.experiment import (
+    Method,
+    dpm_solver_3m_leading,
+    load_image_model,
+    run_experiment,
+)
 from stepsearch.eval.report import ResultTable, environment
 
 SOLVERS = (
@@ -68,12 +73,7 @@ def baselines() -> list[Method]:
         ),
         Method.diffusers("DPMSolverMultistepScheduler", timestep_spacing="linspace"),
         Method.diffusers("DPMSolverMultistepScheduler", timestep_spacing="trailing"),
-        Method.diffusers(
-            "DPMSolverMultistepScheduler",
-            "diffusers DPMSolverMultistepScheduler 3M (leading)",
-            solver_order=3,
-            timestep_spacing="leading",
-        ),
+        dpm_solver_3m_leading(),
         Method.diffusers("UniPCMultistepScheduler", timestep_spacing="linspace"),
         Method.diffusers("EulerDiscreteScheduler", timestep_spacing="trailing"),
         Method.diffusers("HeunDiscreteScheduler", timestep_spacing="trailing"),

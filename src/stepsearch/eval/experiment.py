@@ -498,6 +498,17 @@ class Method:
         return None
 
 
+def dpm_solver_3m_leading() -> Method:
+    """diffusers' DPM-Solver++(3M) on ``leading`` spacing: the strongest diffusers built-in at 5-8
+    NFE on the bundled DDPM (``benchmarks/report.py``)."""
+    return Method.diffusers(
+        "DPMSolverMultistepScheduler",
+        "diffusers DPMSolverMultistepScheduler 3M (leading)",
+        solver_order=3,
+        timestep_spacing="leading",
+    )
+
+
 def default_methods() -> list[Method]:
     """The demo's line-up: diffusers' built-ins with their own default spacings (set explicitly:
     ``from_config`` of a DDPM config would otherwise carry ``leading`` into every class) vs
@@ -511,13 +522,7 @@ def default_methods() -> list[Method]:
             set_alpha_to_one=False,
         ),
         Method.diffusers("DPMSolverMultistepScheduler", timestep_spacing="linspace"),
-        # The strongest diffusers built-in at 5-8 NFE on the bundled DDPM (benchmarks/report.py).
-        Method.diffusers(
-            "DPMSolverMultistepScheduler",
-            "diffusers DPMSolverMultistepScheduler 3M (leading)",
-            solver_order=3,
-            timestep_spacing="leading",
-        ),
+        dpm_solver_3m_leading(),
         Method.diffusers("UniPCMultistepScheduler", timestep_spacing="linspace"),
         Method.diffusers("EulerDiscreteScheduler", timestep_spacing="linspace"),
         Method.stepsearch("ddim", "trailing"),
