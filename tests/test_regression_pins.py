@@ -1,0 +1,155 @@
+"""Regression pins written *before* the architecture move (issue 20): DP, OLSS and AYS at fixed
+settings must give bitwise the same schedules and coefficients after any refactor.
+
+These are golden values beside the real tests (which check the searches against exact beds); they
+only say "nothing moved". ``python tests/test_regression_pins.py --write`` rewrites the pins; do so
+only for a change that is *meant* to change results, and say so in the commit message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+PINS = Path(__file__).parent / "data" / "regression_pins.json"
+
+
+def _digest(*arrays: object) -> str:
+    hasher = hashlib.sha256()
+    for array in arrays:
+        value = np.ascontiguousarray(np.asarray(array, dtype=np.float64))
+        hasher.update(str(value.shape).encode())
+        hasher.update(value.tobytes())
+    return hasher.hexdigest()
+
+
+def _mixture_source():
+    from stepsearch.noise import DiscreteVP
+    from stepsearch.testbeds.gaussian_mixture import GaussianMixture
+
+    try:
+        from stepsearch.models import DenoiserSource
+    except ImportError:  # before the move
+        from stepsearch.eval.sources import DenoiserSource
+
+    noise = DiscreteVP.from_diffusers_config({"beta_schedule": "scaled_linear"})
+    mixture = GaussianMixture.random(num_components=3, dim=8, noise=noise, seed=7)
+    return DenoiserSource.of_mixture(mixture, name="pin-mixture")
+
+
+def _cache(tmp_path):
+    try:
+        from stepsearch.cache import TensorCache
+    except ImportError:
+        from stepsearch.eval.cache import TensorCache
+    return TensorCache(tmp_path / "cache")
+
+
+def pin_dp(tmp_path) -> dict[str, str]:
+    from stepsearch.search.dynamic import dynamic_schedule, fine_grid
+
+    try:
+        from stepsearch.search.dynamic import record_grid_teacher as record
+    except ImportError:
+        from stepsearch.search.dynamic import record_teacher as record
+    source = _mixture_source()
+    teacher = record(source, fine_grid(source.noise, 24), num_samples=64, seed=3,
+                     cache=_cache(tmp_path))  # fmt: skip
+    out = {}
+    for solver in ("ddim", "dpm_solver_pp_2m", "unipc_bh2"):
+        for nfe in (4, 6):
+            result = dynamic_schedule(teacher, solver, nfe)
+            out[f"{solver}/{nfe}"] = _digest(result.schedule.times, result.path)
+    return out
+
+
+def pin_olss(tmp_path) -> dict[str, str]:
+    from stepsearch.olss.search import search_olss
+
+    source = _mixture_source()
+    out = {}
+    for nfe in (4, 6):
+        result = search_olss(source, nfe, num_samples=48, held_out_samples=32, seed=0,
+                             held_out_seed=1, fd=False, baselines=("ddim",),
+                             spacings=("trailing",), cache=_cache(tmp_path))  # fmt: skip
+        coefficients = result.fit.coefficients
+        out[f"olss/{nfe}"] = _digest(
+            coefficients.schedule.times, coefficients.matrix()
+        )
+    return out
+
+
+def pin_ays(tmp_path) -> dict[str, str]:
+    from stepsearch.ays.search import AYSConfig, search_ays
+
+    try:
+        from stepsearch.eval.objective import Objective
+    except ImportError:
+        from stepsearch.eval import Objective
+    source = _mixture_source()
+    out = {}
+    for solver, nfe in (("dpm_solver_pp_2m", 5), ("ddim", 6)):
+        objective = Objective(source, "traj", num_samples=32, cache=_cache(tmp_path))
+        config = AYSConfig(strategy="direct", num_samples=16, max_sweeps=2, seed=4)
+        result = search_ays(source, solver, nfe, objective=objective, config=config)
+        out[f"ays/{solver}/{nfe}"] = _digest(result.schedule.times)
+    return out
+
+
+def pin_digits(tmp_path) -> dict[str, str]:
+    """The bundled network through the model loader: a DP schedule and an OLSS fit, small."""
+    from stepsearch.olss.search import search_olss
+    from stepsearch.search.dynamic import dynamic_schedule, fine_grid
+
+    try:
+        from stepsearch.models import load_source
+    except ImportError:
+        from stepsearch.eval.sources import load_source
+    try:
+        from stepsearch.search.dynamic import record_grid_teacher as record
+    except ImportError:
+        from stepsearch.search.dynamic import record_teacher as record
+    source = load_source("digits")
+    teacher = record(source, fine_grid(source.noise, 16), num_samples=24, seed=5,
+                     cache=_cache(tmp_path))  # fmt: skip
+    result = dynamic_schedule(teacher, "unipc_bh2", 5)
+    olss = search_olss(source, 4, num_samples=24, held_out_samples=8, fd=False, baselines=(),
+                       cache=_cache(tmp_path))  # fmt: skip
+    coefficients = olss.fit.coefficients
+    return {
+        "dp/unipc_bh2/5": _digest(result.schedule.times, result.path),
+        "olss/4": _digest(coefficients.schedule.times, coefficients.matrix()),
+    }
+
+
+PINNERS = {"dp": pin_dp, "olss": pin_olss, "ays": pin_ays, "digits": pin_digits}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("family", sorted(PINNERS))
+def test_results_are_bitwise_those_pinned_before_the_move(family, tmp_path):
+    pinned = json.loads(PINS.read_text())[family]
+    assert PINNERS[family](tmp_path) == pinned
+
+
+if __name__ == "__main__" and "--write" in sys.argv:
+    import tempfile
+
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as folder:
+        pins = {name: pin(Path(folder) / name) for name, pin in PINNERS.items()}
+    PINS.write_text(json.dumps(pins, indent=1, sort_keys=True) + "\n")
+    print(json.dumps(pins, indent=1))
