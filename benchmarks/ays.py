@@ -25,11 +25,11 @@ import torch
 
 from stepsearch._io import atomic_write_json, atomic_write_text
 from stepsearch.ays.search import AYSConfig, search_ays
-from stepsearch.eval.cache import TensorCache
+from stepsearch.cache import TensorCache
 from stepsearch.eval.objective import Objective
 from stepsearch.eval.report import environment
-from stepsearch.eval.sources import generate_from_source, load_source
 from stepsearch.eval.trajectory import per_sample_rms_error
+from stepsearch.models import generate_from_source, load_source
 from stepsearch.schedule import StepSchedule, ays_gaussian, make_schedule
 from stepsearch.solvers import get_solver
 

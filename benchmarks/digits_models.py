@@ -26,8 +26,8 @@ from stepsearch._io import atomic_write_json, atomic_write_text
 from stepsearch.denoiser import Denoiser
 from stepsearch.eval.features import ensure_features
 from stepsearch.eval.fid import FeatureStatistics, frechet_distance
-from stepsearch.eval.generate import generate
 from stepsearch.eval.report import environment
+from stepsearch.models.source import generate
 from stepsearch.schedule import make_schedule
 from stepsearch.solvers import get_solver
 from stepsearch.testbeds import digits

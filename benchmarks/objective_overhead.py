@@ -19,10 +19,10 @@ import numpy as np
 import torch
 
 from stepsearch._io import atomic_write_json, atomic_write_text
-from stepsearch.eval.cache import TensorCache
+from stepsearch.cache import TensorCache
 from stepsearch.eval.objective import Objective
 from stepsearch.eval.report import environment
-from stepsearch.eval.sources import load_source
+from stepsearch.models import load_source
 from stepsearch.schedule import StepSchedule
 
 RESULTS = Path(__file__).parent / "results"

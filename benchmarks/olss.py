@@ -21,14 +21,14 @@ from typing import Any
 import torch
 
 from stepsearch._io import atomic_write_json, atomic_write_text
-from stepsearch.eval.cache import TensorCache
-from stepsearch.eval.experiment import Method, load_image_model
+from stepsearch.cache import TensorCache
 from stepsearch.eval.features import ensure_features
 from stepsearch.eval.fid import FeatureStatistics, frechet_distance
 from stepsearch.eval.objective import Objective
 from stepsearch.eval.report import environment
-from stepsearch.eval.sources import generate_from_source
 from stepsearch.eval.trajectory import trajectory_error
+from stepsearch.models import Method, load_image_model
+from stepsearch.models.source import generate_from_source
 from stepsearch.olss import OLSS_TEACHER, OLSSSolver, fit_olss, record_teacher
 from stepsearch.schedule import make_schedule
 from stepsearch.solvers import get_solver

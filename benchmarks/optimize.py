@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from stepsearch._io import atomic_write_json, atomic_write_text
-from stepsearch.eval.cache import TensorCache
-from stepsearch.eval.experiment import load_image_model
+from stepsearch.cache import TensorCache
 from stepsearch.eval.objective import Objective
 from stepsearch.eval.report import environment
+from stepsearch.models import load_image_model
 from stepsearch.search.optimize import (
     METHODS,
     REPORT_SEED,
@@ -40,7 +40,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def _confirm(report: dict[str, Any], run_dir: Path, nfe: int, samples: int) -> dict[str, Any]:
     """FD-digits of NFE ``nfe``'s winner and best built-in on ``samples`` report-seed samples."""
-    from stepsearch.eval.generate import generate_with_diffusers_scheduler
+    from stepsearch.models.batches import generate_with_diffusers_scheduler
     from stepsearch.search.optimize import load_scheduler_dir
 
     model = load_image_model("digits")

@@ -24,13 +24,9 @@ from pathlib import Path
 import torch
 
 from stepsearch._io import atomic_write_text
-from stepsearch.eval.experiment import (
-    Method,
-    dpm_solver_3m_leading,
-    load_image_model,
-    run_experiment,
-)
+from stepsearch.eval.experiment import run_experiment
 from stepsearch.eval.report import ResultTable, environment
+from stepsearch.models import Method, dpm_solver_3m_leading, load_image_model
 
 SOLVERS = (
     "ddim",

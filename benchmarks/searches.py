@@ -34,10 +34,10 @@ from typing import Any
 import torch
 
 from stepsearch._io import atomic_write_json, atomic_write_text
-from stepsearch.eval.cache import TensorCache
+from stepsearch.cache import TensorCache
 from stepsearch.eval.objective import Objective
 from stepsearch.eval.report import environment
-from stepsearch.eval.sources import load_source
+from stepsearch.models import load_source
 from stepsearch.schedule import StepSchedule, make_schedule
 from stepsearch.search.autodiffusion import AutoDiffusionSettings, run_autodiffusion_job
 from stepsearch.search.job import num_steps_for_nfe, spacing_schedules

@@ -25,9 +25,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from stepsearch._io import atomic_write_json, atomic_write_text
-from stepsearch.eval.cache import TensorCache
+from stepsearch.cache import TensorCache
 from stepsearch.eval.objective import Objective
-from stepsearch.eval.sources import load_source
+from stepsearch.models import load_source
 from stepsearch.schedule import StepSchedule, make_schedule
 from stepsearch.search.dp_job import DEFAULT_COEFFS, DPSettings, run_dp_search
 from stepsearch.search.dynamic import dynamic_schedule, fine_grid, record_teacher

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from stepsearch.eval.cache import TensorCache
+from stepsearch.cache import TensorCache
 from stepsearch.eval.objective import Objective
-from stepsearch.eval.sources import DenoiserSource
+from stepsearch.models.source import DenoiserSource
 from stepsearch.noise import DiscreteVP
 from stepsearch.search.autodiffusion import (
     AutoDiffusionResult,

@@ -27,9 +27,9 @@ from stepsearch.ays.optimize import (
     subdivide,
 )
 from stepsearch.ays.search import AYSConfig, search_ays
-from stepsearch.eval.cache import TensorCache
+from stepsearch.cache import TensorCache
 from stepsearch.eval.objective import Objective
-from stepsearch.eval.sources import DenoiserSource
+from stepsearch.models.source import DenoiserSource
 from stepsearch.noise import EDM, DiscreteVP, FlowMatching
 from stepsearch.schedule import ays_gaussian, karras, make_schedule
 from stepsearch.schedule_file import ScheduleFile
@@ -304,9 +304,9 @@ _RUN = textwrap.dedent(
     import json, os, signal, sys
     import torch
     from stepsearch.ays.search import AYSConfig, search_ays
-    from stepsearch.eval.cache import TensorCache
+    from stepsearch.cache import TensorCache
     from stepsearch.eval.objective import Objective
-    from stepsearch.eval.sources import DenoiserSource
+    from stepsearch.models.source import DenoiserSource
     from stepsearch.noise import EDM
     from stepsearch.testbeds.gaussian_mixture import GaussianMixture
 

@@ -7,7 +7,7 @@ import json
 from typer.testing import CliRunner
 
 from stepsearch.cli import app
-from stepsearch.eval.sources import load_source
+from stepsearch.models import load_source
 from stepsearch.schedule_file import load_schedule
 
 

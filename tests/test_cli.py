@@ -11,7 +11,7 @@ import typer
 from typer.testing import CliRunner
 
 from stepsearch.cli import app, search_app, search_command
-from stepsearch.eval.experiment import model_noise
+from stepsearch.models import model_noise
 from stepsearch.schedule import StepSchedule
 
 

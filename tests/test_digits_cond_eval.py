@@ -9,7 +9,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from stepsearch.eval.experiment import Method, load_image_model, run_experiment
+from stepsearch.eval.experiment import run_experiment
+from stepsearch.models import Method, load_image_model
 from stepsearch.schedule import StepSchedule
 
 pytestmark = pytest.mark.skipif(
@@ -46,7 +47,7 @@ def test_guided_ddim_is_the_same_sampler_in_stepsearch_and_in_diffusers():
     """At guidance 2, in chunks of 5 (labels must follow the indices, not the chunk): diffusers'
     DDIMScheduler in its own loop == stepsearch's DDIM on its timesteps == DDIM on the
     registry's own guided denoiser ``digits.load("digits-cond").denoiser(i mod 10, 2)``."""
-    from stepsearch.eval.generate import generate
+    from stepsearch.models.source import generate
     from stepsearch.solvers import get_solver
     from stepsearch.testbeds import digits
 
@@ -104,7 +105,7 @@ def test_flow_match_euler_runs_as_a_baseline_and_equals_stepsearch_euler():
 
 
 def test_accuracy_metric_and_the_guidance_in_source_and_provenance():
-    from stepsearch.eval.cache import TensorCache
+    from stepsearch.cache import TensorCache
     from stepsearch.eval.objective import Objective
     from stepsearch.solvers import get_solver
     from stepsearch.testbeds import digits
@@ -186,8 +187,8 @@ def test_optimize_on_digits_cond_records_the_guidance_and_its_grid_is_the_guided
     from safetensors.torch import load_file
 
     import stepsearch.search.optimize as optimize_module
-    from stepsearch.eval.cache import TensorCache
-    from stepsearch.eval.sources import generate_from_source
+    from stepsearch.cache import TensorCache
+    from stepsearch.models.source import generate_from_source
     from stepsearch.schedule_file import ScheduleFile
     from stepsearch.search.dp_job import DPSettings
     from stepsearch.search.optimize import OptimizeSettings, optimize

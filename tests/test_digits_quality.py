@@ -5,9 +5,9 @@ from importlib import resources
 import pytest
 import torch
 
-from stepsearch.eval.experiment import Method, load_image_model
 from stepsearch.eval.features import ensure_features
 from stepsearch.eval.fid import fid_from_features
+from stepsearch.models import Method, load_image_model
 
 NUM_SAMPLES = 400
 
@@ -94,7 +94,7 @@ def test_flow_twin_matches_diffusers_flow_match_euler(flow_model):
     reason="digits-cond is not trained yet: python scripts/train_digits.py --models digits-cond",
 )
 def test_guidance_raises_accuracy_on_the_requested_digit():
-    from stepsearch.eval.generate import generate
+    from stepsearch.models.source import generate
     from stepsearch.schedule import make_schedule
     from stepsearch.solvers import get_solver
     from stepsearch.testbeds import digits

@@ -12,8 +12,9 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from stepsearch.cli import app, expand_list_options
-from stepsearch.eval.generate import chunks_for_process, generate, steps_for_nfe, unit_noise
 from stepsearch.eval.report import Cell, ResultTable, image_grid
+from stepsearch.models.batches import chunks_for_process, steps_for_nfe, unit_noise
+from stepsearch.models.source import generate
 from stepsearch.noise import DiscreteVP
 from stepsearch.schedule import logsnr_uniform, make_schedule
 from stepsearch.solvers import get_solver

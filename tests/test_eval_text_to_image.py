@@ -23,14 +23,11 @@ from typer.testing import CliRunner
 
 from stepsearch.cli import app
 from stepsearch.eval import ClipScorer, FeatureStatistics, InceptionFeatures, ensure_features
-from stepsearch.eval.experiment import (
-    Method,
-    load_image_model,
-    run_experiment,
-)
+from stepsearch.eval.experiment import run_experiment
 from stepsearch.eval.features import INCEPTION_FILENAME
 from stepsearch.eval.images import iter_image_batches
-from stepsearch.eval.text_to_image import (
+from stepsearch.models import Method, load_image_model
+from stepsearch.models.text_to_image import (
     TextToImageModel,
     generate_images,
     read_prompts,

@@ -9,9 +9,9 @@ import torch
 from typer.testing import CliRunner
 
 from stepsearch.cli import app
-from stepsearch.eval.generate import generate_with_diffusers_scheduler
 from stepsearch.integrations.diffusers import StepsearchScheduler, scheduler_for_solver
 from stepsearch.integrations.export import diffusers_scheduler, export_schedule
+from stepsearch.models.batches import generate_with_diffusers_scheduler
 from stepsearch.noise import EDM
 from stepsearch.schedule import StepSchedule, karras, logsnr_uniform, make_schedule
 from stepsearch.testbeds import digits
@@ -89,6 +89,6 @@ def test_export_cli_prints_json_to_stdout(tmp_path):
 
 
 def _digits_noise():
-    from stepsearch.eval.experiment import model_noise
+    from stepsearch.models import model_noise
 
     return model_noise("digits")

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from stepsearch.eval.cache import TensorCache
+from stepsearch.cache import TensorCache
 from stepsearch.eval.objective import Objective, TeacherSpec
-from stepsearch.eval.sources import DenoiserSource
+from stepsearch.models.source import DenoiserSource
 from stepsearch.noise import EDM, DiscreteVP
 from stepsearch.schedule import karras, logsnr_uniform
 from stepsearch.testbeds.gaussian_mixture import GaussianMixture
@@ -48,7 +48,7 @@ def test_teacher_is_the_exact_ode_solution(gaussian, tmp_path):
 
 
 def _gen(seed, index):
-    from stepsearch.eval.generate import sample_generator
+    from stepsearch.models.batches import sample_generator
 
     return sample_generator(seed, index)
 
@@ -224,8 +224,8 @@ def test_score_samples_of_a_diffusers_loop_matches_the_solver():
     objective's noise, must score what stepsearch's DDIM scores on the same schedule."""
     from diffusers import DDIMScheduler
 
-    from stepsearch.eval.experiment import load_image_model
-    from stepsearch.eval.generate import generate_with_diffusers_scheduler
+    from stepsearch.models import load_image_model
+    from stepsearch.models.batches import generate_with_diffusers_scheduler
     from stepsearch.schedule import diffusers_spacing
 
     model = load_image_model("digits")

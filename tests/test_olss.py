@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from stepsearch.eval.cache import TensorCache
+from stepsearch.cache import TensorCache
 from stepsearch.eval.objective import Objective, TeacherSpec
-from stepsearch.eval.sources import DenoiserSource
+from stepsearch.models.source import DenoiserSource
 from stepsearch.noise import EDM, DiscreteVP, FlowMatching
 from stepsearch.olss import (
     OLSSCoefficients,

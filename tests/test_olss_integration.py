@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from stepsearch.eval.cache import TensorCache
+from stepsearch.cache import TensorCache
 from stepsearch.schedule_file import ScheduleFile
 
 pytest.importorskip("transformers")
@@ -19,7 +19,7 @@ def text_model(tmp_path_factory):
     from diffusers import PNDMScheduler
     from tiny_pipeline import SD_SCHEDULER_CONFIG, tiny_pipeline
 
-    from stepsearch.eval.text_to_image import TextToImageModel
+    from stepsearch.models.text_to_image import TextToImageModel
 
     pipe = tiny_pipeline(
         tmp_path_factory.mktemp("tiny"), PNDMScheduler.from_config(SD_SCHEDULER_CONFIG)
@@ -28,8 +28,8 @@ def text_model(tmp_path_factory):
 
 
 def test_pipeline_olss_beats_dpm_solver_2m_and_runs_in_the_pipeline(text_model, tmp_path):
-    from stepsearch.eval.text_to_image import generate_images
     from stepsearch.integrations.olss import StepsearchOLSSScheduler
+    from stepsearch.models.text_to_image import generate_images
     from stepsearch.olss.search import search_olss_pipeline
 
     result = search_olss_pipeline(

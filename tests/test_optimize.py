@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from stepsearch.ays.search import AYSConfig
-from stepsearch.eval.cache import TensorCache
-from stepsearch.eval.sources import DenoiserSource
+from stepsearch.cache import TensorCache
+from stepsearch.models.source import DenoiserSource
 from stepsearch.noise import DiscreteVP
 from stepsearch.schedule_file import ScheduleFile
 from stepsearch.search import optimize as optimize_module

@@ -11,7 +11,7 @@ import textwrap
 import pytest
 from safetensors import safe_open
 
-from stepsearch.eval.cache import TensorCache
+from stepsearch.cache import TensorCache
 from stepsearch.search.optimize import OptimizeSettings, optimize
 
 SETTINGS = OptimizeSettings(
@@ -35,7 +35,7 @@ REPLAY = textwrap.dedent(
     import stepsearch.integrations.diffusers as drop_in
     import stepsearch.integrations.olss as olss
     import diffusers
-    from stepsearch.eval.generate import sample_generator
+    from stepsearch.models.batches import sample_generator
     from stepsearch.testbeds import digits
 
     folder, role, directory, steps = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])

@@ -25,10 +25,10 @@ from test_pipeline_source import write_pairs
 from tiny_pipeline import IMAGE_SIZE, SD_SCHEDULER_CONFIG, tiny_pipeline
 
 from stepsearch.ays.search import AYSConfig
-from stepsearch.eval.cache import TensorCache
-from stepsearch.eval.pipeline_source import PipelineSource, pipeline_digest
-from stepsearch.eval.sources import generate_from_source
-from stepsearch.eval.text_to_image import TextToImageModel, load_pipeline
+from stepsearch.cache import TensorCache
+from stepsearch.models.pipeline import PipelineSource, pipeline_digest
+from stepsearch.models.source import generate_from_source
+from stepsearch.models.text_to_image import TextToImageModel, load_pipeline
 from stepsearch.schedule_file import ScheduleFile
 from stepsearch.search import optimize as optimize_module
 from stepsearch.search.dp_job import DPSettings
@@ -63,7 +63,7 @@ REPLAY = textwrap.dedent(
     from safetensors.torch import load_file
     import stepsearch.integrations.diffusers as drop_in
     import stepsearch.integrations.olss as olss
-    from stepsearch.eval.generate import sample_generator
+    from stepsearch.models.batches import sample_generator
 
     torch.set_num_threads(1)
     pipeline_dir, folder = sys.argv[1], sys.argv[2]

@@ -26,13 +26,13 @@ from tiny_pipeline import (
     tiny_sdxl_pipeline,
 )
 
-from stepsearch.eval.pipeline_source import (
+from stepsearch.models.pipeline import (
     PipelineSource,
     encode_images,
     load_prompt_image_pairs,
 )
-from stepsearch.eval.sources import SampleSource, generate_from_source
-from stepsearch.eval.text_to_image import TextToImageModel, generate_images
+from stepsearch.models.source import SampleSource, generate_from_source
+from stepsearch.models.text_to_image import TextToImageModel, generate_images
 from stepsearch.schedule import make_schedule
 from stepsearch.solvers import get_solver
 

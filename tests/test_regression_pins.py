@@ -36,7 +36,7 @@ def _mixture_source():
     try:
         from stepsearch.models import DenoiserSource
     except ImportError:  # before the move
-        from stepsearch.eval.sources import DenoiserSource
+        from stepsearch.models.source import DenoiserSource
 
     noise = DiscreteVP.from_diffusers_config({"beta_schedule": "scaled_linear"})
     mixture = GaussianMixture.random(num_components=3, dim=8, noise=noise, seed=7)
@@ -47,7 +47,7 @@ def _cache(tmp_path):
     try:
         from stepsearch.cache import TensorCache
     except ImportError:
-        from stepsearch.eval.cache import TensorCache
+        from stepsearch.cache import TensorCache
     return TensorCache(tmp_path / "cache")
 
 
@@ -110,7 +110,7 @@ def pin_digits(tmp_path) -> dict[str, str]:
     try:
         from stepsearch.models import load_source
     except ImportError:
-        from stepsearch.eval.sources import load_source
+        from stepsearch.models import load_source
     try:
         from stepsearch.search.dynamic import record_grid_teacher as record
     except ImportError:

@@ -9,10 +9,10 @@ import optuna
 import pytest
 from typer.testing import CliRunner
 
+from stepsearch.cache import TensorCache
 from stepsearch.cli import app
-from stepsearch.eval.cache import TensorCache
 from stepsearch.eval.objective import Objective
-from stepsearch.eval.sources import DenoiserSource
+from stepsearch.models.source import DenoiserSource
 from stepsearch.noise import DiscreteVP
 from stepsearch.schedule_file import ScheduleFile
 from stepsearch.search.dp_job import DPSettings, run_dp_search

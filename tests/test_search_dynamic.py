@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from stepsearch.eval.cache import TensorCache
+from stepsearch.cache import TensorCache
 from stepsearch.eval.objective import Objective
-from stepsearch.eval.sources import DenoiserSource
+from stepsearch.models.source import DenoiserSource
 from stepsearch.noise import DiscreteVP, FlowMatching
 from stepsearch.schedule import StepSchedule, karras, logsnr_uniform, time_uniform
 from stepsearch.search import dynamic

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stepsearch.eval.cache import TensorCache
+from stepsearch.cache import TensorCache
 from stepsearch.eval.objective import Objective, Score
-from stepsearch.eval.sources import DenoiserSource
+from stepsearch.models.source import DenoiserSource
 from stepsearch.noise import EDM, DiscreteVP
 from stepsearch.schedule import StepSchedule, karras, logsnr_uniform
 from stepsearch.search.store import StudyStore, candidate_key, storage_url

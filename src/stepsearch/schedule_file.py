@@ -67,7 +67,7 @@ def _version() -> str:
 class Provenance:
     """What a schedule was fitted for and how well it did (module docstring).
 
-    ``model`` is ``{"name", "digest"}`` (:class:`~stepsearch.eval.sources.ModelIdentity`),
+    ``model`` is ``{"name", "digest"}`` (:class:`~stepsearch.models.source.ModelIdentity`),
     ``solver`` ``{"name", "config"}``, ``scores`` ``{"search": ..., "held_out": ...}`` (each a
     :meth:`~stepsearch.eval.objective.Score.to_json_dict`), ``seeds`` ``{"search", "held_out"}``,
     ``search`` ``{"family", "settings"}``; ``extra`` holds anything else (JSON).

@@ -150,9 +150,9 @@ class KLUBEstimator:
     Args:
         denoiser: ``(x, t) -> x0_hat`` on ``denoiser.noise`` (per-sample ``t`` tensors allowed).
         data: real samples ``(N, ...)`` in the space the denoiser works in (latents for a latent
-            model: see :func:`~stepsearch.eval.pipeline_source.encode_images`).
+            model: see :func:`~stepsearch.models.pipeline.encode_images`).
         conditioned: for conditional data, the denoiser of a batch of data indices (e.g.
-            :meth:`SampleSource.denoiser <stepsearch.eval.sources.SampleSource.denoiser>` of a
+            :meth:`SampleSource.denoiser <stepsearch.models.source.SampleSource.denoiser>` of a
             pipeline whose prompt ``i`` describes ``data[i]``): every row is denoised conditioned
             on its own data sample's prompt or label, as in the paper's text-to-image setup.
             ``None``: ``denoiser`` for every row.

@@ -30,7 +30,7 @@ three model evaluations per Monte Carlo sample instead of two and touches three 
 
 Text-to-image and latent models (the paper's COCO setup): :func:`pipeline_ays_inputs` turns a local
 diffusers pipeline and a folder of (prompt, image) pairs into a
-:class:`~stepsearch.eval.pipeline_source.PipelineSource` (the UNet conditioned on each pair's
+:class:`~stepsearch.models.pipeline.PipelineSource` (the UNet conditioned on each pair's
 prompt, guided) and the pairs' VAE latents; every KLUB sample is denoised with its own caption::
 
     source, latents = pipeline_ays_inputs("./sd15", "./coco_pairs", guidance_scale=7.5)
@@ -65,9 +65,9 @@ from stepsearch.ays.optimize import (
     initial_state,
     subdivide,
 )
-from stepsearch.eval.cache import tensor_digest
+from stepsearch.cache import tensor_digest
 from stepsearch.eval.objective import Objective, Score
-from stepsearch.eval.sources import SampleSource
+from stepsearch.models.source import SampleSource
 from stepsearch.noise import DiscreteVP, FlowMatching, NoiseSchedule
 from stepsearch.schedule import StepSchedule, loglinear_interpolate, make_schedule
 from stepsearch.schedule_file import ScheduleFile
@@ -313,7 +313,7 @@ def search_ays(
 
     ``data`` lives in the space the solver integrates (latents for a latent model). For a
     conditional source, ``data[i]`` goes with the conditioning of sample index ``i`` (a
-    :class:`~stepsearch.eval.pipeline_source.PipelineSource` built on the pairs' prompts: see
+    :class:`~stepsearch.models.pipeline.PipelineSource` built on the pairs' prompts: see
     :func:`pipeline_ays_inputs`), and every KLUB row is denoised with its own sample's prompt."""
     began = time.perf_counter()
     config = config or AYSConfig()
@@ -330,7 +330,7 @@ def search_ays(
         raise ValueError(
             f"data samples have shape {tuple(samples.shape[1:])}, the model's are "
             f"{tuple(source.sample_shape)} (a latent model needs latents: "
-            "stepsearch.eval.pipeline_source.encode_images)"
+            "stepsearch.models.pipeline.encode_images)"
         )
     order = config.order or klub_order(run_solver)
     estimator = KLUBEstimator(
@@ -462,16 +462,16 @@ def pipeline_ays_inputs(
 ) -> tuple[SampleSource, Tensor]:
     """The source and KLUB data of Align Your Steps on a text-to-image pipeline (the paper's COCO
     setup): (prompt, image) pairs from the folder ``pairs`` (``metadata.jsonl``, see
-    :func:`~stepsearch.eval.pipeline_source.load_prompt_image_pairs`) resized to the pipeline's
+    :func:`~stepsearch.models.pipeline.load_prompt_image_pairs`) resized to the pipeline's
     native size and encoded by its VAE; the source's prompt ``i`` is pair ``i``'s, so each data
     latent is denoised conditioned on its own caption, with classifier-free guidance at
     ``guidance_scale``."""
-    from stepsearch.eval.pipeline_source import (
+    from stepsearch.models.pipeline import (
         PipelineSource,
         encode_images,
         load_prompt_image_pairs,
     )
-    from stepsearch.eval.text_to_image import TextToImageModel, load_pipeline, native_image_size
+    from stepsearch.models.text_to_image import TextToImageModel, load_pipeline, native_image_size
 
     pipe = load_pipeline(pipeline, device=device)
     loaded = load_prompt_image_pairs(pairs, size=native_image_size(pipe))
@@ -507,9 +507,9 @@ def run_ays_job(
     proxy objective (``metric`` on ``proxy_samples`` samples;
     for ``traj`` the teacher is DPM-Solver++(3M) on ``teacher_steps`` logSNR steps, cached), search (resuming ``checkpoint``, default ``OUT.ckpt.json``), write the schedule
     file to ``out`` and the plot to ``plot`` (default ``OUT`` with ``.png``; ``""`` for none)."""
-    from stepsearch.eval.cache import TensorCache
+    from stepsearch.cache import TensorCache
     from stepsearch.eval.objective import TeacherSpec
-    from stepsearch.eval.sources import load_source
+    from stepsearch.models import load_source
 
     samples: Tensor | str | os.PathLike[str] | None = data
     if pipeline is not None:

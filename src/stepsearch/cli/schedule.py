@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 
 from stepsearch.cli._common import HelpGroup, ListOptionsCommand, console, usage_errors
-from stepsearch.eval.experiment import model_noise
+from stepsearch.models import model_noise
 from stepsearch.noise import EDM, DiscreteVP, FlowMatching, NoiseSchedule
 from stepsearch.schedule import SPACINGS, StepSchedule, make_schedule
 

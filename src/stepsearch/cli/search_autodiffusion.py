@@ -65,9 +65,9 @@ def autodiffusion_command(
     """
     import optuna
 
-    from stepsearch.eval.cache import TensorCache
+    from stepsearch.cache import TensorCache
     from stepsearch.eval.objective import Objective
-    from stepsearch.eval.sources import load_source
+    from stepsearch.models import load_source
     from stepsearch.search.autodiffusion import AutoDiffusionSettings, run_autodiffusion_job
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -68,9 +68,9 @@ def dp_command(
     """Dynamic-programming schedule (GITS / OSS style) for one solver and NFE; writes
     `best_schedule.json`, `scheduler/`, `result.json`, `progress.png` and the study store
     (`study.sqlite3` unless `--storage`) under `--out`."""
-    from stepsearch.eval.cache import TensorCache
+    from stepsearch.cache import TensorCache
     from stepsearch.eval.objective import Objective
-    from stepsearch.eval.sources import load_source
+    from stepsearch.models import load_source
     from stepsearch.search.dp_job import run_dp_search
     from stepsearch.search.dynamic import layer_rules
     from stepsearch.solvers import get_solver

@@ -64,7 +64,11 @@ def olss_command(
         if pipeline is not None:
             if prompts is None:
                 raise ValueError("--pipeline needs --prompts")
-            from stepsearch.eval.text_to_image import TextToImageModel, load_pipeline, read_prompts
+            from stepsearch.models.text_to_image import (
+                TextToImageModel,
+                load_pipeline,
+                read_prompts,
+            )
 
             text_model = TextToImageModel(
                 load_pipeline(pipeline, device=device),
@@ -78,7 +82,7 @@ def olss_command(
                 held_out_seed=seed + 1, progress=True,
             )  # fmt: skip
         else:
-            from stepsearch.eval.sources import load_source
+            from stepsearch.models import load_source
 
             result = search_olss(
                 load_source(model, device=device, guidance_scale=guidance_scale), nfe,

@@ -24,12 +24,11 @@ from stepsearch.eval.experiment import (
     METRICS,
     TEXT_TO_IMAGE_METRICS,
     FeatureReference,
-    Method,
-    load_image_model,
     run_experiment,
 )
 from stepsearch.eval.fid import FeatureStatistics
 from stepsearch.eval.report import ResultTable, environment, save_sample_grid
+from stepsearch.models import Method, load_image_model
 from stepsearch.schedule import SPACINGS, StepSchedule
 from stepsearch.schedule_file import load_schedule
 from stepsearch.solvers import SOLVERS
@@ -376,7 +375,7 @@ def _run_text_to_image(
     accelerator: Any | None,
     on_samples: OnSamples,
 ) -> tuple[dict[str, ResultTable], dict[str, Any]]:
-    from stepsearch.eval.text_to_image import TextToImageModel, load_pipeline, read_prompts
+    from stepsearch.models.text_to_image import TextToImageModel, load_pipeline, read_prompts
 
     assert inputs.pipeline is not None and inputs.prompts is not None
     prompts = read_prompts(inputs.prompts)

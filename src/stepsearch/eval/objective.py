@@ -1,6 +1,6 @@
 """The public objective every search calls: one sample source, one metric, fixed seeds, one cache.
 
-An :class:`Objective` is built once from a :class:`~stepsearch.eval.sources.SampleSource`, a metric
+An :class:`Objective` is built once from a :class:`~stepsearch.models.source.SampleSource`, a metric
 and a number of samples; calling it on a candidate (a :class:`~stepsearch.schedule.StepSchedule`, or
 a solver plan, with a solver) returns a :class:`Score` with its uncertainty::
 
@@ -16,7 +16,7 @@ a solver plan, with a solver) returns a :class:`Score` with its uncertainty::
   reports call the second. The two seeds must differ.
 - **Computed once.** The teacher (a converged ODE solution from the same noise, for ``traj``) and the
   reference features (for ``fd`` / ``kid``) are cached in memory and on disk
-  (:class:`~stepsearch.eval.cache.TensorCache`), keyed by the model's identity, the noise schedule,
+  (:class:`~stepsearch.cache.TensorCache`), keyed by the model's identity, the noise schedule,
   the seeds and the settings: a second search on the same model reuses them.
 
 Metrics (:data:`OBJECTIVE_METRICS`, all lower-is-better):
@@ -41,10 +41,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from stepsearch.eval.cache import TensorCache, tensor_digest
+from stepsearch.cache import TensorCache, tensor_digest
 from stepsearch.eval.fid import FeatureStatistics, frechet_distance, kernel_inception_distance
-from stepsearch.eval.sources import SampleSource, generate_from_source
 from stepsearch.eval.trajectory import per_sample_rms_error
+from stepsearch.models.source import SampleSource, generate_from_source
 from stepsearch.schedule import StepSchedule, make_schedule
 from stepsearch.schedule_file import Provenance
 from stepsearch.solvers import get_solver
@@ -123,7 +123,7 @@ class Objective:
     """Scores candidate schedules / plans on a sample source (module docstring).
 
     Args:
-        source: the model (:class:`~stepsearch.eval.sources.SampleSource`).
+        source: the model (:class:`~stepsearch.models.source.SampleSource`).
         metric: one of :data:`OBJECTIVE_METRICS`.
         num_samples: samples per candidate on the search seed.
         search_seed / held_out_seed: the two noise streams; they must differ.

@@ -32,8 +32,8 @@ from diffusers.configuration_utils import register_to_config
 from numpy.typing import ArrayLike
 
 from stepsearch.integrations.diffusers import StepsearchScheduler, StepsearchSchedulerOutput
-from stepsearch.olss.solver import OLSSCoefficients, OLSSSolver
 from stepsearch.schedule import StepSchedule
+from stepsearch.solvers.olss import OLSSCoefficients, OLSSSolver
 
 __all__ = ["RecordingScheduler", "RolloutFitScheduler", "StepsearchOLSSScheduler"]
 

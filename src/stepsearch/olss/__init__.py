@@ -5,7 +5,7 @@ user's own model and shipped as data.
   loop or a recording drop-in scheduler, cached as safetensors shards) and their QR summary;
 - :mod:`~stepsearch.olss.fit`: least-squares coefficients along a path of teacher indices, and the
   path searches (the paper's greedy search, the uniform path, an exact DP);
-- :mod:`~stepsearch.olss.solver`: the fitted rule as JSON data and the solver that runs it;
+- :mod:`~stepsearch.solvers.olss`: the fitted rule as JSON data and the solver that runs it;
 - :mod:`~stepsearch.olss.search`: the whole job (teacher, fit, scores against baselines, files).
 """
 
@@ -19,7 +19,6 @@ from stepsearch.olss.fit import (
     teacher_forced_fit,
     uniform_path,
 )
-from stepsearch.olss.solver import OLSSCoefficients, OLSSSolver, ddim_coefficients
 from stepsearch.olss.trajectories import (
     OLSS_TEACHER,
     TeacherRecording,
@@ -28,6 +27,7 @@ from stepsearch.olss.trajectories import (
     record_pipeline_teacher,
     record_teacher,
 )
+from stepsearch.solvers.olss import OLSSCoefficients, OLSSSolver, ddim_coefficients
 
 __all__ = [
     "OLSS_TEACHER",

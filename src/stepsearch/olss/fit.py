@@ -36,9 +36,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from stepsearch.olss.solver import BASES, OLSSCoefficients
 from stepsearch.olss.trajectories import TeacherRecording, TrajectorySummary
 from stepsearch.schedule import StepSchedule
+from stepsearch.solvers.olss import BASES, OLSSCoefficients
 
 __all__ = [
     "PATH_SEARCHES",

@@ -1,6 +1,6 @@
 """The whole OLSS job: record a teacher, fit, score against the built-in solvers, write the files.
 
-:func:`search_olss` (an unconditional :class:`~stepsearch.eval.sources.SampleSource`) and
+:func:`search_olss` (an unconditional :class:`~stepsearch.models.source.SampleSource`) and
 :func:`search_olss_pipeline` (a text-to-image pipeline with classifier-free guidance) return an
 :class:`OLSSResult` and, with ``out``, write into that directory:
 
@@ -29,14 +29,14 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from stepsearch._io import atomic_write_json, atomic_write_text
-from stepsearch.eval.cache import TensorCache
+from stepsearch.cache import TensorCache
 from stepsearch.eval.objective import Objective, TeacherSpec
-from stepsearch.eval.sources import SampleSource
+from stepsearch.models.source import SampleSource
 from stepsearch.olss.fit import PATH_SEARCHES, REFITS, OLSSFit, best_of, fit_olss
-from stepsearch.olss.solver import OLSSSolver
 from stepsearch.olss.trajectories import OLSS_TEACHER, record_pipeline_teacher, record_teacher
 from stepsearch.schedule import make_schedule
 from stepsearch.schedule_file import Provenance, ScheduleFile
+from stepsearch.solvers.olss import OLSSSolver
 
 __all__ = ["BASELINES", "BASELINE_SPACINGS", "OLSSResult", "search_olss", "search_olss_pipeline"]
 
@@ -367,17 +367,17 @@ def search_olss_pipeline(
     chunk_size: int = 16,
     progress: bool = False,
 ) -> OLSSResult:
-    """OLSS for a :class:`~stepsearch.eval.text_to_image.TextToImageModel` (its prompts and
+    """OLSS for a :class:`~stepsearch.models.text_to_image.TextToImageModel` (its prompts and
     guidance scale): the teacher is recorded in latent space through a recording scheduler (the
     guided output); the path is searched teacher-forced and refitted by a rollout inside one
     pipeline call over all ``num_samples`` (:class:`~stepsearch.integrations.olss.RolloutFitScheduler`;
     ``refit="teacher"`` keeps the paper's fit); the report compares decoded images with the
     pipeline's many-step reference (the teacher's solver and steps) on held-out noise."""
-    from stepsearch.eval.experiment import Method
-    from stepsearch.eval.sources import digest_text, module_digest
-    from stepsearch.eval.text_to_image import generate_images
     from stepsearch.eval.trajectory import trajectory_error
     from stepsearch.integrations.olss import StepsearchOLSSScheduler
+    from stepsearch.models import Method
+    from stepsearch.models.source import digest_text, module_digest
+    from stepsearch.models.text_to_image import generate_images
 
     _check_options(search, refit)
     cache = cache if cache is not None else TensorCache.default()
@@ -488,10 +488,10 @@ def search_olss_pipeline(
 
 def _pipeline_rollout(model: Any, recording: Any, fit: OLSSFit, seed: int) -> OLSSFit:
     """Refit ``fit``'s path along the pipeline's own points (one call over all teacher samples)."""
-    from stepsearch.eval.text_to_image import generate_images
     from stepsearch.integrations.olss import RolloutFitScheduler
+    from stepsearch.models.text_to_image import generate_images
     from stepsearch.olss.fit import RolloutFitter
-    from stepsearch.olss.solver import OLSSCoefficients
+    from stepsearch.solvers.olss import OLSSCoefficients
 
     start = time.perf_counter()
     scheduler = RolloutFitScheduler.from_config(model.scheduler_config, solver="ddim")

@@ -3,9 +3,9 @@
 OLSS (Duan et al. 2023, Sec. 3.2) fits its coefficients to the trajectory of a converged sampler:
 the samples ``x_0 = x_T, x_1, .., x_K`` at the teacher's times ``tau_0 > .. > tau_K`` and the model
 outputs ``denoised_0 .. denoised_{K-1}`` seen on the way. :func:`record_teacher` records them
-through the one sampling loop (:func:`~stepsearch.eval.sources.generate_from_source`'s
+through the one sampling loop (:func:`~stepsearch.models.source.generate_from_source`'s
 ``on_step``), chunk by chunk; each chunk is a *shard* stored in the
-:class:`~stepsearch.eval.cache.TensorCache` (safetensors, keyed by the model identity, the noise
+:class:`~stepsearch.cache.TensorCache` (safetensors, keyed by the model identity, the noise
 schedule, the teacher, the seed and the sample range), so memory stays bounded by one chunk and a
 second fit on the same model reuses the shards. :func:`record_pipeline_teacher` does the same for a
 diffusers text-to-image pipeline through a recording scheduler around the drop-in scheduler, so what
@@ -27,9 +27,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from stepsearch.eval.cache import TensorCache
+from stepsearch.cache import TensorCache
 from stepsearch.eval.objective import TeacherSpec
-from stepsearch.eval.sources import SampleSource, generate_from_source
+from stepsearch.models.source import SampleSource, generate_from_source
 from stepsearch.noise import NoiseSchedule
 from stepsearch.sampling import StepRecord
 from stepsearch.schedule import StepSchedule, make_schedule
@@ -287,12 +287,12 @@ def record_pipeline_teacher(
     chunk_size: int = 16,
     progress: bool | str = False,
 ) -> TeacherRecording:
-    """Teacher trajectories of a :class:`~stepsearch.eval.text_to_image.TextToImageModel` (its
+    """Teacher trajectories of a :class:`~stepsearch.models.text_to_image.TextToImageModel` (its
     prompts and guidance scale) in latent space, through a recording drop-in scheduler; image
     ``i`` starts from the latent noise of ``(seed, i)`` as in
-    :func:`~stepsearch.eval.text_to_image.generate_images`."""
-    from stepsearch.eval.sources import digest_text, module_digest
-    from stepsearch.eval.text_to_image import generate_images
+    :func:`~stepsearch.models.text_to_image.generate_images`."""
+    from stepsearch.models.source import digest_text, module_digest
+    from stepsearch.models.text_to_image import generate_images
 
     noise = model.noise
     schedule = make_schedule(noise, teacher.num_steps, teacher.spacing)

@@ -49,8 +49,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from stepsearch.eval.cache import TensorCache
-from stepsearch.eval.sources import SampleSource, generate_from_source
+from stepsearch.cache import TensorCache
+from stepsearch.models.source import SampleSource, generate_from_source
 from stepsearch.noise import NoiseSchedule
 from stepsearch.schedule import StepSchedule, make_schedule
 from stepsearch.solvers import DDIM, DPMSolver, DPMSolverPP, Euler, UniPC, get_solver

@@ -23,7 +23,7 @@
 
 Text-to-image pipelines (``pipeline=`` a local Stable Diffusion 1.x / 2.x or SDXL directory,
 ``prompts=``, ``guidance_scale=``): the searches run on a
-:class:`~stepsearch.eval.pipeline_source.PipelineSource` (the UNet conditioned on sample ``i``'s
+:class:`~stepsearch.models.pipeline.PipelineSource` (the UNet conditioned on sample ``i``'s
 prompt ``i mod len(prompts)``, classifier-free guided, in latent space; samples are VAE-decoded
 images), the diffusers baselines run in the pipeline's own loop from the same latent noise and
 prompts, and both judges are trajectory error of the decoded images (there is no feature network
@@ -66,12 +66,12 @@ from torch import Tensor
 
 from stepsearch._io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from stepsearch.ays.search import AYSConfig, search_ays
-from stepsearch.eval.cache import TensorCache, tensor_digest
-from stepsearch.eval.experiment import ImageModel, Method, default_methods, load_image_model
+from stepsearch.cache import TensorCache, tensor_digest
 from stepsearch.eval.objective import Objective, Score
-from stepsearch.eval.pipeline_source import PipelineSource, encode_images, load_prompt_image_pairs
-from stepsearch.eval.sources import ClassConditionalSource, SampleSource, generate_from_source
-from stepsearch.eval.text_to_image import (
+from stepsearch.models import ImageModel, Method, default_methods, load_image_model
+from stepsearch.models.pipeline import PipelineSource, encode_images, load_prompt_image_pairs
+from stepsearch.models.source import ClassConditionalSource, SampleSource, generate_from_source
+from stepsearch.models.text_to_image import (
     TextToImageModel,
     generate_images,
     load_pipeline,
@@ -286,7 +286,7 @@ def _solver_from_json(payload: dict[str, Any]) -> Solver:
     name = str(payload["name"])
     config = {k: v for k, v in dict(payload.get("config", {})).items() if k != "name"}
     if name == "olss":
-        from stepsearch.olss.solver import OLSSSolver
+        from stepsearch.solvers.olss import OLSSSolver
 
         return OLSSSolver.from_config(config)
     return get_solver(name, **config)
@@ -340,7 +340,7 @@ def text_to_image_model(
     device: str = "cpu",
 ) -> TextToImageModel:
     """A local text-to-image pipeline directory (``model_index.json``, loaded by
-    :func:`~stepsearch.eval.text_to_image.load_pipeline`, never from the hub) or pipeline object,
+    :func:`~stepsearch.models.text_to_image.load_pipeline`, never from the hub) or pipeline object,
     with its prompts (a list, or a file of one prompt per line) and guidance scale (default 7.5,
     diffusers' own; guidance runs above 1), checked for a discrete VP scheduler config.
 
@@ -528,7 +528,7 @@ def optimize(
 ) -> OptimizeResult:
     """Run the searches ``methods`` at every NFE of ``nfes`` on ``model`` (``"digits"``, a local
     diffusers ``UNet2DModel`` directory, an :class:`ImageModel`, a
-    :class:`~stepsearch.eval.text_to_image.TextToImageModel` or any sample source) within
+    :class:`~stepsearch.models.text_to_image.TextToImageModel` or any sample source) within
     ``budget_minutes`` of search time, select and report on unseen noise, write everything under
     ``out`` (module docstring).
 

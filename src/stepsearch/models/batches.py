@@ -16,7 +16,6 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from stepsearch.denoiser import Denoiser
 from stepsearch.schedule import StepSchedule
 from stepsearch.solvers.base import Solver, schedule_facts
 
@@ -81,44 +80,6 @@ def generate_chunks(
     if not results:
         raise ValueError("num_samples must be positive")
     return torch.cat([samples for _, samples in results])
-
-
-def generate(
-    denoiser: Denoiser,
-    schedule: StepSchedule,
-    solver: Solver,
-    num_samples: int,
-    sample_shape: Sequence[int],
-    *,
-    seed: int = 0,
-    chunk_size: int = 250,
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32,
-    accelerator: Any | None = None,
-    progress: bool | str = True,
-) -> Tensor:
-    """``num_samples`` samples of ``sample_shape`` along ``schedule`` with ``solver``.
-
-    Initial noise follows :func:`stepsearch.sampling.initial_noise`'s scaling with per-index
-    generators. Deterministic solvers give results independent of ``chunk_size`` up to float
-    reduction order; stochastic ones draw step noise from a per-chunk generator.
-    """
-    from stepsearch.eval.sources import DenoiserSource, ModelIdentity, generate_from_source
-
-    source = DenoiserSource(
-        denoiser, tuple(sample_shape), ModelIdentity("anonymous", "unhashed"), device=device
-    )
-    return generate_from_source(
-        source,
-        solver,
-        schedule,
-        num_samples,
-        seed=seed,
-        chunk_size=chunk_size,
-        dtype=dtype,
-        accelerator=accelerator,
-        progress=progress,
-    )
 
 
 def generate_with_diffusers_scheduler(

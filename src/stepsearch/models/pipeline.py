@@ -1,4 +1,4 @@
-"""A diffusers text-to-image pipeline as a :class:`~stepsearch.eval.sources.SampleSource`.
+"""A diffusers text-to-image pipeline as a :class:`~stepsearch.models.source.SampleSource`.
 
 :class:`PipelineSource` lets the searches call a pipeline's denoising network directly, conditioned
 on each sample's prompt, in the pipeline's latent space:
@@ -35,10 +35,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from stepsearch.cache import tensor_digest
 from stepsearch.denoiser import Denoiser, ModelDenoiser
-from stepsearch.eval.cache import tensor_digest
-from stepsearch.eval.sources import ModelIdentity
-from stepsearch.eval.text_to_image import TextToImageModel
+from stepsearch.models.source import ModelIdentity
+from stepsearch.models.text_to_image import TextToImageModel
 from stepsearch.noise import DiscreteVP
 
 __all__ = [

@@ -13,7 +13,7 @@ A :class:`SampleSource` is a model seen as the searches need it:
   domain) and ``reference_data`` (real samples: FD reference, Align Your Steps' data).
 
 Common random numbers: sample ``i`` under ``seed`` always starts from the unit noise of
-:func:`~stepsearch.eval.generate.sample_generator` ``(seed, i)``, scaled to the schedule's first
+:func:`~stepsearch.models.batches.sample_generator` ``(seed, i)``, scaled to the schedule's first
 time (:func:`~stepsearch.sampling.initial_noise_scale`), whatever the batch, the process count or the
 candidate. :func:`generate_from_source` is the one loop over chunks of indices.
 """
@@ -29,9 +29,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from stepsearch.cache import tensor_digest
 from stepsearch.denoiser import Denoiser
-from stepsearch.eval.cache import tensor_digest
-from stepsearch.eval.generate import generate_chunks, sample_generator, unit_noise
+from stepsearch.models.batches import generate_chunks, sample_generator, unit_noise
 from stepsearch.noise import NoiseSchedule
 from stepsearch.sampling import StepRecord, initial_noise_scale, sample
 from stepsearch.schedule import StepSchedule
@@ -42,9 +42,9 @@ __all__ = [
     "DenoiserSource",
     "ModelIdentity",
     "SampleSource",
+    "generate",
     "generate_from_source",
     "initial_noise_for",
-    "load_source",
     "module_digest",
 ]
 
@@ -308,17 +308,42 @@ def generate_from_source(
     return generate_chunks(make_chunk, num_samples, chunk_size, accelerator, progress)
 
 
-def load_source(
-    spec: str, device: str | torch.device = "cpu", guidance_scale: float | None = None
-) -> DenoiserSource | ClassConditionalSource:
-    """The source of a model spec: a bundled model (``digits``, ``digits-flow``, ``digits-cond``
-    with its ``guidance_scale``) or a local diffusers ``UNet2DModel`` directory (see
-    :func:`~stepsearch.eval.experiment.load_image_model`)."""
-    from stepsearch.eval.experiment import load_image_model
-
-    return load_image_model(spec, device=device, guidance_scale=guidance_scale).source()
-
-
 def digest_text(text: str) -> str:
     """``sha256:<hex>`` of a string (hub ids, prompt lists)."""
     return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def generate(
+    denoiser: Denoiser,
+    schedule: StepSchedule,
+    solver: Solver,
+    num_samples: int,
+    sample_shape: Sequence[int],
+    *,
+    seed: int = 0,
+    chunk_size: int = 250,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    accelerator: Any | None = None,
+    progress: bool | str = True,
+) -> Tensor:
+    """``num_samples`` samples of ``sample_shape`` along ``schedule`` with ``solver``.
+
+    Initial noise follows :func:`stepsearch.sampling.initial_noise`'s scaling with per-index
+    generators. Deterministic solvers give results independent of ``chunk_size`` up to float
+    reduction order; stochastic ones draw step noise from a per-chunk generator.
+    """
+    source = DenoiserSource(
+        denoiser, tuple(sample_shape), ModelIdentity("anonymous", "unhashed"), device=device
+    )
+    return generate_from_source(
+        source,
+        solver,
+        schedule,
+        num_samples,
+        seed=seed,
+        chunk_size=chunk_size,
+        dtype=dtype,
+        accelerator=accelerator,
+        progress=progress,
+    )

@@ -20,7 +20,7 @@ NFE counts denoising-network evaluations per image; classifier-free guidance run
 and unconditional branches in one batched call, counted once (as everywhere in the literature).
 
 Common random numbers: image ``i`` starts from ``unit_noise`` of its own generator
-(:func:`~stepsearch.eval.generate.sample_generator` ``(seed, i)``) in the pipeline's latent shape,
+(:func:`~stepsearch.models.batches.sample_generator` ``(seed, i)``) in the pipeline's latent shape,
 passed as ``latents=``, and gets prompt ``i mod len(prompts)``; so every method sees the same
 (noise, prompt) pairs and no image depends on the batch size or the number of processes. Images are
 returned as float tensors in ``[-1, 1]`` (the pipeline's ``output_type="pt"`` output, rescaled).
@@ -45,15 +45,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from stepsearch.eval.experiment import HIGHER_IS_BETTER, TEXT_TO_IMAGE_METRICS, Method
-from stepsearch.eval.generate import generate_chunks, sample_generator, unit_noise
+from stepsearch.models.batches import generate_chunks, sample_generator, unit_noise
+from stepsearch.models.method import Method
 from stepsearch.noise import DiscreteVP
 from stepsearch.schedule import StepSchedule
 from stepsearch.solvers.base import Solver
 
 __all__ = [
-    "HIGHER_IS_BETTER",
-    "TEXT_TO_IMAGE_METRICS",
     "TextToImageModel",
     "generate_images",
     "load_pipeline",
@@ -263,7 +261,7 @@ def generate_images(
     Image ``i`` starts from the unit latent noise of ``sample_generator(seed, i)`` and gets prompt
     ``i mod len(prompts)``; stochastic schedulers draw their step noise from a per-chunk generator
     (``sample_generator(seed + 1, first index)``). Chunks are split across processes like
-    :func:`~stepsearch.eval.generate.generate_chunks`.
+    :func:`~stepsearch.models.batches.generate_chunks`.
     """
     if (num_inference_steps is None) == (sigmas is None):
         raise ValueError("pass exactly one of num_inference_steps or sigmas")
