@@ -27,7 +27,7 @@ from stepsearch.schedule import (
     karras,
     logsnr_uniform,
 )
-from stepsearch.solvers import SOLVERS, get_solver
+from stepsearch.solvers import BUILT_IN_SOLVERS, get_solver
 
 SIGMA_DATA = 0.5
 
@@ -145,7 +145,7 @@ LATE_ORDER = {"dpm_solver_3m": 2}
 steps: -0.5, 2.16, 2.83, 4.03): the order checked at 20 -> 40 steps."""
 
 
-@pytest.mark.parametrize("solver", sorted(SOLVERS))
+@pytest.mark.parametrize("solver", sorted(BUILT_IN_SOLVERS))
 def test_every_solver_converges_to_the_exact_gaussian_solution(solver):
     """Karras grids from sigma 80 to 0 on Gaussian data (closed-form ODE solution): doubling the
     steps from 20 to 40 shrinks the error by ``2^p`` with ``p`` near the solver's order (capped at

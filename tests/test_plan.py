@@ -31,7 +31,7 @@ from stepsearch.schedule import (
     logsnr_uniform,
     time_uniform,
 )
-from stepsearch.solvers import SOLVERS, PlanSolver, Solver, get_solver
+from stepsearch.solvers import BUILT_IN_SOLVERS, PlanSolver, Solver, get_solver
 from stepsearch.testbeds.gaussian_mixture import GaussianMixture
 
 
@@ -276,7 +276,9 @@ BUDGET_SCHEDULES = {
 
 
 @pytest.mark.parametrize("schedule_name", list(BUDGET_SCHEDULES))
-@pytest.mark.parametrize(("name", "kwargs"), [(name, {}) for name in SOLVERS] + EXTRA_CONFIGS)
+@pytest.mark.parametrize(
+    ("name", "kwargs"), [(name, {}) for name in BUILT_IN_SOLVERS] + EXTRA_CONFIGS
+)
 def test_nfe_is_the_number_of_denoiser_calls(name, kwargs, schedule_name):
     schedule = BUDGET_SCHEDULES[schedule_name]()
     solver = get_solver(name, **kwargs)
@@ -293,7 +295,9 @@ def test_nfe_is_the_number_of_denoiser_calls(name, kwargs, schedule_name):
         assert solver.nfe(solver.default_plan(schedule)) == spent == schedule.num_steps
 
 
-@pytest.mark.parametrize(("name", "kwargs"), [(name, {}) for name in SOLVERS] + EXTRA_CONFIGS)
+@pytest.mark.parametrize(
+    ("name", "kwargs"), [(name, {}) for name in BUILT_IN_SOLVERS] + EXTRA_CONFIGS
+)
 def test_num_steps_for_nfe_inverts_nfe(name, kwargs):
     solver = get_solver(name, **kwargs)
     for clean_end in (True, False):

@@ -44,9 +44,21 @@ from stepsearch.schedule import (
     flow_shifted,
     karras,
     logsnr_uniform,
+    make_schedule,
     time_uniform,
 )
-from stepsearch.solvers import SOLVERS, DPMSolverPP, Solver, StagedState, get_solver
+from stepsearch.solvers import (
+    BUILT_IN_SOLVERS,
+    NEEDS_DATA,
+    SOLVERS,
+    DPMSolverPP,
+    OLSSSolver,
+    Solver,
+    StagedState,
+    get_solver,
+    solver_from_json,
+    solver_to_json,
+)
 from stepsearch.solvers.base import multistep_order
 from stepsearch.solvers.pndm import adams_bashforth_coefficients
 from stepsearch.testbeds.gaussian_mixture import GaussianMixture
@@ -255,7 +267,7 @@ def test_first_multistep_step_is_ddim(name):
 
 
 @pytest.mark.parametrize("noise_name", list(NOISES))
-@pytest.mark.parametrize("name", list(SOLVERS))
+@pytest.mark.parametrize("name", list(BUILT_IN_SOLVERS))
 def test_every_solver_is_exact_on_point_mass_data(name, noise_name):
     """Data with zero variance: the denoiser is the constant ``mu`` and ``eps`` is constant along
     ODE trajectories, so every consistent update is exact, on any grid, to clean data too."""
@@ -407,7 +419,7 @@ class CountingDenoiser:
 
 
 @pytest.mark.parametrize("schedule_name", list(NFE_SCHEDULES))
-@pytest.mark.parametrize("name", list(SOLVERS))
+@pytest.mark.parametrize("name", list(BUILT_IN_SOLVERS))
 def test_evaluation_counts_are_exact(name, schedule_name):
     schedule = NFE_SCHEDULES[schedule_name]()
     solver = get_solver(name)
@@ -481,7 +493,7 @@ class RecordingDenoiser:
         return denoised
 
 
-@pytest.mark.parametrize("name", list(SOLVERS))
+@pytest.mark.parametrize("name", list(BUILT_IN_SOLVERS))
 def test_no_in_place_edits_frozen_state_and_repeatable_runs(name):
     noise = NOISES["discrete_vp"]
     schedule = random_schedule(noise, 8, seed=8, clean_end=True)
@@ -510,7 +522,7 @@ def test_no_in_place_edits_frozen_state_and_repeatable_runs(name):
         solver.step(state, x_start, x_start, len(state.evaluation_times))
 
 
-@pytest.mark.parametrize("name", list(SOLVERS))
+@pytest.mark.parametrize("name", list(BUILT_IN_SOLVERS))
 def test_any_tensor_rank_and_dtype(name):
     noise = NOISES["edm"]
     flat = GaussianMixture.random(2, 64, noise, seed=1)
@@ -578,7 +590,7 @@ zero-SNR steps) they stay finite but are meaningless (measured relative errors u
 
 
 @pytest.mark.parametrize("schedule_name", list(pure_noise_schedules()))
-@pytest.mark.parametrize("name", list(SOLVERS))
+@pytest.mark.parametrize("name", list(BUILT_IN_SOLVERS))
 def test_alpha_zero_and_zero_terminal_snr_are_finite(name, schedule_name):
     schedule = pure_noise_schedules()[schedule_name]
     noise = schedule.noise
@@ -679,8 +691,12 @@ def test_registry_names_orders_and_configs():
         "euler",
         "heun",
         "plan",
+        "olss",
     ]
-    orders = {name: get_solver(name).order for name in SOLVERS}
+    assert list(BUILT_IN_SOLVERS) == list(SOLVERS)[:-1] and dict(NEEDS_DATA) == {
+        "olss": ("coefficients",)
+    }
+    orders = {name: get_solver(name).order for name in BUILT_IN_SOLVERS}
     assert orders == {
         "ddim": 1,
         "pndm": 4,
@@ -699,7 +715,7 @@ def test_registry_names_orders_and_configs():
         "plan": 3,
     }
     assert get_solver("unipc_bh2", order=3).order == 4
-    for name in SOLVERS:
+    for name in BUILT_IN_SOLVERS:
         solver = get_solver(name)
         assert solver.name == name
         config = json.loads(json.dumps(solver.config()))
@@ -713,3 +729,160 @@ def test_registry_names_orders_and_configs():
         get_solver("euler", eta=0.5)
     with pytest.raises(ValueError, match="eta"):
         get_solver("ddim", eta=1.5)
+
+
+# ------------------------------------------------------------------------------------------------
+# the JSON codec and the fitted OLSS solver in the registry
+# ------------------------------------------------------------------------------------------------
+
+EXTRA_CODEC_CONFIGS = [
+    ("ddim", {"eta": 0.5}),
+    ("pndm", {"warmup": "lower_order"}),
+    ("unipc_bh2", {"order": 3}),
+    ("dpm_solver_pp_3m", {"legacy_3m": True}),
+]
+
+
+def _olss_solver(schedule: StepSchedule) -> OLSSSolver:
+    from stepsearch.solvers.olss import ddim_coefficients
+
+    return OLSSSolver(ddim_coefficients(schedule))
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs"), [(name, {}) for name in BUILT_IN_SOLVERS] + EXTRA_CODEC_CONFIGS
+)
+def test_solver_json_round_trips_with_the_current_shape(name, kwargs):
+    solver = get_solver(name, **kwargs)
+    payload = solver_to_json(solver)
+    assert payload == {"name": solver.name, "config": solver.config()}  # the shape files use
+    assert list(payload) == ["name", "config"]
+    text = json.dumps(payload, sort_keys=True)
+    assert solver_from_json(json.loads(text)) == solver
+    assert json.dumps(solver_to_json(solver_from_json(json.loads(text))), sort_keys=True) == text
+
+
+def test_olss_is_registered_and_its_coefficients_round_trip():
+    schedule = time_uniform(NOISES["discrete_vp"], 5)
+    solver = _olss_solver(schedule)
+    assert get_solver("olss", coefficients=solver.coefficients) == solver
+    payload = json.loads(json.dumps(solver_to_json(solver)))
+    assert payload["name"] == "olss" and set(payload["config"]) == {"coefficients"}
+    rebuilt = solver_from_json(payload)
+    assert isinstance(rebuilt, OLSSSolver) and rebuilt == solver
+    assert rebuilt.coefficients.coefficients == solver.coefficients.coefficients  # exact floats
+    np.testing.assert_array_equal(rebuilt.schedule.times, schedule.times)
+    assert get_solver("olss", **payload["config"]) == solver
+    assert OLSSSolver.from_config(payload["config"]) == solver
+    with pytest.raises(ValueError, match=r"olss.*coefficients="):
+        get_solver("olss")
+    with pytest.raises(ValueError, match="bad options"):
+        get_solver("olss", coefficients=solver.coefficients, eta=0.5)
+    with pytest.raises(ValueError, match="not OLSS coefficients"):
+        solver_from_json({"name": "olss", "config": {"coefficients": {"format": "x"}}})
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        ([], "JSON object"),
+        ({"config": {}}, "needs a 'name'"),
+        ({"name": 3}, "needs a 'name'"),
+        ({"name": "dpm_solver_4", "config": {}}, "unknown solver 'dpm_solver_4'"),
+        ({"name": "ddim", "config": [1]}, "'config' must be an object"),
+        ({"name": "ddim", "config": {"eta": 1.5}}, "eta"),
+        ({"name": "euler", "config": {"eta": 0.5}}, "bad options for solver 'euler'"),
+        ({"name": "ddim", "conifg": {}}, "unknown keys"),
+    ],
+)
+def test_solver_from_json_rejects_bad_payloads(payload, message):
+    with pytest.raises(ValueError, match=message):
+        solver_from_json(payload)
+
+
+def test_solver_from_json_defaults_and_ignores_a_name_inside_config():
+    assert solver_from_json({"name": "ddim"}) == get_solver("ddim")
+    assert solver_from_json({"name": "ddim", "config": None}) == get_solver("ddim")
+    assert solver_from_json({"name": "ddim", "config": {"name": "ddim", "eta": 0.5}}) == get_solver(
+        "ddim", eta=0.5
+    )
+    with pytest.raises(TypeError, match="expected a Solver"):
+        solver_to_json("ddim")  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------------------------
+# NFE -> steps: one rule
+# ------------------------------------------------------------------------------------------------
+
+NFE_NOISES = {
+    **NOISES,
+    "zero_snr": DiscreteVP.from_diffusers_config({"rescale_betas_zero_snr": True}),
+}
+
+
+def _counted_steps(build: Callable[[StepSchedule], Solver], noise: NoiseSchedule, nfe: int):
+    """What the removed duplicates did: count evaluation times of time-uniform schedules."""
+    for steps in range(1, nfe + 1):
+        schedule = make_schedule(noise, steps, "time_uniform")
+        spent = build(schedule).evaluation_times(schedule).size
+        if spent == nfe:
+            return steps
+        if spent > nfe:
+            return None
+    return None
+
+
+@pytest.mark.parametrize("noise_name", list(NFE_NOISES))
+@pytest.mark.parametrize(
+    "name", [*SOLVERS, "pndm_lower_order", "unipc_bh2_order_3", "dpm_solver_pp_3m_legacy"]
+)
+def test_num_steps_for_nfe_agrees_with_counting_evaluation_times(name, noise_name):
+    noise = NFE_NOISES[noise_name]
+    variants = {
+        "pndm_lower_order": ("pndm", {"warmup": "lower_order"}),
+        "unipc_bh2_order_3": ("unipc_bh2", {"order": 3}),
+        "dpm_solver_pp_3m_legacy": ("dpm_solver_pp_3m", {"legacy_3m": True}),
+    }
+    registered, kwargs = variants.get(name, (name, {}))
+    if registered == "olss":  # runs only the schedule it was fitted on: one fit per schedule
+
+        def build(schedule: StepSchedule) -> Solver:
+            from stepsearch.solvers.olss import ddim_coefficients
+
+            basis = "denoised" if float(noise.alpha(schedule.times[0])) == 0.0 else "eps"
+            return OLSSSolver(ddim_coefficients(schedule, basis))
+
+        solver = build(make_schedule(noise, 1, "time_uniform"))
+    else:
+        solver = get_solver(registered, **kwargs)
+
+        def build(schedule: StepSchedule) -> Solver:
+            return solver
+
+    like = make_schedule(noise, 1, "time_uniform")
+    for nfe in range(1, 13):
+        expected = _counted_steps(build, noise, nfe)
+        if expected is None:
+            with pytest.raises(ValueError, match=f"cannot spend exactly {nfe} model"):
+                solver.num_steps_for_nfe(nfe, like=like)
+        else:
+            assert solver.num_steps_for_nfe(nfe, like=like) == expected, nfe
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("name", list(BUILT_IN_SOLVERS))
+def test_num_steps_for_a_huge_nfe_answers_fast(name):
+    import time
+
+    solver = get_solver(name)
+    started = time.perf_counter()
+    for nfe in (100_000, 100_001, 10**12):
+        try:
+            steps = solver.num_steps_for_nfe(nfe)
+        except ValueError as error:
+            assert "nearest reachable" in str(error)
+        else:
+            assert solver.nfe(steps) == nfe
+    assert time.perf_counter() - started < 1.0
+    with pytest.raises(ValueError, match="either a schedule or"):
+        solver.num_steps_for_nfe(3, like=time_uniform(EDM(), 2), clean_end=True)

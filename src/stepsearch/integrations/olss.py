@@ -1,11 +1,11 @@
 """OLSS as a diffusers drop-in scheduler, and the recording scheduler that feeds its fit.
 
-:class:`StepsearchOLSSScheduler` runs fitted OLSS coefficients (:mod:`stepsearch.olss`) inside any
-diffusers pipeline. Unlike the official OLSS scheduler, whose fitted state lives in Python objects
-that cannot be saved (diffusers issue 7802), everything it needs is in its config: the fitted times
-(``custom_times``), the coefficients and their basis (``olss_coefficients``, exact float64 JSON) and
-the fit's provenance (``olss_provenance``: model identity, guidance scale, NFE, noise schedule,
-scores), so ``save_pretrained`` / ``from_pretrained`` round-trip it exactly::
+:class:`StepsearchOLSSScheduler` runs fitted OLSS coefficients (:mod:`stepsearch.solvers.olss`)
+inside any diffusers pipeline. Unlike the official OLSS scheduler, whose fitted state lives in
+Python objects that cannot be saved (diffusers issue 7802), everything it needs is in its config:
+the fitted times (``custom_times``), the coefficients and their basis (``olss_coefficients``,
+exact float64 JSON) and the fit's provenance (``olss_provenance``: model identity, guidance scale,
+NFE, noise schedule, scores), so ``save_pretrained`` / ``from_pretrained`` round-trip it exactly::
 
     scheduler = StepsearchOLSSScheduler.from_fit(fit, pipe.scheduler.config, provenance=...)
     pipe.scheduler = scheduler

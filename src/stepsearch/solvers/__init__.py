@@ -1,7 +1,13 @@
-"""Solvers for the probability-flow ODE on any step schedule, and their registry.
+"""Solvers for the probability-flow ODE on any step schedule, their registry and JSON codec.
 
 ``SOLVERS`` maps a name to a factory taking keyword options; :func:`get_solver` builds one, and
-``get_solver(solver.name, **solver.config())`` rebuilds an equal solver.
+``get_solver(solver.name, **solver.config())`` rebuilds an equal solver. Solvers that run fitted
+data (``olss``: ``coefficients=``, :class:`~stepsearch.solvers.olss.OLSSCoefficients` or their
+JSON) are registered too; :data:`NEEDS_DATA` names them and what they need.
+
+The one solver <-> JSON codec: :func:`solver_to_json` writes ``{"name": ..., "config": ...}``
+(the shape of every schedule file, cache key and study-store key) and :func:`solver_from_json`
+reads it back (``ValueError`` on an unknown name or a bad config).
 
 =====================  =====  =====================================================  ===========
 name                   order  method                                                 NFE, n steps
@@ -21,6 +27,7 @@ name                   order  method                                            
 ``euler``              1      Euler in k-diffusion sigma space (= DDIM)              n
 ``heun``               2      Heun in k-diffusion sigma space                        2n - 1 **
 ``plan``               -      any SolverPlan: per-step order, prediction, UniC       n
+``olss``               -      fitted OLSS coefficients (needs ``coefficients=``)     n
 =====================  =====  =====================================================  ===========
 
 ``**`` with a clean end (the step to ``t = 0`` takes one evaluation); ``kn`` without one; ``k - 1``
@@ -38,7 +45,7 @@ that plan) or a plan.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any
 
@@ -57,6 +64,7 @@ from stepsearch.solvers.dpm_solver import (
     DPMSolverPP2S,
 )
 from stepsearch.solvers.euler import Euler, Heun
+from stepsearch.solvers.olss import OLSSCoefficients, OLSSSolver
 from stepsearch.solvers.plan_solver import PlanSolver, PlanState
 from stepsearch.solvers.pndm import PNDM, PNDMState
 from stepsearch.solvers.unipc import UniPC, UniPCState
@@ -77,8 +85,16 @@ SOLVERS: dict[str, Callable[..., Solver]] = {
     "euler": Euler,
     "heun": Heun,
     "plan": PlanSolver,
+    "olss": OLSSSolver.from_options,
 }
 """Solver factories by name; each takes the solver's keyword options."""
+
+NEEDS_DATA: Mapping[str, tuple[str, ...]] = {"olss": ("coefficients",)}
+"""Registered solvers that cannot be built from defaults, with the options they need (fitted
+data); every other name in :data:`SOLVERS` builds with ``get_solver(name)``."""
+
+BUILT_IN_SOLVERS: tuple[str, ...] = tuple(name for name in SOLVERS if name not in NEEDS_DATA)
+"""The names in :data:`SOLVERS` that ``get_solver(name)`` builds without options."""
 
 
 def get_solver(name: str, **kwargs: Any) -> Solver:
@@ -88,6 +104,11 @@ def get_solver(name: str, **kwargs: Any) -> Solver:
         factory = SOLVERS[name]
     except KeyError:
         raise ValueError(f"unknown solver {name!r}; choose from {', '.join(SOLVERS)}") from None
+    missing = [key for key in NEEDS_DATA.get(name, ()) if key not in kwargs]
+    if missing:
+        raise ValueError(
+            f"solver {name!r} runs fitted data: pass {', '.join(f'{k}=...' for k in missing)}"
+        )
     if isinstance(factory, partial):
         for key, fixed in factory.keywords.items():
             if key in kwargs and kwargs[key] != fixed:
@@ -98,8 +119,40 @@ def get_solver(name: str, **kwargs: Any) -> Solver:
         raise ValueError(f"bad options for solver {name!r}: {error}") from None
 
 
+def solver_to_json(solver: Solver) -> dict[str, Any]:
+    """``{"name": solver.name, "config": solver.config()}``: the one JSON form of a solver (schedule
+    file provenance, cache keys, study-store keys). :func:`solver_from_json` reads it back."""
+    if not isinstance(solver, Solver):
+        raise TypeError(f"expected a Solver, got {type(solver).__name__}")
+    return {"name": solver.name, "config": solver.config()}
+
+
+def solver_from_json(payload: Mapping[str, Any]) -> Solver:
+    """The solver written by :func:`solver_to_json` (``config`` may be absent: the defaults; a
+    ``name`` key inside ``config``, as some older files have, is ignored). ``ValueError`` on a
+    payload that is not such an object, an unknown name or options the solver rejects."""
+    if not isinstance(payload, Mapping):
+        raise ValueError(
+            f"a solver is a JSON object {{name, config}}, got {type(payload).__name__}"
+        )
+    name = payload.get("name")
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"a solver needs a 'name' (a string), got {name!r}")
+    unknown = set(payload) - {"name", "config"}
+    if unknown:
+        raise ValueError(f"solver {name!r}: unknown keys {sorted(unknown)} (expected name, config)")
+    config = payload.get("config")
+    if config is None:
+        config = {}
+    if not isinstance(config, Mapping):
+        raise ValueError(f"solver {name!r}: 'config' must be an object, got {config!r}")
+    return get_solver(name, **{k: v for k, v in config.items() if k != "name"})
+
+
 __all__ = [
+    "BUILT_IN_SOLVERS",
     "DDIM",
+    "NEEDS_DATA",
     "PNDM",
     "SOLVERS",
     "DPMSolver",
@@ -109,6 +162,8 @@ __all__ = [
     "Euler",
     "Heun",
     "NoiseLevel",
+    "OLSSCoefficients",
+    "OLSSSolver",
     "PNDMState",
     "PlanSolver",
     "PlanState",
@@ -119,4 +174,6 @@ __all__ = [
     "UniPC",
     "UniPCState",
     "get_solver",
+    "solver_from_json",
+    "solver_to_json",
 ]

@@ -315,24 +315,51 @@ class Solver(ABC):
         return num_steps
 
     def num_steps_for_nfe(
-        self, nfe: int, *, clean_end: bool = True, alpha_zero_start: bool = False
+        self,
+        nfe: int,
+        *,
+        clean_end: bool | None = None,
+        alpha_zero_start: bool | None = None,
+        like: StepSchedule | SolverPlan | None = None,
     ) -> int:
         """The step count that spends exactly ``nfe`` model evaluations (the inverse of
-        :meth:`nfe`); ``ValueError`` naming the nearest reachable budgets if none does."""
+        :meth:`nfe`); ``ValueError`` naming the nearest reachable budgets if none does.
+
+        The count depends on whether the schedule ends at clean data (``clean_end``, default True)
+        and starts where ``alpha = 0`` (``alpha_zero_start``, default False); ``like`` reads both
+        from a schedule of the kind to be run (e.g. ``make_schedule(noise, 1, "time_uniform")``)
+        instead. This is the one NFE -> steps rule: it agrees with counting
+        ``evaluation_times`` of such schedules for every registered solver. ``nfe(n)`` grows
+        strictly with ``n`` and ``nfe(n) >= n``, so a bisection over ``1 .. nfe`` answers in
+        ``O(log nfe)`` calls of :meth:`_nfe` (each O(1)).
+        """
         if isinstance(nfe, bool) or int(nfe) != nfe or nfe < 1:
             raise ValueError(f"nfe must be a positive integer, got {nfe!r}")
         nfe = int(nfe)
-        num_steps, spent = 1, self._nfe(1, clean_end, alpha_zero_start)
-        while spent < nfe:  # nfe(n) >= n grows strictly with n
-            num_steps += 1
-            spent = self._nfe(num_steps, clean_end, alpha_zero_start)
-        if spent == nfe:
+        if like is not None:
+            _, clean_end, alpha_zero_start = schedule_facts(like, clean_end, alpha_zero_start)
+        clean = True if clean_end is None else bool(clean_end)
+        alpha_zero = bool(alpha_zero_start)
+
+        def spent(steps: int) -> int:
+            return self._nfe(steps, clean, alpha_zero)
+
+        low, high = 1, nfe  # the answer, if any, is the least n with spent(n) >= nfe: n <= nfe
+        while low < high:
+            middle = (low + high) // 2
+            if spent(middle) >= nfe:
+                high = middle
+            else:
+                low = middle + 1
+        num_steps = low
+        if spent(num_steps) == nfe:
             return num_steps
-        below = self._nfe(num_steps - 1, clean_end, alpha_zero_start) if num_steps > 1 else None
-        facts = f"clean end {clean_end}, alpha = 0 start {alpha_zero_start}"
-        nearest = f"{spent} ({_steps(num_steps)})"
+        above = num_steps if spent(num_steps) > nfe else num_steps + 1
+        below = above - 1 if above > 1 else None
+        facts = f"clean end {clean}, alpha = 0 start {alpha_zero}"
+        nearest = f"{spent(above)} ({_steps(above)})"
         if below is not None:
-            nearest = f"{below} ({_steps(num_steps - 1)}) or {nearest}"
+            nearest = f"{spent(below)} ({_steps(below)}) or {nearest}"
         raise ValueError(
             f"solver {self.name!r} cannot spend exactly {nfe} model evaluations ({facts}); "
             f"nearest reachable: {nearest}"

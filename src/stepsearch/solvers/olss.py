@@ -197,9 +197,17 @@ class OLSSSolver(Solver):
         return {"coefficients": self.coefficients.to_json_dict()}
 
     @classmethod
+    def from_options(cls, coefficients: OLSSCoefficients | Mapping[str, Any]) -> OLSSSolver:
+        """The registry's factory (``get_solver("olss", coefficients=...)``): ``coefficients``
+        are :class:`OLSSCoefficients` or their JSON (what :meth:`config` holds)."""
+        if isinstance(coefficients, Mapping):
+            coefficients = OLSSCoefficients.from_json_dict(coefficients)
+        return cls(coefficients)
+
+    @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> OLSSSolver:
         """Inverse of :meth:`config`."""
-        return cls(OLSSCoefficients.from_json_dict(config["coefficients"]))
+        return cls.from_options(**config)
 
     def __repr__(self) -> str:
         return f"OLSSSolver({self.coefficients.num_steps} steps, basis={self.coefficients.basis!r})"
