@@ -1173,6 +1173,18 @@ class StepsearchPNDMScheduler(StepsearchScheduler):
     )
 
 
+_SINGLESTEP_CLOSEST_METHOD = (
+    "closest method, not parity with DPMSolverSinglestepScheduler: diffusers spends one "
+    "model evaluation per grid timestep (a 2nd/3rd-order step spans 2/3 grid intervals and "
+    "uses the grid points inside as its intermediate evaluations; orders from "
+    "get_order_list); stepsearch takes a full singlestep step on every grid interval, with "
+    "its own intermediate evaluations (2n-1 / 3n-2 evaluations for n steps), so timesteps, "
+    "cost and samples differ"
+)
+"""Why the singlestep drop-ins (DPM-Solver-2 / -3, DPM-Solver++(2S)) are not DPMSolverSinglestep
+parity (warned once by each)."""
+
+
 class StepsearchDPMSolver1Scheduler(StepsearchScheduler):
     """DPM-Solver-1 (Lu et al. 2022; equal to DDIM) on DPMSolverMultistepScheduler's grid."""
 
@@ -1187,14 +1199,7 @@ class StepsearchDPMSolver2Scheduler(StepsearchScheduler):
 
     _default_solver = "dpm_solver_2"
 
-    closest_method = (
-        "closest method, not parity with DPMSolverSinglestepScheduler: diffusers spends one "
-        "model evaluation per grid timestep (a 2nd/3rd-order step spans 2/3 grid intervals and "
-        "uses the grid points inside as its intermediate evaluations; orders from "
-        "get_order_list); stepsearch takes a full singlestep step on every grid interval, with "
-        "its own intermediate evaluations (2n-1 / 3n-2 evaluations for n steps), so timesteps, "
-        "cost and samples differ"
-    )
+    closest_method = _SINGLESTEP_CLOSEST_METHOD
 
 
 class StepsearchDPMSolver3Scheduler(StepsearchScheduler):
@@ -1205,14 +1210,7 @@ class StepsearchDPMSolver3Scheduler(StepsearchScheduler):
 
     _default_solver = "dpm_solver_3"
 
-    closest_method = (
-        "closest method, not parity with DPMSolverSinglestepScheduler: diffusers spends one "
-        "model evaluation per grid timestep (a 2nd/3rd-order step spans 2/3 grid intervals and "
-        "uses the grid points inside as its intermediate evaluations; orders from "
-        "get_order_list); stepsearch takes a full singlestep step on every grid interval, with "
-        "its own intermediate evaluations (2n-1 / 3n-2 evaluations for n steps), so timesteps, "
-        "cost and samples differ"
-    )
+    closest_method = _SINGLESTEP_CLOSEST_METHOD
 
 
 class StepsearchDPMSolverMultistepScheduler(StepsearchScheduler):
@@ -1241,14 +1239,7 @@ class StepsearchDPMSolverSinglestepScheduler(StepsearchScheduler):
 
     _default_solver = "dpm_solver_pp_2s"
 
-    closest_method = (
-        "closest method, not parity with DPMSolverSinglestepScheduler: diffusers spends one "
-        "model evaluation per grid timestep (a 2nd/3rd-order step spans 2/3 grid intervals and "
-        "uses the grid points inside as its intermediate evaluations; orders from "
-        "get_order_list); stepsearch takes a full singlestep step on every grid interval, with "
-        "its own intermediate evaluations (2n-1 / 3n-2 evaluations for n steps), so timesteps, "
-        "cost and samples differ"
-    )
+    closest_method = _SINGLESTEP_CLOSEST_METHOD
 
     @classmethod
     def _solver_from_diffusers_config(

@@ -128,9 +128,10 @@ def solver_to_json(solver: Solver) -> dict[str, Any]:
 
 
 def solver_from_json(payload: Mapping[str, Any]) -> Solver:
-    """The solver written by :func:`solver_to_json` (``config`` may be absent: the defaults; a
-    ``name`` key inside ``config``, as some older files have, is ignored). ``ValueError`` on a
-    payload that is not such an object, an unknown name or options the solver rejects."""
+    """The solver written by :func:`solver_to_json` (``config`` may be absent or null: the
+    defaults; a ``name`` key inside ``config`` is ignored, as the readers this replaces did).
+    ``ValueError`` on a payload that is not such an object, a missing name, keys other than
+    ``name`` / ``config``, an unknown solver or options the solver rejects."""
     if not isinstance(payload, Mapping):
         raise ValueError(
             f"a solver is a JSON object {{name, config}}, got {type(payload).__name__}"

@@ -199,7 +199,50 @@ class DPMSolverPP2S(Solver):
         return x_next, replace(state, stage_x=(), stage_denoised=())
 
 
-class DPMSolverPP(Solver):
+class _Multistep(Solver):
+    """The options shared by the two multistep DPM-Solvers (data prediction :class:`DPMSolverPP`,
+    noise prediction :class:`DPMSolverMultistep`): ``order`` (one of ``order_choices``), diffusers'
+    ``lower_order_final`` rule and ``legacy_3m``; their plan is :func:`multistep_plan` with the
+    solver's one prediction (``plan_predictions[0]``) and no corrector."""
+
+    uses_plan = True
+    order_choices: tuple[int, ...]
+    name_format: str
+
+    def __init__(
+        self,
+        order: int = 2,
+        lower_order_final: bool = True,
+        lower_order_final_below: int | None = LOWER_ORDER_FINAL_BELOW,
+        legacy_3m: bool = False,
+    ):
+        check_choice("order", order, self.order_choices)
+        self.order = int(order)
+        self.plan_max_order = self.order
+        self.lower_order_final = bool(lower_order_final)
+        self.lower_order_final_below = check_lower_order_final_below(lower_order_final_below)
+        self.legacy_3m = bool(legacy_3m)
+        self.name = self.name_format.format(order=self.order)
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "order": self.order,
+            "lower_order_final": self.lower_order_final,
+            "lower_order_final_below": self.lower_order_final_below,
+            "legacy_3m": self.legacy_3m,
+        }
+
+    def step_order(self, step: int, num_steps: int) -> int:
+        """The order used by step ``step`` of ``num_steps`` (before the clean-end rule)."""
+        return multistep_order(
+            self.order, step, num_steps, self.lower_order_final, self.lower_order_final_below
+        )
+
+    def default_plan(self, schedule: StepSchedule) -> SolverPlan:
+        return multistep_plan(schedule, self.step_order, self.plan_predictions[0], "none")
+
+
+class DPMSolverPP(_Multistep):
     """DPM-Solver++ multistep, data prediction (Lu et al. 2022b, Algorithm 2 and its third-order
     extension in ``dpm_solver_pytorch.py``); order 1 is DDIM, 2 is "2M", 3 is "3M".
 
@@ -229,39 +272,8 @@ class DPMSolverPP(Solver):
     state's :class:`~stepsearch.plan.SolverPlan` (:meth:`default_plan` spells out the rules above).
     """
 
-    uses_plan = True
-
-    def __init__(
-        self,
-        order: int = 2,
-        lower_order_final: bool = True,
-        lower_order_final_below: int | None = LOWER_ORDER_FINAL_BELOW,
-        legacy_3m: bool = False,
-    ):
-        check_choice("order", order, (1, 2, 3))
-        self.order = int(order)
-        self.plan_max_order = self.order
-        self.lower_order_final = bool(lower_order_final)
-        self.lower_order_final_below = check_lower_order_final_below(lower_order_final_below)
-        self.legacy_3m = bool(legacy_3m)
-        self.name = f"dpm_solver_pp_{self.order}m"
-
-    def config(self) -> dict[str, Any]:
-        return {
-            "order": self.order,
-            "lower_order_final": self.lower_order_final,
-            "lower_order_final_below": self.lower_order_final_below,
-            "legacy_3m": self.legacy_3m,
-        }
-
-    def step_order(self, step: int, num_steps: int) -> int:
-        """The order used by step ``step`` of ``num_steps`` (before the clean-end rule)."""
-        return multistep_order(
-            self.order, step, num_steps, self.lower_order_final, self.lower_order_final_below
-        )
-
-    def default_plan(self, schedule: StepSchedule) -> SolverPlan:
-        return multistep_plan(schedule, self.step_order, "data", "none")
+    order_choices = (1, 2, 3)
+    name_format = "dpm_solver_pp_{order}m"
 
     def _step(
         self,
@@ -372,7 +384,7 @@ class NoiseHistoryState(SolverState):
     eps_history: tuple[Tensor, ...] = ()
 
 
-class DPMSolverMultistep(Solver):
+class DPMSolverMultistep(_Multistep):
     """Multistep DPM-Solver, noise prediction (Lu et al. 2022's exponential integrator with
     multistep derivative estimates; diffusers ``DPMSolverMultistepScheduler(algorithm_type=
     "dpmsolver", solver_type="midpoint")``); order 2 is "2M", 3 is "3M".
@@ -386,39 +398,9 @@ class DPMSolverMultistep(Solver):
     """
 
     state_type = NoiseHistoryState
-    uses_plan = True
     plan_predictions = ("noise",)
-
-    def __init__(
-        self,
-        order: int = 2,
-        lower_order_final: bool = True,
-        lower_order_final_below: int | None = LOWER_ORDER_FINAL_BELOW,
-        legacy_3m: bool = False,
-    ):
-        check_choice("order", order, (2, 3))
-        self.order = int(order)
-        self.plan_max_order = self.order
-        self.lower_order_final = bool(lower_order_final)
-        self.lower_order_final_below = check_lower_order_final_below(lower_order_final_below)
-        self.legacy_3m = bool(legacy_3m)
-        self.name = f"dpm_solver_{self.order}m"
-
-    def config(self) -> dict[str, Any]:
-        return {
-            "order": self.order,
-            "lower_order_final": self.lower_order_final,
-            "lower_order_final_below": self.lower_order_final_below,
-            "legacy_3m": self.legacy_3m,
-        }
-
-    def step_order(self, step: int, num_steps: int) -> int:
-        return multistep_order(
-            self.order, step, num_steps, self.lower_order_final, self.lower_order_final_below
-        )
-
-    def default_plan(self, schedule: StepSchedule) -> SolverPlan:
-        return multistep_plan(schedule, self.step_order, "noise", "none")
+    order_choices = (2, 3)
+    name_format = "dpm_solver_{order}m"
 
     def _step(
         self,
