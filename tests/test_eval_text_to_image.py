@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from tiny_pipeline import IMAGE_SIZE, SD_SCHEDULER_CONFIG, tiny_pipeline
+from tiny_pipeline import IMAGE_SIZE
 from torch import nn
 from typer.testing import CliRunner
 
@@ -37,21 +36,7 @@ from stepsearch.schedule import StepSchedule
 PROMPTS = ["a cat", "the dog", "an apple on the table"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny models: one thread is faster and leaves the machine's other cores alone."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def pipe(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    from diffusers import PNDMScheduler
-
-    scheduler = PNDMScheduler.from_config(SD_SCHEDULER_CONFIG)
-    return tiny_pipeline(tmp_path_factory.mktemp("tiny_sd"), scheduler)
+pytestmark = pytest.mark.usefixtures("_one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -3,14 +3,13 @@ pipeline: every scheduler, ``timesteps=`` / ``sigmas=``, whole-pipeline save / l
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionImg2ImgPipeline
-from tiny_pipeline import IMAGE_SIZE, SD_SCHEDULER_CONFIG, run, tiny_components, tiny_pipeline
+from tiny_pipeline import IMAGE_SIZE, SD_SCHEDULER_CONFIG, run, tiny_components
 
 from stepsearch.integrations.diffusers import (
     SCHEDULERS,
@@ -22,20 +21,11 @@ from stepsearch.integrations.diffusers import (
 )
 from stepsearch.schedule import logsnr_uniform
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny convolutions: one thread is faster and immune to oversubscription on shared runners."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("_one_thread")
 
 
-@pytest.fixture(scope="module")
-def pipe(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    scheduler = StepsearchDPMSolverMultistepScheduler.from_config(SD_SCHEDULER_CONFIG)
-    return tiny_pipeline(tmp_path_factory.mktemp("tiny_sd"), scheduler)
+PIPE_SCHEDULER = StepsearchDPMSolverMultistepScheduler
+"""The scheduler of the ``pipe`` fixture (tests/conftest.py)."""
 
 
 class CallCounter:

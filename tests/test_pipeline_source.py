@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,6 @@ from tiny_pipeline import (
     IMAGE_SIZE,
     LATENT_SIZE,
     SD_SCHEDULER_CONFIG,
-    tiny_pipeline,
     tiny_sdxl_pipeline,
 )
 
@@ -39,20 +37,7 @@ from stepsearch.solvers import get_solver
 PROMPTS = ["a cat", "the dog", "an apple on the table"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def pipe(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    from diffusers import PNDMScheduler
-
-    scheduler = PNDMScheduler.from_config(SD_SCHEDULER_CONFIG)
-    return tiny_pipeline(tmp_path_factory.mktemp("tiny_sd"), scheduler)
+pytestmark = pytest.mark.usefixtures("_one_thread")
 
 
 @pytest.fixture(scope="module")

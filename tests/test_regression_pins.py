@@ -131,12 +131,7 @@ def pin_digits(tmp_path) -> dict[str, str]:
 PINNERS = {"dp": pin_dp, "olss": pin_olss, "ays": pin_ays, "digits": pin_digits}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("_one_thread")
 
 
 @pytest.mark.parametrize("family", sorted(PINNERS))
