@@ -56,7 +56,7 @@ def sample(
     if times.noise != denoiser.noise:
         raise ValueError("schedule and denoiser use different noise schedules")
     state = solver.init(x_T, schedule)
-    x = x_T
+    x, state = solver.start(state, x_T)
     nfe = 0
     for i, t in enumerate(state.evaluation_times):
         time = float(t)
