@@ -359,7 +359,7 @@ def data_mean_of(data: Any) -> Tensor:
 
 
 def _as_mean(value: Any) -> Tensor:
-    mean = torch.as_tensor(value).detach().to(device="cpu", dtype=torch.float64).clone()
+    mean = torch.as_tensor(value, dtype=torch.float64).detach().to("cpu").clone()
     if not torch.isfinite(mean).all():
         raise ValueError("data_mean must be finite")
     return mean
