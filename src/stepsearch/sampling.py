@@ -50,7 +50,9 @@ def sample(
     schedule runs the solver's own ``default_plan``).
 
     ``x_T`` must already carry the scale of its time (``sigma(t_0)`` times unit noise for
-    variance-preserving schedules). Model calls happen here, one per solver evaluation time.
+    variance-preserving schedules). Model calls happen here, one per solver evaluation time;
+    ``solver.start`` runs first (the ``plan`` solver's analytical first step, which calls no model;
+    no ``callback`` record for it), so ``nfe`` is always the solver's exact count.
     """
     times = schedule.schedule if isinstance(schedule, SolverPlan) else schedule
     if times.noise != denoiser.noise:
