@@ -50,13 +50,15 @@ def sample(
     schedule runs the solver's own ``default_plan``).
 
     ``x_T`` must already carry the scale of its time (``sigma(t_0)`` times unit noise for
-    variance-preserving schedules). Model calls happen here, one per solver evaluation time.
+    variance-preserving schedules). Model calls happen here, one per solver evaluation time;
+    ``solver.start`` runs first (the ``plan`` solver's analytical first step, which calls no model;
+    no ``callback`` record for it), so ``nfe`` is always the solver's exact count.
     """
     times = schedule.schedule if isinstance(schedule, SolverPlan) else schedule
     if times.noise != denoiser.noise:
         raise ValueError("schedule and denoiser use different noise schedules")
     state = solver.init(x_T, schedule)
-    x = x_T
+    x, state = solver.start(state, x_T)
     nfe = 0
     for i, t in enumerate(state.evaluation_times):
         time = float(t)

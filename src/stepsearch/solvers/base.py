@@ -5,7 +5,7 @@ the denoiser is called, one entry per model evaluation, so ``len(...)`` is the N
 sample once per evaluation::
 
     state = solver.init(x_T, schedule)
-    x = x_T
+    x, state = solver.start(state, x_T)               # x_T, unless a step needs no model call
     for i, t in enumerate(state.evaluation_times):
         denoised = denoiser(x, t)                     # the model call happens outside the solver
         x, state = solver.step(state, x, denoised, i)
@@ -265,6 +265,12 @@ class Solver(ABC):
                     f"{' / '.join(self.plan_correctors)}, the plan asks for {corrector!r} "
                     "(the 'plan' solver runs any plan)"
                 )
+        extensions = plan.extensions()
+        if extensions:
+            raise ValueError(
+                f"{extensions[0]}: solver {self.name!r} runs version-1 plans only "
+                "(the 'plan' solver runs any plan)"
+            )
 
     def resolve_plan(
         self, schedule: StepSchedule | SolverPlan
@@ -288,6 +294,12 @@ class Solver(ABC):
         return self.state_type(
             schedule=schedule, evaluation_times=times, plan=plan, solver_plan=solver_plan
         )
+
+    def start(self, state: SolverState, x_T: Tensor) -> tuple[Tensor, SolverState]:
+        """Work before the first model evaluation: the sample that evaluation sees and the state
+        to step from (default: ``x_T`` and ``state`` unchanged; the ``plan`` solver takes an
+        analytical first step here, which calls no model)."""
+        return x_T, state
 
     # budget -----------------------------------------------------------------------------------
     def nfe(
