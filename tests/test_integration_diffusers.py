@@ -386,7 +386,7 @@ def test_state_is_reset_between_runs(cls, x_T):
     first = diffusers_loop(scheduler, x_T, ToyModel(), num_inference_steps=6)
     second = diffusers_loop(scheduler, x_T, ToyModel(), num_inference_steps=6)
     assert torch.equal(first, second)
-    x = x_T
+    x = x_T * scheduler.init_noise_sigma
     model = ToyModel()
     for t in scheduler.timesteps:  # no set_timesteps: the finished run restarts
         x = scheduler.step(model(x, t), t, x).prev_sample
