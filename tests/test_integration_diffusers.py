@@ -117,13 +117,9 @@ def test_parity_with_diffusers(name, make_diffusers, ours, prediction_type, num_
     assert scheduler.config.solver == expected_solver.get(name, name)
     reference = diffusers_loop(reference_scheduler, x_T, ToyModel(), num_inference_steps=num_steps)
     # Euler / Heun start at init_noise_sigma = sigma~_max (x / alpha space) for "linspace": the
-    # same x-space sample is alpha_0 sigma~_max eps = sigma_0 eps.
-    start = x_T
-    if name in ("euler", "heun"):
-        sigma_max = float(reference_scheduler.sigmas[0])
-        start = x_T * sigma_max / (1.0 + sigma_max**2) ** 0.5
+    # twins' own init_noise_sigma is the same start in x-space (sigma_0), so the loop is the same.
     model = ToyModel()
-    ours_out = diffusers_loop(scheduler, start, model, num_inference_steps=num_steps)
+    ours_out = diffusers_loop(scheduler, x_T, model, num_inference_steps=num_steps)
     assert torch.equal(scheduler.timesteps.double(), reference_scheduler.timesteps.double())
     assert model.calls == len(reference_scheduler.timesteps)
     assert relative_error(ours_out, reference) < PARITY_TOLERANCE
@@ -151,7 +147,8 @@ def test_scheduler_loop_equals_core_sampler(solver, prediction_type, x_T):
     through_diffusers = diffusers_loop(scheduler, x_T, ToyModel(), num_inference_steps=6)
     schedule = scheduler.schedule
     denoiser = ModelDenoiser(ToyModel(), schedule.noise, prediction_type)
-    result = sample(denoiser, x_T, schedule, get_solver(solver))
+    # from the pipeline's start (Euler / Heun on linspace start at sigma_0 eps, as diffusers')
+    result = sample(denoiser, x_T * scheduler.init_noise_sigma, schedule, get_solver(solver))
     assert result.nfe == len(scheduler.timesteps)
     assert relative_error(through_diffusers, result.sample) < 1e-6
 
@@ -383,7 +380,7 @@ def test_state_is_reset_between_runs(cls, x_T):
     first = diffusers_loop(scheduler, x_T, ToyModel(), num_inference_steps=6)
     second = diffusers_loop(scheduler, x_T, ToyModel(), num_inference_steps=6)
     assert torch.equal(first, second)
-    x = x_T
+    x = x_T * scheduler.init_noise_sigma
     model = ToyModel()
     for t in scheduler.timesteps:  # no set_timesteps: the finished run restarts
         x = scheduler.step(model(x, t), t, x).prev_sample

@@ -16,7 +16,9 @@ Conventions:
 
 - Samples live in x-space (``x = alpha x0 + sigma eps``): ``init_noise_sigma = 1`` and
   ``scale_model_input`` is the identity, for every solver (Euler and Heun included, unlike
-  ``EulerDiscreteScheduler``, which works on ``x / alpha``).
+  ``EulerDiscreteScheduler``, which works on ``x / alpha``). One exception keeps parity: the
+  Euler / Heun twins on ``linspace`` / ``trailing`` spacing start where diffusers' do,
+  ``init_noise_sigma = sigma(t_0)`` (diffusers' ``sigma~_max`` in ``x / alpha`` space).
 - ``timesteps`` holds one entry per *model evaluation* in diffusers units (train-step index
   ``t N - 1`` for discrete VP models, ``t N`` for flow models): int64 when every evaluation is on a
   trained step, float32 otherwise (Heun, singlestep DPM-Solver, Karras spacing, ...).
@@ -130,6 +132,15 @@ _SOLVER_FOR_DIFFUSERS_CLASS = {
     "DPMSolverMultistepScheduler": "dpm_solver_pp_2m",
     "FlowMatchEulerDiscreteScheduler": "euler",
 }
+
+_SIGMA_MAX_START_TWINS = frozenset({"EulerDiscreteScheduler", "HeunDiscreteScheduler"})
+"""diffusers schedulers whose ``init_noise_sigma`` is ``sigma~_max`` on linspace / trailing."""
+
+_SIGMA_SPACINGS = ("karras", "logsnr_uniform", "beta")
+"""stepsearch spacings that diffusers' ``use_karras / exponential / beta_sigmas`` translate to."""
+
+_NOISE_PREDICTION_SOLVERS = frozenset({"dpm_solver_2", "dpm_solver_3", "dpm_solver_2m", "dpm_solver_3m"})
+"""Solvers written to diffusers configs as ``algorithm_type: "dpmsolver"``."""
 
 _SOLVER_ORDER = {
     "dpm_solver_1": 1,
@@ -470,9 +481,12 @@ class StepsearchScheduler(SchedulerMixin, ConfigMixin):
     def _derived_keys(resolved: Mapping[str, Any]) -> dict[str, Any]:
         clean = resolved["final"] == "clean"
         spacing = resolved["timestep_spacing"]
+        noise_prediction = resolved["solver"] in _NOISE_PREDICTION_SOLVERS
         derived: dict[str, Any] = {
             "set_alpha_to_one": clean,
-            "final_sigmas_type": "zero" if clean else "sigma_min",
+            # diffusers' DPM-Solver schedulers refuse final_sigmas_type "zero" with noise
+            # prediction (algorithm_type "dpmsolver"); their only legal final sigma is sigma_min
+            "final_sigmas_type": "zero" if clean and not noise_prediction else "sigma_min",
             "clip_sample": False,
             "thresholding": False,
             "use_karras_sigmas": spacing == "karras",
@@ -714,7 +728,28 @@ class StepsearchScheduler(SchedulerMixin, ConfigMixin):
         self._evaluation_times = evaluation_times
         self._model_times = model_times
         self._coefficients = self._x0_coefficients(evaluation_times)
+        self.init_noise_sigma = self._initial_noise_sigma(schedule)
         self._reset_run_state()
+
+    def _initial_noise_sigma(self, schedule: StepSchedule) -> float:
+        """What pipelines scale the unit latent noise by: 1 (``x_T = eps`` in x-space), except
+        where the twin is ``EulerDiscreteScheduler`` / ``HeunDiscreteScheduler`` on ``linspace``
+        or ``trailing`` spacing (or Karras / exponential / beta sigmas, which those classes use
+        with their default ``linspace``): there diffusers starts at ``sigma~_max eps`` in ``x / alpha``
+        space instead of ``sqrt(sigma~_max^2 + 1) eps``, which is ``sigma(t_0) eps`` in x-space
+        (``alpha_0 sigma~_max = sigma_0``); the twin starts there too, so the same pipeline
+        noise gives the same samples. A stored schedule (``custom_times``: a search's result)
+        starts at ``eps``, as stepsearch sampled it when it was scored."""
+        if self.config.custom_times is not None:
+            return 1.0
+        twin = TWINS.get(type(self).__name__) or _diffusers_class_name(self.config)
+        sigma_max_start = twin in _SIGMA_MAX_START_TWINS
+        if not sigma_max_start or isinstance(self._noise, FlowMatching):
+            return 1.0
+        # Karras / exponential / beta sigmas come with the classes' default linspace spacing
+        if self.config.timestep_spacing not in ("linspace", "trailing", *_SIGMA_SPACINGS):
+            return 1.0
+        return float(self._noise.sigma(np.asarray([schedule.times[0]]))[0])
 
     def _pipeline_sigmas(self, schedule: StepSchedule) -> FloatArray:
         if isinstance(self._noise, FlowMatching):

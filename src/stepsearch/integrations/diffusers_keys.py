@@ -97,8 +97,8 @@ def _flow_sigmas_check(value: Any, config: Mapping[str, Any]) -> str | None:
 
 
 def _algorithm_check(value: Any, config: Mapping[str, Any]) -> str | None:
-    if value in ("dpmsolver++", None):
-        return None
+    if value in ("dpmsolver++", "deis", None):
+        return None  # diffusers' DPM-Solver schedulers read "deis" (DEIS configs) as dpmsolver++
     if value == "dpmsolver":
         if config.get("_twin") == "DPMSolverSinglestepScheduler":
             return None  # singlestep DPM-Solver-2 / -3 (noise prediction)
@@ -202,8 +202,8 @@ RULES: dict[str, KeyRule] = {
         _algorithm_check,
     ),
     "solver_type": KeyRule(
-        "DPM-Solver: midpoint; UniPC: bh1 / bh2",
-        _only("midpoint", "bh1", "bh2", None, why="the 'heun' form of DPM-Solver-2M"),
+        "DPM-Solver: midpoint (DEIS' logrho reads as midpoint, as in diffusers); UniPC: bh1 / bh2",
+        _only("midpoint", "logrho", "bh1", "bh2", None, why="the 'heun' form of DPM-Solver-2M"),
     ),
     "lower_order_final": KeyRule("the solver's lower_order_final (diffusers' 15-step rule)"),
     "euler_at_final": KeyRule("first-order last step", _euler_at_final_check),

@@ -23,9 +23,9 @@ from stepsearch.solvers.base import (
     SolverState,
     StagedState,
     StepInfo,
-    eps_from_denoised,
     first_order_intervals,
     first_order_update,
+    linear_combination,
     noise_levels,
 )
 
@@ -113,11 +113,18 @@ class Heun(Solver):
                 return x_euler, state
             return x_euler, replace(state, stage_x=(x,), stage_denoised=(denoised,))
         start = state.level(i - 1)
-        eps_start = eps_from_denoised(state.stage_x[0], state.stage_denoised[0], start)
-        eps_end = eps_from_denoised(x, denoised, target)
         # alpha_s (sigma~_s - sigma~_t) = sigma_s (1 - e^h), finite for alpha_t > 0.
         h = target.lambda_ - start.lambda_
         scale = -target.sigma * math.expm1(h) / 2.0
-        return x.add(eps_end.sub_(eps_start), alpha=scale), replace(
-            state, stage_x=(), stage_denoised=()
+        # x^_s + scale (eps'_s - eps_t), eps = (x - alpha denoised) / sigma, as one linear
+        # combination of x^_s, denoised'_s, x_t, denoised_t (four kernels instead of six)
+        x_next = linear_combination(
+            (
+                1.0 + scale / target.sigma,
+                -scale * target.alpha / target.sigma,
+                -scale / start.sigma,
+                scale * start.alpha / start.sigma,
+            ),
+            (x, denoised, state.stage_x[0], state.stage_denoised[0]),
         )
+        return x_next, replace(state, stage_x=(), stage_denoised=())
