@@ -35,13 +35,15 @@ def test_diffusers_export_round_trip_is_bitwise(digits_model, solver, tmp_path):
     schedule = logsnr_uniform(_digits_noise(), 5).with_metadata(name="test")
     path = tmp_path / "schedule.json"
     schedule.save(path)
-    result = CliRunner().invoke(
-        app, ["export", str(path), "--to", "diffusers", str(tmp_path / "sched"), "--solver", solver]
-    )
+    command = ["export", str(path), "--to", "diffusers", str(tmp_path / "sched"), "--solver", solver]
+    refused = CliRunner().invoke(app, command)  # a plain schedule does not say: no guessing
+    assert refused.exit_code == 2 and "prediction type" in refused.output
+    assert not (tmp_path / "sched").exists()
+    result = CliRunner().invoke(app, [*command, "--prediction-type", "v_prediction"])
     assert result.exit_code == 0, result.output
     loaded = scheduler_for_solver(solver).from_pretrained(tmp_path / "sched")
     generic = StepsearchScheduler.from_pretrained(tmp_path / "sched")
-    in_process = diffusers_scheduler(StepSchedule.load(path), solver)
+    in_process = diffusers_scheduler(StepSchedule.load(path), solver, "v_prediction")
     assert loaded.config.solver == generic.config.solver == solver
     loaded.set_timesteps(5)
     assert np.array_equal(loaded.schedule.times, schedule.times)
@@ -92,3 +94,25 @@ def _digits_noise():
     from stepsearch.models import model_noise
 
     return model_noise("digits")
+
+
+def test_atomic_write_dir_replaces_a_folder_whole_or_not_at_all(tmp_path):
+    from stepsearch._io import atomic_write_dir
+
+    target = tmp_path / "scheduler"
+    atomic_write_dir(target, lambda d: (d / "a.json").write_text("1"))
+    assert (target / "a.json").read_text() == "1"
+
+    def fails(folder):
+        (folder / "b.json").write_text("half")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        atomic_write_dir(target, fails)
+    assert sorted(p.name for p in target.iterdir()) == ["a.json"]  # the old result, untouched
+    atomic_write_dir(target, lambda d: (d / "b.json").write_text("2"))
+    assert sorted(p.name for p in target.iterdir()) == ["b.json"]  # replaced whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scheduler"]  # no staging left
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="not a directory"):
+        atomic_write_dir(tmp_path / "file", lambda d: None)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,3 +53,42 @@ def read_json(path: str | os.PathLike[str]) -> Any:
             return json.load(file, parse_constant=reject)
         except json.JSONDecodeError as error:
             raise ValueError(f"not valid JSON ({error})") from None
+
+
+def atomic_write_dir(path: str | os.PathLike[str], fill: Callable[[Path], None]) -> Path:
+    """Write a whole directory at once: ``fill(staging)`` writes into a fresh folder beside
+    ``path``, whose files are fsynced; then it replaces ``path`` by renames (an existing folder is
+    moved aside first and deleted after), so a reader sees the old complete folder or the new
+    complete folder, never a mix. ``ValueError`` if ``path`` exists and is not a directory."""
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"'{target}' exists and is not a directory")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    old: Path | None = None
+    try:
+        os.chmod(staging, 0o777 & ~_umask())
+        fill(staging)
+        for written in staging.rglob("*"):
+            if written.is_file():
+                with open(written, "rb") as file:
+                    os.fsync(file.fileno())
+        if target.exists():
+            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".old"))
+            os.replace(target, old / target.name)
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if old is not None and not target.exists():
+            os.replace(old / target.name, target)  # put the previous result back
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask

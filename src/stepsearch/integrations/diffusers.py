@@ -183,6 +183,24 @@ class StepsearchSchedulerOutput(BaseOutput):
 # --------------------------------------------------------------------------------------------
 
 
+def _checked_custom_times(value: Any) -> list[float]:
+    """``custom_times`` as a flat list of floats; anything else (a string, a nested list, a
+    non-number) is a ``ValueError`` naming the field (a hand-edited config, say)."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple, np.ndarray)):
+        raise ValueError(
+            f"custom_times must be a list of times (numbers in [0, 1]), got {type(value).__name__} "
+            f"{value!r:.80}"
+        )
+    times: list[float] = []
+    for index, entry in enumerate(value):
+        if isinstance(entry, bool) or not isinstance(entry, (int, float, np.floating, np.integer)):
+            raise ValueError(
+                f"custom_times[{index}] must be a number (a time in [0, 1]), got {entry!r:.80}"
+            )
+        times.append(float(entry))
+    return times
+
+
 def _final_from_diffusers(config: Mapping[str, Any], final_key: str | None = None) -> str | None:
     """``final`` from ``final_sigmas_type`` (DPM-Solver, UniPC, Euler, ...) or
     ``set_alpha_to_one`` (DDIM, PNDM); ``final_key`` restricts to the key the target class's
@@ -378,7 +396,7 @@ class StepsearchScheduler(SchedulerMixin, ConfigMixin):
             trained_betas, rescale_betas_zero_snr, shift,
         )  # fmt: skip
         if custom_times is not None:
-            custom_times = [float(t) for t in np.asarray(custom_times, dtype=np.float64)]
+            custom_times = _checked_custom_times(custom_times)
             try:
                 StepSchedule(np.asarray(custom_times), self._noise)
             except ValueError as error:

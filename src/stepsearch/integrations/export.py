@@ -16,13 +16,12 @@ targets are JSON lists of numbers:
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from stepsearch._io import atomic_write_bytes, atomic_write_json
+from stepsearch._io import atomic_write_dir, atomic_write_json
 from stepsearch.schedule import StepSchedule
 
 EXPORT_TARGETS = ("diffusers", "kdiffusion", "comfyui", "timesteps")
@@ -48,6 +47,14 @@ def schedule_values(schedule: StepSchedule, target: str) -> list[float] | list[i
     raise ValueError(f"unknown export target {target!r}; choose from {', '.join(EXPORT_TARGETS)}")
 
 
+NO_PREDICTION_TYPE = (
+    "the schedule does not record the model's prediction type, and a drop-in scheduler with the "
+    "wrong one samples garbage: pass --prediction-type (epsilon, v_prediction, sample, "
+    "flow_prediction), or --model NAME|DIR to read it from the model (a schedule written with "
+    "`stepsearch schedule save --model ...` or by a search records it)"
+)
+
+
 def diffusers_scheduler(
     schedule: StepSchedule,
     solver: str | None = None,
@@ -55,14 +62,22 @@ def diffusers_scheduler(
     **config: Any,
 ) -> Any:
     """The drop-in scheduler of ``solver`` (default: the schedule's ``metadata["solver"]``, else
-    :data:`DEFAULT_SOLVER`) that replays ``schedule``; ``prediction_type`` defaults to the
-    schedule's ``metadata["prediction_type"]``, else ``epsilon``."""
+    :data:`DEFAULT_SOLVER`) that replays ``schedule``. ``prediction_type`` defaults to the
+    schedule's ``metadata["prediction_type"]`` (flow matching: ``flow_prediction``); with
+    neither it is a ``ValueError`` (:data:`NO_PREDICTION_TYPE`): export does not guess."""
     from stepsearch.integrations.diffusers import scheduler_for_solver
+    from stepsearch.noise import DiscreteVP, FlowMatching
 
     solver = solver or str(schedule.metadata.get("solver") or DEFAULT_SOLVER)
-    prediction_type = prediction_type or str(schedule.metadata.get("prediction_type") or "epsilon")
+    prediction_type = prediction_type or schedule.metadata.get("prediction_type")
+    if prediction_type is None and isinstance(schedule.noise, FlowMatching):
+        prediction_type = "flow_prediction"
+    if prediction_type is None and isinstance(schedule.noise, DiscreteVP):
+        raise ValueError(NO_PREDICTION_TYPE)
     cls = scheduler_for_solver(solver)
-    return cls.from_step_schedule(schedule, prediction_type=prediction_type, **config)
+    if prediction_type is not None:
+        config["prediction_type"] = str(prediction_type)
+    return cls.from_step_schedule(schedule, **config)
 
 
 def export_schedule(
@@ -97,10 +112,7 @@ def export_schedule(
         if directory.exists() and not directory.is_dir():
             raise ValueError(f"'{directory}' exists and is not a directory")
         scheduler = diffusers_scheduler(schedule, solver, prediction_type)
-        with tempfile.TemporaryDirectory() as staging:  # each file lands atomically
-            scheduler.save_pretrained(staging)
-            for written in sorted(Path(staging).iterdir()):
-                atomic_write_bytes(directory / written.name, written.read_bytes())
+        atomic_write_dir(directory, scheduler.save_pretrained)  # the whole folder at once
         return scheduler
     if solver is not None or prediction_type is not None:
         raise ValueError(f"solver and prediction_type apply to the diffusers export, not {target}")

@@ -31,7 +31,11 @@ import torch
 from diffusers.configuration_utils import register_to_config
 from numpy.typing import ArrayLike
 
-from stepsearch.integrations.diffusers import StepsearchScheduler, StepsearchSchedulerOutput
+from stepsearch.integrations.diffusers import (
+    StepsearchScheduler,
+    StepsearchSchedulerOutput,
+    _checked_custom_times,
+)
 from stepsearch.schedule import StepSchedule
 from stepsearch.solvers.olss import OLSSCoefficients, OLSSSolver
 
@@ -148,7 +152,19 @@ class StepsearchOLSSScheduler(StepsearchScheduler):
                 "StepsearchOLSSScheduler.from_fit(...) or from_pretrained of a saved one"
             )
         fitted = OLSSCoefficients.from_json_dict(olss_coefficients)
-        kwargs.update(solver=None, solver_kwargs=None, custom_times=fitted.schedule.times.tolist())
+        given = kwargs.get("custom_times")
+        given = None if given is None else _checked_custom_times(given)
+        fitted_times = fitted.schedule.times.tolist()
+        if given is not None and (
+            len(given) != len(fitted_times)
+            or not np.allclose(np.asarray(given, dtype=np.float64), fitted_times, rtol=1e-12, atol=0)
+        ):
+            raise ValueError(
+                f"custom_times {given!r:.120} disagree with the times olss_coefficients were "
+                f"fitted for ({fitted_times}); an OLSS scheduler runs only its fitted times "
+                "(edit neither by hand: refit instead)"
+            )
+        kwargs.update(solver=None, solver_kwargs=None, custom_times=fitted_times)
         super().__init__(**kwargs)
         noise, times = self.noise, fitted.schedule.times
         if not np.allclose(noise.alpha(times), fitted.schedule.noise.alpha(times), rtol=1e-9):
@@ -172,7 +188,8 @@ class StepsearchOLSSScheduler(StepsearchScheduler):
         """A scheduler running ``coefficients`` (or an :class:`~stepsearch.olss.fit.OLSSFit`) on
         the noise schedule they were fitted on; ``base_config`` (the pipeline scheduler's config)
         supplies the other keys (``prediction_type``, ...)."""
-        coefficients = getattr(coefficients, "coefficients", coefficients)
+        if not isinstance(coefficients, OLSSCoefficients):  # an OLSSFit
+            coefficients = coefficients.coefficients
         keys = {
             "olss_coefficients": coefficients.to_json_dict(),
             "olss_provenance": dict(provenance or {}),

@@ -23,6 +23,9 @@ its own iterates is such a rule: :func:`ddim_coefficients` spells DDIM out in th
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -107,7 +110,21 @@ class OLSSCoefficients:
             "schedule": self.schedule.to_json_dict(),
             "coefficients": [list(row) for row in self.coefficients],
             "metadata": dict(self.metadata),
+            "checksum": self.checksum(),
         }
+
+    def checksum(self) -> str:
+        """``sha256:<hex>`` of the basis, the noise schedule, the fitted times and the
+        coefficients: a file whose times or coefficients were edited after the fit (they only
+        make sense together) no longer matches it."""
+        payload = {
+            "basis": self.basis,
+            "noise": self.schedule.noise.to_config(),
+            "times": [float(t).hex() for t in self.schedule.times],
+            "coefficients": [[float(c).hex() for c in row] for row in self.coefficients],
+        }
+        text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+        return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
 
     @classmethod
     def from_json_dict(cls, payload: Mapping[str, Any]) -> OLSSCoefficients:
@@ -118,12 +135,20 @@ class OLSSCoefficients:
         for key in ("schedule", "coefficients"):
             if key not in payload:
                 raise ValueError(f"OLSS coefficients lack {key!r}")
-        return cls(
+        loaded = cls(
             StepSchedule.from_json_dict(payload["schedule"]),
             tuple(tuple(row) for row in payload["coefficients"]),
             str(payload.get("basis", "eps")),
             payload.get("metadata") or {},
         )
+        written = payload.get("checksum")  # files from before checksums have none
+        if written is not None and written != loaded.checksum():
+            raise ValueError(
+                "OLSS coefficients were edited after the fit: their times and coefficients no "
+                "longer match the checksum the fit wrote (coefficients are only valid at the "
+                "times they were fitted for); refit, or restore the original file"
+            )
+        return loaded
 
     def matches(self, schedule: StepSchedule) -> bool:
         """Whether ``schedule`` is the fitted one (same noise schedule, same times)."""
