@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stepsearch.ays.published import (
+from stepsearch.published import (
     PUBLISHED_SIGMAS,
     PUBLISHED_TIMESTEPS,
     published_schedule,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from stepsearch.noise import DiscreteVP, FlowMatching
-from stepsearch.search import published
+from stepsearch import published
 
 
 def _table_values():
