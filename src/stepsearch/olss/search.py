@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from stepsearch._io import atomic_write_json, atomic_write_text
 from stepsearch.cache import TensorCache
-from stepsearch.eval.objective import Objective, TeacherSpec
+from stepsearch.eval.objective import Objective, Score, TeacherSpec
 from stepsearch.models.source import SampleSource
 from stepsearch.olss.fit import PATH_SEARCHES, REFITS, OLSSFit, best_of, fit_olss
 from stepsearch.olss.trajectories import OLSS_TEACHER, record_pipeline_teacher, record_teacher
@@ -58,6 +58,8 @@ class OLSSResult:
     report: dict[str, Any]
     provenance: Provenance
     files: dict[str, str] = field(default_factory=dict)
+    search_score: Score | None = None
+    held_out_score: Score | None = None
 
     @property
     def solver(self) -> OLSSSolver:
@@ -109,9 +111,13 @@ def search_olss(
     cache: TensorCache | None = None,
     chunk_size: int = 256,
     progress: bool = False,
+    objective: Objective | None = None,
 ) -> OLSSResult:
     """Fit an ``nfe``-step OLSS sampler on ``num_samples`` teacher trajectories of ``source``
-    (module docstring); ``fd`` (default: when the source has features) adds the held-out FD."""
+    (module docstring); ``fd`` (default: when the source has features) adds the held-out FD.
+    ``objective``: the trajectory-error objective that scores the result (default: one on
+    ``num_samples`` / ``held_out_samples`` samples of ``seed`` / ``held_out_seed`` against
+    ``teacher``; the OLSS search family passes the job's)."""
     _check_options(search, refit)
     cache = cache if cache is not None else TensorCache.default()
     fd = (source.features is not None and source.reference_data is not None) if fd is None else fd
@@ -133,7 +139,8 @@ def search_olss(
     )
     bar.update()
     objectives = {
-        "traj": _objective(
+        "traj": objective
+        or _objective(
             source,
             "traj",
             num_samples,
@@ -211,7 +218,7 @@ def search_olss(
         },
     )
     report = _report(fit, rows, provenance, source.identity.to_json_dict(), nfe)
-    result = OLSSResult(fit, report, provenance)
+    result = OLSSResult(fit, report, provenance, {}, search_score, olss_scores["traj"])
     if out is not None:
         result.files = _write(
             Path(out),
