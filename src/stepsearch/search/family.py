@@ -60,6 +60,7 @@ __all__ = [
     "SearchJob",
     "family",
     "register",
+    "run_job",
     "run_search",
     "solver_from_json",
     "solver_to_json",
@@ -425,3 +426,47 @@ def _redacted(url: str) -> str:
     credentials, host = rest.rsplit("@", 1)
     user = credentials.split(":", 1)[0]
     return f"{scheme}://{user}@{host}"
+
+
+def run_job(
+    search_family: SearchFamily | str,
+    model: str,
+    solver: str,
+    nfe: int,
+    out: str | Path,
+    *,
+    metric: str = "fd",
+    num_samples: int = 256,
+    held_out_samples: int = 1000,
+    cache: str | Path | None = None,
+    device: str = "cpu",
+    guidance_scale: float | None = None,
+    progress: bool = True,
+    **options: Any,
+) -> SearchJob:
+    """What ``stepsearch search <family>`` does: refuse an unsupported solver before the model
+    loads, load ``model`` (a bundled model or a local UNet directory), build the objective
+    (``metric`` on ``num_samples`` search-seed / ``held_out_samples`` held-out samples, tensor
+    cache ``cache``) and :func:`run_search` (``options``: its keyword arguments)."""
+    import optuna
+
+    from stepsearch.cache import TensorCache
+    from stepsearch.models import load_source
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar says enough
+    fam = family(search_family) if isinstance(search_family, str) else search_family
+    run_solver = getattr(fam, "make_solver", get_solver)(solver)
+    try:
+        steps = run_solver.num_steps_for_nfe(nfe)
+    except ValueError:
+        steps = int(nfe)  # run_search says which NFE are reachable
+    fam.check(run_solver, steps)
+    objective = Objective(
+        load_source(model, device=device, guidance_scale=guidance_scale),
+        metric,
+        num_samples=num_samples,
+        held_out_samples=held_out_samples,
+        cache=TensorCache(cache) if cache is not None else None,
+        progress=progress,
+    )
+    return run_search(fam, objective, run_solver, nfe, out, progress=progress, **options)

@@ -19,6 +19,7 @@ from stepsearch.cache import TensorCache
 from stepsearch.eval.objective import Objective
 from stepsearch.models.pipeline import PipelineSource
 from stepsearch.models.source import SampleSource
+from stepsearch.models.text_to_image import TextToImageModel
 from stepsearch.search.family import FAMILIES, family
 from stepsearch.search.optimize.candidates import Candidate, _baselines
 from stepsearch.search.optimize.judging import (
@@ -162,6 +163,14 @@ def optimize(
     if budget_minutes is None or not budget_minutes > 0:
         raise ValueError(f"--budget-minutes must be positive, got {budget_minutes!r}")
     _check_methods(methods)
+    if (
+        ays_data is not None
+        and pipeline is None
+        and not isinstance(model, (TextToImageModel, PipelineSource))
+    ):
+        raise ValueError(
+            "--data goes with --pipeline (ays_data: AYS on the bundled model uses its data)"
+        )
     if pipeline is not None:
         if model is not None:
             raise ValueError("give a model (--model) or a pipeline (--pipeline), not both")
@@ -175,8 +184,6 @@ def optimize(
     pipeline_run = isinstance(source, PipelineSource)
     settings = settings or (pipeline_settings() if pipeline_run else OptimizeSettings())
     skipped: list[dict[str, str]] = []
-    if ays_data is not None and not pipeline_run:
-        raise ValueError("ays_data (--data) is for text-to-image pipelines (--pipeline)")
     for method in list(methods):
         reason = family(method).applicable(source, ays_data)
         if reason is not None:
