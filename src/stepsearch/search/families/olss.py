@@ -75,9 +75,8 @@ class OLSSFamily(FamilyBase):
             progress=job.progress,
             objective=objective,
         )
-        scores = result.provenance.scores
         search_score, held_out = result.search_score, result.held_out_score
-        assert scores["search"]["value"] == search_score.value
+        assert search_score is not None and held_out is not None
         return Found(
             result.fit.schedule,
             search_score,
