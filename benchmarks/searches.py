@@ -40,7 +40,7 @@ from stepsearch.eval.report import environment
 from stepsearch.models import load_source
 from stepsearch.schedule import StepSchedule, make_schedule
 from stepsearch.search.autodiffusion import AutoDiffusionSettings, run_autodiffusion_job
-from stepsearch.search.job import num_steps_for_nfe, spacing_schedules
+from stepsearch.search.job import spacing_schedules
 from stepsearch.solvers import get_solver
 from stepsearch.testbeds.digits import checkpoint_record
 
@@ -87,7 +87,7 @@ def starting_point(objective: Objective, nfe: int, solvers: list[str]) -> dict[s
     scores = {}
     for solver in solvers:
         try:
-            steps = num_steps_for_nfe(get_solver(solver), objective.source.noise, nfe)
+            steps = get_solver(solver).num_steps_for_nfe(nfe)
         except ValueError:
             continue
         for spacing, schedule in spacing_schedules(objective.source.noise, steps).items():

@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stepsearch.ays.published import (
+from stepsearch.noise import EDM, DiscreteVP
+from stepsearch.published import (
     PUBLISHED_SIGMAS,
     PUBLISHED_TIMESTEPS,
     published_schedule,
     published_sigmas,
 )
-from stepsearch.noise import EDM, DiscreteVP
 
 PAPER_SD15 = [14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029]
 

@@ -186,11 +186,11 @@ def test_optimize_on_digits_cond_records_the_guidance_and_its_grid_is_the_guided
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    import stepsearch.search.optimize as optimize_module
     from stepsearch.cache import TensorCache
     from stepsearch.models.source import generate_from_source
     from stepsearch.schedule_file import ScheduleFile
     from stepsearch.search.dp_job import DPSettings
+    from stepsearch.search.family import solver_from_json
     from stepsearch.search.optimize import OptimizeSettings, optimize
 
     settings = OptimizeSettings(
@@ -217,7 +217,7 @@ def test_optimize_on_digits_cond_records_the_guidance_and_its_grid_is_the_guided
         metadata = grid_file.metadata()
     assert metadata["guidance_scale"] == "4.0" and json.loads(metadata["labels"])[:3] == [0, 1, 2]
     grid = load_file(str(folder / "samples.safetensors"))["winner"]
-    solver = optimize_module._solver_from_json(dict(schedule_file.provenance.solver))
+    solver = solver_from_json(dict(schedule_file.provenance.solver))
     source = load_image_model("digits-cond", guidance_scale=4.0).source()
     direct = generate_from_source(source, solver, schedule_file.schedule, 6, seed=2, chunk_size=4)
     torch.testing.assert_close(grid, direct, rtol=1e-4, atol=1e-4)

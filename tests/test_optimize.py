@@ -16,10 +16,9 @@ from stepsearch.cache import TensorCache
 from stepsearch.models.source import DenoiserSource
 from stepsearch.noise import DiscreteVP
 from stepsearch.schedule_file import ScheduleFile
-from stepsearch.search import optimize as optimize_module
 from stepsearch.search.autodiffusion import AutoDiffusionSettings
 from stepsearch.search.dp_job import DPSettings
-from stepsearch.search.job import num_steps_for_nfe
+from stepsearch.search.family import FAMILIES
 from stepsearch.search.optimize import OptimizeSettings, gains_in_words, optimize
 from stepsearch.solvers import get_solver
 from stepsearch.testbeds.gaussian_mixture import GaussianMixture
@@ -120,12 +119,13 @@ def test_report_files_and_winner_schedule_file(finished):
 def test_resume_after_an_interrupted_run_gives_the_same_report(finished, tmp_path, monkeypatch):
     _, reference = finished
     out = tmp_path / "run"
-    real_job = optimize_module.run_autodiffusion_job
+    autodiffusion = FAMILIES["autodiffusion"]
+    real_search = autodiffusion.search
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt  # the run is killed after the cheap searches
 
-    monkeypatch.setattr(optimize_module, "run_autodiffusion_job", killed)
+    monkeypatch.setattr(autodiffusion, "search", killed)
     with pytest.raises(KeyboardInterrupt):
         _run(out)
     assert not (out / "report.json").exists()
@@ -134,13 +134,13 @@ def test_resume_after_an_interrupted_run_gives_the_same_report(finished, tmp_pat
     def not_again(*args, **kwargs):
         raise AssertionError("a finished stage ran again")
 
-    monkeypatch.setattr(optimize_module, "run_dp_search", not_again)
-    monkeypatch.setattr(optimize_module, "search_ays", not_again)
-    monkeypatch.setattr(optimize_module, "run_autodiffusion_job", real_job)
+    monkeypatch.setattr(FAMILIES["dp"], "search", not_again)
+    monkeypatch.setattr(FAMILIES["ays"], "search", not_again)
+    monkeypatch.setattr(autodiffusion, "search", real_search)
     resumed = _run(out)  # the same command, no flag: it resumes
     assert _comparable(resumed.report) == _comparable(reference.report)
     # a rerun of a finished run reads everything back
-    monkeypatch.setattr(optimize_module, "run_autodiffusion_job", not_again)
+    monkeypatch.setattr(autodiffusion, "search", not_again)
     again = _run(out)
     assert _comparable(again.report) == _comparable(reference.report)
 
@@ -184,7 +184,7 @@ def test_bad_input_is_a_clear_error_before_any_work(tmp_path):
     unreachable = None
     for nfe in (3, 4, 5):
         try:
-            num_steps_for_nfe(solver, NOISE, nfe)
+            solver.num_steps_for_nfe(nfe)
         except ValueError:
             unreachable = nfe
             break

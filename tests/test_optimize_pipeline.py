@@ -29,9 +29,11 @@ from stepsearch.models.pipeline import PipelineSource, pipeline_digest
 from stepsearch.models.source import generate_from_source
 from stepsearch.models.text_to_image import TextToImageModel, load_pipeline
 from stepsearch.schedule_file import ScheduleFile
-from stepsearch.search import optimize as optimize_module
 from stepsearch.search.dp_job import DPSettings
+from stepsearch.search.family import FAMILIES, solver_from_json
 from stepsearch.search.optimize import AYS_NEEDS_DATA, OptimizeSettings, optimize
+from stepsearch.search.optimize import candidates as candidates_module
+from stepsearch.search.optimize import run as run_module
 
 PROMPTS = ["a cat", "the dog", "an apple on the table"]
 GUIDANCE = 2.0
@@ -117,7 +119,7 @@ def finished(saved: dict[str, Path]) -> tuple[Path, dict[str, Any], str]:
 
     out = saved["root"] / "run"
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(optimize_module, "pipeline_settings", lambda: SETTINGS)
+        patch.setattr(run_module, "pipeline_settings", lambda: SETTINGS)
         patch.setenv("STEPSEARCH_CACHE", str(saved["cache"]))
         patch.setenv("COLUMNS", "200")
         done = CliRunner().invoke(
@@ -180,7 +182,7 @@ def test_report_samples_equal_the_source_samples_of_the_winner(finished, saved):
     if entry["winner_family"] == "diffusers":
         pytest.skip("a diffusers winner has no stepsearch solver")
     schedule_file = ScheduleFile.load(entry["files"]["schedule"])
-    solver = optimize_module._solver_from_json(dict(schedule_file.provenance.solver))
+    solver = solver_from_json(dict(schedule_file.provenance.solver))
     model = TextToImageModel(load_pipeline(saved["pipeline"]), PROMPTS, GUIDANCE)
     grid = load_file(str(out / f"nfe-{NFE}" / "samples.safetensors"))["winner"]
     direct = generate_from_source(PipelineSource(model), solver, schedule_file.schedule, 4, seed=2)
@@ -213,9 +215,9 @@ def test_a_rerun_reads_the_finished_stages_and_scores_back(finished, saved, monk
     def not_again(*args, **kwargs):
         raise AssertionError("a finished stage ran again")
 
-    monkeypatch.setattr(optimize_module, "run_dp_search", not_again)
+    monkeypatch.setattr(FAMILIES["dp"], "search", not_again)
     monkeypatch.setattr("stepsearch.olss.search.search_olss", not_again)
-    monkeypatch.setattr(optimize_module, "generate_from_source", not_again)  # judged.json
+    monkeypatch.setattr(candidates_module, "generate_from_source", not_again)  # judged.json
     again = optimize(
         None, [NFE], ["dp", "ays", "olss"], 30.0, out, pipeline=saved["pipeline"],
         prompts=saved["prompts"], guidance_scale=GUIDANCE, settings=SETTINGS,

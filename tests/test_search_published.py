@@ -8,8 +8,8 @@ from importlib import resources
 import numpy as np
 import pytest
 
+from stepsearch import published
 from stepsearch.noise import DiscreteVP, FlowMatching
-from stepsearch.search import published
 
 
 def _table_values():

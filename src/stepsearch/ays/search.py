@@ -163,16 +163,6 @@ def default_start(noise: NoiseSchedule) -> str:
     return "time_uniform" if isinstance(noise, (DiscreteVP, FlowMatching)) else "karras"
 
 
-def _steps_for_nfe(solver: Solver, noise: NoiseSchedule, nfe: int) -> int:
-    for steps in range(1, nfe + 1):
-        spent = solver.evaluation_times(make_schedule(noise, steps, "time_uniform")).size
-        if spent == nfe:
-            return steps
-        if spent > nfe:
-            break
-    raise ValueError(f"solver {solver.name} cannot spend exactly {nfe} evaluations")
-
-
 def _schedule(noise: NoiseSchedule, sigmas: list[float], num_steps: int) -> StepSchedule:
     """Noisy ``sigmas`` + a clean end, resampled log-linearly to ``num_steps`` if needed."""
     schedule = StepSchedule.from_kdiffusion_sigmas(noise, [*sigmas, 0.0], clip_to_range=True)
@@ -321,7 +311,7 @@ def search_ays(
     if isinstance(nfe, bool) or int(nfe) < 1:
         raise ValueError(f"nfe must be a positive integer, got {nfe!r}")
     noise = source.noise
-    num_steps = _steps_for_nfe(run_solver, noise, int(nfe))
+    num_steps = run_solver.num_steps_for_nfe(int(nfe))
     objective = objective or Objective(source, "traj", num_samples=256)
     if objective.source is not source and objective.source.identity != source.identity:
         raise ValueError("the objective scores another model than the one searched")

@@ -18,11 +18,15 @@ Adding a search command: create ``src/stepsearch/cli/search_<family>.py`` holdin
 
     from stepsearch.cli.search import search_command
 
-    @search_command("<family>")
-    def family_command(...) -> None:  # typer options; call the library's search, print, exit
-        ...
+    from stepsearch.cli import options
 
-Nothing else: every ``search_*`` module of this package is imported when the command starts, and
+    @search_command("<family>")
+    def family_command(model: options.Model = "digits", nfe: options.NFE = 5, ...) -> None:
+        ...  # typer options; call the library (stepsearch.search.family.run_job), print, exit
+
+Shared options (``--model``, ``--pipeline``, ``--prompts``, ``--guidance-scale``, ``--nfe``,
+``--solver``, ``--out``, ``--storage``, ``--seed``, ``--num-samples``, ``--device``...) are the
+``Annotated`` types of :mod:`stepsearch.cli.options`, defined once. Nothing else: every ``search_*`` module of this package is imported when the command starts, and
 ``stepsearch search <family> --help`` lists its options. List options (``list[int]`` ...) take
 several values after one flag (``--nfe 4 5 6``) in every command (:class:`ListOptionsCommand`);
 wrap the library call in ``with usage_errors():`` so a ``ValueError`` prints ``error: ...`` and

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from stepsearch.cli import options
 from stepsearch.cli._common import console, usage_errors
 from stepsearch.cli.optimize import print_summary
 from stepsearch.search.optimize import demo_settings, optimize
@@ -16,21 +17,15 @@ DEMO_METHODS = ["dp", "olss", "autodiffusion"]
 
 
 def demo_command(
-    out: Annotated[Path, typer.Option(metavar="DIR", help="Output directory.")] = Path(
-        "stepsearch-demo"
-    ),
-    nfe: Annotated[
-        list[int] | None,
-        typer.Option(metavar="N...", help="Model-evaluation budgets. [default: 4 6 8]",
-                     show_default=False),
-    ] = None,
+    out: options.OutDir = Path("stepsearch-demo"),
+    nfe: options.NFEs = None,
     budget_minutes: Annotated[
         float, typer.Option(metavar="M", help="Minutes for the searches.")
     ] = 1.5,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Discard the results already in --out.")
     ] = False,
-    device: Annotated[str, typer.Option(metavar="NAME", help="torch device.")] = "cpu",
+    device: options.Device = "cpu",
 ) -> None:
     """The main job on the bundled digits model at a small budget: DP, OLSS and AutoDiffusion
     searches against diffusers' and stepsearch's built-in samplers at NFE 4, 6 and 8, judged on

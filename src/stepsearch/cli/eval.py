@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from stepsearch.cli import options
 from stepsearch.cli._common import console, print_table, print_unreachable, usage_errors
 from stepsearch.eval.evaluate import (
     EvalInputs,
@@ -38,14 +39,7 @@ def report(result: EvalResult, out: Path, title: str) -> None:
 
 
 def eval_command(
-    model: Annotated[
-        str,
-        typer.Option(
-            metavar="NAME|DIR",
-            help="Bundled: digits, digits-flow, digits-cond (sample i asks for digit i mod 10); "
-            "or a local diffusers UNet2DModel directory.",
-        ),
-    ] = "digits",
+    model: options.Model = "digits",
     pipeline: Annotated[
         str | None,
         typer.Option(
@@ -53,10 +47,7 @@ def eval_command(
             help="A local diffusers text-to-image pipeline directory (instead of --model).",
         ),
     ] = None,
-    prompts: Annotated[
-        Path | None,
-        typer.Option(metavar="FILE", help="One prompt per line (with --pipeline; cycled)."),
-    ] = None,
+    prompts: options.Prompts = None,
     schedules: Annotated[
         list[str] | None,
         typer.Option(
@@ -116,21 +107,11 @@ def eval_command(
             ".safetensors) of images (kid needs images).",
         ),
     ] = None,
-    guidance_scale: Annotated[
-        float | None,
-        typer.Option(
-            metavar="W",
-            help="Classifier-free guidance (--pipeline, or --model digits-cond; 1: the "
-            "conditional branch alone). [default: 7.5; 2 for digits-cond]",
-            show_default=False,
-        ),
-    ] = None,
+    guidance_scale: options.GuidanceScale = None,
     num_samples: Annotated[int, typer.Option(metavar="N", help="Samples per cell.", min=2)] = 1000,
     seed: Annotated[int, typer.Option(metavar="N", help="Seed of the per-sample noise.")] = 0,
-    out: Annotated[Path, typer.Option(metavar="DIR", help="Output directory.")] = Path(
-        "stepsearch-eval"
-    ),
-    device: Annotated[str, typer.Option(metavar="NAME", help="torch device.")] = "cpu",
+    out: options.OutDir = Path("stepsearch-eval"),
+    device: options.Device = "cpu",
     chunk_size: Annotated[
         int | None,
         typer.Option(

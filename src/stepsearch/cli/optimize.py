@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from stepsearch.cli import options
 from stepsearch.cli._common import console, usage_errors
 from stepsearch.search.optimize import METHODS, gains_in_words, optimize
 
@@ -15,22 +16,8 @@ DEFAULT_NFES = [4, 6, 8]
 
 
 def optimize_command(
-    model: Annotated[
-        str | None,
-        typer.Option(
-            metavar="NAME|DIR",
-            help="Bundled: digits, digits-flow, digits-cond (sample i asks for digit i mod 10); "
-            "or a local diffusers UNet2DModel directory with its scheduler config. "
-            "[default: digits, unless --pipeline]",
-            show_default=False,
-        ),
-    ] = None,
-    nfe: Annotated[
-        list[int] | None,
-        typer.Option(
-            metavar="N...", help="Model-evaluation budgets. [default: 4 6 8]", show_default=False
-        ),
-    ] = None,
+    model: options.OptionalModel = None,
+    nfe: options.NFEs = None,
     methods: Annotated[
         list[str] | None,
         typer.Option(
@@ -47,36 +34,16 @@ def optimize_command(
             "what the cheap searches leave).",
         ),
     ] = 30.0,
-    out: Annotated[Path, typer.Option(metavar="DIR", help="Output directory.")] = Path(
-        "stepsearch-optimize"
-    ),
+    out: options.OutDir = Path("stepsearch-optimize"),
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue in a folder holding another run.")
     ] = False,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Discard the results already in --out.")
     ] = False,
-    pipeline: Annotated[
-        Path | None,
-        typer.Option(
-            metavar="DIR",
-            help="A local diffusers text-to-image pipeline directory (model_index.json; Stable "
-            "Diffusion 1.x / 2.x, SDXL) instead of --model.",
-        ),
-    ] = None,
-    prompts: Annotated[
-        Path | None,
-        typer.Option(metavar="FILE", help="One prompt per line (with --pipeline; cycled)."),
-    ] = None,
-    guidance_scale: Annotated[
-        float | None,
-        typer.Option(
-            metavar="G",
-            help="Classifier-free guidance (--pipeline, or --model digits-cond; 1: the "
-            "conditional branch alone). [default: 7.5; 2 for digits-cond]",
-            show_default=False,
-        ),
-    ] = None,
+    pipeline: options.Pipeline = None,
+    prompts: options.Prompts = None,
+    guidance_scale: options.GuidanceScale = None,
     data: Annotated[
         Path | None,
         typer.Option(
@@ -85,7 +52,7 @@ def optimize_command(
             "metadata.jsonl of {file_name, text} lines (without it AYS is skipped).",
         ),
     ] = None,
-    device: Annotated[str, typer.Option(metavar="NAME", help="torch device.")] = "cpu",
+    device: options.Device = "cpu",
 ) -> None:
     """Search DP, AYS, OLSS and AutoDiffusion schedules for the model at each NFE, pick the
     winner against diffusers' and stepsearch's built-in samplers on unseen noise, and write a
@@ -95,8 +62,6 @@ def optimize_command(
     pipeline (its guided UNet in latent space, image i with prompt i mod the number of prompts),
     judged by trajectory error of the decoded images; AYS runs only with --data pairs."""
     with usage_errors():
-        if pipeline is None and data is not None:
-            raise ValueError("--data goes with --pipeline (AYS on the bundled model uses its data)")
         result = optimize(
             model if model is not None or pipeline is not None else "digits",
             nfe or DEFAULT_NFES,

@@ -12,6 +12,7 @@ import typer
 
 from stepsearch.ays.optimize import SearchState
 from stepsearch.ays.search import STRATEGIES, AYSConfig, run_ays_job
+from stepsearch.cli import options
 from stepsearch.cli._common import console, usage_errors
 from stepsearch.cli.search import search_command
 
@@ -28,10 +29,7 @@ def _progress(strategy: str, stage: int, state: SearchState) -> None:
 
 @search_command("ays")
 def ays_command(
-    model: Annotated[
-        str,
-        typer.Option(help="'digits', 'digits-flow', 'digits-cond' or a local diffusers model dir."),
-    ] = "digits",
+    model: options.Model = "digits",
     data: Annotated[
         Path | None,
         typer.Option(
@@ -40,24 +38,11 @@ def ays_command(
             '(lines {"file_name": ..., "text": ...}).'
         ),
     ] = None,
-    pipeline: Annotated[
-        Path | None,
-        typer.Option(
-            help="Local diffusers text-to-image pipeline dir (SD 1.x / 2.x, SDXL) instead of "
-            "--model: KLUB on its VAE latents, each conditioned on its prompt."
-        ),
-    ] = None,
-    guidance_scale: Annotated[
-        float | None,
-        typer.Option(
-            help="Classifier-free guidance (--pipeline, --model digits-cond). "
-            "[default: 7.5; 2 for digits-cond]",
-            show_default=False,
-        ),
-    ] = None,
-    nfe: Annotated[int, typer.Option(help="Model evaluations of the schedule.", min=1)] = 10,
+    pipeline: options.Pipeline = None,
+    guidance_scale: options.GuidanceScale = None,
+    nfe: options.NFE = 10,
     out: Annotated[Path, typer.Option(help="Schedule file to write (JSON).")] = Path("ays.json"),
-    solver: Annotated[str, typer.Option(help="Solver the schedule is for.")] = "dpm_solver_pp_2m",
+    solver: options.Solver = "dpm_solver_pp_2m",
     strategy: Annotated[str, typer.Option(help=f"One of: {', '.join(STRATEGIES)}.")] = (
         "hierarchical"
     ),
@@ -81,7 +66,7 @@ def ays_command(
         Path | None, typer.Option(help="Checkpoint to resume (default: OUT.ckpt.json).")
     ] = None,
     plot: Annotated[Path | None, typer.Option(help="PNG to write (default: OUT.png).")] = None,
-    device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
+    device: options.Device = "cpu",
 ) -> None:
     """Optimise a step schedule with Align Your Steps (KL upper bound, coordinate search)."""
     with usage_errors():

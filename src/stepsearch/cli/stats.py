@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from stepsearch.cli import options
 from stepsearch.cli._common import console, usage_errors
 from stepsearch.eval.evaluate import compute_statistics
 
@@ -33,7 +34,7 @@ def stats_command(
     batch_size: Annotated[
         int, typer.Option(metavar="N", help="Images per feature batch.", min=1)
     ] = 250,
-    device: Annotated[str, typer.Option(metavar="NAME", help="torch device.")] = "cpu",
+    device: options.Device = "cpu",
 ) -> None:
     """Reference statistics (feature mean and covariance, .npz) of real images, for
     `stepsearch eval --metric fid --reference-stats`; written atomically."""

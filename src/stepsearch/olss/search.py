@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from stepsearch._io import atomic_write_json, atomic_write_text
 from stepsearch.cache import TensorCache
-from stepsearch.eval.objective import Objective, TeacherSpec
+from stepsearch.eval.objective import Objective, Score, TeacherSpec
 from stepsearch.models.source import SampleSource
 from stepsearch.olss.fit import PATH_SEARCHES, REFITS, OLSSFit, best_of, fit_olss
 from stepsearch.olss.trajectories import OLSS_TEACHER, record_pipeline_teacher, record_teacher
@@ -38,7 +38,14 @@ from stepsearch.schedule import make_schedule
 from stepsearch.schedule_file import Provenance, ScheduleFile
 from stepsearch.solvers.olss import OLSSSolver
 
-__all__ = ["BASELINES", "BASELINE_SPACINGS", "OLSSResult", "search_olss", "search_olss_pipeline"]
+__all__ = [
+    "BASELINES",
+    "BASELINE_SPACINGS",
+    "OLSSResult",
+    "run_olss_job",
+    "search_olss",
+    "search_olss_pipeline",
+]
 
 BASELINES = ("ddim", "dpm_solver_pp_2m", "unipc_bh2")
 """Built-in solvers OLSS is compared with."""
@@ -58,6 +65,8 @@ class OLSSResult:
     report: dict[str, Any]
     provenance: Provenance
     files: dict[str, str] = field(default_factory=dict)
+    search_score: Score | None = None
+    held_out_score: Score | None = None
 
     @property
     def solver(self) -> OLSSSolver:
@@ -109,9 +118,13 @@ def search_olss(
     cache: TensorCache | None = None,
     chunk_size: int = 256,
     progress: bool = False,
+    objective: Objective | None = None,
 ) -> OLSSResult:
     """Fit an ``nfe``-step OLSS sampler on ``num_samples`` teacher trajectories of ``source``
-    (module docstring); ``fd`` (default: when the source has features) adds the held-out FD."""
+    (module docstring); ``fd`` (default: when the source has features) adds the held-out FD.
+    ``objective``: the trajectory-error objective that scores the result (default: one on
+    ``num_samples`` / ``held_out_samples`` samples of ``seed`` / ``held_out_seed`` against
+    ``teacher``; the OLSS search family passes the job's)."""
     _check_options(search, refit)
     cache = cache if cache is not None else TensorCache.default()
     fd = (source.features is not None and source.reference_data is not None) if fd is None else fd
@@ -133,7 +146,8 @@ def search_olss(
     )
     bar.update()
     objectives = {
-        "traj": _objective(
+        "traj": objective
+        or _objective(
             source,
             "traj",
             num_samples,
@@ -211,7 +225,7 @@ def search_olss(
         },
     )
     report = _report(fit, rows, provenance, source.identity.to_json_dict(), nfe)
-    result = OLSSResult(fit, report, provenance)
+    result = OLSSResult(fit, report, provenance, {}, search_score, olss_scores["traj"])
     if out is not None:
         result.files = _write(
             Path(out),
@@ -518,3 +532,47 @@ def _pipeline_rollout(model: Any, recording: Any, fit: OLSSFit, seed: int) -> OL
         fit.path, coefficients, tuple(fitter.errors), fit.search, "rollout", fit.bound,
         fit.seconds + time.perf_counter() - start, fit.step_errors,
     )  # fmt: skip
+
+
+def run_olss_job(
+    out: str | Path,
+    nfe: int = 10,
+    *,
+    model: str = "digits",
+    pipeline: str | Path | None = None,
+    prompts: str | Path | None = None,
+    guidance_scale: float | None = None,
+    samples: int = 64,
+    held_out_samples: int = 1000,
+    search: str = "best",
+    refit: str = "rollout",
+    teacher_steps: int = 100,
+    seed: int = 0,
+    device: str = "cpu",
+    progress: bool = True,
+) -> OLSSResult:
+    """What ``stepsearch search olss`` does: fit on ``model`` (a bundled model or a local UNet
+    directory) or, with ``pipeline``, on a local text-to-image pipeline with its ``prompts`` file
+    (guidance default 7.5); the teacher is DPM-Solver++(3M) on ``teacher_steps`` logSNR steps, the
+    held-out seed ``seed + 1``; the files go to ``out``."""
+    teacher = TeacherSpec("dpm_solver_pp_3m", "logsnr_uniform", teacher_steps)
+    common = dict(
+        num_samples=samples, held_out_samples=held_out_samples, out=out, search=search,
+        refit=refit, teacher=teacher, seed=seed, held_out_seed=seed + 1, progress=progress,
+    )  # fmt: skip
+    if pipeline is not None:
+        if prompts is None:
+            raise ValueError("--pipeline needs --prompts")
+        from stepsearch.models.text_to_image import TextToImageModel, load_pipeline, read_prompts
+
+        text_model = TextToImageModel(
+            load_pipeline(pipeline, device=device),
+            read_prompts(prompts),
+            guidance_scale=7.5 if guidance_scale is None else guidance_scale,
+            name=Path(pipeline).name,
+        )
+        return search_olss_pipeline(text_model, nfe, **common)  # type: ignore[arg-type]
+    from stepsearch.models import load_source
+
+    source = load_source(model, device=device, guidance_scale=guidance_scale)
+    return search_olss(source, nfe, **common)  # type: ignore[arg-type]

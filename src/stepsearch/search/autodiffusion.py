@@ -35,7 +35,6 @@ command share one generation's evaluations through the store and also reach the 
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,16 +46,7 @@ from stepsearch.eval.objective import Objective, Score
 from stepsearch.noise import DiscreteVP, FlowMatching, NoiseSchedule
 from stepsearch.schedule import StepSchedule
 from stepsearch.schedule_file import ScheduleFile
-from stepsearch.search.job import (
-    Baseline,
-    SearchProgress,
-    num_steps_for_nfe,
-    output_dir,
-    resolve_storage,
-    sortable,
-    spacing_schedules,
-    write_job_result,
-)
+from stepsearch.search.job import Baseline, sortable
 from stepsearch.search.store import StudyStore
 from stepsearch.solvers import get_solver
 from stepsearch.solvers.base import Solver
@@ -278,7 +268,7 @@ def autodiffusion(
     noise = objective.source.noise
     if isinstance(budget, bool) or int(budget) < 1:
         raise ValueError(f"budget must be a positive number of trials, got {budget!r}")
-    k = num_steps_for_nfe(run_solver, noise, nfe)
+    k = run_solver.num_steps_for_nfe(nfe)
     grid = time_grid(noise) if grid is None else np.asarray(grid, dtype=np.float64)
     seeds = [
         (name, genes)
@@ -352,130 +342,35 @@ def run_autodiffusion_job(
     progress: bool = True,
     worker_name: str | None = None,
 ) -> JobSummary:
-    """``stepsearch search autodiffusion``: the search on a study store (``storage``, default
-    ``out/study.sqlite3``), starting from the built-in spacings at ``nfe``, then the result files
-    of :func:`~stepsearch.search.job.write_job_result` with held-out scores of the result and of
-    the best starting spacing. Rerun the same command to resume; run it in several processes on
-    one storage to share the work."""
-    start_time = time.perf_counter()
-    settings = settings or AutoDiffusionSettings()
-    run_solver = get_solver(solver)
-    out_path = output_dir(out)
-    noise = objective.source.noise
-    steps = num_steps_for_nfe(run_solver, noise, nfe)
-    starts = spacing_schedules(noise, steps)
-    metadata = {
-        "family": "autodiffusion",
-        "model": objective.source.identity.to_json_dict(),
-        "solver": {"name": run_solver.name, "config": run_solver.config()},
-        "nfe": int(nfe),
-        # what the search sees (the held-out sample count only changes the report)
-        "objective": {k: v for k, v in objective.describe().items() if k != "held_out_samples"},
-        "settings": settings.to_json_dict(),
-    }
-    name = study_name or f"autodiffusion-{objective.source.identity.name}-{solver}-nfe{nfe}"
-    bar = SearchProgress(budget, f"AutoDiffusion {solver} NFE {nfe}", enabled=progress)
-    with (
-        StudyStore.open(
-            resolve_storage(storage, out_path), name, metadata=metadata, worker_name=worker_name
-        ) as store,
-        bar.running(),
-    ):
-        baselines = tuple(
-            Baseline(spacing, schedule, score.value)
-            for (spacing, schedule), score in zip(
-                starts.items(),
-                store.evaluate_many(
-                    list(starts.values()),
-                    lambda candidate: objective(candidate, run_solver),
-                    solver=run_solver,
-                    attrs=[{"origin": "baseline", "spacing": spacing} for spacing in starts],
-                ),
-                strict=True,
-            )
-        )
-        result = autodiffusion(
-            objective,
-            run_solver,
-            nfe=nfe,
-            budget=budget,
-            store=store,
-            seed=seed,
-            starts=starts,
-            settings=settings,
-            on_trial=bar.update,
-        )
-        store_url, trials = store.url, store.count()
-    start = min(baselines, key=lambda b: sortable(b.value)) if baselines else None
-    held_out_best = objective.held_out(result.best, run_solver)
-    held_out = {"search_result": held_out_best.value}
-    if start is not None:
-        held_out[f"start ({start.name})"] = objective.held_out(start.schedule, run_solver).value
-    provenance = objective.provenance(
-        run_solver,
-        result.best_score,
-        held_out_best,
-        "autodiffusion",
-        {**settings.to_json_dict(), "budget": int(budget), "seed": int(seed)},
-        extra={"study": {"storage": _redacted(store_url), "name": name}},
+    """``stepsearch search autodiffusion``: the AutoDiffusion family
+    (:mod:`stepsearch.search.families.autodiffusion`) through the job runner
+    (:func:`~stepsearch.search.family.run_search`): a study store (``storage``, default
+    ``out/study.sqlite3``), the built-in spacings at ``nfe`` as starting points, the result files
+    with held-out scores of the result and of the best starting spacing. Rerun the same command to
+    resume; run it in several processes on one storage to share the work."""
+    from stepsearch.search.family import family, run_search
+
+    job = run_search(
+        family("autodiffusion"),
+        objective,
+        solver,
+        nfe,
+        out,
+        settings=settings or AutoDiffusionSettings(),
+        storage=storage,
+        study_name=study_name,
+        progress=progress,
+        worker_name=worker_name,
+        seed=seed,
+        budget=budget,
     )
-    schedule_file = ScheduleFile(result.best, provenance)
-    summary = {
-        "family": "autodiffusion",
-        "solver": run_solver.name,
-        "nfe": int(nfe),
-        "metric": objective.metric,
-        "budget": int(budget),
-        "trials_in_study": trials,
-        "seed": int(seed),
-        "best": {
-            "times": result.best.times.tolist(),
-            "diffusers_timesteps": _timesteps(result.best),
-            "search": result.best_score.value,
-            "held_out": held_out_best.value,
-        },
-        "start": None
-        if start is None
-        else {
-            "spacing": start.name,
-            "search": start.value,
-            "held_out": held_out[f"start ({start.name})"],
-        },
-        "baselines": {b.name: b.value for b in baselines},
-        "held_out": held_out,
-        "values": result.values,
-        "seconds": round(time.perf_counter() - start_time, 2),
-    }
-    files = write_job_result(
-        out_path,
-        schedule_file,
-        summary,
-        values=result.values,
-        baselines=baselines,
-        title=f"AutoDiffusion: {objective.source.identity.name}, {run_solver.name}, NFE {nfe}",
-    )
+    result: AutoDiffusionResult = job.found.details
     return JobSummary(
         result,
-        schedule_file,
-        start if start is not None else Baseline("none", result.best, math.nan),
-        baselines,
-        held_out,
-        files,
-        time.perf_counter() - start_time,
+        job.schedule_file,
+        job.start if job.start is not None else Baseline("none", result.best, math.nan),
+        job.baselines,
+        job.held_out_values,
+        job.files,
+        job.seconds["total"],
     )
-
-
-def _timesteps(schedule: StepSchedule) -> list[float] | None:
-    if isinstance(schedule.noise, DiscreteVP):
-        return schedule.to_diffusers_timesteps(integer=False).tolist()
-    return None
-
-
-def _redacted(url: str) -> str:
-    """A database URL without its password (provenance is shared)."""
-    if "://" not in url or "@" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    credentials, host = rest.rsplit("@", 1)
-    user = credentials.split(":", 1)[0]
-    return f"{scheme}://{user}@{host}"

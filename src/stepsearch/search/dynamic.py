@@ -53,6 +53,7 @@ from stepsearch.cache import TensorCache
 from stepsearch.models.source import SampleSource, generate_from_source
 from stepsearch.noise import NoiseSchedule
 from stepsearch.schedule import StepSchedule, make_schedule
+from stepsearch.search.family import solver_to_json
 from stepsearch.solvers import DDIM, DPMSolver, DPMSolverPP, Euler, UniPC, get_solver
 from stepsearch.solvers.base import Solver, StepInfo, noise_levels
 
@@ -330,7 +331,7 @@ def _coefficients_cached(
     key = {
         "noise": grid.noise.to_config(),
         "grid": [float(t) for t in grid.times],
-        "solver": {"name": rule.probe.name, "config": rule.probe.config()},
+        "solver": solver_to_json(rule.probe),
         "depth": rule.depth,
     }
     stored = cache.load_or_compute(
@@ -577,7 +578,7 @@ def dynamic_schedule(
         {"spacing": "dp_per_sample" if per_sample else "dp", "grid_indices": path},
     )
     settings = {
-        "solver": {"name": run_solver.name, "config": run_solver.config()},
+        "solver": solver_to_json(run_solver),
         "num_steps": int(num_steps),
         "grid_points": size,
         "grid": {

@@ -30,14 +30,12 @@ from stepsearch.noise import DiscreteVP, FlowMatching, NoiseSchedule
 from stepsearch.schedule import StepSchedule, make_schedule
 from stepsearch.schedule_file import ScheduleFile
 from stepsearch.search.store import DEFAULT_STORAGE_NAME
-from stepsearch.solvers import get_solver
 from stepsearch.solvers.base import Solver
 
 __all__ = [
     "DEFAULT_SPACINGS",
     "Baseline",
     "SearchProgress",
-    "num_steps_for_nfe",
     "output_dir",
     "plot_search",
     "resolve_storage",
@@ -70,24 +68,6 @@ def resolve_storage(storage: str | None, out: Path) -> str:
 def sortable(value: float) -> float:
     """A score as a sort key: NaN (a failed or diverged candidate) ranks last, as ``+inf``."""
     return math.inf if math.isnan(value) else value
-
-
-def num_steps_for_nfe(solver: Solver, noise: NoiseSchedule, nfe: int) -> int:
-    """The number of schedule steps at which ``solver`` spends exactly ``nfe`` model evaluations
-    (``n`` for DDIM and multistep solvers, ``(nfe + 1) / 2`` for Heun, ...); ``ValueError`` if no
-    step count does."""
-    if isinstance(nfe, bool) or int(nfe) != nfe or nfe < 1:
-        raise ValueError(f"nfe must be a positive integer, got {nfe!r}")
-    reachable = {}
-    for steps in range(1, int(nfe) + 1):
-        spent = int(solver.evaluation_times(make_schedule(noise, steps, "time_uniform")).size)
-        reachable[steps] = spent
-        if spent == nfe:
-            return steps
-    raise ValueError(
-        f"{solver.name} cannot spend exactly {nfe} model evaluations "
-        f"(steps -> NFE: {', '.join(f'{s}->{n}' for s, n in reachable.items())})"
-    )
 
 
 def spacing_schedules(
@@ -169,6 +149,12 @@ def write_scheduler_dir(
     diffusers form (EDM, continuous VP)."""
     from stepsearch.integrations.diffusers import scheduler_for_solver
 
+    if solver.name == "olss":  # a fitted OLSS solver: its own scheduler class
+        from stepsearch.integrations.olss import StepsearchOLSSScheduler
+
+        target = Path(path)
+        StepsearchOLSSScheduler.from_fit(solver, config).save_pretrained(target)
+        return target
     if not isinstance(schedule.noise, (DiscreteVP, FlowMatching)):
         return None
     scheduler_class = scheduler_for_solver(solver.name)
@@ -242,23 +228,24 @@ def write_job_result(
     schedule_file: ScheduleFile,
     summary: Mapping[str, Any],
     *,
+    solver: Solver,
     values: Sequence[float],
     baselines: Sequence[Baseline],
     title: str,
 ) -> dict[str, str]:
-    """Write a job's result files into ``out`` (module docstring); returns their paths by role."""
+    """Write a job's result files into ``out`` (module docstring; ``solver`` runs the result);
+    returns their paths by role."""
     schedule_path = out / "best_schedule.json"
     schedule_file.save(schedule_path)
     paths = {"schedule": str(schedule_path)}
-    solver_json = schedule_file.provenance.solver
-    solver = get_solver(
-        str(solver_json["name"]),
-        **{k: v for k, v in dict(solver_json.get("config", {})).items() if k != "name"},
-    )
     config = {}
     if schedule_file.provenance.prediction_type is not None:
         config["prediction_type"] = schedule_file.provenance.prediction_type
-    scheduler_dir = write_scheduler_dir(out / "scheduler", schedule_file.schedule, solver, **config)
+    scheduler_dir = (
+        None  # a solver plan has no diffusers scheduler class yet
+        if schedule_file.is_plan
+        else write_scheduler_dir(out / "scheduler", schedule_file.schedule, solver, **config)
+    )
     if scheduler_dir is not None:
         paths["scheduler"] = str(scheduler_dir)
     paths["plot"] = str(

@@ -108,8 +108,10 @@ def storage_url(storage: str | os.PathLike[str]) -> str:
 
 
 def _solver_json(solver: str | Solver) -> dict[str, Any]:
+    from stepsearch.search.family import solver_to_json  # (family imports this module)
+
     resolved = get_solver(solver) if isinstance(solver, str) else solver
-    return _plain({"name": resolved.name, "config": resolved.config()})
+    return _plain(solver_to_json(resolved))
 
 
 def _plain(payload: Any) -> Any:

@@ -1,0 +1,111 @@
+"""The option types the commands share, defined once (typer ``Annotated`` types).
+
+A command declares ``model: options.Model = "digits"``; the flag name comes from the parameter,
+the default from the command (so each command keeps its own), the help, metavar and validation
+(``min=``) from here. Validation that needs the library (solver names, reachable NFEs, model
+folders) is the library's: its ``ValueError`` becomes one ``error: ...`` line
+(:func:`~stepsearch.cli._common.usage_errors`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+__all__ = [
+    "NFE",
+    "Cache",
+    "Device",
+    "GuidanceScale",
+    "HeldOutSamples",
+    "Metric",
+    "Model",
+    "NFEs",
+    "NumSamples",
+    "OptionalModel",
+    "OutDir",
+    "Pipeline",
+    "Progress",
+    "Prompts",
+    "Seed",
+    "Solver",
+    "Storage",
+    "StudyName",
+    "WorkerName",
+]
+
+_MODEL_HELP = (
+    "`digits`, `digits-flow`, `digits-cond` (sample i asks for digit i mod 10) or a local "
+    "diffusers UNet2DModel directory with its scheduler config."
+)
+
+Model = Annotated[str, typer.Option(metavar="NAME|DIR", help=_MODEL_HELP)]
+OptionalModel = Annotated[
+    str | None,
+    typer.Option(
+        metavar="NAME|DIR",
+        help=_MODEL_HELP + " [default: digits, unless --pipeline]",
+        show_default=False,
+    ),
+]
+Pipeline = Annotated[
+    Path | None,
+    typer.Option(
+        metavar="DIR",
+        help="A local diffusers text-to-image pipeline directory (model_index.json; Stable "
+        "Diffusion 1.x / 2.x, SDXL) instead of --model.",
+    ),
+]
+Prompts = Annotated[
+    Path | None,
+    typer.Option(metavar="FILE", help="One prompt per line (with --pipeline; cycled)."),
+]
+GuidanceScale = Annotated[
+    float | None,
+    typer.Option(
+        metavar="G",
+        help="Classifier-free guidance (--pipeline, or --model digits-cond; 1: the conditional "
+        "branch alone). [default: 7.5; 2 for digits-cond]",
+        show_default=False,
+    ),
+]
+NFE = Annotated[int, typer.Option(metavar="N", help="Model evaluations per sample.", min=1)]
+NFEs = Annotated[
+    list[int] | None,
+    typer.Option(metavar="N...", help="Model-evaluation budgets. [default: 4 6 8]",
+                 show_default=False),
+]  # fmt: skip
+Solver = Annotated[
+    str, typer.Option(metavar="NAME", help="The solver the schedule is searched for.")
+]
+Metric = Annotated[str, typer.Option(metavar="NAME", help="Objective: traj, fd or kid.")]
+NumSamples = Annotated[
+    int, typer.Option(metavar="N", help="Samples per candidate (search seed).", min=2)
+]
+HeldOutSamples = Annotated[
+    int, typer.Option(metavar="N", help="Samples for the held-out scores.", min=2)
+]
+Seed = Annotated[int, typer.Option(metavar="N", help="Seed of the search.")]
+OutDir = Annotated[Path, typer.Option(metavar="DIR", help="Output directory.")]
+Storage = Annotated[
+    str | None,
+    typer.Option(
+        metavar="FILE|URL",
+        help="Study store: a SQLite file or a database URL (postgresql://...) shared by "
+        "workers. Default: OUT/study.sqlite3.",
+    ),
+]
+StudyName = Annotated[
+    str | None, typer.Option(metavar="NAME", help="Study name (default from the settings).")
+]
+WorkerName = Annotated[
+    str | None, typer.Option(metavar="NAME", help="Label of this worker's trials.")
+]
+Cache = Annotated[
+    Path | None,
+    typer.Option(metavar="DIR", help="Tensor cache directory (default ~/.cache/stepsearch)."),
+]
+Device = Annotated[str, typer.Option(metavar="NAME", help="torch device.")]
+Progress = Annotated[bool, typer.Option(help="Show progress bars.")]

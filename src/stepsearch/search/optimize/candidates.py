@@ -1,0 +1,131 @@
+"""What the judges score: search results and built-in samplers (:class:`Candidate`), and the
+baselines of one NFE."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from stepsearch.models import Method, default_methods
+from stepsearch.models.source import SampleSource, generate_from_source
+from stepsearch.noise import DiscreteVP
+from stepsearch.schedule import StepSchedule
+from stepsearch.schedule_file import ScheduleFile
+from stepsearch.search.family import solver_to_json
+from stepsearch.search.job import spacing_schedules, write_scheduler_dir
+from stepsearch.search.optimize.settings import Model, _Run
+from stepsearch.solvers import get_solver
+from stepsearch.solvers.base import Solver
+
+
+@dataclass
+class Candidate:
+    """A sampler the judges score: a stepsearch solver on a schedule (a search result or a
+    built-in spacing), or a diffusers scheduler (``method``)."""
+
+    label: str
+    family: str  # "baseline", "diffusers" or a search family
+    nfe: int
+    solver: Solver | None = None
+    schedule: StepSchedule | None = None
+    method: Method | None = None
+    schedule_file: ScheduleFile | None = None
+    partial: bool = False
+
+    def key(self) -> str:
+        """What the candidate's scores depend on (a resumed run reuses scores of equal keys)."""
+        if self.method is not None:
+            return json.dumps(
+                {"diffusers": self.method.diffusers_scheduler, **self.method.diffusers_options},
+                sort_keys=True,
+            )
+        assert self.solver is not None and self.schedule is not None
+        solver = solver_to_json(self.solver)
+        return json.dumps(
+            {"solver": solver["name"], "config": solver["config"],
+             "times": [float(t) for t in self.schedule.times]},
+            sort_keys=True,
+        )  # fmt: skip
+
+    def samples(
+        self, model: Model | None, source: SampleSource, count: int, seed: int, chunk: int
+    ) -> Tensor:
+        """``count`` samples from the noise of ``seed`` (sample ``i`` from its own generator)."""
+        if self.method is not None:
+            assert model is not None
+            found = self.method.diffusers_scheduler_for(model.scheduler_config, self.nfe)
+            assert found is not None
+            scheduler, steps = found
+            return model.sample_diffusers(scheduler, steps, count, seed, None, chunk, False)
+        assert self.solver is not None and self.schedule is not None
+        return generate_from_source(
+            source, self.solver, self.schedule, count, seed=seed, chunk_size=chunk
+        )
+
+    def write_scheduler(self, path: Path, prediction_type: str | None) -> tuple[Path, int] | None:
+        """This sampler as a diffusers scheduler directory and its ``num_inference_steps``;
+        ``None`` where the noise schedule has no diffusers form."""
+        if path.exists():
+            shutil.rmtree(path)
+        if self.method is not None:
+            raise RuntimeError("diffusers baselines are written by write_diffusers_scheduler")
+        assert self.solver is not None and self.schedule is not None
+        config = {} if prediction_type is None else {"prediction_type": prediction_type}
+        written = write_scheduler_dir(path, self.schedule, self.solver, **config)
+        return None if written is None else (written, self.schedule.num_steps)
+
+
+def _write_diffusers_scheduler(candidate: Candidate, model: Model, path: Path) -> tuple[Path, int]:
+    assert candidate.method is not None
+    if path.exists():
+        shutil.rmtree(path)
+    found = candidate.method.diffusers_scheduler_for(model.scheduler_config, candidate.nfe)
+    assert found is not None
+    scheduler, steps = found
+    scheduler.save_pretrained(path)
+    return path, steps
+
+
+def load_scheduler_dir(path: str | Path) -> Any:
+    """The scheduler of a directory written by :func:`optimize` (or any diffusers scheduler
+    directory): its ``_class_name`` looked up among stepsearch's drop-in classes, then diffusers'."""
+    import diffusers
+
+    from stepsearch.integrations import diffusers as drop_in
+    from stepsearch.integrations import olss
+
+    name = json.loads((Path(path) / "scheduler_config.json").read_text())["_class_name"]
+    for module in (drop_in, olss, diffusers):
+        found = getattr(module, name, None)
+        if found is not None and hasattr(found, "from_pretrained"):
+            return found.from_pretrained(path)
+    raise ValueError(f"{path}: unknown scheduler class {name!r}")
+
+
+def _baselines(run: _Run, nfe: int) -> list[Candidate]:
+    candidates = []
+    if (
+        run.model is not None
+        and run.settings.diffusers_baselines
+        and isinstance(run.source.noise, DiscreteVP)
+    ):
+        for method in default_methods():
+            if method.diffusers_scheduler is None:
+                continue
+            if method.diffusers_scheduler_for(run.model.scheduler_config, nfe) is not None:
+                candidates.append(Candidate(method.label, "diffusers", nfe, method=method))
+    for name in run.settings.baseline_solvers:
+        solver = get_solver(name)
+        steps = solver.num_steps_for_nfe(nfe)
+        for spacing, schedule in spacing_schedules(
+            run.source.noise, steps, run.settings.spacings
+        ).items():
+            candidates.append(
+                Candidate(f"stepsearch {name} / {spacing}", "baseline", nfe, solver, schedule)
+            )
+    return candidates

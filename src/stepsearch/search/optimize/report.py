@@ -1,0 +1,309 @@
+"""The report of an optimize run: per-NFE entries, ``report.md``, ``report.png`` and the
+plain-sentence summary (:func:`gains_in_words`)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from stepsearch._io import atomic_write_bytes
+from stepsearch.search.job import spacing_schedules
+from stepsearch.search.optimize.candidates import Candidate
+from stepsearch.search.optimize.settings import OptimizeResult, _Run
+
+
+def _nfe_entry(
+    nfe: int,
+    candidates: list[Candidate],
+    scores: dict[str, dict[str, Any]],
+    winner: Candidate,
+    best_baseline: Candidate,
+    selection: str,
+    files: dict[str, str],
+    steps: int | None,
+    reference: dict[str, Any],
+) -> dict[str, Any]:
+    rows = [
+        {"label": c.label, "family": c.family, "partial": c.partial,
+         "select": {m: _finite(s["value"]) for m, s in scores[c.label]["select"].items()},
+         "report": {m: _finite(s["value"]) for m, s in scores[c.label]["report"].items()},
+         "report_std": {m: s.get("std") for m, s in scores[c.label]["report"].items()}}
+        for c in candidates
+    ]  # fmt: skip
+    report_of = {row["label"]: row["report"] for row in rows}
+    win, base = report_of[winner.label], report_of[best_baseline.label]
+    gain = {
+        metric: None if not (base[metric] and win[metric]) else 1.0 - win[metric] / base[metric]
+        for metric in win
+    }
+    most_accurate = min(rows, key=lambda r: _finite(r["report"]["traj"], math.inf))
+    two_judges = None
+    less_accurate = _finite(win["traj"], math.inf) > _finite(
+        most_accurate["report"]["traj"], math.inf
+    )
+    if selection == "fd" and most_accurate["label"] != winner.label and less_accurate:
+        two_judges = (
+            f"FD prefers {winner.label} (trajectory error {win['traj']:.4g}) over the more "
+            f"accurate {most_accurate['label']} (trajectory error "
+            f"{most_accurate['report']['traj']:.4g})"
+        )
+    reference_fd = reference.get("fd", {}).get("value")
+    return {
+        "winner": winner.label,
+        "winner_family": winner.family,
+        "best_baseline": best_baseline.label,
+        "num_inference_steps": steps,
+        "gain": gain,
+        "fd_over_reference": None
+        if reference_fd is None or win.get("fd") is None
+        else win["fd"] / reference_fd,
+        "two_judges": two_judges,
+        "files": files,
+        "rows": rows,
+    }
+
+
+def _finite(value: Any, default: Any = None) -> Any:
+    return float(value) if value is not None and math.isfinite(float(value)) else default
+
+
+def _markdown(report: dict[str, Any]) -> str:
+    metrics = report["report"]["metrics"]
+    sel = report["selection"]
+    lines = [
+        f"# stepsearch optimize: {report['model']['name']}",
+        "",
+        f"Searches optimise trajectory error on seed 0 ({report['search']['samples']} samples); "
+        f"the winner per NFE is the lowest {sel['metric']} on seed {sel['seed']} "
+        f"({sel['samples']} samples) among search results and built-in samplers; every number "
+        f"below is on seed {report['report']['seed']} ({report['report']['samples']} samples), "
+        "noise neither the searches nor the selection saw.",
+        "",
+    ]
+    conditioning = report.get("conditioning")
+    if conditioning and conditioning.get("kind") == "class_conditional":
+        lines += [
+            f"Class-conditional model: sample i asks for class {conditioning['labels']}, "
+            f"classifier-free guidance scale {conditioning['guidance_scale']:g}.",
+            "",
+        ]
+    elif conditioning:
+        lines += [
+            f"Text-to-image pipeline ({conditioning['pipeline']}, {conditioning['height']}x"
+            f"{conditioning['width']}): {conditioning['num_prompts']} prompts "
+            f"({conditioning['prompts'][:19]}...), sample i gets prompt i mod "
+            f"{conditioning['num_prompts']}, guidance scale {conditioning['guidance_scale']:g}; "
+            "trajectory error is measured on the decoded images.",
+            "",
+        ]
+    for item in report.get("skipped", []):
+        lines += [f"- {item['reason']}", ""]
+    if report["partial"]:
+        lines += ["**Partial result** (the budget ended before every stage finished):", ""]
+        lines += [f"- NFE {i['nfe']}, {i['stage']}: {i['reason']}" for i in report["incomplete"]]
+        lines.append("")
+    reference_fd = report["reference"].get("fd", {}).get("value")
+    if reference_fd is not None:
+        lines += [f"Converged reference ({report['reference']['sampler']['solver']}, "
+                  f"{report['reference']['sampler']['num_steps']} steps): FD {reference_fd:.4g}.",
+                  ""]  # fmt: skip
+    head = "| NFE | winner | " + " | ".join(f"winner {m}" for m in metrics)
+    head += " | best built-in | " + " | ".join(f"built-in {m}" for m in metrics) + " | gain |"
+    lines += [head, "| ---: | --- | " + "---: | " * len(metrics) + "--- | "
+              + "---: | " * len(metrics) + "---: |"]  # fmt: skip
+    for nfe, entry in report["per_nfe"].items():
+        report_of = {row["label"]: row["report"] for row in entry["rows"]}
+        win, base = report_of[entry["winner"]], report_of[entry["best_baseline"]]
+        gain = entry["gain"].get(sel["metric"])
+        lines.append(
+            f"| {nfe} | {entry['winner']} | " + " | ".join(_cell(win[m]) for m in metrics)
+            + f" | {entry['best_baseline']} | " + " | ".join(_cell(base[m]) for m in metrics)
+            + f" | {'' if gain is None else f'{100 * gain:.1f}%'} |"
+        )  # fmt: skip
+    flags = [(n, e["two_judges"]) for n, e in report["per_nfe"].items() if e["two_judges"]]
+    if flags:
+        lines += ["", "Two judges disagree:", ""]
+        lines += [f"- NFE {n}: {text}" for n, text in flags]
+    for nfe, entry in report["per_nfe"].items():
+        lines += ["", f"## NFE {nfe}", "",
+                  f"Scheduler directory: `{entry['files'].get('scheduler', '(none)')}`", "",
+                  "| method | " + " | ".join(f"{m} (report)" for m in metrics)
+                  + f" | {sel['metric']} (selection) |",
+                  "| --- | " + "---: | " * (len(metrics) + 1)]  # fmt: skip
+        for row in sorted(entry["rows"], key=lambda r: _finite(r["select"][sel["metric"]], 1e300)):
+            mark = " **(winner)**" if row["label"] == entry["winner"] else ""
+            mark += " (partial)" if row["partial"] else ""
+            lines.append(
+                f"| {row['label']}{mark} | " + " | ".join(_cell(row["report"][m]) for m in metrics)
+                + f" | {_cell(row['select'][sel['metric']])} |"
+            )  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def _cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+GRID_PIXELS = 192
+"""The largest side of one image in the report's PNG grid."""
+
+
+def _upscaled(samples: Tensor, rows: int, cols: int, scale: int) -> np.ndarray:
+    """A ``rows x cols`` montage of images in ``[-1, 1]`` as ``[0, 1]`` pixels, each pixel a
+    ``scale x scale`` block (nearest neighbour), one blank pixel row / column between images.
+    Images above :data:`GRID_PIXELS` a side (a pipeline's 512 or 1024) are average-pooled to about
+    that first: a figure shows no more, and the montage stays small."""
+    samples = samples.detach().cpu().double()[: rows * cols]
+    pool = math.ceil(max(samples.shape[-2:]) / GRID_PIXELS)
+    if pool > 1:
+        samples = torch.nn.functional.avg_pool2d(samples, pool, ceil_mode=True)
+    images = ((samples / 2 + 0.5).clamp(0, 1)).numpy()
+    channels, height, width = images.shape[1:]
+    pad = max(1, scale // 2)
+    canvas = np.ones((rows * (height * scale + pad), cols * (width * scale + pad), channels))
+    for k in range(min(rows * cols, images.shape[0])):
+        r, c = divmod(k, cols)
+        block = images[k].transpose(1, 2, 0).repeat(scale, 0).repeat(scale, 1)
+        y, x = r * (height * scale + pad), c * (width * scale + pad)
+        canvas[y : y + height * scale, x : x + width * scale] = block
+    return canvas[..., 0] if channels == 1 else canvas
+
+
+def _plot(
+    run: _Run,
+    report: dict[str, Any],
+    grids: dict[int, dict[str, Tensor]],
+    found: dict[int, list[Candidate]],
+) -> Path:
+    """One PNG: every method's report-seed metrics vs NFE (built-ins thin, searches bold), the
+    chosen schedules against the built-in spacings, and best built-in vs winner samples."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = report["report"]["metrics"]
+    nfes = [int(n) for n in report["per_nfe"]]
+    image_rows = len(grids)
+    rows, cols = run.settings.grid_rows, run.settings.grid_cols
+    montages = {
+        nfe: {role: _upscaled(made[role], rows, cols, max(1, 48 // max(int(made[role].shape[-2]), 1)))
+              for role in ("baseline", "winner")}
+        for nfe, made in grids.items()
+    }  # fmt: skip
+    width = 6.0 * max(len(metrics) + 1, 2)
+    # An image row is as tall as its montage drawn at half the figure's width, plus its title.
+    aspect = max(
+        (m["winner"].shape[0] / m["winner"].shape[1] for m in montages.values()), default=0
+    )
+    heights = [4.5] + [width / 2 * aspect + 0.4] * image_rows
+    figure = plt.figure(figsize=(width, sum(heights)), layout="constrained")
+    outer = figure.add_gridspec(1 + image_rows, 1, height_ratios=heights)
+    grid_spec = outer[0, 0].subgridspec(1, len(metrics) + 1)
+    labels: dict[str, str] = {}
+    for entry in report["per_nfe"].values():
+        for row in entry["rows"]:
+            labels[row["label"]] = row["family"]
+    for column, metric in enumerate(metrics):
+        axes = figure.add_subplot(grid_spec[0, column])
+        for index, (label, family) in enumerate(labels.items()):
+            xs, ys = [], []
+            for nfe in nfes:
+                rows = {r["label"]: r for r in report["per_nfe"][str(nfe)]["rows"]}
+                if label in rows and rows[label]["report"][metric] is not None:
+                    xs.append(nfe)
+                    ys.append(rows[label]["report"][metric])
+            searched = family not in ("baseline", "diffusers")
+            axes.plot(xs, ys, marker="o", ms=3 if not searched else 5,
+                      lw=2.2 if searched else 0.8, alpha=1.0 if searched else 0.45,
+                      ls="-" if searched else ("--" if family == "diffusers" else ":"),
+                      color=f"C{index % 10}", label=label)  # fmt: skip
+        winners = [
+            {r["label"]: r for r in report["per_nfe"][str(n)]["rows"]}[
+                report["per_nfe"][str(n)]["winner"]
+            ]["report"][metric]
+            for n in nfes
+        ]
+        axes.plot(nfes, winners, color="black", lw=3, alpha=0.35, label="winner (per NFE)")
+        reference = report["reference"].get(metric, {}).get("value") if metric == "fd" else None
+        if reference is not None:
+            axes.axhline(reference, color="black", lw=1, ls="-.", label="converged reference")
+        axes.set_yscale("log")
+        axes.set_xlabel("NFE")
+        axes.set_ylabel(f"{metric} (report seed {report['report']['seed']})")
+        axes.set_title(f"{metric} vs NFE")
+        if column == 0:
+            axes.legend(fontsize=5, ncol=2)
+    axes = figure.add_subplot(grid_spec[0, len(metrics)])
+    for index, nfe in enumerate(nfes):
+        color = f"C{index % 10}"
+        for schedule in spacing_schedules(
+            run.source.noise, nfe, ("karras", "logsnr_uniform", "trailing")
+        ).values():
+            sigmas = schedule.to_kdiffusion_sigmas()
+            axes.plot(np.flatnonzero(sigmas > 0), sigmas[sigmas > 0], ls=":", lw=0.8, color=color)
+        winner = next((c for c in found[nfe] if c.label == report["per_nfe"][str(nfe)]["winner"]),
+                      None)  # fmt: skip
+        if winner is not None and winner.schedule is not None:
+            sigmas = winner.schedule.to_kdiffusion_sigmas()
+            axes.plot(np.flatnonzero(sigmas > 0), sigmas[sigmas > 0], marker="o", lw=2,
+                      color=color, label=f"NFE {nfe}: {winner.label}")  # fmt: skip
+    axes.set_yscale("log")
+    axes.set_xlabel("step")
+    axes.set_ylabel("k-diffusion sigma")
+    axes.set_title("chosen schedules (solid) vs karras / logSNR / trailing (dotted)")
+    if axes.get_legend_handles_labels()[0]:
+        axes.legend(fontsize=6)
+    for position, (nfe, montage) in enumerate(sorted(montages.items())):
+        entry = report["per_nfe"][str(nfe)]
+        pair = outer[1 + position, 0].subgridspec(1, 2)
+        for column, role in enumerate(("baseline", "winner")):
+            axes = figure.add_subplot(pair[0, column])
+            axes.imshow(montage[role], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            name = entry["best_baseline"] if role == "baseline" else entry["winner"]
+            axes.set_title(f"NFE {nfe}: {'best built-in' if role == 'baseline' else 'optimized'}"
+                           f" - {name}", fontsize=9)  # fmt: skip
+            axes.axis("off")
+    figure.suptitle(f"stepsearch optimize: {report['model']['name']}"
+                    + (" (partial)" if report["partial"] else ""))  # fmt: skip
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    plt.close(figure)
+    return atomic_write_bytes(run.out / "report.png", buffer.getvalue())
+
+
+def gains_in_words(result: OptimizeResult | dict[str, Any]) -> list[str]:
+    """One plain sentence per NFE: the optimized sampler vs the best built-in on the report seed,
+    and where its scheduler directory is."""
+    report = result.report if isinstance(result, OptimizeResult) else result
+    metric = report["selection"]["metric"]
+    names = {"fd": "FD-digits" if report["model"]["name"] == "digits" else "FD",
+             "traj": "trajectory error"}  # fmt: skip
+    lines = []
+    for nfe, entry in report["per_nfe"].items():
+        report_of = {row["label"]: row["report"] for row in entry["rows"]}
+        win, base = report_of[entry["winner"]], report_of[entry["best_baseline"]]
+        where = entry["files"].get("scheduler", "(no diffusers form)")
+        if entry["winner"] == entry["best_baseline"]:
+            lines.append(
+                f"NFE {nfe}: no search beat the best built-in sampler ({entry['winner']}, "
+                f"{names.get(metric, metric)} {_cell(base[metric])}); scheduler: {where}"
+            )
+            continue
+        gain = entry["gain"].get(metric)
+        text = "" if gain is None else f"{100 * gain:.0f}% lower "
+        lines.append(
+            f"NFE {nfe}: {entry['winner']} has {text}{names.get(metric, metric)} than the best "
+            f"built-in ({entry['best_baseline']}): {_cell(win[metric])} vs {_cell(base[metric])}"
+            + (f"; trajectory error {_cell(win['traj'])} vs {_cell(base['traj'])}"
+               if metric != "traj" else "")
+            + f". Scheduler: {where}"
+        )  # fmt: skip
+    return lines

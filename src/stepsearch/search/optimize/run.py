@@ -1,0 +1,301 @@
+"""The run: :func:`optimize` checks its inputs, prepares ``out``, runs every requested family's
+stages (cheap ones first, then the expensive ones sharing the time left), then judges and
+reports."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from stepsearch._io import atomic_write_json, atomic_write_text
+from stepsearch.cache import TensorCache
+from stepsearch.eval.objective import Objective
+from stepsearch.models.pipeline import PipelineSource
+from stepsearch.models.source import SampleSource
+from stepsearch.models.text_to_image import TextToImageModel
+from stepsearch.search.family import FAMILIES, family
+from stepsearch.search.optimize.candidates import Candidate, _baselines
+from stepsearch.search.optimize.judging import (
+    _grid_samples,
+    _judge,
+    _judges,
+    _reference,
+    _value,
+    _write_winner,
+)
+from stepsearch.search.optimize.models import _is_conditional, _resolve_model, text_to_image_model
+from stepsearch.search.optimize.report import _markdown, _nfe_entry, _plot
+from stepsearch.search.optimize.settings import (
+    METHODS,
+    REPORT_SEED,
+    RUN_FORMAT,
+    SELECT_SEED,
+    Model,
+    OptimizeResult,
+    OptimizeSettings,
+    _Run,
+    pipeline_settings,
+)
+from stepsearch.search.optimize.stages import _stage
+from stepsearch.solvers import get_solver
+
+
+def _check_methods(methods: Sequence[str]) -> None:
+    unknown = [m for m in methods if m not in FAMILIES]
+    if unknown or not methods:
+        raise ValueError(
+            f"unknown method {', '.join(map(repr, unknown)) or '(none given)'}; choose from "
+            f"{', '.join(FAMILIES)}"
+        )
+
+
+def _check_inputs(
+    source: SampleSource, nfes: Sequence[int], methods: Sequence[str], settings: OptimizeSettings
+) -> None:
+    _check_methods(methods)
+    if not nfes:
+        raise ValueError("give at least one NFE (--nfe 4 6 8)")
+    for nfe in nfes:
+        if isinstance(nfe, bool) or int(nfe) != nfe or nfe < 2:
+            raise ValueError(f"NFE must be an integer of at least 2, got {nfe!r}")
+        for method in methods:
+            search_family = family(method)
+            if getattr(search_family, "fits_solver", False):
+                continue
+            for name in settings.solvers(method):
+                solver = get_solver(name)
+                try:
+                    steps = solver.num_steps_for_nfe(int(nfe))
+                except ValueError as error:
+                    raise ValueError(f"NFE {nfe} is unreachable for {method}: {error}") from None
+                search_family.check(solver, steps)
+        for name in settings.baseline_solvers:
+            get_solver(name).num_steps_for_nfe(int(nfe))
+
+
+def _fingerprint(
+    source: SampleSource,
+    nfes: Sequence[int],
+    methods: Sequence[str],
+    settings: OptimizeSettings,
+    inputs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    fingerprint = {
+        "model": source.identity.to_json_dict(),
+        "noise": source.noise.to_config(),
+        "nfes": [int(n) for n in nfes],
+        "methods": list(methods),
+        "settings": settings.to_json_dict(),
+    }
+    if _is_conditional(source):  # prompts or labels, guidance, size (the weights are above)
+        fingerprint["conditioning"] = source.describe()
+    for name, given in (inputs or {}).items():  # e.g. "ays_data": AYS' (prompt, image) pairs
+        fingerprint[f"{name}_data"] = family(name).inputs_digest(given)
+    return fingerprint
+
+
+def _prepare_out(out: Path, fingerprint: dict[str, Any], resume: bool, overwrite: bool) -> None:
+    """Create ``out`` or check it holds this run (module docstring)."""
+    if resume and overwrite:
+        raise ValueError("give --resume or --overwrite, not both")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
+    run_file = out / "run.json"
+    if out.is_dir() and any(out.iterdir()):
+        recorded = json.loads(run_file.read_text()) if run_file.is_file() else None
+        same = recorded is not None and recorded.get("fingerprint") == fingerprint
+        if overwrite:
+            for entry in out.iterdir():
+                if entry.name == "run.json" or entry.name.startswith(("nfe-", "report")):
+                    shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        elif not same and not resume:
+            what = "another optimize run's results" if recorded else "files of something else"
+            raise ValueError(
+                f"--out {out} holds {what}; pass --resume to continue there (finished stages whose "
+                "settings match are kept) or --overwrite to start over, or choose another folder"
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run_file, {"format": RUN_FORMAT, "fingerprint": fingerprint})
+
+
+def optimize(
+    model: str | Path | Model | SampleSource | None,
+    nfes: Sequence[int],
+    methods: Sequence[str] = METHODS,
+    budget_minutes: float = 30.0,
+    out: str | Path = "stepsearch-optimize",
+    *,
+    pipeline: str | os.PathLike[str] | Any | None = None,
+    prompts: Sequence[str] | os.PathLike[str] | str | None = None,
+    guidance_scale: float | None = None,
+    ays_data: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    settings: OptimizeSettings | None = None,
+    cache: TensorCache | None = None,
+    device: str = "cpu",
+    progress: bool = True,
+) -> OptimizeResult:
+    """Run the searches ``methods`` at every NFE of ``nfes`` on ``model`` (``"digits"``, a local
+    diffusers ``UNet2DModel`` directory, an :class:`ImageModel`, a
+    :class:`~stepsearch.models.text_to_image.TextToImageModel` or any sample source) within
+    ``budget_minutes`` of search time, select and report on unseen noise, write everything under
+    ``out`` (module docstring).
+
+    A text-to-image pipeline is ``model=None, pipeline=DIR, prompts=[...] or FILE,
+    guidance_scale=G`` (:func:`text_to_image_model`); its default settings are
+    :func:`pipeline_settings`. ``ays_data``: (prompt, image) pairs for Align Your Steps on a
+    pipeline (without them AYS is skipped there, and the report says so).
+
+    Raises:
+        ValueError: bad input (module docstring), found before anything is written.
+    """
+    began = time.perf_counter()
+    methods = list(dict.fromkeys(methods))
+    nfes = sorted({int(n) for n in nfes}) if all(isinstance(n, int) for n in nfes) else list(nfes)
+    if budget_minutes is None or not budget_minutes > 0:
+        raise ValueError(f"--budget-minutes must be positive, got {budget_minutes!r}")
+    _check_methods(methods)
+    if (
+        ays_data is not None
+        and pipeline is None
+        and not isinstance(model, (TextToImageModel, PipelineSource))
+    ):
+        raise ValueError(
+            "--data goes with --pipeline (ays_data: AYS on the bundled model uses its data)"
+        )
+    if pipeline is not None:
+        if model is not None:
+            raise ValueError("give a model (--model) or a pipeline (--pipeline), not both")
+        model = text_to_image_model(pipeline, prompts, guidance_scale, device=device)
+        guidance_scale = None  # the pipeline's, in its model
+    elif prompts is not None:
+        raise ValueError("--prompts goes with --pipeline DIR")
+    if model is None:
+        raise ValueError("give a model (--model digits|DIR) or a pipeline (--pipeline DIR)")
+    image_model, source = _resolve_model(model, device, guidance_scale)
+    pipeline_run = isinstance(source, PipelineSource)
+    settings = settings or (pipeline_settings() if pipeline_run else OptimizeSettings())
+    skipped: list[dict[str, str]] = []
+    for method in list(methods):
+        reason = family(method).applicable(source, ays_data)
+        if reason is not None:
+            methods.remove(method)
+            skipped.append({"method": method, "reason": reason})
+            if not methods:
+                raise ValueError(reason.replace("skipped", "cannot run"))
+    _check_inputs(source, nfes, methods, settings)
+    inputs = {
+        method: family(method).prepare_inputs(source, ays_data, progress)
+        for method in methods
+        if ays_data is not None and hasattr(family(method), "prepare_inputs")
+    }
+    out_path = Path(out).expanduser()
+    fingerprint = _fingerprint(source, nfes, methods, settings, inputs)
+    _prepare_out(out_path, fingerprint, resume, overwrite)
+    cache = cache if cache is not None else TensorCache.default()
+    search = Objective(
+        source,
+        "traj",
+        num_samples=settings.search_samples,
+        search_seed=0,
+        held_out_seed=SELECT_SEED,
+        held_out_samples=settings.select_samples,
+        cache=cache,
+        chunk_size=settings.chunk_size,
+        progress=progress,
+    )
+    run = _Run(
+        image_model, source, settings, out_path, cache, progress,
+        began + 60.0 * float(budget_minutes), search, inputs=inputs,
+    )  # fmt: skip
+    for item in skipped:
+        run.say(f"[yellow]{item['reason']}[/]")
+    found: dict[int, list[Candidate]] = {nfe: [] for nfe in nfes}
+    for method in [m for m in methods if not family(m).expensive]:
+        for nfe in nfes:
+            for name in settings.solvers(method):
+                candidate = _stage(run, method, name, nfe)
+                if candidate is not None:
+                    found[nfe].append(candidate)
+    # the expensive families last, sharing the time left
+    pending = [
+        (method, nfe, name)
+        for method in methods
+        if family(method).expensive
+        for nfe in nfes
+        for name in settings.solvers(method)
+    ]
+    for position, (method, nfe, name) in enumerate(pending):
+        share = run.seconds_left() / (len(pending) - position)
+        candidate = _stage(run, method, name, nfe, seconds=share)
+        if candidate is not None:
+            found[nfe].append(candidate)
+    return _judge_and_report(run, nfes, methods, found, began, skipped)
+
+
+def _judge_and_report(
+    run: _Run,
+    nfes: Sequence[int],
+    methods: Sequence[str],
+    found: dict[int, list[Candidate]],
+    began: float,
+    skipped: Sequence[dict[str, str]] = (),
+) -> OptimizeResult:
+    judges = _judges(run)
+    selection = next(iter(judges))
+    reference = _reference(run, judges)
+    per_nfe: dict[int, dict[str, Any]] = {}
+    scheduler_dirs: dict[int, str] = {}
+    grids: dict[int, dict[str, Tensor]] = {}
+    for nfe in nfes:
+        baselines = _baselines(run, nfe)
+        candidates = baselines + found[nfe]
+        scores = _judge(run, nfe, candidates, judges)
+
+        def chosen(pool: list[Candidate], scores: dict = scores) -> Candidate:
+            return min(pool, key=lambda c: _value(scores[c.label]["select"][selection]))
+
+        winner = chosen(candidates)
+        best_baseline = chosen(baselines)
+        folder = run.out / f"nfe-{nfe}"
+        files, steps = _write_winner(run, winner, scores[winner.label], folder, selection)
+        if "scheduler" in files:
+            scheduler_dirs[nfe] = files["scheduler"]
+        grid = _grid_samples(run, winner, best_baseline, folder, files)
+        if grid is not None:
+            grids[nfe] = grid
+        per_nfe[nfe] = _nfe_entry(
+            nfe, candidates, scores, winner, best_baseline, selection, files, steps, reference
+        )
+    report = {
+        "model": run.source.identity.to_json_dict(),
+        "methods": list(methods),
+        "nfes": [int(n) for n in nfes],
+        "selection": {"metric": selection, "seed": SELECT_SEED,
+                      "samples": run.settings.select_samples},
+        "report": {"seed": REPORT_SEED, "samples": run.settings.held_out_samples,
+                   "metrics": list(judges)},
+        "search": {"metric": "traj", "seed": 0, "samples": run.settings.search_samples},
+        "conditioning": run.source.describe() if _is_conditional(run.source) else None,
+        "reference": {k: v for k, v in reference.items() if k != "key"},
+        "partial": bool(run.incomplete),
+        "incomplete": run.incomplete,
+        "skipped": list(skipped),
+        "per_nfe": {str(n): entry for n, entry in per_nfe.items()},
+        "seconds": round(time.perf_counter() - began, 1),
+        "settings": run.settings.to_json_dict(),
+    }  # fmt: skip
+    files = {
+        "json": str(atomic_write_json(run.out / "report.json", report)),
+        "markdown": str(atomic_write_text(run.out / "report.md", _markdown(report))),
+        "png": str(_plot(run, report, grids, found)),
+    }
+    return OptimizeResult(report, files, scheduler_dirs, bool(run.incomplete))

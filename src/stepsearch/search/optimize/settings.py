@@ -1,0 +1,183 @@
+"""The settings, constants and shared state of an optimize run."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from stepsearch.ays.search import AYSConfig
+from stepsearch.cache import TensorCache
+from stepsearch.eval.objective import Objective
+from stepsearch.models import ImageModel
+from stepsearch.models.source import SampleSource
+from stepsearch.models.text_to_image import TextToImageModel
+from stepsearch.search.autodiffusion import AutoDiffusionSettings
+from stepsearch.search.dynamic import GITS_COEFF
+from stepsearch.search.families.dp import DPSettings  # (registers the built-in families)
+from stepsearch.search.family import FAMILIES, family
+from stepsearch.search.job import DEFAULT_SPACINGS
+
+METHODS = ("dp", "ays", "olss", "autodiffusion")
+"""The built-in search families :func:`~stepsearch.search.optimize.optimize` runs by default, in
+their order (cheap ones first, AutoDiffusion last with the time left)."""
+
+RUN_FORMAT = "stepsearch-optimize/1"
+SELECT_SEED, REPORT_SEED = 1, 2
+"""The judges' seeds: selection (seed 1) and report (seed 2); the searches use seed 0."""
+
+DEFAULT_MAX_TRIALS = 200
+
+Model = ImageModel | TextToImageModel
+"""A model whose diffusers scheduler directories the report replays in diffusers' own loop."""
+
+
+@dataclass(frozen=True)
+class OptimizeSettings:
+    """What an optimize run does besides its model, NFEs and methods (all in its fingerprint).
+
+    ``search_samples`` samples per trial on the search seed; ``select_samples`` /
+    ``held_out_samples`` per candidate on the selection / report seeds. ``*_solvers``: the solvers
+    each family searches for (OLSS is its own solver). ``baseline_solvers`` x ``spacings`` are the
+    stepsearch baselines; ``diffusers_baselines`` adds diffusers' schedulers (image models and
+    pipelines, in their own loop).
+    ``autodiffusion_trials``: its trial budget when time is not short. A family registered
+    besides the built-in ones takes its settings from ``families[name]`` and its solvers from
+    ``family_solvers[name]`` (:meth:`~stepsearch.search.family.FamilyBase.optimize_settings`). ``grid_rows`` x
+    ``grid_cols`` samples per method in the report's grid.
+    """
+
+    search_samples: int = 256
+    select_samples: int = 1000
+    held_out_samples: int = 1000
+    dp_solvers: tuple[str, ...] = ("dpm_solver_pp_2m", "unipc_bh2")
+    ays_solvers: tuple[str, ...] = ("dpm_solver_pp_2m",)
+    autodiffusion_solvers: tuple[str, ...] = ("unipc_bh2",)
+    baseline_solvers: tuple[str, ...] = ("ddim", "dpm_solver_pp_2m", "unipc_bh2")
+    spacings: tuple[str, ...] = DEFAULT_SPACINGS
+    diffusers_baselines: bool = True
+    dp: DPSettings = field(default_factory=DPSettings)
+    ays: AYSConfig = field(default_factory=AYSConfig)
+    olss_samples: int = 64
+    autodiffusion: AutoDiffusionSettings = field(default_factory=AutoDiffusionSettings)
+    autodiffusion_trials: int = 200
+    grid_rows: int = 3
+    grid_cols: int = 8
+    chunk_size: int = 256
+    families: Mapping[str, Any] = field(default_factory=dict)
+    """Settings objects of other registered families, by name (they default to their own)."""
+    family_solvers: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    """Solvers of other registered families, by name (default: their ``default_solvers``)."""
+
+    def __post_init__(self) -> None:
+        for name in ("search_samples", "select_samples", "held_out_samples", "olss_samples"):
+            if int(getattr(self, name)) < 2:
+                raise ValueError(f"{name} must be at least 2, got {getattr(self, name)!r}")
+        if self.autodiffusion_trials < 1 or self.grid_rows < 1 or self.grid_cols < 1:
+            raise ValueError("autodiffusion_trials, grid_rows and grid_cols must be positive")
+        for name in ("dp_solvers", "ays_solvers", "autodiffusion_solvers", "baseline_solvers"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        object.__setattr__(self, "spacings", tuple(self.spacings))
+
+    def solvers(self, name: str) -> tuple[str, ...]:
+        """The solvers family ``name`` searches for in this run."""
+        return tuple(family(name).optimize_solvers(self))
+
+    def settings_of(self, name: str) -> Any:
+        """Family ``name``'s settings object in this run."""
+        return family(name).optimize_settings(self)
+
+    def max_trials(self, name: str) -> int:
+        """The trial cap of an expensive family: ``<name>_trials`` if set, else 200."""
+        return int(getattr(self, f"{name}_trials", DEFAULT_MAX_TRIALS))
+
+    def family_settings(self, name: str) -> dict[str, Any]:
+        """Family ``name``'s settings as JSON (stage fingerprints; expensive families add their
+        trial cap)."""
+        payload = self.settings_of(name).to_json_dict()
+        if family(name).expensive:
+            payload = {**payload, "max_trials": self.max_trials(name)}
+        return payload
+
+    def to_json_dict(self) -> dict[str, Any]:
+        payload = {
+            key: list(value) if isinstance(value, tuple) else value
+            for key, value in asdict(self).items()
+            if key not in FAMILIES and key not in ("families", "family_solvers")
+        }
+        return {**payload, **{name: self.family_settings(name) for name in FAMILIES}}
+
+
+@dataclass
+class OptimizeResult:
+    """The report (JSON-ready), its files, and per NFE the winner's scheduler directory."""
+
+    report: dict[str, Any]
+    files: dict[str, str]
+    scheduler_dirs: dict[int, str]
+    partial: bool
+
+
+@dataclass
+class _Run:
+    """What every stage of one run shares."""
+
+    model: Model | None
+    source: SampleSource
+    settings: OptimizeSettings
+    out: Path
+    cache: TensorCache
+    progress: bool
+    deadline: float
+    search: Objective
+    incomplete: list[dict[str, Any]] = field(default_factory=list)
+    inputs: dict[str, Any] = field(default_factory=dict)
+    """Family-specific inputs by family name (Align Your Steps' pairs on a pipeline)."""
+
+    def seconds_left(self) -> float:
+        return self.deadline - time.perf_counter()
+
+    def say(self, text: str) -> None:
+        if self.progress:
+            from rich.console import Console
+
+            Console(stderr=True).print(text)
+
+
+def pipeline_settings() -> OptimizeSettings:
+    """Defaults for a text-to-image pipeline, where every sample is a full guided UNet solve and
+    a VAE decode: 64 search samples, 128 for selection and report, 16 images per model call, a
+    64-sample DP teacher, 32 OLSS trajectories, a 2 x 4 sample grid (made in one pipeline call:
+    a replay reproduces it bit for bit with the same batch of 8 prompts)."""
+    return OptimizeSettings(
+        search_samples=64,
+        select_samples=128,
+        held_out_samples=128,
+        dp=DPSettings(teacher_samples=64),
+        olss_samples=32,
+        grid_rows=2,
+        grid_cols=4,
+        chunk_size=16,
+    )
+
+
+def demo_settings() -> OptimizeSettings:
+    """Small settings for ``stepsearch demo`` (a few minutes on 2 CPU cores): 128 search samples,
+    256 for selection and report, fewer built-in spacings, one solver per family, a 40-point DP
+    grid (its solver coefficients are the DP's fixed cost: ~10k instead of ~160k on 100 points),
+    a small AutoDiffusion population."""
+    return OptimizeSettings(
+        search_samples=128,
+        select_samples=256,
+        held_out_samples=256,
+        dp_solvers=("dpm_solver_pp_2m",),
+        autodiffusion_solvers=("unipc_bh2",),
+        baseline_solvers=("dpm_solver_pp_2m", "unipc_bh2"),
+        spacings=("time_uniform", "logsnr_uniform", "karras", "trailing"),
+        dp=DPSettings(grid_points=40, teacher_samples=128, coeffs=(GITS_COEFF,)),
+        olss_samples=64,
+        autodiffusion=AutoDiffusionSettings(population=16, mutations=8, crossovers=4, parents=4),
+        autodiffusion_trials=60,
+    )
