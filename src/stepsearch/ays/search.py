@@ -71,7 +71,7 @@ from stepsearch.models.source import SampleSource
 from stepsearch.noise import DiscreteVP, FlowMatching, NoiseSchedule
 from stepsearch.schedule import StepSchedule, loglinear_interpolate, make_schedule
 from stepsearch.schedule_file import ScheduleFile
-from stepsearch.solvers import get_solver
+from stepsearch.solvers import get_solver, solver_to_json
 from stepsearch.solvers.base import Solver
 
 __all__ = [
@@ -339,7 +339,7 @@ def search_ays(
     fingerprint = {
         "model": source.identity.to_json_dict(),
         "noise": noise.to_config(),
-        "solver": {"name": run_solver.name, "config": run_solver.config()},
+        "solver": solver_to_json(run_solver),
         "nfe": int(nfe),
         "config": config.to_json_dict(),
         "order": order,

@@ -36,6 +36,7 @@ from stepsearch.olss.fit import PATH_SEARCHES, REFITS, OLSSFit, best_of, fit_ols
 from stepsearch.olss.trajectories import OLSS_TEACHER, record_pipeline_teacher, record_teacher
 from stepsearch.schedule import make_schedule
 from stepsearch.schedule_file import Provenance, ScheduleFile
+from stepsearch.solvers import solver_to_json
 from stepsearch.solvers.olss import OLSSSolver
 
 __all__ = [
@@ -466,7 +467,7 @@ def search_olss_pipeline(
     olss_score = rows[0]["traj"]
     provenance = Provenance(
         model=identity,
-        solver={"name": "olss", "config": OLSSSolver(fit.coefficients).config()},
+        solver=solver_to_json(OLSSSolver(fit.coefficients)),
         nfe=nfe,
         objective={
             "metric": "traj",

@@ -53,8 +53,15 @@ from stepsearch.cache import TensorCache
 from stepsearch.models.source import SampleSource, generate_from_source
 from stepsearch.noise import NoiseSchedule
 from stepsearch.schedule import StepSchedule, make_schedule
-from stepsearch.search.family import solver_to_json
-from stepsearch.solvers import DDIM, DPMSolver, DPMSolverPP, Euler, UniPC, get_solver
+from stepsearch.solvers import (
+    DDIM,
+    DPMSolver,
+    DPMSolverPP,
+    Euler,
+    UniPC,
+    get_solver,
+    solver_to_json,
+)
 from stepsearch.solvers.base import Solver, StepInfo, noise_levels
 
 __all__ = [

@@ -49,7 +49,7 @@ from stepsearch.search.job import (
     write_job_result,
 )
 from stepsearch.search.store import StudyStore
-from stepsearch.solvers import get_solver
+from stepsearch.solvers import get_solver, solver_to_json
 from stepsearch.solvers.base import Solver
 
 __all__ = [
@@ -62,28 +62,10 @@ __all__ = [
     "register",
     "run_job",
     "run_search",
-    "solver_from_json",
-    "solver_to_json",
 ]
 
 
 # solver JSON (to be replaced by stepsearch.solvers' codec at merge) ------------------------------
-def solver_to_json(solver: Solver) -> dict[str, Any]:
-    """``{"name", "config"}`` of ``solver`` (what provenance, stores and fingerprints record)."""
-    return {"name": solver.name, "config": solver.config()}
-
-
-def solver_from_json(payload: Mapping[str, Any]) -> Solver:
-    """The solver of a :func:`solver_to_json` payload (a fitted OLSS solver included)."""
-    name = str(payload["name"])
-    config = {k: v for k, v in dict(payload.get("config", {})).items() if k != "name"}
-    if name == "olss":
-        from stepsearch.solvers.olss import OLSSSolver
-
-        return OLSSSolver.from_config(config)
-    return get_solver(name, **config)
-
-
 # the protocol ------------------------------------------------------------------------------------
 @dataclass
 class JobContext:

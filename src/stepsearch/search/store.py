@@ -62,7 +62,7 @@ from optuna.trial import TrialState
 
 from stepsearch.eval.objective import Score
 from stepsearch.schedule import StepSchedule
-from stepsearch.solvers import get_solver
+from stepsearch.solvers import get_solver, solver_to_json
 from stepsearch.solvers.base import Solver
 
 __all__ = [
@@ -108,7 +108,6 @@ def storage_url(storage: str | os.PathLike[str]) -> str:
 
 
 def _solver_json(solver: str | Solver) -> dict[str, Any]:
-    from stepsearch.search.family import solver_to_json  # (family imports this module)
 
     resolved = get_solver(solver) if isinstance(solver, str) else solver
     return _plain(solver_to_json(resolved))

@@ -16,10 +16,9 @@ from stepsearch.models.source import SampleSource, generate_from_source
 from stepsearch.noise import DiscreteVP
 from stepsearch.schedule import StepSchedule
 from stepsearch.schedule_file import ScheduleFile
-from stepsearch.search.family import solver_to_json
 from stepsearch.search.job import spacing_schedules, write_scheduler_dir
 from stepsearch.search.optimize.settings import Model, _Run
-from stepsearch.solvers import get_solver
+from stepsearch.solvers import get_solver, solver_to_json
 from stepsearch.solvers.base import Solver
 
 

@@ -11,11 +11,11 @@ from typing import Any
 
 from stepsearch._io import atomic_write_json
 from stepsearch.schedule_file import ScheduleFile
-from stepsearch.search.family import family, run_search, solver_from_json
+from stepsearch.search.family import family, run_search
 from stepsearch.search.job import spacing_schedules
 from stepsearch.search.optimize.candidates import Candidate
 from stepsearch.search.optimize.settings import _Run
-from stepsearch.solvers import get_solver
+from stepsearch.solvers import get_solver, solver_from_json
 
 
 def _stage_fingerprint(run: _Run, name: str, solver: str, nfe: int) -> dict[str, Any]:
