@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from stepsearch.cache import TensorCache
-from stepsearch.eval.objective import Objective, TeacherSpec
+from stepsearch.eval.objective import Objective
 from stepsearch.models.source import DenoiserSource
+from stepsearch.models.trajectories import TeacherSpec
 from stepsearch.noise import EDM, DiscreteVP
 from stepsearch.schedule import karras, logsnr_uniform
 from stepsearch.testbeds.gaussian_mixture import GaussianMixture
