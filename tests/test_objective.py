@@ -230,7 +230,7 @@ def test_score_samples_of_a_diffusers_loop_matches_the_solver():
     from stepsearch.schedule import diffusers_spacing
 
     model = load_image_model("digits")
-    source = model.source()
+    source = model  # an ImageModel is a sample source
     objective = Objective(
         source,
         num_samples=16,

@@ -154,6 +154,8 @@ def record_trajectories(
         raise ValueError(f"keep must be 'final' or 'trajectory', got {keep!r}")
     if loop not in LOOPS:
         raise ValueError(f"loop must be one of {LOOPS}, got {loop!r}")
+    if keep == "trajectory" and accelerator is not None and int(accelerator.num_processes) > 1:
+        raise ValueError("whole trajectories are recorded in one process (stream with on_chunk)")
     if isinstance(teacher, TeacherSpec):
         schedule = teacher.schedule_on(source.noise)
         solver = teacher.solver if solver is None else solver
