@@ -52,7 +52,7 @@ def main() -> None:
     train, held_out = (16, 64) if args.quick else (64, 1000)
     probe_size = min(held_out, 100)  # the best spacing of a baseline is chosen on this prefix
     model = load_image_model("digits")
-    source = model.source()
+    source = model
     cache = TensorCache.default()
     traj = Objective(source, "traj", num_samples=train, held_out_samples=held_out, cache=cache)
     fd = Objective(source, "fd", num_samples=train, held_out_samples=held_out, cache=cache)

@@ -44,7 +44,7 @@ def _confirm(report: dict[str, Any], run_dir: Path, nfe: int, samples: int) -> d
     from stepsearch.search.optimize import load_scheduler_dir
 
     model = load_image_model("digits")
-    judge = Objective(model.source(), "fd", num_samples=2, search_seed=SELECT_SEED,
+    judge = Objective(model, "fd", num_samples=2, search_seed=SELECT_SEED,
                       held_out_seed=REPORT_SEED, held_out_samples=samples)  # fmt: skip
     entry = report["per_nfe"][str(nfe)]
     out = {"samples": samples}

@@ -30,7 +30,7 @@ from stepsearch.eval.objective import Objective
 from stepsearch.models import load_source
 from stepsearch.schedule import StepSchedule, make_schedule
 from stepsearch.search.dp_job import DEFAULT_COEFFS, DPSettings, run_dp_search
-from stepsearch.search.dynamic import dynamic_schedule, fine_grid, record_teacher
+from stepsearch.search.dynamic import dynamic_schedule, fine_grid, record_grid_teacher
 from stepsearch.solvers import get_solver
 from stepsearch.solvers.base import Solver
 from stepsearch.testbeds.digits import MODELS, checkpoint_record
@@ -103,7 +103,9 @@ def main() -> None:
     timings: dict[str, float] = {}
     start = time.perf_counter()
     grid = fine_grid(source.noise, args.grid_points)
-    teacher = record_teacher(source, grid, num_samples=args.teacher_samples, seed=0, cache=cache)
+    teacher = record_grid_teacher(
+        source, grid, num_samples=args.teacher_samples, seed=0, cache=cache
+    )
     timings["teacher_s"] = time.perf_counter() - start
     print(f"teacher: {timings['teacher_s']:.1f} s", flush=True)
 

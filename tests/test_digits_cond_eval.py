@@ -112,10 +112,10 @@ def test_accuracy_metric_and_the_guidance_in_source_and_provenance():
 
     model = load_image_model("digits-cond")  # default guidance
     assert model.guidance_scale == digits.GUIDANCE_SCALE == 2.0
-    source = model.source()
+    source = model  # an ImageModel is a sample source
     described = source.describe()
     assert described["guidance_scale"] == 2.0 and described["labels"] == "index mod 10"
-    assert load_image_model("digits-cond", guidance_scale=4.0).source().describe() != described
+    assert load_image_model("digits-cond", guidance_scale=4.0).describe() != described
     labels = digits.real_labels()[torch.from_numpy(digits.label_cycle_indices())]
     assert torch.equal(labels, torch.arange(len(labels)) % 10)
     torch.testing.assert_close(source.reference_data[3], digits.real_images()[3])  # a 3
@@ -190,8 +190,8 @@ def test_optimize_on_digits_cond_records_the_guidance_and_its_grid_is_the_guided
     from stepsearch.models.source import generate_from_source
     from stepsearch.schedule_file import ScheduleFile
     from stepsearch.search.dp_job import DPSettings
-    from stepsearch.search.family import solver_from_json
     from stepsearch.search.optimize import OptimizeSettings, optimize
+    from stepsearch.solvers import solver_from_json
 
     settings = OptimizeSettings(
         search_samples=12, select_samples=12, held_out_samples=12, dp_solvers=("ddim",),
@@ -218,7 +218,7 @@ def test_optimize_on_digits_cond_records_the_guidance_and_its_grid_is_the_guided
     assert metadata["guidance_scale"] == "4.0" and json.loads(metadata["labels"])[:3] == [0, 1, 2]
     grid = load_file(str(folder / "samples.safetensors"))["winner"]
     solver = solver_from_json(dict(schedule_file.provenance.solver))
-    source = load_image_model("digits-cond", guidance_scale=4.0).source()
+    source = load_image_model("digits-cond", guidance_scale=4.0)
     direct = generate_from_source(source, solver, schedule_file.schedule, 6, seed=2, chunk_size=4)
     torch.testing.assert_close(grid, direct, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="holds another optimize run"):

@@ -26,8 +26,8 @@ from stepsearch.eval.experiment import run_experiment
 from stepsearch.eval.features import INCEPTION_FILENAME
 from stepsearch.eval.images import iter_image_batches
 from stepsearch.models import Method, load_image_model
-from stepsearch.models.text_to_image import (
-    TextToImageModel,
+from stepsearch.models.pipeline import (
+    PipelineModel,
     generate_images,
     read_prompts,
 )
@@ -131,7 +131,7 @@ def reference_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
-def _ddim_pair(model: TextToImageModel, nfe: int) -> list[Method]:
+def _ddim_pair(model: PipelineModel, nfe: int) -> list[Method]:
     """stepsearch DDIM replaying diffusers' DDIM timesteps (leading, steps_offset 1, final step to
     alphas_cumprod[0]) and diffusers' DDIMScheduler itself: the same sampler, twice."""
     from diffusers import DDIMScheduler
@@ -147,7 +147,7 @@ def _ddim_pair(model: TextToImageModel, nfe: int) -> list[Method]:
 
 
 def test_identical_methods_give_identical_images_and_scores(pipe, clip_dir):
-    model = TextToImageModel(pipe, PROMPTS, guidance_scale=3.0)
+    model = PipelineModel(pipe, PROMPTS, guidance_scale=3.0)
     scorer = ClipScorer.from_pretrained(clip_dir, local_files_only=True)
     images: dict[str, torch.Tensor] = {}
     tables = run_experiment(
@@ -178,7 +178,7 @@ def test_identical_methods_give_identical_images_and_scores(pipe, clip_dir):
 def test_images_do_not_depend_on_batch_size(pipe):
     from stepsearch.integrations.diffusers import StepsearchDPMSolverMultistepScheduler
 
-    model = TextToImageModel(pipe, PROMPTS, guidance_scale=2.0)
+    model = PipelineModel(pipe, PROMPTS, guidance_scale=2.0)
     method = Method.stepsearch("dpm_solver_pp_2m", "logsnr_uniform")
     by_one, steps = method.run(model, 3, num_samples=4, seed=5, chunk_size=1)
     by_three, _ = method.run(model, 3, num_samples=4, seed=5, chunk_size=3)

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from stepsearch.cache import TensorCache
-from stepsearch.eval.objective import Objective, TeacherSpec
+from stepsearch.eval.objective import Objective
 from stepsearch.models.source import DenoiserSource
+from stepsearch.models.trajectories import TeacherSpec
 from stepsearch.noise import EDM, DiscreteVP
 from stepsearch.schedule import karras, logsnr_uniform
 from stepsearch.testbeds.gaussian_mixture import GaussianMixture
@@ -229,7 +230,7 @@ def test_score_samples_of_a_diffusers_loop_matches_the_solver():
     from stepsearch.schedule import diffusers_spacing
 
     model = load_image_model("digits")
-    source = model.source()
+    source = model  # an ImageModel is a sample source
     objective = Objective(
         source,
         num_samples=16,

@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from stepsearch.cache import TensorCache
-from stepsearch.eval.objective import Objective, TeacherSpec
+from stepsearch.eval.objective import Objective
 from stepsearch.models.source import DenoiserSource
+from stepsearch.models.trajectories import TeacherSpec
 from stepsearch.noise import EDM, DiscreteVP, FlowMatching
 from stepsearch.olss import (
     OLSSCoefficients,

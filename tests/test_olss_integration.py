@@ -19,12 +19,12 @@ def text_model(tmp_path_factory):
     from diffusers import PNDMScheduler
     from tiny_pipeline import SD_SCHEDULER_CONFIG, tiny_pipeline
 
-    from stepsearch.models.text_to_image import TextToImageModel
+    from stepsearch.models.pipeline import PipelineModel
 
     pipe = tiny_pipeline(
         tmp_path_factory.mktemp("tiny"), PNDMScheduler.from_config(SD_SCHEDULER_CONFIG)
     )
-    return TextToImageModel(pipe, ["a cat", "the dog"], guidance_scale=3.0, name="tiny")
+    return PipelineModel(pipe, ["a cat", "the dog"], guidance_scale=3.0, name="tiny")
 
 
 def test_pipeline_olss_beats_dpm_solver_2m_and_runs_in_the_pipeline(text_model, tmp_path):

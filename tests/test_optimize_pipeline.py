@@ -25,15 +25,15 @@ from tiny_pipeline import IMAGE_SIZE, SD_SCHEDULER_CONFIG, tiny_pipeline
 
 from stepsearch.ays.search import AYSConfig
 from stepsearch.cache import TensorCache
-from stepsearch.models.pipeline import PipelineSource, pipeline_digest
+from stepsearch.models.pipeline import PipelineModel, load_pipeline, pipeline_digest
 from stepsearch.models.source import generate_from_source
-from stepsearch.models.text_to_image import TextToImageModel, load_pipeline
 from stepsearch.schedule_file import ScheduleFile
 from stepsearch.search.dp_job import DPSettings
-from stepsearch.search.family import FAMILIES, solver_from_json
+from stepsearch.search.family import FAMILIES
 from stepsearch.search.optimize import AYS_NEEDS_DATA, OptimizeSettings, optimize
 from stepsearch.search.optimize import candidates as candidates_module
 from stepsearch.search.optimize import run as run_module
+from stepsearch.solvers import solver_from_json
 
 PROMPTS = ["a cat", "the dog", "an apple on the table"]
 GUIDANCE = 2.0
@@ -176,16 +176,16 @@ def test_schedule_file_names_the_pipeline_guidance_and_prompts(finished, saved):
 
 def test_report_samples_equal_the_source_samples_of_the_winner(finished, saved):
     """The grid made by the written scheduler directory in the pipeline's loop = the winner's
-    solver and schedule run directly on the pipeline's guided UNet (PipelineSource), same noise."""
+    solver and schedule run directly on the pipeline's guided UNet (PipelineModel as a source), same noise."""
     out, report, _ = finished
     entry = report["per_nfe"][str(NFE)]
     if entry["winner_family"] == "diffusers":
         pytest.skip("a diffusers winner has no stepsearch solver")
     schedule_file = ScheduleFile.load(entry["files"]["schedule"])
     solver = solver_from_json(dict(schedule_file.provenance.solver))
-    model = TextToImageModel(load_pipeline(saved["pipeline"]), PROMPTS, GUIDANCE)
+    model = PipelineModel(load_pipeline(saved["pipeline"]), PROMPTS, GUIDANCE)
     grid = load_file(str(out / f"nfe-{NFE}" / "samples.safetensors"))["winner"]
-    direct = generate_from_source(PipelineSource(model), solver, schedule_file.schedule, 4, seed=2)
+    direct = generate_from_source(model, solver, schedule_file.schedule, 4, seed=2)
     assert grid.shape == (4, 3, IMAGE_SIZE, IMAGE_SIZE) and grid.std() > 0.05
     torch.testing.assert_close(grid, direct, rtol=0, atol=2e-4)
 

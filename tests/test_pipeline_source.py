@@ -25,12 +25,12 @@ from tiny_pipeline import (
 )
 
 from stepsearch.models.pipeline import (
-    PipelineSource,
+    PipelineModel,
     encode_images,
+    generate_images,
     load_prompt_image_pairs,
 )
 from stepsearch.models.source import SampleSource, generate_from_source
-from stepsearch.models.text_to_image import TextToImageModel, generate_images
 from stepsearch.schedule import make_schedule
 from stepsearch.solvers import get_solver
 
@@ -63,11 +63,11 @@ def write_pairs(folder: Path, count: int = 3, size: int = IMAGE_SIZE) -> Path:
 
 
 def test_is_a_sample_source_with_latent_shape_and_identity(pipe):
-    source = PipelineSource(TextToImageModel(pipe, PROMPTS, guidance_scale=3.0))
+    source = PipelineModel(pipe, PROMPTS, guidance_scale=3.0)
     assert isinstance(source, SampleSource)
     assert source.sample_shape == (4, LATENT_SIZE, LATENT_SIZE)
     assert source.identity.digest.startswith("sha256:")
-    assert source.identity == PipelineSource(TextToImageModel(pipe, PROMPTS)).identity
+    assert source.identity == PipelineModel(pipe, PROMPTS).identity
     described = source.describe()
     assert described["guidance_scale"] == 3.0 and described["num_prompts"] == 3
 
@@ -81,8 +81,8 @@ def test_denoiser_equals_diffusers_x0_prediction(request, kind, guidance_scale):
     from diffusers import DDIMScheduler
 
     pipe = request.getfixturevalue("pipe" if kind == "sd" else "sdxl")
-    model = TextToImageModel(pipe, PROMPTS, guidance_scale=guidance_scale)
-    source = PipelineSource(model)
+    model = PipelineModel(pipe, PROMPTS, guidance_scale=guidance_scale)
+    source = model
     scheduler = DDIMScheduler.from_config(
         SD_SCHEDULER_CONFIG, timestep_spacing="trailing", set_alpha_to_one=True
     )
@@ -108,8 +108,8 @@ def test_samples_equal_the_pipelines_own_images(pipe):
     """Sampling the source with DPM-Solver++(2M) = the pipeline with its drop-in scheduler."""
     from stepsearch.integrations.diffusers import StepsearchDPMSolverMultistepScheduler
 
-    model = TextToImageModel(pipe, PROMPTS, guidance_scale=2.5)
-    source = PipelineSource(model)
+    model = PipelineModel(pipe, PROMPTS, guidance_scale=2.5)
+    source = model
     schedule = make_schedule(source.noise, 4, "logsnr_uniform")
     solver = get_solver("dpm_solver_pp_2m")
     ours = generate_from_source(source, solver, schedule, 4, seed=5, chunk_size=3)
@@ -126,7 +126,7 @@ def test_samples_equal_the_pipelines_own_images(pipe):
     assert ours.shape == (4, 3, IMAGE_SIZE, IMAGE_SIZE) and ours.std() > 0.05
     torch.testing.assert_close(ours, theirs, rtol=0, atol=2e-4)
     # sample 3 has prompt 0's conditioning: a different prompt gives a different image
-    other = PipelineSource(TextToImageModel(pipe, ["a red car"], guidance_scale=2.5))
+    other = PipelineModel(pipe, ["a red car"], guidance_scale=2.5)
     changed = generate_from_source(other, solver, schedule, 1, seed=5)
     assert (changed - ours[:1]).abs().max() > 1e-3
 
@@ -206,7 +206,7 @@ def test_search_ays_on_a_pipeline_with_prompt_image_pairs(pipe, tmp_path, monkey
     schedule = load_schedule(out, noise=source.noise)
     assert schedule.num_steps == 3 and schedule.ends_clean
     assert (tmp_path / "ays.png").stat().st_size > 1000
-    images = PipelineSource(source.model).decode(torch.zeros(1, *source.sample_shape))
+    images = source.decode(torch.zeros(1, *source.sample_shape))
     assert images.shape == (1, 3, IMAGE_SIZE, IMAGE_SIZE)
     missing = CliRunner().invoke(
         app, ["search", "ays", "--pipeline", str(saved), "--out", str(out)]

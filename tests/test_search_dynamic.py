@@ -28,7 +28,7 @@ def gaussian_teacher():
     gaussian = GaussianMixture.gaussian(rng.normal(size=6), rng.uniform(0.05, 0.5, 6), noise)
     source = DenoiserSource.of_mixture(gaussian, name="gauss")
     grid = dynamic.fine_grid(noise, 8)
-    teacher = dynamic.record_teacher(source, grid, num_samples=48, cache=TensorCache(None))
+    teacher = dynamic.record_grid_teacher(source, grid, num_samples=48, cache=TensorCache(None))
     return gaussian, teacher
 
 
@@ -51,7 +51,7 @@ def test_teacher_follows_the_exact_ode_solution(gaussian_teacher):
     gaussian, coarse = gaussian_teacher
     source = DenoiserSource.of_mixture(gaussian, name="gauss")
     grid = dynamic.fine_grid(gaussian.noise, 60)
-    teacher = dynamic.record_teacher(source, grid, num_samples=16, cache=TensorCache(None))
+    teacher = dynamic.record_grid_teacher(source, grid, num_samples=16, cache=TensorCache(None))
     assert torch.equal(teacher.x[0], coarse.x[0, :16])  # the same seeded noise
     for n in (20, 59):
         exact = gaussian.ode_solution(teacher.x[0], float(grid.times[0]), float(grid.times[n]))
@@ -161,7 +161,7 @@ def test_oss_per_sample_paths_on_flow_matching():
     mixture = GaussianMixture.random(num_components=2, dim=6, noise=noise, seed=1)
     source = DenoiserSource.of_mixture(mixture)
     cache = TensorCache(None)
-    teacher = dynamic.record_teacher(
+    teacher = dynamic.record_grid_teacher(
         source, dynamic.fine_grid(noise, 12, "time_uniform"), num_samples=16, cache=cache
     )
     result = dynamic.dynamic_schedule(teacher, "euler", 4, per_sample=True, cache=cache)
@@ -183,14 +183,18 @@ def test_teacher_is_cached_on_disk(tmp_path):
     mixture = GaussianMixture.random(num_components=2, dim=4, noise=noise, seed=0)
     source = DenoiserSource.of_mixture(mixture)
     grid = dynamic.fine_grid(noise, 6)
-    first = dynamic.record_teacher(source, grid, num_samples=8, cache=TensorCache(tmp_path))
+    first = dynamic.record_grid_teacher(source, grid, num_samples=8, cache=TensorCache(tmp_path))
     assert len(list(tmp_path.glob("dp-teacher-*.safetensors"))) == 1
-    again = dynamic.record_teacher(source, grid, num_samples=8, cache=TensorCache(tmp_path))
+    again = dynamic.record_grid_teacher(source, grid, num_samples=8, cache=TensorCache(tmp_path))
     assert torch.equal(first.x, again.x) and torch.equal(first.denoised, again.denoised)
-    other = dynamic.record_teacher(source, grid, num_samples=8, seed=5, cache=TensorCache(tmp_path))
+    other = dynamic.record_grid_teacher(
+        source, grid, num_samples=8, seed=5, cache=TensorCache(tmp_path)
+    )
     assert not torch.equal(first.x, other.x)
     with pytest.raises(ValueError, match="once per grid point"):
-        dynamic.record_teacher(source, grid, num_samples=8, solver="heun", cache=TensorCache(None))
+        dynamic.record_grid_teacher(
+            source, grid, num_samples=8, solver="heun", cache=TensorCache(None)
+        )
 
 
 @pytest.mark.parametrize("solver_name", ["ddim", "dpm_solver_pp_2m"])
@@ -202,7 +206,7 @@ def test_dp_beats_the_standard_spacings_on_held_out_seeds(solver_name):
     source = DenoiserSource.of_mixture(mixture)
     cache = TensorCache(None)
     objective = Objective(source, "traj", num_samples=128, held_out_samples=256, cache=cache)
-    teacher = dynamic.record_teacher(
+    teacher = dynamic.record_grid_teacher(
         source, dynamic.fine_grid(noise, 40), num_samples=128, seed=0, cache=cache
     )
     solver = get_solver(solver_name)

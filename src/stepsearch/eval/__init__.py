@@ -22,16 +22,19 @@ from stepsearch.eval.fid import (
     frechet_distance,
     kernel_inception_distance,
 )
+from stepsearch.eval.scoring import FeatureReference, distance_scores
 from stepsearch.eval.trajectory import per_sample_rms_error, trajectory_error
 
 __all__ = [
     "ClipFeatures",
     "ClipScorer",
+    "FeatureReference",
     "FeatureStatistics",
     "InceptionFeatures",
     "clip_score",
     "compute_fid",
     "compute_kid",
+    "distance_scores",
     "ensure_features",
     "feature_statistics",
     "fid_from_features",

@@ -20,18 +20,30 @@ import torch
 from torch import Tensor
 
 from stepsearch._io import atomic_write_bytes, atomic_write_text
-from stepsearch.eval.experiment import (
-    METRICS,
-    TEXT_TO_IMAGE_METRICS,
-    FeatureReference,
-    run_experiment,
+from stepsearch.eval.clip_score import ClipScorer
+from stepsearch.eval.experiment import METRICS, TEXT_TO_IMAGE_METRICS, run_experiment
+from stepsearch.eval.features import (
+    INCEPTION_ENV_VAR,
+    INCEPTION_FILENAME,
+    INCEPTION_URL,
+    InceptionFeatures,
+    find_inception_weights,
 )
 from stepsearch.eval.fid import FeatureStatistics
 from stepsearch.eval.report import ResultTable, environment, save_sample_grid
-from stepsearch.models import Method, load_image_model
+from stepsearch.eval.scoring import FeatureReference
+from stepsearch.models import (
+    DEFAULT_GUIDANCE_SCALE,
+    Method,
+    load_image_model,
+    load_model,
+    pipeline_guidance_scale,
+)
+from stepsearch.models.pipeline import read_prompts
 from stepsearch.schedule import SPACINGS, StepSchedule
 from stepsearch.schedule_file import load_schedule
 from stepsearch.solvers import SOLVERS
+from stepsearch.testbeds import digits
 
 __all__ = [
     "ALL_METRICS",
@@ -145,14 +157,13 @@ def sampling_guidance_scale(
     model: str | None, pipeline: str | Path | None, guidance_scale: float | None
 ) -> float | None:
     """The classifier-free guidance scale an evaluation samples at: as given, else diffusers'
-    7.5 for a pipeline, :data:`~stepsearch.testbeds.digits.GUIDANCE_SCALE` for a bundled
+    :data:`~stepsearch.models.pipeline.DEFAULT_GUIDANCE_SCALE` (7.5) for a pipeline,
+    :data:`~stepsearch.testbeds.digits.GUIDANCE_SCALE` for a bundled
     class-conditional model; ``None`` for an unconditional model (nothing is guided)."""
     if guidance_scale is not None:
         return float(guidance_scale)
     if pipeline is not None:
-        return 7.5
-    from stepsearch.testbeds import digits
-
+        return DEFAULT_GUIDANCE_SCALE
     spec = digits.MODELS.get(str(model))
     return float(digits.GUIDANCE_SCALE) if spec is not None and spec.conditional else None
 
@@ -170,8 +181,6 @@ def default_metrics(pipeline: bool, clip_model: bool, model: str | None = None) 
     """``fd, traj`` for a model (and ``acc`` for the bundled class-conditional ``digits-cond``);
     ``clip`` (with a CLIP model) or ``traj`` for a pipeline."""
     if not pipeline:
-        from stepsearch.testbeds import digits
-
         spec = digits.MODELS.get(str(model))
         return ["fd", "traj", "acc"] if spec is not None and spec.conditional else ["fd", "traj"]
     return ["clip" if clip_model else "traj"]
@@ -181,8 +190,8 @@ def default_metrics(pipeline: bool, clip_model: bool, model: str | None = None) 
 class EvalInputs:
     """What an evaluation needs beyond the methods: a text-to-image pipeline with its prompts
     (instead of an image model), the files some metrics need, and the classifier-free guidance
-    scale (``None``: the default, 7.5 for a pipeline, ``digits.GUIDANCE_SCALE`` for
-    ``digits-cond``; refused for unconditional models)."""
+    scale (``None``: the default, ``DEFAULT_GUIDANCE_SCALE`` for a pipeline,
+    ``digits.GUIDANCE_SCALE`` for ``digits-cond``; refused for unconditional models)."""
 
     pipeline: str | None = None
     prompts: Path | None = None
@@ -193,8 +202,9 @@ class EvalInputs:
 
     @property
     def pipeline_guidance_scale(self) -> float:
-        """The pipeline's guidance scale: as given, or diffusers' default 7.5."""
-        return 7.5 if self.guidance_scale is None else float(self.guidance_scale)
+        """The pipeline's guidance scale: as given, or diffusers' default
+        (:data:`~stepsearch.models.pipeline.DEFAULT_GUIDANCE_SCALE`)."""
+        return pipeline_guidance_scale(self.guidance_scale)
 
     def check(self, metrics: Sequence[str]) -> None:
         """Raise ``ValueError`` naming the missing option when a metric lacks what it needs."""
@@ -226,8 +236,6 @@ class EvalInputs:
 
     def require_inception(self, metric: str) -> None:
         """Raise ``ValueError`` when ``metric`` lacks Inception weights or a reference."""
-        from stepsearch.eval.features import INCEPTION_FILENAME, find_inception_weights
-
         if self.inception_weights is None and find_inception_weights() is None:
             raise ValueError(
                 f"metric {metric} needs --inception-weights FILE ({INCEPTION_FILENAME})"
@@ -252,14 +260,6 @@ def load_inception(weights: Path | None, device: str | torch.device) -> Any:
     """Inception features from ``weights`` (a file, a folder holding it, or ``None``: the places
     :func:`~stepsearch.eval.features.find_inception_weights` searches). A missing or unreadable
     file is a ``ValueError`` that says how to pass it: ``--inception-weights``."""
-    from stepsearch.eval.features import (
-        INCEPTION_ENV_VAR,
-        INCEPTION_FILENAME,
-        INCEPTION_URL,
-        InceptionFeatures,
-        find_inception_weights,
-    )
-
     if find_inception_weights(weights) is None:
         where = f"'{weights}' does not exist" if weights is not None else "not found"
         raise ValueError(
@@ -282,8 +282,6 @@ def _fid_reference(inputs: EvalInputs, metric: str, device: torch.device) -> Fea
 
 
 def _clip_scorer(path: Path, device: torch.device) -> Any:
-    from stepsearch.eval.clip_score import ClipScorer
-
     try:
         scorer = ClipScorer.from_pretrained(path, local_files_only=True)
     except RuntimeError as error:
@@ -375,8 +373,6 @@ def _run_text_to_image(
     accelerator: Any | None,
     on_samples: OnSamples,
 ) -> tuple[dict[str, ResultTable], dict[str, Any]]:
-    from stepsearch.models.text_to_image import TextToImageModel, load_pipeline, read_prompts
-
     assert inputs.pipeline is not None and inputs.prompts is not None
     prompts = read_prompts(inputs.prompts)
     clip_scorer = None
@@ -387,9 +383,11 @@ def _run_text_to_image(
     fid_reference = (
         _fid_reference(inputs, inception_metric, device) if inception_metric is not None else None
     )
-    pipe = load_pipeline(inputs.pipeline, device)
-    model = TextToImageModel(
-        pipe, prompts, inputs.pipeline_guidance_scale, name=Path(inputs.pipeline).name
+    model = load_model(
+        pipeline=inputs.pipeline,
+        prompts=prompts,
+        guidance_scale=inputs.pipeline_guidance_scale,
+        device=device,
     )
     tables = run_experiment(
         model,
@@ -552,8 +550,6 @@ def compute_statistics(
     if features == "inception":
         extractor = load_inception(inception_weights, torch_device)
     elif features == "digits":
-        from stepsearch.testbeds import digits
-
         extractor = digits.DigitsFeatureExtractor(digits.load_classifier(device=torch_device))
     else:
         raise ValueError(f"--features must be 'inception' or 'digits', got {features!r}")

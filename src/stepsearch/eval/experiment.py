@@ -1,11 +1,12 @@
 """Side-by-side evaluation of samplers: stepsearch solver x schedule vs diffusers' built-ins.
 
-One model (an :class:`ImageModel`: the bundled digits DDPM or a local diffusers ``UNet2DModel``
-directory; or a :class:`~stepsearch.models.text_to_image.TextToImageModel`, see :class:`EvalModel`),
-a list of :class:`Method` s, a list of NFEs and metrics: every method generates the same samples
-(same per-index noise) at each NFE, every metric scores them, and :func:`run_experiment` (the one
-harness) returns one :class:`~stepsearch.eval.report.ResultTable` per metric. An image model's
-stepsearch methods sample through its :class:`~stepsearch.models.source.SampleSource`.
+One model (a :class:`~stepsearch.models.method.DiffusionModel`: an
+:class:`~stepsearch.models.image_model.ImageModel`, the bundled digits DDPM or a local diffusers
+``UNet2DModel`` directory, or a :class:`~stepsearch.models.pipeline.PipelineModel`), a list of
+:class:`Method` s, a list of NFEs and metrics: every method generates the same samples (same
+per-index noise) at each NFE, every metric scores them, and :func:`run_experiment` (the one
+harness) returns one :class:`~stepsearch.eval.report.ResultTable` per metric. ``fd`` / ``fid`` /
+``kid`` are scored by :mod:`stepsearch.eval.scoring` (as in the search objective).
 
 Class-conditional models (``digits-cond``): sample ``i`` is conditioned on class label
 ``i mod num_classes`` (as a pipeline's sample ``i`` gets prompt ``i mod len(prompts)``), guided
@@ -16,28 +17,28 @@ output; ``w = 1`` is the conditional branch alone), in stepsearch's solvers (thr
 
 from __future__ import annotations
 
-import os
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from stepsearch.eval.features import ensure_features
-from stepsearch.eval.fid import FeatureStatistics, frechet_distance, kernel_inception_distance
-from stepsearch.eval.images import iter_image_batches
 from stepsearch.eval.report import Cell, ResultTable
+from stepsearch.eval.scoring import FeatureReference, distance_scores
 from stepsearch.eval.trajectory import trajectory_error
-from stepsearch.models.method import (
-    EvalModel,
-    Method,
-    reference_solution,
-)
+from stepsearch.models.method import DiffusionModel, Method, reference_solution
+
+__all__ = [
+    "HIGHER_IS_BETTER",
+    "METRICS",
+    "TEXT_TO_IMAGE_METRICS",
+    "FeatureReference",
+    "class_accuracy",
+    "distance_scores",
+    "run_experiment",
+]
 
 METRICS = ("fd", "fid", "kid", "traj", "acc")
 """``fd``: Fréchet distance in the model's own feature space (FD-digits for the bundled model);
@@ -57,10 +58,8 @@ HIGHER_IS_BETTER = frozenset({"clip", "acc"})
 """Metrics whose result tables rank the largest value first."""
 
 
-
-
 def run_experiment(
-    model: EvalModel,
+    model: DiffusionModel,
     methods: Sequence[Method],
     nfes: Sequence[int],
     metrics: Sequence[str] = ("fd", "traj"),
@@ -114,105 +113,14 @@ def _is_main(accelerator: Any | None) -> bool:
     return accelerator is None or bool(accelerator.is_main_process)
 
 
-# ----------------------------------------------------------------------------------------------
-# Reference images and statistics for fd / fid / kid
-
-
-@dataclass(frozen=True, eq=False)
-class FeatureReference:
-    """What ``fd`` / ``fid`` / ``kid`` compare samples with: a feature extractor, the reference
-    statistics in its feature space and, when made from images, the reference features (KID needs
-    them; an ``.npz`` holds only the mean and covariance)."""
-
-    extractor: nn.Module
-    statistics: FeatureStatistics
-    features: np.ndarray | None = None
-    source: str = ""
-
-    @classmethod
-    def from_images(
-        cls,
-        extractor: nn.Module,
-        images: Tensor | Iterator[Tensor],
-        *,
-        batch_size: int = 250,
-        progress: bool = False,
-        source: str = "images",
-    ) -> FeatureReference:
-        """Features and statistics of ``images`` (a tensor or an iterable of batches)."""
-        features = ensure_features(
-            images, extractor, batch_size, progress, desc="reference features"
-        )
-        return cls(extractor, FeatureStatistics.from_features(features), features, source)
-
-    @classmethod
-    def load(
-        cls,
-        extractor: nn.Module,
-        source: str | os.PathLike[str],
-        *,
-        batch_size: int = 250,
-        progress: bool = True,
-    ) -> FeatureReference:
-        """From an ``.npz`` of statistics (:meth:`FeatureStatistics.save`, ``stepsearch stats``,
-        clean-fid / EDM files) or from reference images (see :func:`iter_image_batches`).
-
-        Raises:
-            FileNotFoundError: ``source`` does not exist.
-            ValueError: unreadable file, no images, or statistics of another feature dimension.
-        """
-        path = Path(source)
-        if path.suffix == ".npz":
-            statistics = FeatureStatistics.load(path)
-            expected = getattr(extractor, "num_features", None)
-            if expected is not None and statistics.num_features != int(expected):
-                raise ValueError(
-                    f"{path}: statistics of {statistics.num_features} features, but the feature "
-                    f"extractor gives {int(expected)} (made with another extractor?)"
-                )
-            return cls(extractor, statistics, None, str(path))
-        batches = iter_image_batches(path, batch_size, progress)
-        return cls.from_images(extractor, batches, batch_size=batch_size, source=str(path))
-
-
-def distance_scores(
-    samples: Tensor, references: dict[str, FeatureReference]
-) -> dict[str, tuple[float, float | None]]:
-    """``{metric: (value, std)}`` for ``fd`` / ``fid`` (Fréchet distance to the reference
-    statistics) and ``kid`` (KID x 1e3, mean and std over 50 subsets of up to 500 samples).
-    Features are extracted once per extractor; non-finite samples are clamped first."""
-    finite = samples.clamp(-1e4, 1e4).nan_to_num(0.0)
-    features_by_extractor: dict[int, np.ndarray] = {}
-    scores: dict[str, tuple[float, float | None]] = {}
-    for metric, reference in references.items():
-        key = id(reference.extractor)
-        if key not in features_by_extractor:
-            features_by_extractor[key] = ensure_features(
-                finite, reference.extractor, progress=False
-            )
-        features = features_by_extractor[key]
-        if metric == "kid":
-            if reference.features is None:
-                raise ValueError(
-                    f"kid needs reference features, not only statistics ({reference.source})"
-                )
-            mean, std = kernel_inception_distance(
-                features, reference.features, subsets=50, subset_size=min(500, len(samples))
-            )
-            scores[metric] = (mean * 1e3, std * 1e3)
-        else:
-            statistics = FeatureStatistics.from_features(features)
-            scores[metric] = (frechet_distance(statistics, reference.statistics), None)
-    return scores
-
-
 class _Scorer:
     """Metric state computed once per experiment: reference features, the reference solution,
-    the prompts of the samples."""
+    the prompts of the samples. ``fd`` / ``fid`` / ``kid`` are the one distance scorer's
+    (:func:`~stepsearch.eval.scoring.distance_scores`, as in the search objective)."""
 
     def __init__(
         self,
-        model: EvalModel,
+        model: DiffusionModel,
         metrics: Sequence[str],
         num_samples: int,
         seed: int,
@@ -257,7 +165,7 @@ def class_accuracy(classifier: nn.Module, samples: Tensor, labels: Tensor) -> fl
 
 
 def _metric_references(
-    model: EvalModel,
+    model: DiffusionModel,
     metrics: Sequence[str],
     fid_reference: FeatureReference | None,
     clip_scorer: Any | None,

@@ -27,7 +27,7 @@ Metrics (:data:`OBJECTIVE_METRICS`, all lower-is-better):
   (FD-digits for the bundled model); its limit is the real-vs-real floor, not 0.
 - ``kid``: kernel distance (x 1e3) in the same feature space.
 - ``fid``: Fréchet distance in another feature space given as a
-  :class:`~stepsearch.eval.experiment.FeatureReference` (Inception features and statistics).
+  :class:`~stepsearch.eval.scoring.FeatureReference` (Inception features and statistics).
 """
 
 from __future__ import annotations
@@ -42,34 +42,23 @@ import torch
 from torch import Tensor
 
 from stepsearch.cache import TensorCache, tensor_digest
-from stepsearch.eval.fid import FeatureStatistics, frechet_distance, kernel_inception_distance
+from stepsearch.eval.features import ensure_features
+from stepsearch.eval.scoring import FeatureReference, bootstrap_std, distance_scores
 from stepsearch.eval.trajectory import per_sample_rms_error
 from stepsearch.models.source import SampleSource, generate_from_source
-from stepsearch.schedule import StepSchedule, make_schedule
+from stepsearch.models.trajectories import TeacherSpec, record_trajectories, teacher_key
+from stepsearch.schedule import StepSchedule
 from stepsearch.schedule_file import Provenance
 from stepsearch.solvers import get_solver
 from stepsearch.solvers.base import Solver
 
+# TeacherSpec lives in stepsearch.models.trajectories; re-exported for callers that import it here
 __all__ = ["OBJECTIVE_METRICS", "Objective", "Score", "TeacherSpec"]
 
 OBJECTIVE_METRICS = ("traj", "fd", "kid", "fid")
 """Metrics an :class:`Objective` computes (module docstring)."""
 
 SPLITS = ("search", "held_out")
-
-
-@dataclass(frozen=True)
-class TeacherSpec:
-    """The converged solve ``traj`` compares with: ``solver`` on ``num_steps`` steps of
-    ``spacing`` (default DPM-Solver++(3M), 100 logSNR-uniform steps; REFERENCES.md measured it as
-    good as DDIM-1000 on the digits model at a ninth of the cost)."""
-
-    solver: str = "dpm_solver_pp_3m"
-    spacing: str = "logsnr_uniform"
-    num_steps: int = 100
-
-    def to_json_dict(self) -> dict[str, Any]:
-        return {"solver": self.solver, "spacing": self.spacing, "num_steps": self.num_steps}
 
 
 @dataclass(frozen=True)
@@ -107,18 +96,6 @@ class Score:
         }
 
 
-def _bootstrap_std(
-    values: np.ndarray, statistic: Any, resamples: int, seed: int = 0
-) -> float | None:
-    """Standard deviation of ``statistic`` over bootstrap resamples of ``values`` (rows)."""
-    if resamples < 2 or len(values) < 2:
-        return None
-    rng = np.random.default_rng(seed)
-    stats = [statistic(values[rng.integers(0, len(values), len(values))]) for _ in range(resamples)]
-    finite = np.asarray([s for s in stats if math.isfinite(s)])
-    return float(finite.std(ddof=1)) if finite.size >= 2 else None
-
-
 class Objective:
     """Scores candidate schedules / plans on a sample source (module docstring).
 
@@ -133,7 +110,7 @@ class Objective:
         teacher: the converged solve for ``traj``.
         cache: where teachers and reference features live (default:
             :meth:`TensorCache.default`; ``TensorCache(None)`` keeps them in memory only).
-        fid_reference: for ``fid``: a :class:`~stepsearch.eval.experiment.FeatureReference`.
+        fid_reference: for ``fid``: a :class:`~stepsearch.eval.scoring.FeatureReference`.
         chunk_size: samples per model call.
         bootstrap: bootstrap resamples for ``std`` (0: no uncertainty estimate).
         progress: show progress bars while computing teachers and references.
@@ -189,7 +166,7 @@ class Objective:
         self.bootstrap = int(bootstrap)
         self.accelerator = accelerator
         self.progress = progress
-        self._reference_statistics: FeatureStatistics | None = None
+        self._distance_reference: FeatureReference | None = None
         self.evaluations = 0
         """How many candidates were scored (both splits)."""
 
@@ -263,29 +240,23 @@ class Objective:
         )
 
     def teacher(self, split: str = "search") -> Tensor:
-        """The converged solutions (decoded) from ``split``'s noise (cached)."""
-        spec = self.teacher_spec
-
-        def compute() -> dict[str, Tensor]:
-            schedule = make_schedule(self.source.noise, spec.num_steps, spec.spacing)
-            samples = generate_from_source(
-                self.source,
-                get_solver(spec.solver),
-                schedule,
-                self._count(split),
-                seed=self.seeds[split],
-                chunk_size=self.chunk_size,
-                accelerator=self.accelerator,
-                progress="teacher (converged solve)" if self.progress else False,
-            )
-            return {"samples": samples}
-
-        return self.cache.load_or_compute("teacher", self._teacher_key(split), compute)["samples"]
+        """The converged solutions (decoded) from ``split``'s noise (cached; the one recorder,
+        :func:`~stepsearch.models.trajectories.record_trajectories`)."""
+        return record_trajectories(
+            self.source,
+            self.teacher_spec,
+            self._count(split),
+            seed=self.seeds[split],
+            cache=self.cache,
+            cache_kind="teacher",
+            cache_key=self._teacher_key(split),
+            chunk_size=self.chunk_size,
+            accelerator=self.accelerator,
+            progress="teacher (converged solve)" if self.progress else False,
+        )
 
     def reference_features(self) -> np.ndarray:
         """Features of the source's reference data in its own feature space (cached)."""
-        from stepsearch.eval.features import ensure_features
-
         data = self.source.reference_data
         extractor = self.source.features
         assert data is not None and extractor is not None
@@ -355,46 +326,31 @@ class Objective:
         return self.num_samples if split == "search" else self.held_out_samples
 
     def _teacher_key(self, split: str) -> dict[str, Any]:
-        return {
-            "model": self.source.identity.to_json_dict(),
-            "source": self.source.describe(),
-            "noise": self.source.noise.to_config(),
-            "teacher": self.teacher_spec.to_json_dict(),
-            "seed": self.seeds[split],
-            "num_samples": self._count(split),
-        }
+        return teacher_key(
+            self.source, self.teacher_spec.to_json_dict(), self.seeds[split], self._count(split)
+        )
+
+    def _reference(self) -> FeatureReference:
+        """What ``fd`` / ``kid`` / ``fid`` compare with: the source's reference data in its own
+        feature space, or ``fid_reference``."""
+        if self.metric == "fid":
+            return self.fid_reference
+        if self._distance_reference is None:
+            assert self.source.features is not None
+            self._distance_reference = FeatureReference.from_features(
+                self.source.features, self.reference_features(), "source reference data"
+            )
+        return self._distance_reference
 
     def _measure(
         self, samples: Tensor, split: str
     ) -> tuple[float, float | None, np.ndarray | None]:
         if self.metric == "traj":
             errors = per_sample_rms_error(samples, self.teacher(split)).numpy()
-            std = _bootstrap_std(errors, np.median, self.bootstrap)
+            std = bootstrap_std(errors, np.median, self.bootstrap)
             return float(np.median(errors)), std, errors
-        from stepsearch.eval.features import ensure_features
-
-        finite = samples.clamp(-1e4, 1e4).nan_to_num(0.0)
-        if self.metric == "fid":
-            reference = self.fid_reference
-            features = ensure_features(finite, reference.extractor, progress=False)
-            reference_statistics = reference.statistics
-        else:
-            assert self.source.features is not None
-            features = ensure_features(finite, self.source.features, progress=False)
-            reference_features = self.reference_features()
-            if self.metric == "kid":
-                mean, std = kernel_inception_distance(
-                    features,
-                    reference_features,
-                    subsets=50,
-                    subset_size=min(500, len(features), len(reference_features)),
-                )
-                return mean * 1e3, std * 1e3, None
-            if self._reference_statistics is None:
-                self._reference_statistics = FeatureStatistics.from_features(reference_features)
-            reference_statistics = self._reference_statistics
-
-        def fd(rows: np.ndarray) -> float:
-            return frechet_distance(FeatureStatistics.from_features(rows), reference_statistics)
-
-        return fd(features), _bootstrap_std(features, fd, min(self.bootstrap, 20)), None
+        scores = distance_scores(
+            samples, {self.metric: self._reference()}, bootstrap=min(self.bootstrap, 20)
+        )
+        value, std = scores[self.metric]
+        return value, std, None

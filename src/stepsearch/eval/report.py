@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from stepsearch import __version__
 from stepsearch._io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 
@@ -38,8 +39,6 @@ def environment() -> dict[str, Any]:
     """Machine and library versions, recorded beside every result."""
     import diffusers
     import scipy
-
-    from stepsearch import __version__
 
     return {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

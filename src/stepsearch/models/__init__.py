@@ -1,13 +1,18 @@
-"""Everything that can be sampled, behind one protocol (:class:`SampleSource`).
+"""Everything that can be sampled, behind one protocol.
 
-- :mod:`~stepsearch.models.source`: the protocol, sources from a denoiser or a class-conditional
-  model, model identities (weights digests) and the one loop over chunks of sample indices
-  (:func:`generate_from_source`, common random numbers);
-- :mod:`~stepsearch.models.image_model`: the bundled digits models and local ``UNet2DModel``
-  directories, loaded in one place (:func:`load_image_model`, :func:`load_source`);
-- :mod:`~stepsearch.models.text_to_image` and :mod:`~stepsearch.models.pipeline`: local
-  text-to-image pipelines (SD 1.x / 2.x, SDXL) driven by the drop-in scheduler or as a source;
-- :mod:`~stepsearch.models.method`: samplers as data (:class:`Method`) and the built-in line-up;
+- :mod:`~stepsearch.models.source`: the :class:`SampleSource` protocol (what stepsearch's solvers
+  sample), sources from a denoiser or a class-conditional model, model identities (weights
+  digests) and the one loop over chunks of sample indices (:func:`generate_from_source`, common
+  random numbers);
+- :mod:`~stepsearch.models.image_model` and :mod:`~stepsearch.models.pipeline`: the bundled digits
+  models and local ``UNet2DModel`` directories (:class:`ImageModel`), local text-to-image pipelines
+  (:class:`PipelineModel`): each a sample source that also runs diffusers' own loop
+  (:class:`DiffusionModel`, the one model protocol);
+- :mod:`~stepsearch.models.loading`: every model is loaded there (:func:`load_model`);
+- :mod:`~stepsearch.models.trajectories`: the one teacher spec (:class:`TeacherSpec`) and the one
+  recorder of teacher / reference trajectories (:func:`record_trajectories`);
+- :mod:`~stepsearch.models.method`: samplers as data (:class:`Method`), the built-in line-up and
+  the reference solution;
 - :mod:`~stepsearch.models.batches`: per-sample noise streams and chunking across processes.
 
 This package knows nothing of scoring (:mod:`stepsearch.eval`) or searching
@@ -22,15 +27,22 @@ from stepsearch.models.batches import (
     steps_for_nfe,
     unit_noise,
 )
-from stepsearch.models.image_model import ImageModel, load_image_model, load_source, model_noise
+from stepsearch.models.image_model import ImageModel
+from stepsearch.models.loading import (
+    load_image_model,
+    load_model,
+    load_source,
+    model_noise,
+    pipeline_guidance_scale,
+)
 from stepsearch.models.method import (
-    REFERENCE_SOLVER,
-    EvalModel,
+    DiffusionModel,
     Method,
     default_methods,
     dpm_solver_3m_leading,
     reference_solution,
 )
+from stepsearch.models.pipeline import DEFAULT_GUIDANCE_SCALE, PipelineModel
 from stepsearch.models.source import (
     ClassConditionalSource,
     DenoiserSource,
@@ -43,16 +55,27 @@ from stepsearch.models.source import (
     initial_noise_for,
     module_digest,
 )
+from stepsearch.models.trajectories import (
+    DEFAULT_TEACHER,
+    TeacherSpec,
+    Trajectories,
+    record_trajectories,
+    teacher_key,
+)
 
 __all__ = [
-    "REFERENCE_SOLVER",
+    "DEFAULT_GUIDANCE_SCALE",
+    "DEFAULT_TEACHER",
     "ClassConditionalSource",
     "DenoiserSource",
-    "EvalModel",
+    "DiffusionModel",
     "ImageModel",
     "Method",
     "ModelIdentity",
+    "PipelineModel",
     "SampleSource",
+    "TeacherSpec",
+    "Trajectories",
     "array_digest",
     "chunks_for_process",
     "default_methods",
@@ -64,11 +87,15 @@ __all__ = [
     "generate_with_diffusers_scheduler",
     "initial_noise_for",
     "load_image_model",
+    "load_model",
     "load_source",
     "model_noise",
     "module_digest",
+    "pipeline_guidance_scale",
+    "record_trajectories",
     "reference_solution",
     "sample_generator",
     "steps_for_nfe",
+    "teacher_key",
     "unit_noise",
 ]

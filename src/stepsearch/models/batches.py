@@ -130,16 +130,12 @@ def generate_with_diffusers_scheduler(
 def steps_for_nfe(
     solver: Solver, make_schedule: Callable[[int], StepSchedule], nfe: int
 ) -> int | None:
-    """The step count whose schedule makes ``solver`` spend exactly ``nfe`` model evaluations, or
-    ``None`` if no step count does (e.g. Heun with a clean end spends ``2 n - 1``). Answered by
-    ``solver.num_steps_for_nfe``, with the schedule's clean end and ``alpha = 0`` start read from
-    ``make_schedule(1)``."""
-    if isinstance(nfe, bool) or int(nfe) != nfe or nfe < 1:
-        return None
+    """``solver.num_steps_for_nfe(nfe)`` (the one NFE -> step-count rule) with the clean end and
+    ``alpha = 0`` start of the schedules ``make_schedule`` makes (read from ``make_schedule(1)``),
+    or ``None`` where no step count spends exactly ``nfe`` (e.g. Heun with a clean end spends
+    ``2 n - 1``)."""
     _, clean_end, alpha_zero_start = schedule_facts(make_schedule(1), None, None)
     try:
-        return solver.num_steps_for_nfe(
-            int(nfe), clean_end=clean_end, alpha_zero_start=alpha_zero_start
-        )
+        return solver.num_steps_for_nfe(nfe, clean_end=clean_end, alpha_zero_start=alpha_zero_start)
     except ValueError:
         return None

@@ -1,6 +1,7 @@
-"""Image models: the bundled digits models and local diffusers ``UNet2DModel`` directories, loaded
-in one place (:func:`load_image_model`), sampled by stepsearch solvers (through their
-:class:`~stepsearch.models.source.SampleSource`) and in diffusers' own loop alike.
+"""Image models: the bundled digits models and local diffusers ``UNet2DModel`` directories
+(loaded in one place, :mod:`stepsearch.models.loading`). An :class:`ImageModel` is a
+:class:`~stepsearch.models.source.SampleSource` itself (stepsearch's solvers sample it through
+``denoiser(indices)``) and runs diffusers' own loop (:meth:`ImageModel.sample_diffusers`).
 
 Class-conditional models (``digits-cond``): sample ``i`` is conditioned on class label
 ``i mod num_classes`` (as a pipeline's sample ``i`` gets prompt ``i mod len(prompts)``), guided
@@ -11,12 +12,10 @@ output; ``w = 1`` is the conditional branch alone), in stepsearch's solvers (thr
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -39,10 +38,15 @@ from stepsearch.solvers.base import Solver
 if TYPE_CHECKING:
     from stepsearch.models.method import Method
 
+__all__ = ["ImageModel"]
+
+
 @dataclass
 class ImageModel:
     """An image diffusion model with what evaluation needs: unconditional, or class-conditional
-    with classifier-free guidance (``num_classes`` set; module docstring).
+    with classifier-free guidance (``num_classes`` set; module docstring). A
+    :class:`~stepsearch.models.source.SampleSource`: ``features`` is ``feature_extractor``,
+    ``reference_data`` is ``reference_images``, ``decode`` the identity, samples are float32.
 
     ``num_classes``: sample ``i`` gets label ``i mod num_classes`` (``class_labels`` of the UNet);
     ``null_label``: the label of the unconditional branch; ``guidance_scale``: ``w``;
@@ -147,7 +151,7 @@ class ImageModel:
         conditional branch alone)."""
         labels = None if indices is None else self.labels_for(indices)
         if not self.conditional:
-            return ModelDenoiser(self.model_fn, self.noise, self.prediction_type)
+            return self._unconditional_denoiser
         if labels is None:
             raise ValueError(f"{self.name} is class-conditional: pass the sample indices")
         if self.guidance_scale == 1.0:
@@ -159,6 +163,10 @@ class ImageModel:
             unconditional=self._branch(self._null_labels(len(labels))),
             guidance=float(self.guidance_scale),
         )
+
+    @cached_property
+    def _unconditional_denoiser(self) -> ModelDenoiser:
+        return ModelDenoiser(self.model_fn, self.noise, self.prediction_type)
 
     @cached_property
     def identity(self) -> ModelIdentity:
@@ -183,7 +191,7 @@ class ImageModel:
         """Samples along ``schedule`` with ``method``'s solver, from this model as a
         :class:`~stepsearch.models.source.SampleSource`."""
         return generate_from_source(
-            self.source(),
+            self,
             self.solver_for(method),
             schedule,
             num_samples,
@@ -224,8 +232,45 @@ class ImageModel:
         """An image model has no prompts (a class-conditional one has :meth:`labels_for`)."""
         del indices
 
+    # SampleSource ----------------------------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+    @property
+    def features(self) -> torch.nn.Module | None:
+        return self.feature_extractor
+
+    @property
+    def reference_data(self) -> Tensor | None:
+        return self.reference_images
+
+    def decode(self, x: Tensor) -> Tensor:
+        return x
+
+    def describe(self) -> dict[str, Any]:
+        """Provenance settings (part of every cache key): prediction type and sample shape; for a
+        class-conditional model also the null label, the label rule and the guidance scale."""
+        described: dict[str, Any] = {
+            "sample_shape": list(self.sample_shape),
+            "prediction_type": self.prediction_type,
+        }
+        if self.num_classes is None:
+            return described
+        return {
+            **described,
+            "null_label": self.null_label,
+            "kind": "class_conditional",
+            "labels": f"index mod {self.num_classes}",
+            "guidance_scale": float(self.guidance_scale),
+        }
+
     def source(self) -> DenoiserSource | ClassConditionalSource:
-        """This model as a :class:`~stepsearch.models.source.SampleSource`."""
+        """Compatibility: this model as a separate :class:`~stepsearch.models.source.DenoiserSource`
+        / :class:`~stepsearch.models.source.ClassConditionalSource` (same identity, ``describe()``
+        and samples as the model itself, which is a sample source). Kept while callers tell
+        class-conditional sources apart by ``isinstance(source, ClassConditionalSource)`` rather
+        than ``source.conditional``."""
         settings: dict[str, Any] = {
             "prediction_type": self.prediction_type,
             "sample_shape": list(self.sample_shape),
@@ -252,127 +297,3 @@ class ImageModel:
             settings=settings,
             device=self.device,
         )
-
-
-def _model_directory_files(spec: str) -> tuple[Path, Path]:
-    """The UNet directory and the scheduler config file of a local diffusers model directory."""
-    root = Path(spec)
-    if not root.is_dir():
-        raise FileNotFoundError(
-            f"model {spec!r}: expected a bundled model {sorted(_bundled())} or a local "
-            "diffusers model directory"
-        )
-    unet_dir = root / "unet" if (root / "unet").is_dir() else root
-    config_path = next(
-        (
-            p
-            for p in (root / "scheduler" / "scheduler_config.json", root / "scheduler_config.json")
-            if p.is_file()
-        ),
-        None,
-    )
-    if config_path is None:
-        raise FileNotFoundError(f"{spec}: no scheduler_config.json at its root or in scheduler/")
-    return unet_dir, config_path
-
-
-def _bundled() -> dict[str, Any]:
-    from stepsearch.testbeds import digits
-
-    return digits.MODELS
-
-
-def model_noise(spec: str) -> NoiseSchedule:
-    """The noise schedule of ``spec`` (a bundled model name or a local diffusers model directory,
-    as for :func:`load_image_model`), read from its scheduler config: what a schedule file for
-    that model must be made on."""
-    if spec in _bundled():
-        from stepsearch.testbeds import digits
-
-        return digits.load(spec).noise
-    _, config_path = _model_directory_files(spec)
-    return DiscreteVP.from_diffusers_config(json.loads(config_path.read_text()))
-
-
-def load_image_model(
-    spec: str,
-    device: str | torch.device = "cpu",
-    inception_weights: str | None = None,
-    guidance_scale: float | None = None,
-) -> ImageModel:
-    """A bundled model by name (:data:`stepsearch.testbeds.digits.MODELS`: ``digits``,
-    ``digits-flow``, ``digits-cond``; FD-digits features, the real digits, the classifier), or a
-    local diffusers directory holding an unconditional ``UNet2DModel`` (at its root or in
-    ``unet/``) and a scheduler config (``scheduler_config.json`` at the root or in
-    ``scheduler/``).
-
-    ``digits-cond`` is class-conditional: sample ``i`` gets digit ``i mod 10``, guided with
-    ``guidance_scale`` (default :data:`~stepsearch.testbeds.digits.GUIDANCE_SCALE`, 2); its
-    reference images are the real digits ordered so that row ``j`` is a ``j mod 10`` (174 of each
-    digit). ``guidance_scale`` for an unconditional model is a ``ValueError``."""
-    device = torch.device(device)
-    from stepsearch.testbeds import digits
-
-    if spec in digits.MODELS:
-        bundle = digits.load(spec, device=device)
-        classifier = digits.load_classifier(device=device)
-        conditional = digits.MODELS[spec].conditional
-        if guidance_scale is not None and not conditional:
-            raise ValueError(
-                f"--guidance-scale: model {spec!r} is unconditional; guidance needs a "
-                "class-conditional model (--model digits-cond)"
-            )
-        real = digits.real_images()
-        return ImageModel(
-            name=spec,
-            unet=bundle.unet,
-            scheduler_config=dict(bundle.scheduler_config),
-            sample_shape=digits.IMAGE_SHAPE,
-            feature_extractor=digits.DigitsFeatureExtractor(classifier),
-            reference_images=real[digits.label_cycle_indices()] if conditional else real,
-            device=device,
-            noise_schedule=bundle.noise,
-            prediction=bundle.prediction_type,
-            num_classes=digits.NUM_CLASSES if conditional else None,
-            null_label=digits.NULL_LABEL if conditional else None,
-            guidance_scale=(
-                (digits.GUIDANCE_SCALE if guidance_scale is None else float(guidance_scale))
-                if conditional
-                else 1.0
-            ),
-            classifier=classifier,
-        )
-    if guidance_scale is not None:
-        raise ValueError(
-            f"--guidance-scale: {spec} is an unconditional model directory; guidance needs a "
-            "class-conditional model (--model digits-cond)"
-        )
-    from diffusers import UNet2DModel
-
-    root = Path(spec)
-    unet_dir, config_path = _model_directory_files(spec)
-    unet = UNet2DModel.from_pretrained(unet_dir).to(device).eval().requires_grad_(False)
-    size = unet.config.sample_size
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    extractor = None
-    if inception_weights is not None:
-        from stepsearch.eval.features import InceptionFeatures
-
-        extractor = InceptionFeatures(inception_weights).to(device)
-    return ImageModel(
-        name=root.name,
-        unet=unet,
-        scheduler_config=json.loads(config_path.read_text()),
-        sample_shape=(unet.config.in_channels, *size),
-        feature_extractor=extractor,
-        device=device,
-    )
-
-
-def load_source(
-    spec: str, device: str | torch.device = "cpu", guidance_scale: float | None = None
-) -> DenoiserSource | ClassConditionalSource:
-    """The source of a model spec: a bundled model (``digits``, ``digits-flow``, ``digits-cond``
-    with its ``guidance_scale``) or a local diffusers ``UNet2DModel`` directory (see
-    :func:`~stepsearch.eval.experiment.load_image_model`)."""
-    return load_image_model(spec, device=device, guidance_scale=guidance_scale).source()

@@ -1,24 +1,30 @@
 """Samplers as data (:class:`Method`: a stepsearch solver on a schedule, or a diffusers scheduler
-class with options), the built-in line-up every comparison uses, and the reference solution."""
+class with options), the built-in line-up every comparison uses, the model protocol they run on
+(:class:`DiffusionModel`) and the reference solution."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from torch import Tensor
 
 from stepsearch.models.batches import steps_for_nfe
+from stepsearch.models.pipeline import PipelineModel
+from stepsearch.models.source import SampleSource
+from stepsearch.models.trajectories import DEFAULT_TEACHER, record_trajectories
 from stepsearch.noise import NoiseSchedule
 from stepsearch.schedule import StepSchedule, loglinear_interpolate, make_schedule
 from stepsearch.solvers.base import Solver
 
-if TYPE_CHECKING:
-    from stepsearch.models.image_model import ImageModel
-
-REFERENCE_SOLVER = ("dpm_solver_pp_3m", "logsnr_uniform", 100)
-"""The reference ODE solution for ``traj``: DPM-Solver++(3M), 100 logSNR-uniform steps."""
+__all__ = [
+    "DiffusionModel",
+    "Method",
+    "default_methods",
+    "dpm_solver_3m_leading",
+    "reference_solution",
+]
 
 
 @dataclass(frozen=True)
@@ -47,7 +53,7 @@ class Method:
             label = f"diffusers {scheduler}" + (f" ({spacing})" if spacing else "")
         return cls(label, diffusers_scheduler=scheduler, diffusers_options=options)
 
-    def schedule_for(self, model: ImageModel, num_steps: int) -> StepSchedule:
+    def schedule_for(self, model: SampleSource, num_steps: int) -> StepSchedule:
         """The method's ``num_steps``-step schedule on ``model``'s noise schedule."""
         return self.schedule_on(model.noise, num_steps)
 
@@ -69,14 +75,14 @@ class Method:
 
     def run(
         self,
-        model: EvalModel,
+        model: DiffusionModel,
         nfe: int,
         num_samples: int,
         seed: int,
         accelerator: Any | None = None,
         chunk_size: int = 250,
     ) -> tuple[Tensor, int] | None:
-        """Samples of ``model`` (an :class:`ImageModel` or a text-to-image model) at exactly
+        """Samples of ``model`` (an image model or a text-to-image pipeline) at exactly
         ``nfe`` model evaluations and the step count, or ``None`` if the method cannot spend
         exactly ``nfe``."""
         progress = f"{self.label} NFE {nfe}"
@@ -152,17 +158,16 @@ def default_methods() -> list[Method]:
     ]
 
 
-class EvalModel(Protocol):
-    """What :func:`run_experiment` and :meth:`Method.run` need of a model: an
-    :class:`ImageModel` (unconditional, sampled as a :class:`~stepsearch.models.source.SampleSource`)
-    or a :class:`~stepsearch.models.text_to_image.TextToImageModel` (a pipeline driven through the
-    drop-in scheduler)."""
+class DiffusionModel(SampleSource, Protocol):
+    """The one model protocol: a :class:`~stepsearch.models.source.SampleSource` (stepsearch's
+    solvers sample it through ``denoiser(indices)``) that also runs diffusers' own loop and names
+    the solver a :class:`Method` runs on it (it counts the NFE). Implemented by
+    :class:`~stepsearch.models.image_model.ImageModel` (unconditional or class-conditional) and
+    :class:`~stepsearch.models.pipeline.PipelineModel` (a text-to-image pipeline, driven through
+    the drop-in scheduler)."""
 
     name: str
     scheduler_config: dict[str, Any]
-
-    @property
-    def noise(self) -> NoiseSchedule: ...
 
     def solver_for(self, method: Method) -> Solver:
         """The solver that runs ``method`` on this model (it counts the NFE)."""
@@ -195,32 +200,29 @@ class EvalModel(Protocol):
         ...
 
     def prompts_for(self, indices: Sequence[int]) -> list[str] | None:
-        """The prompt of each sample index, or ``None`` for an unconditional model."""
+        """The prompt of each sample index, or ``None`` for a model without prompts."""
         ...
 
 
-
 def reference_solution(
-    model: EvalModel,
+    model: DiffusionModel,
     num_samples: int,
     seed: int,
     accelerator: Any | None = None,
     chunk_size: int = 250,
     num_steps: int | None = None,
 ) -> Tensor:
-    """Accurate solutions from the same per-index noise (and prompts): :data:`REFERENCE_SOLVER`,
-    ``num_steps`` steps (default: its 100)."""
-    solver, spacing, default_steps = REFERENCE_SOLVER
-    method = Method.stepsearch(solver, spacing)
-    schedule = make_schedule(model.noise, num_steps or default_steps, spacing)
-    return model.sample_schedule(
-        method,
-        schedule,
+    """Accurate solutions from the same per-index noise (and prompts): the default teacher
+    (:data:`~stepsearch.models.trajectories.DEFAULT_TEACHER`, ``num_steps`` steps, default its
+    100), in a pipeline's own loop for a pipeline."""
+    teacher = DEFAULT_TEACHER.with_steps(num_steps or None)
+    return record_trajectories(
+        model,
+        teacher,
         num_samples,
-        seed,
-        accelerator,
-        chunk_size,
-        progress=f"reference solution ({schedule.num_steps} steps)",
+        seed=seed,
+        loop="pipeline" if isinstance(model, PipelineModel) else "stepsearch",
+        chunk_size=chunk_size,
+        accelerator=accelerator,
+        progress=f"reference solution ({teacher.num_steps} steps)",
     )
-
-

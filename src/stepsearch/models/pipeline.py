@@ -1,21 +1,38 @@
-"""A diffusers text-to-image pipeline as a :class:`~stepsearch.models.source.SampleSource`.
+"""Text-to-image pipelines: one model class that runs the pipeline's own call and is a
+:class:`~stepsearch.models.source.SampleSource` for stepsearch's solvers.
 
-:class:`PipelineSource` lets the searches call a pipeline's denoising network directly, conditioned
-on each sample's prompt, in the pipeline's latent space:
+:class:`PipelineModel` is a local diffusers UNet pipeline (Stable Diffusion 1.x / 2.x, SDXL, or any
+pipeline with the same call signature) with the prompts, guidance scale and image size of a run:
 
-- ``noise``: the discrete VP schedule of the pipeline's scheduler config; ``prediction_type`` from
-  the same config;
-- ``denoiser(indices)``: the UNet conditioned on prompt ``i mod len(prompts)`` for each index ``i``
-  (prompts encoded once by the pipeline's own ``encode_prompt``), with classifier-free guidance at
-  ``guidance_scale`` against the negative prompt (diffusers' rule: guidance only above 1). SDXL's
+- **the pipeline's own loop** (:meth:`PipelineModel.sample_schedule`,
+  :meth:`PipelineModel.sample_diffusers`, :func:`generate_images`): a stepsearch solver x schedule
+  swaps in the solver's drop-in scheduler (:data:`~stepsearch.integrations.diffusers.SCHEDULERS`),
+  built ``from_config`` of the pipeline's own scheduler config, and passes the schedule as
+  k-diffusion ``sigmas`` (the whole grid, its end included, so the schedule is replayed exactly);
+  a diffusers scheduler class runs with its own spacing. The pipeline's own scheduler is put back
+  after each run; its progress bar is switched off.
+- **a sample source** (the UNet called directly, conditioned on each sample's prompt, in the
+  pipeline's latent space): ``noise`` is the discrete VP schedule of the pipeline's scheduler
+  config; ``denoiser(indices)`` the UNet conditioned on prompt ``i mod len(prompts)`` (prompts
+  encoded once by the pipeline's own ``encode_prompt``), with classifier-free guidance at
+  ``guidance_scale`` against the negative prompt (diffusers' rule: guidance only above 1); SDXL's
   extra conditioning (pooled text embeddings and the size / crop ``time_ids``) is built as its
-  pipeline builds it for an uncropped image of the requested size;
-- ``sample_shape``: one latent ``(C, H / f, W / f)``; ``decode``: the VAE decode, as float images in
-  ``[-1, 1]`` (what ``pipe(output_type="pt")`` returns, rescaled); so samples of this source from the
-  same unit noise equal the pipeline's own images with the same solver;
-- ``identity``: a SHA-256 over the weights of the UNet, the text encoders and the VAE.
+  pipeline builds it for an uncropped image of the requested size; ``sample_shape`` is one latent
+  ``(C, H / f, W / f)``; ``decode`` the VAE decode, as float images in ``[-1, 1]`` (what
+  ``pipe(output_type="pt")`` returns, rescaled), so samples from the same unit noise equal the
+  pipeline's own images with the same solver; ``identity`` a SHA-256 over the weights of the UNet,
+  the text encoders and the VAE.
 
-:func:`encode_images` maps images to the latents this source integrates (the VAE posterior's mode,
+NFE counts denoising-network evaluations per image; classifier-free guidance runs the conditional
+and unconditional branches in one batched call, counted once (as everywhere in the literature).
+
+Common random numbers: image ``i`` starts from ``unit_noise`` of its own generator
+(:func:`~stepsearch.models.batches.sample_generator` ``(seed, i)``) in the pipeline's latent shape
+and gets prompt ``i mod len(prompts)``; so every method sees the same (noise, prompt) pairs and no
+image depends on the batch size or the number of processes. Images are float tensors in
+``[-1, 1]``.
+
+:func:`encode_images` maps images to the latents the model integrates (the VAE posterior's mode,
 shifted and scaled by the VAE config as the pipelines do it), e.g. the data of Align Your Steps'
 KL upper bound. :func:`load_prompt_image_pairs` reads (prompt, image) pairs from a folder in the
 Hugging Face ``imagefolder`` layout (``metadata.jsonl`` with ``file_name`` and ``text``).
@@ -23,13 +40,15 @@ Hugging Face ``imagefolder`` layout (``metadata.jsonl`` with ``file_name`` and `
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import inspect
 import json
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -37,17 +56,33 @@ from torch import Tensor, nn
 
 from stepsearch.cache import tensor_digest
 from stepsearch.denoiser import Denoiser, ModelDenoiser
+from stepsearch.integrations.diffusers import scheduler_for_solver
+from stepsearch.models.batches import generate_chunks, sample_generator, unit_noise
 from stepsearch.models.source import ModelIdentity
-from stepsearch.models.text_to_image import TextToImageModel
 from stepsearch.noise import DiscreteVP
+from stepsearch.schedule import StepSchedule
+from stepsearch.solvers.base import Solver
+
+if TYPE_CHECKING:
+    from stepsearch.models.method import Method
 
 __all__ = [
+    "DEFAULT_GUIDANCE_SCALE",
+    "PipelineModel",
     "PipelineSource",
     "PromptImagePairs",
     "encode_images",
+    "generate_images",
+    "load_pipeline",
     "load_prompt_image_pairs",
+    "native_image_size",
     "pipeline_digest",
+    "read_prompts",
 ]
+
+DEFAULT_GUIDANCE_SCALE = 7.5
+"""A text-to-image pipeline's classifier-free guidance scale when none is given (diffusers' own
+default); the one place this number is written."""
 
 _COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "vae")
 
@@ -168,6 +203,67 @@ def load_prompt_image_pairs(
     return PromptImagePairs(prompts, torch.stack(images))
 
 
+def read_prompts(path: str | os.PathLike[str]) -> list[str]:
+    """Prompts from a UTF-8 text file, one per line; blank lines are ignored, surrounding
+    whitespace stripped.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file holds no prompt.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompts file '{path}' does not exist (--prompts)")
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    prompts = [prompt for prompt in prompts if prompt]
+    if not prompts:
+        raise ValueError(f"prompts file '{path}' is empty: give one prompt per line (--prompts)")
+    return prompts
+
+
+def native_image_size(pipeline: Any) -> tuple[int, int]:
+    """``(height, width)`` a UNet pipeline makes by default: the UNet's sample size times the VAE
+    scale factor."""
+    size = pipeline.unet.config.sample_size
+    native = (size, size) if isinstance(size, int) else tuple(size)
+    return (int(native[0]) * pipeline.vae_scale_factor, int(native[1]) * pipeline.vae_scale_factor)
+
+
+def load_pipeline(
+    source: str | os.PathLike[str] | Any,
+    device: str | torch.device = "cpu",
+    torch_dtype: torch.dtype | None = None,
+    *,
+    keep_safety_checker: bool = False,
+) -> Any:
+    """A diffusers pipeline from a local directory (``save_pretrained`` output with
+    ``model_index.json``; never looked up on the hub), moved to ``device``; a pipeline object is
+    returned as it is. The safety checker is not loaded unless ``keep_safety_checker``: it blacks
+    out images, which would distort every metric.
+
+    Raises:
+        FileNotFoundError: the directory or its ``model_index.json`` does not exist.
+    """
+    if not isinstance(source, str | os.PathLike):
+        return source
+    from diffusers import DiffusionPipeline
+
+    root = Path(source)
+    if not (root / "model_index.json").is_file():
+        what = "has no model_index.json" if root.is_dir() else "does not exist"
+        raise FileNotFoundError(
+            f"pipeline directory '{root}' {what} (--pipeline expects a local diffusers pipeline "
+            "saved with save_pretrained, e.g. a downloaded Stable Diffusion folder)"
+        )
+    components = json.loads((root / "model_index.json").read_text())
+    options: dict[str, Any] = {"local_files_only": True}
+    if torch_dtype is not None:
+        options["torch_dtype"] = torch_dtype
+    if "safety_checker" in components and not keep_safety_checker:
+        options["safety_checker"] = None
+    return DiffusionPipeline.from_pretrained(root, **options).to(device)
+
+
 @dataclass
 class _Embeddings:
     """One prompt's encoder outputs (conditional, and unconditional when guided)."""
@@ -179,72 +275,210 @@ class _Embeddings:
 
 
 @dataclass(eq=False)
-class PipelineSource:
-    """A UNet text-to-image pipeline (Stable Diffusion 1.x / 2.x, SDXL) as a sample source
-    (module docstring).
+class PipelineModel:
+    """A UNet text-to-image pipeline with the prompts and call options of a run: runs the
+    pipeline's own loop and is a sample source (module docstring).
 
     Args:
-        model: the pipeline with its prompts, guidance scale and image size.
+        pipeline: the diffusers pipeline (see :func:`load_pipeline`).
+        prompts: sample ``i`` gets prompt ``i mod len(prompts)``.
+        guidance_scale: classifier-free guidance (applied above 1, as diffusers does).
+        height, width: image size (default: the UNet's native size).
+        name: the display name of the model identity.
         negative_prompt: the unconditional branch's prompt (diffusers' default: empty).
         reference_data: real images in ``[-1, 1]`` (decoded space), optional.
-        name: the display name of the model identity.
+        features: a feature network for ``fd`` / ``kid``, optional.
+
+    ``scheduler_config`` is the pipeline's scheduler config when the model is made: every method
+    builds its scheduler from it.
     """
 
-    model: TextToImageModel
+    pipeline: Any
+    prompts: list[str]
+    guidance_scale: float = DEFAULT_GUIDANCE_SCALE
+    height: int | None = None
+    width: int | None = None
+    name: str = "pipeline"
     negative_prompt: str = ""
     reference_data: Tensor | None = None
-    name: str = "pipeline"
     features: nn.Module | None = None
+    scheduler_config: dict[str, Any] = field(init=False)
     _embeddings: dict[str, _Embeddings] = field(default_factory=dict, init=False, repr=False)
     _identity: ModelIdentity | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        unet = self.model.pipeline.unet
+        self.prompts = [str(prompt) for prompt in self.prompts]
+        if not self.prompts:
+            raise ValueError("need at least one prompt")
+        if getattr(self.pipeline, "unet", None) is None:
+            raise ValueError(
+                f"{type(self.pipeline).__name__}: only UNet-based pipelines (Stable Diffusion "
+                "1.x / 2.x, SDXL) are supported"
+            )
+        parameters = inspect.signature(self.pipeline.__call__).parameters
+        missing = [name for name in ("prompt", "latents", "sigmas") if name not in parameters]
+        if missing:
+            raise ValueError(f"{type(self.pipeline).__name__}.__call__ lacks {missing}")
+        self.scheduler_config = dict(self.pipeline.scheduler.config)
+        self.pipeline.set_progress_bar_config(disable=True)
+
+    def with_options(self, **changes: Any) -> PipelineModel:
+        """The same pipeline with other prompts, guidance, size, name, negative prompt, ..."""
+        return replace(self, **changes)
+
+    def check_denoiser(self) -> None:
+        """Raise unless the UNet's conditioning is one :meth:`denoiser` builds (SD 1.x / 2.x,
+        SDXL base; not the SDXL refiner's aesthetic-score conditioning)."""
+        unet = self.pipeline.unet
         addition = getattr(unet.config, "addition_embed_type", None)
         if addition not in (None, "text_time"):
             raise ValueError(f"UNet addition_embed_type {addition!r} is not supported")
         if addition == "text_time" and getattr(
-            self.model.pipeline.config, "requires_aesthetics_score", False
+            self.pipeline.config, "requires_aesthetics_score", False
         ):
             raise ValueError(
                 "SDXL refiner pipelines (aesthetic-score conditioning) are not supported"
             )
 
+    @property
+    def model(self) -> PipelineModel:
+        """Compatibility: this object (it was the ``TextToImageModel`` inside a
+        ``PipelineSource``)."""
+        return self
+
+    @property
+    def conditional(self) -> bool:
+        """A pipeline is conditioned on prompts."""
+        return True
+
+    # the pipeline ----------------------------------------------------------------------------
+    @property
+    def noise(self) -> DiscreteVP:
+        """The discrete VP noise schedule of the pipeline's scheduler config."""
+        config = self.scheduler_config
+        if "beta_schedule" not in config and "trained_betas" not in config:
+            raise ValueError(
+                "stepsearch schedules in a pipeline need a discrete VP scheduler config "
+                "(beta_schedule / trained_betas); flow-matching pipelines can run diffusers "
+                "baselines only"
+            )
+        return DiscreteVP.from_diffusers_config(config)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """``(height, width)`` of the generated images (default: the UNet's native size)."""
+        native = native_image_size(self.pipeline)
+        return (self.height or native[0], self.width or native[1])
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of one image's initial latent noise."""
+        height, width = self.image_size
+        factor = self.pipeline.vae_scale_factor
+        return (self.pipeline.unet.config.in_channels, height // factor, width // factor)
+
+    def prompts_for(self, indices: Sequence[int]) -> list[str]:
+        """Prompt ``i mod len(prompts)`` for each sample index ``i``."""
+        return [self.prompts[i % len(self.prompts)] for i in indices]
+
+    def drop_in_scheduler(self, method: Method) -> Any:
+        """``method``'s stepsearch solver as a drop-in scheduler on this pipeline's config."""
+        options = {"solver_kwargs": dict(method.solver_options)} if method.solver_options else {}
+        return scheduler_for_solver(str(method.solver)).from_config(
+            self.scheduler_config, **options
+        )
+
+    def solver_for(self, method: Method) -> Solver:
+        """The solver of ``method``'s drop-in scheduler on this pipeline's config."""
+        return self.drop_in_scheduler(method).solver
+
+    def sample_schedule(
+        self,
+        method: Method,
+        schedule: StepSchedule,
+        num_samples: int,
+        seed: int,
+        accelerator: Any | None,
+        chunk_size: int,
+        progress: bool | str = True,
+    ) -> Tensor:
+        """Images along ``schedule``: ``method``'s drop-in scheduler, passed the whole grid as
+        k-diffusion ``sigmas`` (its end included, so the schedule is replayed exactly)."""
+        return generate_images(
+            self,
+            self.drop_in_scheduler(method),
+            num_samples,
+            sigmas=schedule.to_kdiffusion_sigmas().tolist(),
+            seed=seed,
+            chunk_size=chunk_size,
+            accelerator=accelerator,
+            progress=progress,
+        )
+
+    def sample_diffusers(
+        self,
+        scheduler: Any,
+        num_steps: int,
+        num_samples: int,
+        seed: int,
+        accelerator: Any | None,
+        chunk_size: int,
+        progress: bool | str = True,
+    ) -> Tensor:
+        """Images with a diffusers ``scheduler`` and its own spacing at ``num_steps`` steps."""
+        return generate_images(
+            self,
+            scheduler,
+            num_samples,
+            num_inference_steps=num_steps,
+            seed=seed,
+            chunk_size=chunk_size,
+            accelerator=accelerator,
+            progress=progress,
+        )
+
+    @contextlib.contextmanager
+    def using(self, scheduler: Any) -> Iterator[None]:
+        """Run the pipeline with ``scheduler``, putting the pipeline's own one back afterwards."""
+        original = self.pipeline.scheduler
+        self.pipeline.scheduler = scheduler
+        try:
+            yield
+        finally:
+            self.pipeline.scheduler = original
+
     # SampleSource ----------------------------------------------------------------------------
     @property
     def identity(self) -> ModelIdentity:
         if self._identity is None:
-            self._identity = ModelIdentity(self.name, pipeline_digest(self.model.pipeline))
+            self._identity = ModelIdentity(self.name, pipeline_digest(self.pipeline))
         return self._identity
 
     @property
-    def noise(self) -> DiscreteVP:
-        return self.model.noise
-
-    @property
     def prediction_type(self) -> str:
-        return str(self.model.scheduler_config.get("prediction_type", "epsilon"))
+        return str(self.scheduler_config.get("prediction_type", "epsilon"))
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
-        return tuple(self.model.latent_shape)
+        return tuple(self.latent_shape)
 
     @property
     def device(self) -> torch.device:
-        return torch.device(self.model.pipeline.device)
+        return torch.device(self.pipeline.device)
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.pipeline.unet.dtype
+        return self.pipeline.unet.dtype
 
     @property
     def guided(self) -> bool:
         """Whether classifier-free guidance runs (diffusers: ``guidance_scale > 1``)."""
-        return self.model.guidance_scale > 1.0
+        return self.guidance_scale > 1.0
 
     def denoiser(self, indices: Sequence[int]) -> Denoiser:
         """The (guided) UNet for the prompts of ``indices``."""
-        embeddings = [self._encoded(prompt) for prompt in self.model.prompts_for(list(indices))]
+        self.check_denoiser()
+        embeddings = [self._encoded(prompt) for prompt in self.prompts_for(list(indices))]
         conditional = self._network(embeddings, negative=False)
         unconditional = self._network(embeddings, negative=True) if self.guided else None
         return ModelDenoiser(
@@ -252,29 +486,29 @@ class PipelineSource:
             self.noise,
             self.prediction_type,
             unconditional=unconditional,
-            guidance=float(self.model.guidance_scale),
+            guidance=float(self.guidance_scale),
         )
 
     def decode(self, x: Tensor) -> Tensor:
         """Latents -> float images in ``[-1, 1]`` (the VAE decode the pipeline does)."""
-        vae = self.model.pipeline.vae
+        vae = self.pipeline.vae
         scale, shift = _latent_scaling(vae)
         with torch.inference_mode():
             images = vae.decode((x / scale + shift).to(vae.dtype)).sample
         return images.float().clamp(-1.0, 1.0)
 
     def describe(self) -> dict[str, Any]:
-        height, width = self.model.image_size
-        prompts = json.dumps(self.model.prompts, ensure_ascii=False)
+        height, width = self.image_size
+        prompts = json.dumps(self.prompts, ensure_ascii=False)
         return {
             "kind": "text_to_image_pipeline",
-            "pipeline": type(self.model.pipeline).__name__,
+            "pipeline": type(self.pipeline).__name__,
             "prediction_type": self.prediction_type,
-            "guidance_scale": float(self.model.guidance_scale),
+            "guidance_scale": float(self.guidance_scale),
             "negative_prompt": self.negative_prompt,
             "height": height,
             "width": width,
-            "num_prompts": len(self.model.prompts),
+            "num_prompts": len(self.prompts),
             "prompts": "sha256:" + hashlib.sha256(prompts.encode("utf-8")).hexdigest(),
             "sample_shape": list(self.sample_shape),
         }
@@ -282,7 +516,7 @@ class PipelineSource:
     # conditioning ----------------------------------------------------------------------------
     def _encoded(self, prompt: str) -> _Embeddings:
         if prompt not in self._embeddings:
-            pipe = self.model.pipeline
+            pipe = self.pipeline
             with torch.inference_mode():
                 outputs = pipe.encode_prompt(
                     prompt=prompt,
@@ -300,12 +534,12 @@ class PipelineSource:
 
     def _time_ids(self, batch: int, dtype: torch.dtype) -> Tensor:
         """SDXL's ``(original size, crop top-left, target size)`` for an uncropped image."""
-        height, width = self.model.image_size
+        height, width = self.image_size
         ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=dtype)
         return ids.to(self.device).expand(batch, -1)
 
     def _network(self, embeddings: list[_Embeddings], *, negative: bool) -> Any:
-        unet = self.model.pipeline.unet
+        unet = self.pipeline.unet
         text = torch.cat([e.negative if negative else e.text for e in embeddings])
         extra: dict[str, Any] = {}
         if getattr(unet.config, "addition_embed_type", None) == "text_time":
@@ -328,3 +562,89 @@ class PipelineSource:
             return output.to(x.dtype)
 
         return network
+
+
+def generate_images(
+    model: PipelineModel,
+    scheduler: Any,
+    num_samples: int,
+    *,
+    num_inference_steps: int | None = None,
+    sigmas: Sequence[float] | None = None,
+    seed: int = 0,
+    chunk_size: int = 16,
+    accelerator: Any | None = None,
+    progress: bool | str = True,
+) -> Tensor:
+    """``num_samples`` images (float ``(N, 3, H, W)`` in ``[-1, 1]``) from ``model``'s pipeline
+    with ``scheduler`` and either ``num_inference_steps`` or k-diffusion ``sigmas``.
+
+    Image ``i`` starts from the unit latent noise of ``sample_generator(seed, i)`` and gets prompt
+    ``i mod len(prompts)``; stochastic schedulers draw their step noise from a per-chunk generator
+    (``sample_generator(seed + 1, first index)``). Chunks are split across processes like
+    :func:`~stepsearch.models.batches.generate_chunks`.
+    """
+    if (num_inference_steps is None) == (sigmas is None):
+        raise ValueError("pass exactly one of num_inference_steps or sigmas")
+    pipe = model.pipeline
+    height, width = model.image_size
+    steps: dict[str, Any] = {"num_inference_steps": num_inference_steps}
+    if sigmas is not None:
+        steps = {"sigmas": [float(sigma) for sigma in sigmas]}
+
+    def make_chunk(indices: range) -> Tensor:
+        latents = unit_noise(indices, model.latent_shape, seed)
+        with torch.inference_mode():
+            output = pipe(
+                prompt=model.prompts_for(indices),
+                height=height,
+                width=width,
+                guidance_scale=model.guidance_scale,
+                latents=latents.to(pipe.device, pipe.unet.dtype),
+                generator=sample_generator(seed + 1, indices.start),
+                output_type="pt",
+                **steps,
+            )
+        images = torch.as_tensor(output.images)
+        return (images.float() * 2.0 - 1.0).clamp(-1.0, 1.0).cpu()
+
+    with model.using(scheduler):
+        return generate_chunks(make_chunk, num_samples, chunk_size, accelerator, progress)
+
+
+class _PipelineSourceType(type):
+    """``PipelineSource(model, ...)`` makes a :class:`PipelineModel`; ``isinstance(x,
+    PipelineSource)`` is ``isinstance(x, PipelineModel)``."""
+
+    def __instancecheck__(cls, instance: Any) -> bool:
+        return isinstance(instance, PipelineModel)
+
+    def __subclasscheck__(cls, subclass: type) -> bool:
+        return issubclass(subclass, PipelineModel)
+
+    def __call__(  # type: ignore[override]
+        cls,
+        model: PipelineModel,
+        negative_prompt: str | None = None,
+        reference_data: Tensor | None = None,
+        name: str | None = None,
+        features: nn.Module | None = None,
+    ) -> PipelineModel:
+        changes: dict[str, Any] = {
+            "negative_prompt": model.negative_prompt
+            if negative_prompt is None
+            else negative_prompt,
+            "reference_data": model.reference_data if reference_data is None else reference_data,
+            "name": model.name if name is None else name,
+            "features": model.features if features is None else features,
+        }
+        made = model.with_options(**changes)
+        made.check_denoiser()
+        return made
+
+
+class PipelineSource(metaclass=_PipelineSourceType):
+    """Compatibility name: the source view of a pipeline is the :class:`PipelineModel` itself.
+    ``PipelineSource(model, negative_prompt, reference_data, name, features)`` returns a copy of
+    ``model`` with those options (unset ones kept); kept while ``stepsearch.search.optimize`` and
+    ``stepsearch.ays.search`` use the old name."""

@@ -9,6 +9,8 @@ A :class:`SampleSource` is a model seen as the searches need it:
 - ``sample_shape`` of one sample in the space the solver integrates (pixels or latents), and
   ``decode`` from that space to what metrics see (identity, or a VAE decode);
 - ``identity``: a :class:`ModelIdentity` (a hash of the weights) that keys caches and provenance;
+- ``conditional`` (not part of the protocol; ``False`` when absent): whether samples are conditioned
+  on their index (class labels, prompts);
 - optionally ``features`` (a feature network for Fréchet / kernel distances in the model's own
   domain) and ``reference_data`` (real samples: FD reference, Align Your Steps' data).
 
@@ -158,6 +160,11 @@ class DenoiserSource:
     def noise(self) -> NoiseSchedule:
         return self.model.noise
 
+    @property
+    def conditional(self) -> bool:
+        """An unconditional model: every sample shares one denoiser."""
+        return False
+
     def denoiser(self, indices: Sequence[int]) -> Denoiser:
         del indices
         return self.model
@@ -225,6 +232,11 @@ class ClassConditionalSource:
     def __post_init__(self) -> None:
         self.sample_shape = tuple(int(s) for s in self.sample_shape)
         self.device = torch.device(self.device)
+
+    @property
+    def conditional(self) -> bool:
+        """Sample ``i`` is conditioned on label ``i mod num_classes``."""
+        return True
 
     def labels_for(self, indices: Sequence[int]) -> list[int]:
         """The class label of each sample index: ``i mod num_classes``."""

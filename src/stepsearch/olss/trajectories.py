@@ -3,13 +3,14 @@
 OLSS (Duan et al. 2023, Sec. 3.2) fits its coefficients to the trajectory of a converged sampler:
 the samples ``x_0 = x_T, x_1, .., x_K`` at the teacher's times ``tau_0 > .. > tau_K`` and the model
 outputs ``denoised_0 .. denoised_{K-1}`` seen on the way. :func:`record_teacher` records them
-through the one sampling loop (:func:`~stepsearch.models.source.generate_from_source`'s
-``on_step``), chunk by chunk; each chunk is a *shard* stored in the
+through the one recorder (:func:`~stepsearch.models.trajectories.record_trajectories`'s
+``on_chunk``), chunk by chunk; each chunk is a *shard* stored in the
 :class:`~stepsearch.cache.TensorCache` (safetensors, keyed by the model identity, the noise
 schedule, the teacher, the seed and the sample range), so memory stays bounded by one chunk and a
 second fit on the same model reuses the shards. :func:`record_pipeline_teacher` does the same for a
-diffusers text-to-image pipeline through a recording scheduler around the drop-in scheduler, so what
-is recorded is the *guided* (classifier-free guidance) output the pipeline steps with.
+diffusers text-to-image pipeline in its own loop (the recorder's ``loop="pipeline"``: a recording
+scheduler around the drop-in scheduler), so what is recorded is the *guided* (classifier-free
+guidance) output the pipeline steps with.
 
 The least-squares fits never need the raw tensors at once: :meth:`TeacherRecording.summary`
 streams the shards into the R factor of a QR decomposition of the pooled column matrix
@@ -28,11 +29,16 @@ import torch
 from torch import Tensor
 
 from stepsearch.cache import TensorCache
-from stepsearch.eval.objective import TeacherSpec
-from stepsearch.models.source import SampleSource, generate_from_source
+from stepsearch.models.pipeline import PipelineModel
+from stepsearch.models.source import SampleSource, digest_text, module_digest
+from stepsearch.models.trajectories import (
+    DEFAULT_TEACHER,
+    TeacherSpec,
+    record_trajectories,
+    teacher_key,
+)
 from stepsearch.noise import NoiseSchedule
-from stepsearch.sampling import StepRecord
-from stepsearch.schedule import StepSchedule, make_schedule
+from stepsearch.schedule import StepSchedule
 from stepsearch.solvers import get_solver
 from stepsearch.solvers.base import noise_levels
 
@@ -45,9 +51,10 @@ __all__ = [
     "record_teacher",
 ]
 
-OLSS_TEACHER = TeacherSpec("dpm_solver_pp_3m", "logsnr_uniform", 100)
-"""The default teacher: DPM-Solver++(3M) on 100 logSNR-uniform steps (the Objective's converged
-solve, so OLSS's targets and the ``traj`` reference agree)."""
+OLSS_TEACHER = DEFAULT_TEACHER
+"""OLSS' default teacher: the one default
+(:data:`~stepsearch.models.trajectories.DEFAULT_TEACHER`, DPM-Solver++(3M) on 100 logSNR-uniform
+steps), so OLSS's targets and the ``traj`` reference agree."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -178,27 +185,10 @@ def _check_teacher(solver: Any, schedule: StepSchedule) -> None:
         )
 
 
-class _ShardWriter:
-    """Collects one chunk's trajectory from ``on_step`` records and stores it as a shard."""
-
-    def __init__(self, recording: TeacherRecording):
-        self.recording = recording
-        self.x: list[Tensor] = []
-        self.denoised: list[Tensor] = []
-
-    def add(self, indices: range, x: Tensor, denoised: Tensor, x_next: Tensor, last: bool) -> None:
-        self.x.append(x.detach().to("cpu", copy=True))
-        self.denoised.append(denoised.detach().to("cpu", copy=True))
-        if not last:
-            return
-        self.x.append(x_next.detach().to("cpu", copy=True))
-        self.store(indices, torch.stack(self.x), torch.stack(self.denoised))
-        self.x, self.denoised = [], []
-
-    def store(self, indices: range, x: Tensor, denoised: Tensor) -> None:
-        key = _shard_key(self.recording.key, indices)
-        tensors = {"x": x, "denoised": denoised}
-        self.recording.cache.put("olss-teacher", key, tensors, keep_in_memory=False)
+def _store_shard(recording: TeacherRecording, indices: range, x: Tensor, denoised: Tensor) -> None:
+    key = _shard_key(recording.key, indices)
+    tensors = {"x": x, "denoised": denoised}
+    recording.cache.put("olss-teacher", key, tensors, keep_in_memory=False)
 
 
 def _all_cached(recording: TeacherRecording) -> bool:
@@ -230,18 +220,9 @@ def record_teacher(
 ) -> TeacherRecording:
     """Record (or load from ``cache``) the teacher trajectories of samples ``0 .. num_samples - 1``
     of ``source`` under ``seed`` (sample ``i`` starts from the noise of ``(seed, i)``, as everywhere)."""
-    schedule = make_schedule(source.noise, teacher.num_steps, teacher.spacing)
-    solver = get_solver(teacher.solver)
-    _check_teacher(solver, schedule)
-    key = {
-        "model": source.identity.to_json_dict(),
-        "source": source.describe(),
-        "noise": source.noise.to_config(),
-        "teacher": teacher.to_json_dict(),
-        "seed": int(seed),
-        "num_samples": int(num_samples),
-        "chunk_size": int(chunk_size),
-    }
+    schedule = teacher.schedule_on(source.noise)
+    _check_teacher(get_solver(teacher.solver), schedule)
+    key = teacher_key(source, teacher.to_json_dict(), seed, num_samples, chunk_size=int(chunk_size))
     recording = TeacherRecording(
         cache if cache is not None else TensorCache.default(),
         key,
@@ -250,25 +231,12 @@ def record_teacher(
         source.noise,
         tuple(source.sample_shape),
     )
-    if _all_cached(recording):
-        return recording
-    writer = _ShardWriter(recording)
-    last = schedule.num_steps - 1
-
-    def on_step(indices: range, record: StepRecord) -> None:
-        writer.add(indices, record.x, record.denoised, record.x_next, record.index == last)
-
-    generate_from_source(
-        source,
-        solver,
-        schedule,
-        int(num_samples),
-        seed=seed,
-        chunk_size=chunk_size,
-        progress=progress,
-        decode=False,
-        on_step=on_step,
-    )
+    if not _all_cached(recording):
+        record_trajectories(
+            source, teacher, int(num_samples), seed=seed, decode=False, chunk_size=chunk_size,
+            progress=progress,
+            on_chunk=lambda indices, x, denoised: _store_shard(recording, indices, x, denoised),
+        )  # fmt: skip
     return recording
 
 
@@ -278,7 +246,7 @@ def record_teacher(
 
 
 def record_pipeline_teacher(
-    model: Any,
+    model: PipelineModel,
     num_samples: int,
     *,
     seed: int = 0,
@@ -287,15 +255,12 @@ def record_pipeline_teacher(
     chunk_size: int = 16,
     progress: bool | str = False,
 ) -> TeacherRecording:
-    """Teacher trajectories of a :class:`~stepsearch.models.text_to_image.TextToImageModel` (its
-    prompts and guidance scale) in latent space, through a recording drop-in scheduler; image
-    ``i`` starts from the latent noise of ``(seed, i)`` as in
-    :func:`~stepsearch.models.text_to_image.generate_images`."""
-    from stepsearch.models.source import digest_text, module_digest
-    from stepsearch.models.text_to_image import generate_images
-
+    """Teacher trajectories of a :class:`~stepsearch.models.pipeline.PipelineModel` (its prompts
+    and guidance scale) in latent space, in the pipeline's own loop through a recording drop-in
+    scheduler; image ``i`` starts from the latent noise of ``(seed, i)`` as in
+    :func:`~stepsearch.models.pipeline.generate_images`."""
     noise = model.noise
-    schedule = make_schedule(noise, teacher.num_steps, teacher.spacing)
+    schedule = teacher.schedule_on(noise)
     _check_teacher(get_solver(teacher.solver), schedule)
     key = {
         "model": {"name": model.name, "digest": module_digest(model.pipeline.unet)},
@@ -316,25 +281,10 @@ def record_pipeline_teacher(
         noise,
         tuple(model.latent_shape),
     )
-    if _all_cached(recording):
-        return recording
-    from stepsearch.integrations.olss import RecordingScheduler
-
-    writer = _ShardWriter(recording)
-    pending = iter(recording.chunks)
-
-    def on_trajectory(x: Tensor, denoised: Tensor) -> None:
-        writer.store(next(pending), x, denoised)
-
-    recorder = RecordingScheduler.from_config(model.scheduler_config, solver=teacher.solver)
-    recorder.on_trajectory = on_trajectory
-    generate_images(
-        model,
-        recorder,
-        int(num_samples),
-        sigmas=schedule.to_kdiffusion_sigmas().tolist(),
-        seed=seed,
-        chunk_size=chunk_size,
-        progress=progress,
-    )
+    if not _all_cached(recording):
+        record_trajectories(
+            model, teacher, int(num_samples), seed=seed, loop="pipeline", chunk_size=chunk_size,
+            progress=progress,
+            on_chunk=lambda indices, x, denoised: _store_shard(recording, indices, x, denoised),
+        )  # fmt: skip
     return recording

@@ -7,7 +7,7 @@ Both pick a ``K``-step schedule as a monotone path through a fine *grid* of ``G`
 
 1. **Teacher.** A converged solve along the grid from ``N`` seeded noises records, at every grid
    point ``n``, the sample ``X_n`` and the model's estimate ``D_n = denoise(X_n, g_n)``
-   (:func:`record_teacher`, cached by model identity, noise, seeds, grid and teacher solver).
+   (:func:`record_grid_teacher`, cached by model identity, noise, seeds, grid and teacher solver).
 2. **Costs.** ``cost(i -> j)`` is the deviation of *one step of the solver that will run the path*
    from grid point ``i`` to ``j``, started on the teacher (``X_i``, ``D_i``), from the teacher's
    ``X_j``. Multistep solvers (DPM-Solver++(2M), UniPC) use history: their step out of ``i`` also
@@ -50,7 +50,8 @@ import torch
 from torch import Tensor
 
 from stepsearch.cache import TensorCache
-from stepsearch.models.source import SampleSource, generate_from_source
+from stepsearch.models.source import SampleSource
+from stepsearch.models.trajectories import DEFAULT_TEACHER, record_trajectories, teacher_key
 from stepsearch.noise import NoiseSchedule
 from stepsearch.schedule import StepSchedule, make_schedule
 from stepsearch.solvers import (
@@ -77,6 +78,7 @@ __all__ = [
     "layer_rules",
     "median_path",
     "path_cost",
+    "record_grid_teacher",
     "record_teacher",
     "step_coefficients",
 ]
@@ -140,19 +142,20 @@ class GridTeacher:
         return replace(self, x=self.x[:, indices], denoised=self.denoised[:, indices])
 
 
-def record_teacher(
+def record_grid_teacher(
     source: SampleSource,
     grid: StepSchedule,
     *,
     num_samples: int = 256,
     seed: int = 0,
-    solver: str | Solver = "dpm_solver_pp_3m",
+    solver: str | Solver = DEFAULT_TEACHER.solver,
     cache: TensorCache | None = None,
     chunk_size: int = 256,
     progress: bool = False,
 ) -> GridTeacher:
     """Solve along ``grid`` with ``solver`` from samples ``0 .. num_samples - 1`` of ``seed`` and
-    record ``X_n`` and ``D_n`` at every grid point (through ``generate_from_source(on_step=...)``).
+    record ``X_n`` and ``D_n`` at every grid point (the one recorder,
+    :func:`~stepsearch.models.trajectories.record_trajectories`).
 
     Cached in ``cache`` (default :meth:`TensorCache.default`) under the model identity, the noise
     schedule, the grid, the teacher solver, the seed and the sample count.
@@ -168,46 +171,26 @@ def record_teacher(
         )
     if isinstance(num_samples, bool) or int(num_samples) < 1:
         raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
-    cache = cache if cache is not None else TensorCache.default()
     described = {"name": teacher_solver.name, "config": teacher_solver.config()}
-    key = {
-        "model": source.identity.to_json_dict(),
-        "source": source.describe(),
-        "noise": source.noise.to_config(),
-        "grid": [float(t) for t in grid.times],
-        "teacher": described,
-        "seed": int(seed),
-        "num_samples": int(num_samples),
-    }
+    key = teacher_key(source, described, seed, num_samples, grid=[float(t) for t in grid.times])
+    recorded = record_trajectories(
+        source,
+        grid,
+        int(num_samples),
+        seed=int(seed),
+        solver=teacher_solver,
+        keep="trajectory",
+        cache=cache,
+        cache_kind="dp-teacher",
+        cache_key=key,
+        chunk_size=chunk_size,
+        progress="teacher on the DP grid" if progress else False,
+    )
+    return GridTeacher(grid, recorded.x, recorded.denoised, int(seed), described)
 
-    def compute() -> dict[str, Tensor]:
-        size = len(grid)
-        shape = (int(num_samples), *source.sample_shape)
-        x = torch.zeros((size, *shape), dtype=torch.float64)
-        denoised = torch.zeros((size - 1, *shape), dtype=torch.float64)
 
-        def on_step(indices: range, record: Any) -> None:
-            rows = slice(indices.start, indices.stop)
-            x[record.index, rows] = record.x.detach().to("cpu", torch.float64)
-            denoised[record.index, rows] = record.denoised.detach().to("cpu", torch.float64)
-            if record.index == size - 2:
-                x[size - 1, rows] = record.x_next.detach().to("cpu", torch.float64)
-
-        generate_from_source(
-            source,
-            teacher_solver,
-            grid,
-            int(num_samples),
-            seed=int(seed),
-            chunk_size=chunk_size,
-            decode=False,
-            on_step=on_step,
-            progress="teacher on the DP grid" if progress else False,
-        )
-        return {"x": x, "denoised": denoised}
-
-    stored = cache.load_or_compute("dp-teacher", key, compute)
-    return GridTeacher(grid, stored["x"], stored["denoised"], int(seed), described)
+record_teacher = record_grid_teacher
+"""Compatibility name of :func:`record_grid_teacher` (``search/dp_job.py`` imports it)."""
 
 
 # ------------------------------------------------------------------------------------------------
