@@ -27,9 +27,9 @@ from stepsearch.eval.fid import FeatureStatistics, frechet_distance
 from stepsearch.eval.objective import Objective
 from stepsearch.eval.report import environment
 from stepsearch.eval.trajectory import trajectory_error
-from stepsearch.models import Method, load_image_model
+from stepsearch.models import DEFAULT_TEACHER, Method, load_image_model
 from stepsearch.models.source import generate_from_source
-from stepsearch.olss import OLSS_TEACHER, OLSSSolver, fit_olss, record_teacher
+from stepsearch.olss import OLSSSolver, fit_olss, record_teacher
 from stepsearch.schedule import make_schedule
 from stepsearch.solvers import get_solver
 
@@ -64,7 +64,7 @@ def main() -> None:
         return frechet_distance(FeatureStatistics.from_features(features), reference_stats)
 
     start = time.perf_counter()
-    recording = record_teacher(source, train, cache=cache, teacher=OLSS_TEACHER)
+    recording = record_teacher(source, train, cache=cache, teacher=DEFAULT_TEACHER)
     teacher_seconds = time.perf_counter() - start
     denoise = source.denoiser(range(train))
     timings = {}
@@ -77,7 +77,7 @@ def main() -> None:
     def write(done: tuple[int, ...]) -> None:
         payload = {
             "model": source.identity.to_json_dict(),
-            "teacher": OLSS_TEACHER.to_json_dict(),
+            "teacher": DEFAULT_TEACHER.to_json_dict(),
             "train_samples": train,
             "held_out_samples": held_out,
             "reference_fd": reference_fd,

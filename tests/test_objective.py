@@ -13,6 +13,7 @@ from stepsearch.eval.objective import Objective
 from stepsearch.models.source import DenoiserSource
 from stepsearch.models.trajectories import TeacherSpec
 from stepsearch.noise import EDM, DiscreteVP
+from stepsearch.plan import SolverPlan
 from stepsearch.schedule import karras, logsnr_uniform
 from stepsearch.testbeds.gaussian_mixture import GaussianMixture
 
@@ -65,6 +66,17 @@ def test_score_falls_with_nfe_and_is_reproducible(gaussian):
     assert again.per_sample is not None and again.per_sample.shape == (128,)
     assert again.std is not None and 0 < again.std < again.value
     assert again.nfe == 16 and again.split == "search"
+
+
+def test_score_counts_a_plans_own_evaluations(gaussian):
+    """An analytical first step skips the network: the plan spends one evaluation fewer than its
+    schedule has steps, and the score says so."""
+    source = DenoiserSource.of_mixture(gaussian)
+    objective = Objective(source, num_samples=8, solver="plan", cache=TensorCache())
+    plan = SolverPlan.uniform(logsnr_uniform(source.noise, 6), 2, first_step="zero_x0")
+    score = objective(plan)
+    assert plan.nfe == plan.num_steps - 1
+    assert score.nfe == plan.nfe
 
 
 def test_held_out_uses_other_noise(gaussian):

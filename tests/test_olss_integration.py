@@ -29,7 +29,7 @@ def text_model(tmp_path_factory):
 
 def test_pipeline_olss_beats_dpm_solver_2m_and_runs_in_the_pipeline(text_model, tmp_path):
     from stepsearch.integrations.olss import StepsearchOLSSScheduler
-    from stepsearch.models.text_to_image import generate_images
+    from stepsearch.models.pipeline import generate_images
     from stepsearch.olss.search import search_olss_pipeline
 
     result = search_olss_pipeline(

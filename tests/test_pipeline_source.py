@@ -187,7 +187,7 @@ def test_search_ays_on_a_pipeline_with_prompt_image_pairs(pipe, tmp_path, monkey
     pairs = write_pairs(tmp_path / "pairs", count=3, size=24)  # resized to the pipeline's 32
     source, latents = pipeline_ays_inputs(saved, pairs, guidance_scale=2.0)
     assert latents.shape == (3, *source.sample_shape)
-    assert source.model.prompts == PROMPTS and source.describe()["guidance_scale"] == 2.0
+    assert source.prompts == PROMPTS and source.describe()["guidance_scale"] == 2.0
     out = tmp_path / "ays.json"
     arguments = ["search", "ays", "--pipeline", str(saved), "--data", str(pairs)]
     arguments += ["--guidance-scale", "2.0", "--nfe", "3", "--strategy", "direct"]

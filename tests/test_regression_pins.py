@@ -57,7 +57,7 @@ def pin_dp(tmp_path) -> dict[str, str]:
     try:
         from stepsearch.search.dynamic import record_grid_teacher as record
     except ImportError:
-        from stepsearch.search.dynamic import record_teacher as record
+        from stepsearch.search.dynamic import record_grid_teacher as record
     source = _mixture_source()
     teacher = record(source, fine_grid(source.noise, 24), num_samples=64, seed=3,
                      cache=_cache(tmp_path))  # fmt: skip
@@ -114,7 +114,7 @@ def pin_digits(tmp_path) -> dict[str, str]:
     try:
         from stepsearch.search.dynamic import record_grid_teacher as record
     except ImportError:
-        from stepsearch.search.dynamic import record_teacher as record
+        from stepsearch.search.dynamic import record_grid_teacher as record
     source = load_source("digits")
     teacher = record(source, fine_grid(source.noise, 16), num_samples=24, seed=5,
                      cache=_cache(tmp_path))  # fmt: skip

@@ -27,8 +27,10 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from stepsearch import __version__
 from stepsearch._io import atomic_write_json, read_json
 from stepsearch.noise import NoiseSchedule
+from stepsearch.plan import SolverPlan
 from stepsearch.schedule import StepSchedule
 
 __all__ = [
@@ -58,8 +60,6 @@ class GuidanceMismatchWarning(UserWarning):
 
 
 def _version() -> str:
-    from stepsearch import __version__
-
     return __version__
 
 
@@ -174,8 +174,6 @@ class ScheduleFile:
         if "provenance" not in payload:
             raise ValueError("schedule file lacks 'provenance'")
         if "plan" in payload:
-            from stepsearch.plan import SolverPlan
-
             candidate: Any = SolverPlan.from_json_dict(payload["plan"])
         elif "schedule" in payload:
             candidate = StepSchedule.from_json_dict(payload["schedule"])

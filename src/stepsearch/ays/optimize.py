@@ -33,7 +33,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from stepsearch.ays.klub import Interval
+from stepsearch.ays.klub import Interval, gaussian_klub_interval
 from stepsearch.noise import FloatArray
 
 __all__ = [
@@ -92,8 +92,6 @@ class ExactGaussianKLUB:
     reach: int = 0
 
     def terms(self, intervals: Sequence[Interval]) -> FloatArray:
-        from stepsearch.ays.klub import gaussian_klub_interval
-
         return np.asarray(
             [self.dim * gaussian_klub_interval(iv.lower, iv.upper, self.c) for iv in intervals]
         )

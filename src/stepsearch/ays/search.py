@@ -30,7 +30,7 @@ three model evaluations per Monte Carlo sample instead of two and touches three 
 
 Text-to-image and latent models (the paper's COCO setup): :func:`pipeline_ays_inputs` turns a local
 diffusers pipeline and a folder of (prompt, image) pairs into a
-:class:`~stepsearch.models.pipeline.PipelineSource` (the UNet conditioned on each pair's
+:class:`~stepsearch.models.pipeline.PipelineModel` (the UNet conditioned on each pair's
 prompt, guided) and the pairs' VAE latents; every KLUB sample is denoised with its own caption::
 
     source, latents = pipeline_ays_inputs("./sd15", "./coco_pairs", guidance_scale=7.5)
@@ -65,8 +65,22 @@ from stepsearch.ays.optimize import (
     initial_state,
     subdivide,
 )
-from stepsearch.cache import tensor_digest
+from stepsearch.cache import TensorCache, tensor_digest
+from stepsearch.eval.images import iter_image_batches
 from stepsearch.eval.objective import Objective, Score
+from stepsearch.models import (
+    DEFAULT_GUIDANCE_SCALE,
+    TeacherSpec,
+    load_model,
+    load_source,
+    pipeline_guidance_scale,
+)
+from stepsearch.models.pipeline import (
+    encode_images,
+    load_pipeline,
+    load_prompt_image_pairs,
+    native_image_size,
+)
 from stepsearch.models.source import SampleSource
 from stepsearch.noise import DiscreteVP, FlowMatching, NoiseSchedule
 from stepsearch.schedule import StepSchedule, loglinear_interpolate, make_schedule
@@ -193,8 +207,6 @@ def _load_data(data: Tensor | str | os.PathLike[str] | None, source: SampleSourc
         return source.reference_data
     if isinstance(data, Tensor):
         return data
-    from stepsearch.eval.images import iter_image_batches
-
     return torch.cat(list(iter_image_batches(data, progress=False)))
 
 
@@ -303,7 +315,7 @@ def search_ays(
 
     ``data`` lives in the space the solver integrates (latents for a latent model). For a
     conditional source, ``data[i]`` goes with the conditioning of sample index ``i`` (a
-    :class:`~stepsearch.models.pipeline.PipelineSource` built on the pairs' prompts: see
+    :class:`~stepsearch.models.pipeline.PipelineModel` built on the pairs' prompts: see
     :func:`pipeline_ays_inputs`), and every KLUB row is denoised with its own sample's prompt."""
     began = time.perf_counter()
     config = config or AYSConfig()
@@ -446,7 +458,7 @@ def pipeline_ays_inputs(
     pipeline: str | os.PathLike[str] | Any,
     pairs: str | os.PathLike[str],
     *,
-    guidance_scale: float = 7.5,
+    guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
     device: str = "cpu",
     progress: bool = False,
 ) -> tuple[SampleSource, Tensor]:
@@ -456,19 +468,16 @@ def pipeline_ays_inputs(
     native size and encoded by its VAE; the source's prompt ``i`` is pair ``i``'s, so each data
     latent is denoised conditioned on its own caption, with classifier-free guidance at
     ``guidance_scale``."""
-    from stepsearch.models.pipeline import (
-        PipelineSource,
-        encode_images,
-        load_prompt_image_pairs,
-    )
-    from stepsearch.models.text_to_image import TextToImageModel, load_pipeline, native_image_size
-
     pipe = load_pipeline(pipeline, device=device)
     loaded = load_prompt_image_pairs(pairs, size=native_image_size(pipe))
     name = Path(pipeline).name if isinstance(pipeline, str | os.PathLike) else "pipeline"
-    model = TextToImageModel(pipe, loaded.prompts, guidance_scale=guidance_scale, name=name)
+    model = load_model(
+        pipeline=pipe, prompts=loaded.prompts, guidance_scale=guidance_scale, device=device,
+        name=name,
+    )  # fmt: skip
+    model.check_denoiser()  # type: ignore[union-attr]
     latents = encode_images(pipe, loaded.images, progress=progress)
-    return PipelineSource(model, name=name), latents
+    return model, latents
 
 
 def run_ays_job(
@@ -493,14 +502,11 @@ def run_ays_job(
     """What ``stepsearch search ays`` does: load the model (a bundled model, ``digits-cond`` at
     ``guidance_scale``, default 2, or a local diffusers ``UNet2DModel`` directory; or, with
     ``pipeline``, a local text-to-image pipeline directory with ``data`` a folder of (prompt,
-    image) pairs, see :func:`pipeline_ays_inputs`, guidance default 7.5), build the
+    image) pairs, see :func:`pipeline_ays_inputs`, guidance default
+    :data:`~stepsearch.models.pipeline.DEFAULT_GUIDANCE_SCALE`), build the
     proxy objective (``metric`` on ``proxy_samples`` samples;
     for ``traj`` the teacher is DPM-Solver++(3M) on ``teacher_steps`` logSNR steps, cached), search (resuming ``checkpoint``, default ``OUT.ckpt.json``), write the schedule
     file to ``out`` and the plot to ``plot`` (default ``OUT`` with ``.png``; ``""`` for none)."""
-    from stepsearch.cache import TensorCache
-    from stepsearch.eval.objective import TeacherSpec
-    from stepsearch.models import load_source
-
     samples: Tensor | str | os.PathLike[str] | None = data
     if pipeline is not None:
         if data is None:
@@ -508,7 +514,7 @@ def run_ays_job(
                 "a pipeline needs data: a folder of (prompt, image) pairs with a metadata.jsonl "
                 "(--data)"
             )
-        scale = 7.5 if guidance_scale is None else float(guidance_scale)
+        scale = pipeline_guidance_scale(guidance_scale)
         source, samples = pipeline_ays_inputs(pipeline, data, guidance_scale=scale, device=device)
     else:
         source = load_source(model, device=device, guidance_scale=guidance_scale)

@@ -20,7 +20,7 @@ from stepsearch.eval.evaluate import (
     write_report,
 )
 from stepsearch.eval.experiment import METRICS, TEXT_TO_IMAGE_METRICS
-from stepsearch.solvers import SOLVERS
+from stepsearch.solvers import BUILT_IN_SOLVERS
 
 DEFAULT_NFES = [4, 5, 6, 8, 10]
 
@@ -60,7 +60,7 @@ def eval_command(
         list[str] | None,
         typer.Option(
             metavar="NAME...",
-            help=f"Solvers: {', '.join(SOLVERS)}. [default: dpm_solver_pp_2m]",
+            help=f"Solvers: {', '.join(BUILT_IN_SOLVERS)}. [default: dpm_solver_pp_2m]",
             show_default=False,
         ),
     ] = None,

@@ -34,15 +34,15 @@ from stepsearch.eval.report import ResultTable, environment, save_sample_grid
 from stepsearch.eval.scoring import FeatureReference
 from stepsearch.models import (
     DEFAULT_GUIDANCE_SCALE,
+    ImageModel,
     Method,
-    load_image_model,
     load_model,
     pipeline_guidance_scale,
 )
 from stepsearch.models.pipeline import read_prompts
 from stepsearch.schedule import SPACINGS, StepSchedule
 from stepsearch.schedule_file import load_schedule
-from stepsearch.solvers import SOLVERS
+from stepsearch.solvers import BUILT_IN_SOLVERS
 from stepsearch.testbeds import digits
 
 __all__ = [
@@ -134,8 +134,10 @@ def methods_from_names(
     for baseline in baselines:
         check_diffusers_scheduler(baseline)
     for solver in solvers:
-        if solver not in SOLVERS:
-            raise ValueError(f"unknown solver {solver!r}; choose from {', '.join(SOLVERS)}")
+        if solver not in BUILT_IN_SOLVERS:
+            raise ValueError(
+                f"unknown solver {solver!r}; choose from {', '.join(BUILT_IN_SOLVERS)}"
+            )
     methods = [Method.diffusers(name) for name in baselines]
     for schedule_spec in schedules:
         if schedule_spec in SPACINGS:
@@ -333,7 +335,8 @@ def _run_unconditional(
     accelerator: Any | None,
     on_samples: OnSamples,
 ) -> tuple[dict[str, ResultTable], dict[str, Any]]:
-    model = load_image_model(model_spec, device=device, guidance_scale=inputs.guidance_scale)
+    model = load_model(model_spec, device=device, guidance_scale=inputs.guidance_scale)
+    assert isinstance(model, ImageModel)
     fid_reference = None
     own_features = model.feature_extractor is not None and model.reference_images is not None
     inception_metric = next(

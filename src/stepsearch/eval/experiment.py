@@ -34,15 +34,13 @@ __all__ = [
     "HIGHER_IS_BETTER",
     "METRICS",
     "TEXT_TO_IMAGE_METRICS",
-    "FeatureReference",
     "class_accuracy",
-    "distance_scores",
     "run_experiment",
 ]
 
 METRICS = ("fd", "fid", "kid", "traj", "acc")
 """``fd``: Fréchet distance in the model's own feature space (FD-digits for the bundled model);
-``fid``: Fréchet distance in Inception features against a :class:`FeatureReference` (reference
+``fid``: Fréchet distance in Inception features against a :class:`~stepsearch.eval.scoring.FeatureReference` (reference
 statistics or images); ``kid``: kernel distance in the model's own feature space, or in Inception
 features against reference images when the model has none; ``traj``: median RMS error to a
 reference ODE solution from the same noise; ``acc`` (class-conditional models with a classifier):
@@ -75,7 +73,7 @@ def run_experiment(
     """Evaluate every method at every NFE on every metric: the one harness for unconditional
     models and text-to-image pipelines (:data:`METRICS`, plus ``clip`` for pipelines).
 
-    ``fid_reference`` (Inception features, see :class:`FeatureReference`) is needed for ``fid``,
+    ``fid_reference`` (Inception features, see :class:`~stepsearch.eval.scoring.FeatureReference`) is needed for ``fid``,
     and for ``kid`` when the model has no feature space of its own; ``clip`` needs
     ``clip_scorer`` (a :class:`~stepsearch.eval.clip_score.ClipScorer`) and prompts; ``traj``
     generates the reference solution first (:func:`reference_solution`, ``reference_steps``).

@@ -47,13 +47,13 @@ from stepsearch.eval.scoring import FeatureReference, bootstrap_std, distance_sc
 from stepsearch.eval.trajectory import per_sample_rms_error
 from stepsearch.models.source import SampleSource, generate_from_source
 from stepsearch.models.trajectories import TeacherSpec, record_trajectories, teacher_key
+from stepsearch.plan import SolverPlan
 from stepsearch.schedule import StepSchedule
 from stepsearch.schedule_file import Provenance
 from stepsearch.solvers import get_solver
 from stepsearch.solvers.base import Solver
 
-# TeacherSpec lives in stepsearch.models.trajectories; re-exported for callers that import it here
-__all__ = ["OBJECTIVE_METRICS", "Objective", "Score", "TeacherSpec"]
+__all__ = ["OBJECTIVE_METRICS", "Objective", "Score"]
 
 OBJECTIVE_METRICS = ("traj", "fd", "kid", "fid")
 """Metrics an :class:`Objective` computes (module docstring)."""
@@ -198,7 +198,9 @@ class Objective:
             )
         start = time.perf_counter()
         samples = self.samples(candidate, run_solver, split)
-        nfe = int(run_solver.evaluation_times(schedule).size)
+        # a plan's own evaluations: an analytical first step skips the network
+        timed = candidate if isinstance(candidate, SolverPlan) else schedule
+        nfe = int(run_solver.evaluation_times(timed).size)
         return self.score_samples(samples, nfe, split=split, started=start)
 
     def score_samples(

@@ -75,6 +75,7 @@ from stepsearch.schedule import (
     make_schedule,
     sigma_spacing,
 )
+from stepsearch.solvers import get_solver
 from stepsearch.solvers.base import Solver, SolverState, compute_dtype
 from stepsearch.solvers.ddim import DDIM
 
@@ -155,8 +156,6 @@ _SOLVER_ORDER = {
 
 
 def _make_solver(name: str, kwargs: Mapping[str, Any]) -> Solver:
-    from stepsearch.solvers import get_solver
-
     return get_solver(name, **dict(kwargs))
 
 

@@ -16,6 +16,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from stepsearch.solvers import SOLVERS
+
 logger = logging.getLogger("stepsearch.integrations.diffusers")
 
 TWINS: dict[str, str] = {
@@ -102,8 +104,6 @@ def _algorithm_check(value: Any, config: Mapping[str, Any]) -> str | None:
     if value == "dpmsolver":
         if config.get("_twin") == "DPMSolverSinglestepScheduler":
             return None  # singlestep DPM-Solver-2 / -3 (noise prediction)
-        from stepsearch.solvers import SOLVERS
-
         if {"dpm_solver_2m", "dpm_solver_3m"} <= set(SOLVERS):
             return None
         return "noise-prediction multistep DPM-Solver is not in this stepsearch's solver registry"

@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 
 from stepsearch._io import atomic_write_dir, atomic_write_json
+from stepsearch.integrations.diffusers import scheduler_for_solver
+from stepsearch.noise import DiscreteVP, FlowMatching
 from stepsearch.schedule import StepSchedule
 
 EXPORT_TARGETS = ("diffusers", "kdiffusion", "comfyui", "timesteps")
@@ -65,9 +67,6 @@ def diffusers_scheduler(
     :data:`DEFAULT_SOLVER`) that replays ``schedule``. ``prediction_type`` defaults to the
     schedule's ``metadata["prediction_type"]`` (flow matching: ``flow_prediction``); with
     neither it is a ``ValueError`` (:data:`NO_PREDICTION_TYPE`): export does not guess."""
-    from stepsearch.integrations.diffusers import scheduler_for_solver
-    from stepsearch.noise import DiscreteVP, FlowMatching
-
     solver = solver or str(schedule.metadata.get("solver") or DEFAULT_SOLVER)
     prediction_type = prediction_type or schedule.metadata.get("prediction_type")
     if prediction_type is None and isinstance(schedule.noise, FlowMatching):

@@ -24,8 +24,6 @@ from torch import Tensor
 from stepsearch.denoiser import ModelDenoiser, ModelFn, classifier_free_guidance
 from stepsearch.models.batches import generate_with_diffusers_scheduler
 from stepsearch.models.source import (
-    ClassConditionalSource,
-    DenoiserSource,
     ModelIdentity,
     generate_from_source,
     module_digest,
@@ -264,36 +262,3 @@ class ImageModel:
             "labels": f"index mod {self.num_classes}",
             "guidance_scale": float(self.guidance_scale),
         }
-
-    def source(self) -> DenoiserSource | ClassConditionalSource:
-        """Compatibility: this model as a separate :class:`~stepsearch.models.source.DenoiserSource`
-        / :class:`~stepsearch.models.source.ClassConditionalSource` (same identity, ``describe()``
-        and samples as the model itself, which is a sample source). Kept while callers tell
-        class-conditional sources apart by ``isinstance(source, ClassConditionalSource)`` rather
-        than ``source.conditional``."""
-        settings: dict[str, Any] = {
-            "prediction_type": self.prediction_type,
-            "sample_shape": list(self.sample_shape),
-        }
-        if self.num_classes is not None:
-            return ClassConditionalSource(
-                self.denoiser,
-                self.noise,
-                self.sample_shape,
-                self.identity,
-                num_classes=self.num_classes,
-                guidance_scale=float(self.guidance_scale),
-                features=self.feature_extractor,
-                reference_data=self.reference_images,
-                settings={**settings, "null_label": self.null_label},
-                device=self.device,
-            )
-        return DenoiserSource(
-            self.denoiser(),
-            self.sample_shape,
-            self.identity,
-            features=self.feature_extractor,
-            reference_data=self.reference_images,
-            settings=settings,
-            device=self.device,
-        )

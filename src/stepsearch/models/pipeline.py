@@ -69,7 +69,6 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_GUIDANCE_SCALE",
     "PipelineModel",
-    "PipelineSource",
     "PromptImagePairs",
     "encode_images",
     "generate_images",
@@ -341,12 +340,6 @@ class PipelineModel:
             )
 
     @property
-    def model(self) -> PipelineModel:
-        """Compatibility: this object (it was the ``TextToImageModel`` inside a
-        ``PipelineSource``)."""
-        return self
-
-    @property
     def conditional(self) -> bool:
         """A pipeline is conditioned on prompts."""
         return True
@@ -610,41 +603,3 @@ def generate_images(
 
     with model.using(scheduler):
         return generate_chunks(make_chunk, num_samples, chunk_size, accelerator, progress)
-
-
-class _PipelineSourceType(type):
-    """``PipelineSource(model, ...)`` makes a :class:`PipelineModel`; ``isinstance(x,
-    PipelineSource)`` is ``isinstance(x, PipelineModel)``."""
-
-    def __instancecheck__(cls, instance: Any) -> bool:
-        return isinstance(instance, PipelineModel)
-
-    def __subclasscheck__(cls, subclass: type) -> bool:
-        return issubclass(subclass, PipelineModel)
-
-    def __call__(  # type: ignore[override]
-        cls,
-        model: PipelineModel,
-        negative_prompt: str | None = None,
-        reference_data: Tensor | None = None,
-        name: str | None = None,
-        features: nn.Module | None = None,
-    ) -> PipelineModel:
-        changes: dict[str, Any] = {
-            "negative_prompt": model.negative_prompt
-            if negative_prompt is None
-            else negative_prompt,
-            "reference_data": model.reference_data if reference_data is None else reference_data,
-            "name": model.name if name is None else name,
-            "features": model.features if features is None else features,
-        }
-        made = model.with_options(**changes)
-        made.check_denoiser()
-        return made
-
-
-class PipelineSource(metaclass=_PipelineSourceType):
-    """Compatibility name: the source view of a pipeline is the :class:`PipelineModel` itself.
-    ``PipelineSource(model, negative_prompt, reference_data, name, features)`` returns a copy of
-    ``model`` with those options (unset ones kept); kept while ``stepsearch.search.optimize`` and
-    ``stepsearch.ays.search`` use the old name."""

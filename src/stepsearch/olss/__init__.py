@@ -20,7 +20,6 @@ from stepsearch.olss.fit import (
     uniform_path,
 )
 from stepsearch.olss.trajectories import (
-    OLSS_TEACHER,
     TeacherRecording,
     TeacherTrajectory,
     TrajectorySummary,
@@ -30,7 +29,6 @@ from stepsearch.olss.trajectories import (
 from stepsearch.solvers.olss import OLSSCoefficients, OLSSSolver, ddim_coefficients
 
 __all__ = [
-    "OLSS_TEACHER",
     "PATH_SEARCHES",
     "OLSSCoefficients",
     "OLSSFit",

@@ -38,6 +38,7 @@ from torch import Tensor
 
 from stepsearch.olss.trajectories import TeacherRecording, TrajectorySummary
 from stepsearch.schedule import StepSchedule
+from stepsearch.solvers.base import noise_levels
 from stepsearch.solvers.olss import BASES, OLSSCoefficients
 
 __all__ = [
@@ -165,8 +166,6 @@ class RolloutFitter:
     estimate, fits step ``i`` to ``targets[i]`` and returns ``x_hat_{i+1}`` (in ``x``'s dtype)."""
 
     def __init__(self, targets: Tensor, schedule: StepSchedule, basis: str = "eps"):
-        from stepsearch.solvers.base import noise_levels
-
         if basis not in BASES:
             raise ValueError(f"basis must be one of {BASES}, got {basis!r}")
         if targets.shape[0] != schedule.num_steps:

@@ -30,14 +30,18 @@ from tqdm.auto import tqdm
 
 from stepsearch._io import atomic_write_json, atomic_write_text
 from stepsearch.cache import TensorCache
-from stepsearch.eval.objective import Objective, Score, TeacherSpec
-from stepsearch.models.source import SampleSource
-from stepsearch.olss.fit import PATH_SEARCHES, REFITS, OLSSFit, best_of, fit_olss
-from stepsearch.olss.trajectories import OLSS_TEACHER, record_pipeline_teacher, record_teacher
+from stepsearch.eval.objective import Objective, Score
+from stepsearch.eval.trajectory import trajectory_error
+from stepsearch.integrations.olss import RolloutFitScheduler, StepsearchOLSSScheduler
+from stepsearch.models import DEFAULT_TEACHER, Method, TeacherSpec, load_model, load_source
+from stepsearch.models.pipeline import generate_images
+from stepsearch.models.source import SampleSource, digest_text, module_digest
+from stepsearch.olss.fit import PATH_SEARCHES, REFITS, OLSSFit, RolloutFitter, best_of, fit_olss
+from stepsearch.olss.trajectories import record_pipeline_teacher, record_teacher
 from stepsearch.schedule import make_schedule
 from stepsearch.schedule_file import Provenance, ScheduleFile
 from stepsearch.solvers import solver_to_json
-from stepsearch.solvers.olss import OLSSSolver
+from stepsearch.solvers.olss import OLSSCoefficients, OLSSSolver
 
 __all__ = [
     "BASELINES",
@@ -110,7 +114,7 @@ def search_olss(
     search: str = "best",
     refit: str = "rollout",
     basis: str = "eps",
-    teacher: TeacherSpec = OLSS_TEACHER,
+    teacher: TeacherSpec = DEFAULT_TEACHER,
     seed: int = 0,
     held_out_seed: int = 1,
     fd: bool | None = None,
@@ -340,8 +344,6 @@ def _markdown(report: dict[str, Any]) -> str:
 
 
 def _write(out: Path, result: OLSSResult, source_config: dict[str, Any]) -> dict[str, str]:
-    from stepsearch.integrations.olss import StepsearchOLSSScheduler
-
     out.mkdir(parents=True, exist_ok=True)
     scheduler = StepsearchOLSSScheduler.from_fit(
         result.fit, source_config, provenance=result.provenance.to_json_dict()
@@ -373,7 +375,7 @@ def search_olss_pipeline(
     search: str = "best",
     refit: str = "rollout",
     basis: str = "eps",
-    teacher: TeacherSpec = OLSS_TEACHER,
+    teacher: TeacherSpec = DEFAULT_TEACHER,
     seed: int = 0,
     held_out_seed: int = 1,
     baselines: Sequence[str] = ("dpm_solver_pp_2m",),
@@ -382,18 +384,12 @@ def search_olss_pipeline(
     chunk_size: int = 16,
     progress: bool = False,
 ) -> OLSSResult:
-    """OLSS for a :class:`~stepsearch.models.text_to_image.TextToImageModel` (its prompts and
+    """OLSS for a :class:`~stepsearch.models.pipeline.PipelineModel` (its prompts and
     guidance scale): the teacher is recorded in latent space through a recording scheduler (the
     guided output); the path is searched teacher-forced and refitted by a rollout inside one
     pipeline call over all ``num_samples`` (:class:`~stepsearch.integrations.olss.RolloutFitScheduler`;
     ``refit="teacher"`` keeps the paper's fit); the report compares decoded images with the
     pipeline's many-step reference (the teacher's solver and steps) on held-out noise."""
-    from stepsearch.eval.trajectory import trajectory_error
-    from stepsearch.integrations.olss import StepsearchOLSSScheduler
-    from stepsearch.models import Method
-    from stepsearch.models.source import digest_text, module_digest
-    from stepsearch.models.text_to_image import generate_images
-
     _check_options(search, refit)
     cache = cache if cache is not None else TensorCache.default()
     bar = _bar(progress, 3 + len(baselines) * len(spacings))
@@ -503,11 +499,6 @@ def search_olss_pipeline(
 
 def _pipeline_rollout(model: Any, recording: Any, fit: OLSSFit, seed: int) -> OLSSFit:
     """Refit ``fit``'s path along the pipeline's own points (one call over all teacher samples)."""
-    from stepsearch.integrations.olss import RolloutFitScheduler
-    from stepsearch.models.text_to_image import generate_images
-    from stepsearch.olss.fit import RolloutFitter
-    from stepsearch.solvers.olss import OLSSCoefficients
-
     start = time.perf_counter()
     scheduler = RolloutFitScheduler.from_config(model.scheduler_config, solver="ddim")
     scheduler.fitter = RolloutFitter(
@@ -554,7 +545,7 @@ def run_olss_job(
 ) -> OLSSResult:
     """What ``stepsearch search olss`` does: fit on ``model`` (a bundled model or a local UNet
     directory) or, with ``pipeline``, on a local text-to-image pipeline with its ``prompts`` file
-    (guidance default 7.5); the teacher is DPM-Solver++(3M) on ``teacher_steps`` logSNR steps, the
+    (guidance default :data:`~stepsearch.models.pipeline.DEFAULT_GUIDANCE_SCALE`); the teacher is DPM-Solver++(3M) on ``teacher_steps`` logSNR steps, the
     held-out seed ``seed + 1``; the files go to ``out``."""
     teacher = TeacherSpec("dpm_solver_pp_3m", "logsnr_uniform", teacher_steps)
     common = dict(
@@ -564,16 +555,9 @@ def run_olss_job(
     if pipeline is not None:
         if prompts is None:
             raise ValueError("--pipeline needs --prompts")
-        from stepsearch.models.text_to_image import TextToImageModel, load_pipeline, read_prompts
-
-        text_model = TextToImageModel(
-            load_pipeline(pipeline, device=device),
-            read_prompts(prompts),
-            guidance_scale=7.5 if guidance_scale is None else guidance_scale,
-            name=Path(pipeline).name,
+        text_model = load_model(
+            pipeline=pipeline, prompts=prompts, guidance_scale=guidance_scale, device=device
         )
         return search_olss_pipeline(text_model, nfe, **common)  # type: ignore[arg-type]
-    from stepsearch.models import load_source
-
     source = load_source(model, device=device, guidance_scale=guidance_scale)
     return search_olss(source, nfe, **common)  # type: ignore[arg-type]

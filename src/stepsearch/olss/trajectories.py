@@ -43,19 +43,12 @@ from stepsearch.solvers import get_solver
 from stepsearch.solvers.base import noise_levels
 
 __all__ = [
-    "OLSS_TEACHER",
     "TeacherRecording",
     "TeacherTrajectory",
     "TrajectorySummary",
     "record_pipeline_teacher",
     "record_teacher",
 ]
-
-OLSS_TEACHER = DEFAULT_TEACHER
-"""OLSS' default teacher: the one default
-(:data:`~stepsearch.models.trajectories.DEFAULT_TEACHER`, DPM-Solver++(3M) on 100 logSNR-uniform
-steps), so OLSS's targets and the ``traj`` reference agree."""
-
 
 @dataclass(frozen=True, eq=False)
 class TeacherTrajectory:
@@ -213,7 +206,7 @@ def record_teacher(
     num_samples: int,
     *,
     seed: int = 0,
-    teacher: TeacherSpec = OLSS_TEACHER,
+    teacher: TeacherSpec = DEFAULT_TEACHER,
     cache: TensorCache | None = None,
     chunk_size: int = 256,
     progress: bool | str = False,
@@ -250,7 +243,7 @@ def record_pipeline_teacher(
     num_samples: int,
     *,
     seed: int = 0,
-    teacher: TeacherSpec = OLSS_TEACHER,
+    teacher: TeacherSpec = DEFAULT_TEACHER,
     cache: TensorCache | None = None,
     chunk_size: int = 16,
     progress: bool | str = False,

@@ -46,6 +46,7 @@ from stepsearch.eval.objective import Objective, Score
 from stepsearch.noise import DiscreteVP, FlowMatching, NoiseSchedule
 from stepsearch.schedule import StepSchedule
 from stepsearch.schedule_file import ScheduleFile
+from stepsearch.search.family import family, run_search
 from stepsearch.search.job import Baseline, sortable
 from stepsearch.search.store import StudyStore
 from stepsearch.solvers import get_solver
@@ -348,8 +349,6 @@ def run_autodiffusion_job(
     ``out/study.sqlite3``), the built-in spacings at ``nfe`` as starting points, the result files
     with held-out scores of the result and of the best starting spacing. Rerun the same command to
     resume; run it in several processes on one storage to share the work."""
-    from stepsearch.search.family import family, run_search
-
     job = run_search(
         family("autodiffusion"),
         objective,

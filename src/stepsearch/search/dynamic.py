@@ -79,7 +79,6 @@ __all__ = [
     "median_path",
     "path_cost",
     "record_grid_teacher",
-    "record_teacher",
     "step_coefficients",
 ]
 
@@ -171,7 +170,7 @@ def record_grid_teacher(
         )
     if isinstance(num_samples, bool) or int(num_samples) < 1:
         raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
-    described = {"name": teacher_solver.name, "config": teacher_solver.config()}
+    described = solver_to_json(teacher_solver)
     key = teacher_key(source, described, seed, num_samples, grid=[float(t) for t in grid.times])
     recorded = record_trajectories(
         source,
@@ -187,10 +186,6 @@ def record_grid_teacher(
         progress="teacher on the DP grid" if progress else False,
     )
     return GridTeacher(grid, recorded.x, recorded.denoised, int(seed), described)
-
-
-record_teacher = record_grid_teacher
-"""Compatibility name of :func:`record_grid_teacher` (``search/dp_job.py`` imports it)."""
 
 
 # ------------------------------------------------------------------------------------------------

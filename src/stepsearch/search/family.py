@@ -36,7 +36,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
+from stepsearch.cache import TensorCache
 from stepsearch.eval.objective import Objective, Score
+from stepsearch.models import load_source
 from stepsearch.schedule import StepSchedule
 from stepsearch.schedule_file import ScheduleFile
 from stepsearch.search.job import (
@@ -431,9 +433,6 @@ def run_job(
     (``metric`` on ``num_samples`` search-seed / ``held_out_samples`` held-out samples, tensor
     cache ``cache``) and :func:`run_search` (``options``: its keyword arguments)."""
     import optuna
-
-    from stepsearch.cache import TensorCache
-    from stepsearch.models import load_source
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar says enough
     fam = family(search_family) if isinstance(search_family, str) else search_family

@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 
 from stepsearch._io import atomic_write_bytes, atomic_write_json
+from stepsearch.integrations.diffusers import scheduler_for_solver
+from stepsearch.integrations.olss import StepsearchOLSSScheduler
 from stepsearch.noise import DiscreteVP, FlowMatching, NoiseSchedule
 from stepsearch.schedule import StepSchedule, make_schedule
 from stepsearch.schedule_file import ScheduleFile
@@ -147,11 +149,7 @@ def write_scheduler_dir(
     """A diffusers scheduler directory replaying ``schedule`` with ``solver`` (its drop-in class's
     ``from_step_schedule(...).save_pretrained``); ``None`` when the noise schedule has no
     diffusers form (EDM, continuous VP)."""
-    from stepsearch.integrations.diffusers import scheduler_for_solver
-
     if solver.name == "olss":  # a fitted OLSS solver: its own scheduler class
-        from stepsearch.integrations.olss import StepsearchOLSSScheduler
-
         target = Path(path)
         StepsearchOLSSScheduler.from_fit(solver, config).save_pretrained(target)
         return target

@@ -61,6 +61,7 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
 from stepsearch.eval.objective import Score
+from stepsearch.plan import SolverPlan
 from stepsearch.schedule import StepSchedule
 from stepsearch.solvers import get_solver, solver_to_json
 from stepsearch.solvers.base import Solver
@@ -153,8 +154,6 @@ def candidate_key(candidate: Any, solver: str | Solver | Mapping[str, Any]) -> s
 def _candidate_from_json(payload: Mapping[str, Any]) -> Any:
     if payload.get("format") == "stepsearch.StepSchedule":
         return StepSchedule.from_json_dict(payload)
-    from stepsearch.plan import SolverPlan  # type: ignore[import-not-found]
-
     return SolverPlan.from_json_dict(payload)
 
 

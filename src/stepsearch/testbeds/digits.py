@@ -35,6 +35,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from stepsearch.denoiser import GuidanceSchedule, ModelDenoiser, eps_from_x0
+from stepsearch.noise import DiscreteVP, FlowMatching, NoiseSchedule
+from stepsearch.testbeds.gaussian_mixture import EmpiricalDenoiser
+
 try:
     from importlib.resources.abc import Traversable
 except ImportError:  # Python 3.10
@@ -43,8 +47,6 @@ except ImportError:  # Python 3.10
 if TYPE_CHECKING:
     from diffusers import UNet2DModel
 
-    from stepsearch.denoiser import GuidanceSchedule, ModelDenoiser
-    from stepsearch.noise import NoiseSchedule
 
 __all__ = [
     "CLASSIFIER_CONFIG",
@@ -302,8 +304,6 @@ class DigitsModel:
     @functools.cached_property
     def noise(self) -> NoiseSchedule:
         """The training noise schedule: ``DiscreteVP`` or ``FlowMatching`` (with the shift)."""
-        from stepsearch.noise import DiscreteVP, FlowMatching
-
         if self.spec.family == "flow":
             total = int(self.scheduler_config["num_train_timesteps"])
             shift = float(self.scheduler_config.get("shift", 1.0))
@@ -349,8 +349,6 @@ class DigitsModel:
         """The ``x0`` denoiser; for ``digits-cond``, classifier-free guided towards ``labels``
         (``uncond + w (cond - uncond)``, Ho & Salimans 2022, Eq. 6, on the v output; ``w = 1``
         evaluates the conditional branch alone)."""
-        from stepsearch.denoiser import ModelDenoiser
-
         unguided = isinstance(guidance, (int, float)) and float(guidance) == 1.0
         if not self.spec.conditional or unguided:
             if not unguided and not self.spec.conditional:
@@ -489,9 +487,6 @@ def posterior_mean_error(
     (the largest model ``|x0|``) and ``exact_x0_rms_to_data`` (how far the exact mean is from
     the clean digits: the part of the error no model can remove).
     """
-    from stepsearch.denoiser import eps_from_x0
-    from stepsearch.testbeds.gaussian_mixture import EmpiricalDenoiser
-
     if num_samples < 1:
         raise ValueError("num_samples must be positive")
     data = real_images(torch.float64)

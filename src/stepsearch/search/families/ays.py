@@ -18,6 +18,7 @@ from torch import Tensor
 
 from stepsearch.ays.search import AYSConfig, search_ays
 from stepsearch.cache import tensor_digest
+from stepsearch.models.pipeline import PipelineModel, encode_images, load_prompt_image_pairs
 from stepsearch.search.family import FamilyBase, Found, JobContext
 
 __all__ = ["AYS_NEEDS_DATA", "AYSFamily"]
@@ -39,9 +40,7 @@ class AYSFamily(FamilyBase):
     uses_store = False
 
     def applicable(self, source: Any, inputs: Any = None) -> str | None:
-        from stepsearch.models.pipeline import PipelineSource
-
-        if isinstance(source, PipelineSource) and inputs is None:
+        if isinstance(source, PipelineModel) and inputs is None:
             return AYS_NEEDS_DATA
         return None
 
@@ -51,23 +50,13 @@ class AYSFamily(FamilyBase):
         """The KLUB's source and data on a pipeline: the (prompt, image) pairs of ``data`` resized
         to the source's image size and encoded by its VAE, on a source over the same pipeline
         (same weights, guidance and size) whose prompt ``i`` is pair ``i``'s caption."""
-        from stepsearch.models.pipeline import (
-            PipelineSource,
-            encode_images,
-            load_prompt_image_pairs,
-        )
-        from stepsearch.models.text_to_image import TextToImageModel
-
-        if not isinstance(source, PipelineSource):
+        if not isinstance(source, PipelineModel):
             raise ValueError("ays_data (--data) is for text-to-image pipelines (--pipeline)")
-        model = source.model
-        pairs = load_prompt_image_pairs(data, size=model.image_size)
-        captioned = TextToImageModel(
-            model.pipeline, pairs.prompts, model.guidance_scale, model.height, model.width,
-            model.name,
-        )  # fmt: skip
-        latents = encode_images(model.pipeline, pairs.images, progress=progress)
-        return PipelineSource(captioned, source.negative_prompt, name=source.name), latents
+        pairs = load_prompt_image_pairs(data, size=source.image_size)
+        captioned = source.with_options(prompts=pairs.prompts, reference_data=None, features=None)
+        captioned.check_denoiser()
+        latents = encode_images(source.pipeline, pairs.images, progress=progress)
+        return captioned, latents
 
     def inputs_digest(self, inputs: tuple[Any, Tensor]) -> dict[str, Any]:
         """What the pairs change: their captions and their latents."""

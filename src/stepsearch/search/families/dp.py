@@ -1,7 +1,7 @@
 """The DP family (GITS / OSS-style dynamic programming, :mod:`stepsearch.search.dynamic`).
 
 1. Teacher on the fine grid from the objective's *search* seed (cached,
-   :func:`~stepsearch.search.dynamic.record_teacher`).
+   :func:`~stepsearch.search.dynamic.record_grid_teacher`).
 2. One DP schedule per candidate setting (GITS cost coefficient x cost reduction; OSS per-sample
    paths optionally).
 3. Every DP candidate is scored by the objective on the search seed as a trial of the study store
@@ -24,7 +24,7 @@ from stepsearch.search.dynamic import (
     dynamic_schedule,
     fine_grid,
     layer_rules,
-    record_teacher,
+    record_grid_teacher,
 )
 from stepsearch.search.family import FamilyBase, Found, JobContext
 from stepsearch.search.job import sortable
@@ -104,7 +104,7 @@ class DPFamily(FamilyBase):
         seconds: dict[str, float] = {}
         begin = time.perf_counter()
         grid = fine_grid(job.objective.source.noise, settings.grid_points, settings.grid_spacing)
-        teacher = record_teacher(
+        teacher = record_grid_teacher(
             job.objective.source,
             grid,
             num_samples=settings.teacher_samples,

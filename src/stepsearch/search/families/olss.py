@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
+from stepsearch.olss import search as olss_search
 from stepsearch.search.family import FamilyBase, Found, JobContext
 from stepsearch.solvers import get_solver
 from stepsearch.solvers.base import Solver
@@ -54,8 +55,6 @@ class OLSSFamily(FamilyBase):
         return OLSSSettings(num_samples=int(options.olss_samples))
 
     def search(self, job: JobContext) -> Found:
-        from stepsearch.olss import search as olss_search  # looked up at call time
-
         settings: OLSSSettings = job.settings
         objective = job.objective
         result = olss_search.search_olss(

@@ -25,7 +25,7 @@
 
 Text-to-image pipelines (``pipeline=`` a local Stable Diffusion 1.x / 2.x or SDXL directory,
 ``prompts=``, ``guidance_scale=``): the searches run on a
-:class:`~stepsearch.models.pipeline.PipelineSource` (the UNet conditioned on sample ``i``'s
+:class:`~stepsearch.models.pipeline.PipelineModel` (the UNet conditioned on sample ``i``'s
 prompt ``i mod len(prompts)``, classifier-free guided, in latent space; samples are VAE-decoded
 images), the diffusers baselines run in the pipeline's own loop from the same latent noise and
 prompts, and both judges are trajectory error of the decoded images (there is no feature network
@@ -57,7 +57,6 @@ is the families' (:class:`~stepsearch.search.family.SearchFamily`).
 
 from stepsearch.search.families.ays import AYS_NEEDS_DATA
 from stepsearch.search.optimize.candidates import Candidate, load_scheduler_dir
-from stepsearch.search.optimize.models import text_to_image_model
 from stepsearch.search.optimize.report import gains_in_words
 from stepsearch.search.optimize.run import optimize
 from stepsearch.search.optimize.settings import (
@@ -85,5 +84,4 @@ __all__ = [
     "load_scheduler_dir",
     "optimize",
     "pipeline_settings",
-    "text_to_image_model",
 ]

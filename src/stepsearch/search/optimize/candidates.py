@@ -11,6 +11,8 @@ from typing import Any
 
 from torch import Tensor
 
+from stepsearch.integrations import diffusers as drop_in
+from stepsearch.integrations import olss
 from stepsearch.models import Method, default_methods
 from stepsearch.models.source import SampleSource, generate_from_source
 from stepsearch.noise import DiscreteVP
@@ -94,9 +96,6 @@ def load_scheduler_dir(path: str | Path) -> Any:
     """The scheduler of a directory written by :func:`optimize` (or any diffusers scheduler
     directory): its ``_class_name`` looked up among stepsearch's drop-in classes, then diffusers'."""
     import diffusers
-
-    from stepsearch.integrations import diffusers as drop_in
-    from stepsearch.integrations import olss
 
     name = json.loads((Path(path) / "scheduler_config.json").read_text())["_class_name"]
     for module in (drop_in, olss, diffusers):

@@ -14,13 +14,9 @@ from torch import Tensor
 
 from stepsearch._io import atomic_write_json
 from stepsearch.eval.objective import Objective, Score
-from stepsearch.models import ImageModel
-from stepsearch.models.pipeline import PipelineSource
-from stepsearch.models.source import ClassConditionalSource, SampleSource
-from stepsearch.models.text_to_image import (
-    TextToImageModel,
-    generate_images,
-)
+from stepsearch.models import ImageModel, PipelineModel
+from stepsearch.models.pipeline import generate_images
+from stepsearch.models.source import SampleSource
 from stepsearch.schedule_file import ScheduleFile
 from stepsearch.search.job import SearchProgress
 from stepsearch.search.optimize.candidates import (
@@ -168,20 +164,15 @@ def _write_winner(
 def _conditioned(provenance: Any, source: SampleSource) -> Any:
     """A pipeline's guidance scale, image size and prompts (their digest), a class-conditional
     model's guidance scale and labels, in a provenance."""
-    if isinstance(source, ClassConditionalSource):
-        return replace(
-            provenance,
-            guidance_scale=float(source.guidance_scale),
-            extra={**provenance.extra, "conditioning": source.describe()},
-        )
-    if not isinstance(source, PipelineSource):
+    if not getattr(source, "conditional", False):
         return provenance
-    return replace(
-        provenance,
-        guidance_scale=float(source.model.guidance_scale),
-        resolution=tuple(source.model.image_size),
-        extra={**provenance.extra, "conditioning": source.describe()},
-    )
+    changes: dict[str, Any] = {
+        "guidance_scale": float(source.guidance_scale),  # type: ignore[attr-defined]
+        "extra": {**provenance.extra, "conditioning": source.describe()},
+    }
+    if isinstance(source, PipelineModel):
+        changes["resolution"] = tuple(source.image_size)
+    return replace(provenance, **changes)
 
 
 def _score(payload: dict[str, Any]) -> Score:
@@ -222,7 +213,7 @@ def _grid_samples(
     path = folder / "samples.safetensors"
     tmp = path.with_name(".samples.tmp.safetensors")
     metadata = {"seed": str(REPORT_SEED), "count": str(count), **steps_of}
-    if isinstance(run.model, TextToImageModel):  # what a replay passes the pipeline
+    if isinstance(run.model, PipelineModel):  # what a replay passes the pipeline
         height, width = run.model.image_size
         metadata.update(
             guidance_scale=repr(float(run.model.guidance_scale)), height=str(height),
@@ -245,7 +236,7 @@ def _grid_samples(
 def _diffusers_loop(model: Model, scheduler: Any, steps: int, count: int) -> Tensor:
     """``count`` samples of the report seed in diffusers' own loop with ``scheduler``, in one
     batch: the model's plain denoising loop, or the pipeline's ``__call__`` (decoded images)."""
-    if isinstance(model, TextToImageModel):
+    if isinstance(model, PipelineModel):
         return generate_images(
             model, scheduler, count, num_inference_steps=steps, seed=REPORT_SEED,
             chunk_size=count, progress=False,

@@ -17,9 +17,8 @@ from torch import Tensor
 from stepsearch._io import atomic_write_json, atomic_write_text
 from stepsearch.cache import TensorCache
 from stepsearch.eval.objective import Objective
-from stepsearch.models.pipeline import PipelineSource
+from stepsearch.models import PipelineModel, load_model
 from stepsearch.models.source import SampleSource
-from stepsearch.models.text_to_image import TextToImageModel
 from stepsearch.search.family import FAMILIES, family
 from stepsearch.search.optimize.candidates import Candidate, _baselines
 from stepsearch.search.optimize.judging import (
@@ -30,7 +29,7 @@ from stepsearch.search.optimize.judging import (
     _value,
     _write_winner,
 )
-from stepsearch.search.optimize.models import _is_conditional, _resolve_model, text_to_image_model
+from stepsearch.search.optimize.models import _is_conditional, _resolve_model
 from stepsearch.search.optimize.report import _markdown, _nfe_entry, _plot
 from stepsearch.search.optimize.settings import (
     METHODS,
@@ -145,12 +144,12 @@ def optimize(
 ) -> OptimizeResult:
     """Run the searches ``methods`` at every NFE of ``nfes`` on ``model`` (``"digits"``, a local
     diffusers ``UNet2DModel`` directory, an :class:`ImageModel`, a
-    :class:`~stepsearch.models.text_to_image.TextToImageModel` or any sample source) within
+    :class:`~stepsearch.models.pipeline.PipelineModel` or any sample source) within
     ``budget_minutes`` of search time, select and report on unseen noise, write everything under
     ``out`` (module docstring).
 
     A text-to-image pipeline is ``model=None, pipeline=DIR, prompts=[...] or FILE,
-    guidance_scale=G`` (:func:`text_to_image_model`); its default settings are
+    guidance_scale=G`` (:func:`~stepsearch.models.loading.load_model`); its default settings are
     :func:`pipeline_settings`. ``ays_data``: (prompt, image) pairs for Align Your Steps on a
     pipeline (without them AYS is skipped there, and the report says so).
 
@@ -166,7 +165,7 @@ def optimize(
     if (
         ays_data is not None
         and pipeline is None
-        and not isinstance(model, (TextToImageModel, PipelineSource))
+        and not isinstance(model, PipelineModel)
     ):
         raise ValueError(
             "--data goes with --pipeline (ays_data: AYS on the bundled model uses its data)"
@@ -174,14 +173,16 @@ def optimize(
     if pipeline is not None:
         if model is not None:
             raise ValueError("give a model (--model) or a pipeline (--pipeline), not both")
-        model = text_to_image_model(pipeline, prompts, guidance_scale, device=device)
+        model = load_model(
+            pipeline=pipeline, prompts=prompts, guidance_scale=guidance_scale, device=device
+        )
         guidance_scale = None  # the pipeline's, in its model
     elif prompts is not None:
         raise ValueError("--prompts goes with --pipeline DIR")
     if model is None:
         raise ValueError("give a model (--model digits|DIR) or a pipeline (--pipeline DIR)")
-    image_model, source = _resolve_model(model, device, guidance_scale)
-    pipeline_run = isinstance(source, PipelineSource)
+    source = _resolve_model(model, device, guidance_scale)
+    pipeline_run = isinstance(source, PipelineModel)
     settings = settings or (pipeline_settings() if pipeline_run else OptimizeSettings())
     skipped: list[dict[str, str]] = []
     for method in list(methods):
@@ -213,7 +214,7 @@ def optimize(
         progress=progress,
     )
     run = _Run(
-        image_model, source, settings, out_path, cache, progress,
+        source, settings, out_path, cache, progress,
         began + 60.0 * float(budget_minutes), search, inputs=inputs,
     )  # fmt: skip
     for item in skipped:

@@ -11,9 +11,8 @@ from typing import Any
 from stepsearch.ays.search import AYSConfig
 from stepsearch.cache import TensorCache
 from stepsearch.eval.objective import Objective
-from stepsearch.models import ImageModel
+from stepsearch.models import ImageModel, PipelineModel
 from stepsearch.models.source import SampleSource
-from stepsearch.models.text_to_image import TextToImageModel
 from stepsearch.search.autodiffusion import AutoDiffusionSettings
 from stepsearch.search.dynamic import GITS_COEFF
 from stepsearch.search.families.dp import DPSettings  # (registers the built-in families)
@@ -30,7 +29,7 @@ SELECT_SEED, REPORT_SEED = 1, 2
 
 DEFAULT_MAX_TRIALS = 200
 
-Model = ImageModel | TextToImageModel
+Model = ImageModel | PipelineModel
 """A model whose diffusers scheduler directories the report replays in diffusers' own loop."""
 
 
@@ -124,8 +123,8 @@ class OptimizeResult:
 class _Run:
     """What every stage of one run shares."""
 
-    model: Model | None
     source: SampleSource
+    """The run's one model object (a sample source; a :data:`Model` also runs diffusers' loop)."""
     settings: OptimizeSettings
     out: Path
     cache: TensorCache
@@ -135,6 +134,11 @@ class _Run:
     incomplete: list[dict[str, Any]] = field(default_factory=list)
     inputs: dict[str, Any] = field(default_factory=dict)
     """Family-specific inputs by family name (Align Your Steps' pairs on a pipeline)."""
+
+    @property
+    def model(self) -> Model | None:
+        """The source as a model whose scheduler directories the report replays, else ``None``."""
+        return self.source if isinstance(self.source, (ImageModel, PipelineModel)) else None
 
     def seconds_left(self) -> float:
         return self.deadline - time.perf_counter()
