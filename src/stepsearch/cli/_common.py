@@ -23,15 +23,43 @@ USAGE_ERROR = 2
 """Exit status of a usage error (click's own, for bad options, too)."""
 
 
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,
+    FileNotFoundError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+)
+"""What the library raises for a user's mistake (its messages name the option and the value);
+anything else is a bug and keeps its traceback."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """:data:`USER_ERRORS` plus the unreadable-file errors of the libraries models are read with
+    (a truncated safetensors file, a config diffusers cannot parse)."""
+    extra: list[type[BaseException]] = []
+    with contextlib.suppress(ImportError):
+        from safetensors import SafetensorError
+
+        extra.append(SafetensorError)
+    return (*USER_ERRORS, *extra)
+
+
+def report_user_error(error: BaseException) -> typer.Exit:
+    """Print ``error: ...`` (one line, no traceback) and return the exit to raise (status 2)."""
+    errors.print(f"[red]error:[/red] {escape(str(error))}")
+    return typer.Exit(USAGE_ERROR)
+
+
 @contextlib.contextmanager
 def usage_errors() -> Iterator[None]:
-    """Turn a ``ValueError`` / ``FileNotFoundError`` from the library into ``error: ...`` and exit
-    status 2, instead of a traceback: the library's messages name the option to fix."""
+    """Turn a user's mistake reported by the library (:data:`USER_ERRORS`) into ``error: ...``
+    and exit status 2, instead of a traceback. The root command group does the same for every
+    command (:class:`HelpGroup`); this marks where a command expects them."""
     try:
         yield
-    except (ValueError, FileNotFoundError) as error:
-        errors.print(f"[red]error:[/red] {escape(str(error))}")
-        raise typer.Exit(USAGE_ERROR) from None
+    except _user_errors() as error:
+        raise report_user_error(error) from None
 
 
 def expand_list_options(args: Iterable[str], list_options: set[str]) -> list[str]:
@@ -40,7 +68,7 @@ def expand_list_options(args: Iterable[str], list_options: set[str]) -> list[str
     expanded: list[str] = []
     current: str | None = None
     for token in args:
-        if token.startswith("-"):
+        if token.startswith("-") and not _is_number(token):  # --nfe -3: a (bad) value
             current = token if token in list_options else None
             if current is None:
                 expanded.append(token)
@@ -50,6 +78,14 @@ def expand_list_options(args: Iterable[str], list_options: set[str]) -> list[str
             continue
         expanded += [item for value in token.split(",") if value for item in (current, value)]
     return expanded
+
+
+def _is_number(token: str) -> bool:
+    try:
+        float(token)
+    except ValueError:
+        return False
+    return True
 
 
 class ListOptionsCommand(TyperCommand):
@@ -78,7 +114,20 @@ class ListOptionsCommand(TyperCommand):
 
 
 class HelpGroup(TyperGroup):
-    """A command group whose ``--help`` row shows no ``<bool>`` type label."""
+    """A command group whose ``--help`` row shows no ``<bool>`` type label, and the CLI's one
+    error boundary: a user's mistake that reaches it from any command (:data:`USER_ERRORS`,
+    an unreadable model file) becomes one ``error: ...`` line and exit status 2; bad option values
+    were refused before, while parsing (:mod:`stepsearch.cli.checks`)."""
+
+    def invoke(self, ctx: typer.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except _user_errors() as error:
+            raise report_user_error(error) from None
+        except OSError as error:  # diffusers: "the config file at ... is not a valid JSON file"
+            if error.errno is not None:
+                raise  # an operating-system failure (disk full, ...), not the user's input
+            raise report_user_error(error) from None
 
     def get_params(self, ctx: typer.Context) -> list[Any]:
         params = super().get_params(ctx)

@@ -19,9 +19,7 @@ DEMO_METHODS = ["dp", "olss", "autodiffusion"]
 def demo_command(
     out: options.OutDir = Path("stepsearch-demo"),
     nfe: options.NFEs = None,
-    budget_minutes: Annotated[
-        float, typer.Option(metavar="M", help="Minutes for the searches.")
-    ] = 1.5,
+    budget_minutes: options.BudgetMinutes = 1.5,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Discard the results already in --out.")
     ] = False,

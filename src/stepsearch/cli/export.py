@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from stepsearch.cli._common import console, usage_errors
+from stepsearch.cli.checks import check_out_dir, check_out_file
 from stepsearch.integrations.export import DEFAULT_SOLVER, export_schedule
 from stepsearch.schedule import StepSchedule
 
@@ -64,6 +65,12 @@ def export_command(
     """Export a schedule: `--to diffusers DIR` (a drop-in scheduler directory for
     `from_pretrained`), `--to kdiffusion` (sigmas), `--to comfyui` (SIGMAS) or `--to timesteps`
     (diffusers timesteps for `pipe(timesteps=...)`)."""
+    if destination is not None:  # before any work: a folder for diffusers, a file otherwise
+        check = check_out_dir if to is Target.diffusers else check_out_file
+        try:
+            check(str(destination))
+        except typer.BadParameter as error:
+            raise typer.BadParameter(str(error), param_hint="'DEST'") from None
     with usage_errors():
         schedule = StepSchedule.load(schedule_file)
         result = export_schedule(

@@ -26,14 +26,7 @@ def optimize_command(
             show_default=False,
         ),
     ] = None,
-    budget_minutes: Annotated[
-        float,
-        typer.Option(
-            metavar="M",
-            help="Wall-clock minutes for the searches (AutoDiffusion gets "
-            "what the cheap searches leave).",
-        ),
-    ] = 30.0,
+    budget_minutes: options.BudgetMinutes = 30.0,
     out: options.OutDir = Path("stepsearch-optimize"),
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue in a folder holding another run.")

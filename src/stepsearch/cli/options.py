@@ -14,8 +14,23 @@ from typing import Annotated
 
 import typer
 
+from stepsearch.cli.checks import (
+    check_budget_minutes,
+    check_device,
+    check_model,
+    check_out_dir,
+    check_out_file,
+    check_storage,
+)
+
+MAX_NFE = 1000
+"""The largest NFE an option accepts (a discrete model has 1000 trained steps at most, and a
+larger budget is no few-step search)."""
+
 __all__ = [
+    "MAX_NFE",
     "NFE",
+    "BudgetMinutes",
     "Cache",
     "Device",
     "GuidanceScale",
@@ -26,6 +41,7 @@ __all__ = [
     "NumSamples",
     "OptionalModel",
     "OutDir",
+    "OutFile",
     "Pipeline",
     "Progress",
     "Prompts",
@@ -41,13 +57,14 @@ _MODEL_HELP = (
     "diffusers UNet2DModel directory with its scheduler config."
 )
 
-Model = Annotated[str, typer.Option(metavar="NAME|DIR", help=_MODEL_HELP)]
+Model = Annotated[str, typer.Option(metavar="NAME|DIR", help=_MODEL_HELP, parser=check_model)]
 OptionalModel = Annotated[
     str | None,
     typer.Option(
         metavar="NAME|DIR",
         help=_MODEL_HELP + " [default: digits, unless --pipeline]",
         show_default=False,
+        parser=check_model,
     ),
 ]
 Pipeline = Annotated[
@@ -71,11 +88,13 @@ GuidanceScale = Annotated[
         show_default=False,
     ),
 ]
-NFE = Annotated[int, typer.Option(metavar="N", help="Model evaluations per sample.", min=1)]
+NFE = Annotated[
+    int, typer.Option(metavar="N", help="Model evaluations per sample.", min=1, max=MAX_NFE)
+]
 NFEs = Annotated[
     list[int] | None,
     typer.Option(metavar="N...", help="Model-evaluation budgets. [default: 4 6 8]",
-                 show_default=False),
+                 show_default=False, min=1, max=MAX_NFE),
 ]  # fmt: skip
 Solver = Annotated[
     str, typer.Option(metavar="NAME", help="The solver the schedule is searched for.")
@@ -88,13 +107,28 @@ HeldOutSamples = Annotated[
     int, typer.Option(metavar="N", help="Samples for the held-out scores.", min=2)
 ]
 Seed = Annotated[int, typer.Option(metavar="N", help="Seed of the search.")]
-OutDir = Annotated[Path, typer.Option(metavar="DIR", help="Output directory.")]
+OutDir = Annotated[
+    Path, typer.Option(metavar="DIR", help="Output directory.", parser=check_out_dir)
+]
+OutFile = Annotated[
+    Path, typer.Option(metavar="FILE", help="Output file.", parser=check_out_file)
+]
+BudgetMinutes = Annotated[
+    float,
+    typer.Option(
+        metavar="M",
+        help="Wall-clock minutes for the searches (AutoDiffusion gets what the cheap searches "
+        "leave).",
+        parser=check_budget_minutes,
+    ),
+]
 Storage = Annotated[
     str | None,
     typer.Option(
         metavar="FILE|URL",
         help="Study store: a SQLite file or a database URL (postgresql://...) shared by "
         "workers. Default: OUT/study.sqlite3.",
+        parser=check_storage,
     ),
 ]
 StudyName = Annotated[
@@ -107,5 +141,7 @@ Cache = Annotated[
     Path | None,
     typer.Option(metavar="DIR", help="Tensor cache directory (default ~/.cache/stepsearch)."),
 ]
-Device = Annotated[str, typer.Option(metavar="NAME", help="torch device.")]
+Device = Annotated[
+    str, typer.Option(metavar="NAME", help="torch device (cpu, cuda, cuda:N).", parser=check_device)
+]
 Progress = Annotated[bool, typer.Option(help="Show progress bars.")]

@@ -11,6 +11,7 @@ import typer
 from rich.table import Table
 
 from stepsearch.cli._common import HelpGroup, ListOptionsCommand, console, usage_errors
+from stepsearch.cli.checks import check_model, check_out_file
 from stepsearch.models import model_noise
 from stepsearch.noise import EDM, DiscreteVP, FlowMatching, NoiseSchedule
 from stepsearch.schedule import SPACINGS, StepSchedule, make_schedule
@@ -92,6 +93,7 @@ Model = Annotated[
         metavar="NAME|DIR",
         help="Use this model's noise schedule: 'digits' (bundled) or a local diffusers model "
         "directory (instead of --noise).",
+        parser=check_model,
     ),
 ]
 
@@ -124,7 +126,12 @@ def schedule_show(
 
 @schedule_app.command("save", cls=ListOptionsCommand)
 def schedule_save(
-    out: Annotated[Path, typer.Argument(metavar="FILE", help="Where to write the schedule JSON.")],
+    out: Annotated[
+        Path,
+        typer.Argument(
+            metavar="FILE", help="Where to write the schedule JSON.", parser=check_out_file
+        ),
+    ],
     spacing: Spacing = "karras",
     steps: Steps = 10,
     noise: Noise = None,

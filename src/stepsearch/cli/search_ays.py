@@ -14,6 +14,7 @@ from stepsearch.ays.optimize import SearchState
 from stepsearch.ays.search import STRATEGIES, AYSConfig, run_ays_job
 from stepsearch.cli import options
 from stepsearch.cli._common import console, usage_errors
+from stepsearch.cli.checks import check_out_file
 from stepsearch.cli.search import search_command
 
 
@@ -41,7 +42,10 @@ def ays_command(
     pipeline: options.Pipeline = None,
     guidance_scale: options.GuidanceScale = None,
     nfe: options.NFE = 10,
-    out: Annotated[Path, typer.Option(help="Schedule file to write (JSON).")] = Path("ays.json"),
+    out: Annotated[
+        Path,
+        typer.Option(metavar="FILE", help="Schedule file to write (JSON).", parser=check_out_file),
+    ] = Path("ays.json"),
     solver: options.Solver = "dpm_solver_pp_2m",
     strategy: Annotated[str, typer.Option(help=f"One of: {', '.join(STRATEGIES)}.")] = (
         "hierarchical"

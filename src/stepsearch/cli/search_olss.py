@@ -10,6 +10,7 @@ import typer
 
 from stepsearch.cli import options
 from stepsearch.cli._common import console, usage_errors
+from stepsearch.cli.checks import check_out_dir
 from stepsearch.cli.search import search_command
 
 __all__ = ["olss_command"]
@@ -18,7 +19,12 @@ __all__ = ["olss_command"]
 @search_command("olss")
 def olss_command(
     out: Annotated[
-        Path, typer.Option(help="Directory for the scheduler, schedule file and report.")
+        Path,
+        typer.Option(
+            metavar="DIR",
+            help="Directory for the scheduler, schedule file and report.",
+            parser=check_out_dir,
+        ),
     ],
     nfe: options.NFE = 10,
     model: options.Model = "digits",

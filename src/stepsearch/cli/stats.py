@@ -9,6 +9,7 @@ import typer
 
 from stepsearch.cli import options
 from stepsearch.cli._common import console, usage_errors
+from stepsearch.cli.checks import check_out_file
 from stepsearch.eval.evaluate import compute_statistics
 
 
@@ -21,7 +22,10 @@ def stats_command(
         ),
     ],
     out: Annotated[
-        Path, typer.Option(metavar="FILE", help="Where to write the statistics (.npz).")
+        Path,
+        typer.Option(
+            metavar="FILE", help="Where to write the statistics (.npz).", parser=check_out_file
+        ),
     ],
     features: Annotated[
         str,
