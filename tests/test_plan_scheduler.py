@@ -507,3 +507,43 @@ def test_job_result_export_and_show_handle_plans(tmp_path):
         described = plans["unipc_zero_x0"] if path == zero else plan
         for line in described.describe().splitlines():
             assert line in shown.output
+
+
+def test_a_stable_diffusion_pipeline_runs_a_plan(pipe):
+    """The (tiny, offline) Stable Diffusion pipeline's own loop: classifier-free guidance batches,
+    scale_model_input on cat([latents] * 2), step() on the latents. One UNet call per timestep, NFE
+    = plan.nfe, images equal to stepsearch's sampling of the same guided model (to float32
+    batching round-off: the pipeline runs both branches in one batch), and ``sigmas=`` naming the
+    plan's grid gives the same images as ``num_inference_steps``."""
+    from stepsearch.models.pipeline import PipelineModel, generate_images
+    from stepsearch.models.source import generate_from_source
+
+    model = PipelineModel(pipe, ["a cat", "a red car"], guidance_scale=2.5)
+    plan = feature_plans(logsnr_uniform(model.noise, 6))["taylor_data_mean"]
+    mean = 0.2 * torch.randn(model.latent_shape, generator=torch.Generator().manual_seed(0))
+    solver = PlanSolver(data_mean=mean)
+    scheduler = StepsearchPlanScheduler.from_plan(plan, solver, prediction_type="epsilon")
+    seen: list[float] = []
+
+    def record(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        timestep = args[1] if len(args) > 1 else kwargs["timestep"]
+        seen.append(float(torch.as_tensor(timestep).reshape(-1)[0]))
+
+    handle = pipe.unet.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        theirs = generate_images(
+            model, scheduler, 2, num_inference_steps=6, seed=5, chunk_size=2, progress=False
+        )
+    finally:
+        handle.remove()
+    assert len(seen) == plan.nfe == 5
+    assert seen == scheduler.timesteps.double().tolist()
+    ours = generate_from_source(model, solver, plan, 2, seed=5, chunk_size=2)
+    assert ours.std() > 0.05
+    print(f"\npipeline vs sample(): max |difference| {float((ours - theirs).abs().max()):.2e}")
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=2e-4)
+    sigmas = plan.schedule.to_kdiffusion_sigmas().tolist()
+    again = generate_images(
+        model, scheduler, 2, sigmas=sigmas, seed=5, chunk_size=2, progress=False
+    )
+    assert torch.equal(again, theirs)
