@@ -53,7 +53,7 @@ def test_unreachable_nfe_is_reported_per_solver(tmp_path):
 
 def test_budgets_nothing_can_spend_are_refused(tmp_path):
     result = _fd_eval(tmp_path / "o", "--nfe", "0")
-    assert result.exit_code == 2 and "at least 1" in result.output
+    assert result.exit_code == 2 and "greater than or equal to 1" in _flat(result.output)
     result = _fd_eval(tmp_path / "o", "--solvers", "heun", "--nfe", "2")
     assert result.exit_code == 2 and "no method can spend exactly NFE 2" in _flat(result.output)
     assert not (tmp_path / "o" / "results_fd.json").exists()
