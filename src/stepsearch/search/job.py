@@ -6,7 +6,8 @@ A job (``stepsearch search <family> ... --out DIR``) writes into ``DIR``:
 - ``best_schedule.json``: the result as a :class:`~stepsearch.schedule_file.ScheduleFile` whose
   provenance carries the search-seed and held-out scores;
 - ``scheduler/``: a diffusers scheduler directory replaying it
-  (``StepsearchXScheduler.from_pretrained(DIR / "scheduler")``);
+  (``StepsearchXScheduler.from_pretrained(DIR / "scheduler")``; for a solver plan a
+  :class:`~stepsearch.integrations.plan_scheduler.StepsearchPlanScheduler`);
 - ``result.json``: a summary (best, starting point, baselines, held-out scores, trials, timings);
 - ``progress.png``: best score vs trials, and the schedule against the baselines.
 
@@ -28,6 +29,7 @@ import numpy as np
 from stepsearch._io import atomic_write_bytes, atomic_write_json
 from stepsearch.integrations.diffusers import scheduler_for_solver
 from stepsearch.integrations.olss import StepsearchOLSSScheduler
+from stepsearch.integrations.plan_scheduler import write_plan_scheduler_dir
 from stepsearch.noise import DiscreteVP, FlowMatching, NoiseSchedule
 from stepsearch.schedule import StepSchedule, make_schedule
 from stepsearch.schedule_file import ScheduleFile
@@ -239,11 +241,18 @@ def write_job_result(
     config = {}
     if schedule_file.provenance.prediction_type is not None:
         config["prediction_type"] = schedule_file.provenance.prediction_type
-    scheduler_dir = (
-        None  # a solver plan has no diffusers scheduler class yet
-        if schedule_file.is_plan
-        else write_scheduler_dir(out / "scheduler", schedule_file.schedule, solver, **config)
-    )
+    if schedule_file.is_plan:  # its own scheduler class, replaying the plan bit for bit
+        scheduler_dir = write_plan_scheduler_dir(
+            out / "scheduler",
+            schedule_file.candidate,
+            solver,
+            provenance=schedule_file.provenance.to_json_dict(),
+            **config,
+        )
+    else:
+        scheduler_dir = write_scheduler_dir(
+            out / "scheduler", schedule_file.schedule, solver, **config
+        )
     if scheduler_dir is not None:
         paths["scheduler"] = str(scheduler_dir)
     paths["plot"] = str(
