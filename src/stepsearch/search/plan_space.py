@@ -220,7 +220,11 @@ class PlanSpace:
             if rng.random() < self.time_probability:
                 times[k] = float(times[k]) * (1.0 + float(rng.normal(0.0, self.time_sigma)))
         low, high = self.t_end + self.min_gap, self.t_start - self.min_gap
-        times = [times[0], *sorted(np.clip(times[1:-1], low, high).tolist(), reverse=True), times[-1]]
+        times = [
+            times[0],
+            *sorted(np.clip(times[1:-1], low, high).tolist(), reverse=True),
+            times[-1],
+        ]
         n = len(orders)
         for i in range(n):
             if rng.random() < self.gene_probability:

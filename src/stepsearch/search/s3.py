@@ -12,7 +12,8 @@ The search runs in stages, each a fixed number of true evaluations:
 
 - stage 0, the seeds: every built-in multistep solver's default plan on the given schedules (the
   built-in spacings, and other families' results where available), and the same plans with an
-  analytical first step (one more step at the same NFE);
+  analytical first step (one more step at the same NFE); at most half the budget, in the order
+  given;
 - stage ``s >= 1``: (1) train the predictor (:mod:`stepsearch.search.predictor`) on every plan
   evaluated so far; (2) evolve ``generations`` generations of ``children`` candidates on the
   predictor alone, from the ``parents`` best evaluated plans (mutation, crossover with
@@ -52,9 +53,9 @@ from stepsearch.solvers.plan_solver import PlanSolver, data_mean_of
 
 __all__ = [
     "SEED_SOLVERS",
+    "Evaluated",
     "S3Result",
     "S3Settings",
-    "Evaluated",
     "plan_solver_for",
     "s3_search",
     "seed_plans",
@@ -173,13 +174,14 @@ def seed_plans(
     analytical: bool = True,
 ) -> list[tuple[str, SolverPlan]]:
     """Stage 0 (module docstring): ``(origin, plan)`` of every solver's default plan on every
-    schedule with this space's NFE, then (``analytical``) with each analytical first step the
+    schedule with this space's NFE (schedule by schedule, in the given order: put the most
+    promising first), then (``analytical``) with each analytical first step the
     space allows (``t_1`` inserted at the log-SNR midpoint of the first step); duplicates
     dropped."""
     found: dict[str, tuple[str, SolverPlan]] = {}
-    for name in solvers:
-        solver = get_solver(name)
-        for label, schedule in schedules.items():
+    for label, schedule in schedules.items():
+        for name in solvers:
+            solver = get_solver(name)
             try:
                 plan = space.adopt(solver.default_plan(schedule))
             except ValueError:
@@ -279,13 +281,18 @@ def s3_search(
     seeds = seed_plans(
         space, dict(schedules or {}), settings.seed_solvers, analytical=settings.analytical_seeds
     )
-    seeds += [(f"seed {name}", p) for name, plan in (plans or {}).items() if (p := space.adopt(plan))]
-    evaluate(0, [(origin, plan) for origin, plan in seeds if plan_key(plan) not in seen])
+    seeds += [
+        (f"seed {name}", p) for name, plan in (plans or {}).items() if (p := space.adopt(plan))
+    ]
+    fresh = [(origin, plan) for origin, plan in seeds if plan_key(plan) not in seen]
+    evaluate(0, fresh[: max(1, int(budget) // 2)])  # at most half the budget on the seeds
     stage = 1
     while len(history) - free < int(budget):
         rng = np.random.default_rng([int(seed), stage])
         if settings.use_predictor:
-            proposals, predicted = _predictor_stage(space, history, seen, settings, rng, seed, stage)
+            proposals, predicted = _predictor_stage(
+                space, history, seen, settings, rng, seed, stage
+            )
         else:
             proposals, predicted = _plain_stage(space, history, seen, settings, rng), None
         if not proposals:
@@ -382,7 +389,9 @@ def _predictor_stage(
         settings=settings.predictor,
     )
     parents = _parents(history, settings.parents)
-    population = list(zip(parents, predictor.scores([step_features(p) for p in parents])))
+    population = list(
+        zip(parents, predictor.scores([step_features(p) for p in parents]), strict=True)
+    )
     pool: dict[str, tuple[SolverPlan, float]] = {}
     for _ in range(settings.generations):
         children: list[SolverPlan] = []
