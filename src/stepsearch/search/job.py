@@ -101,12 +101,23 @@ class SearchProgress:
     """A progress bar of a search: trials done out of the budget, best score so far."""
 
     def __init__(self, budget: int, description: str, *, enabled: bool = True):
-        self.budget = int(budget)
+        self._budget = int(budget)
         self.description = description
         self.enabled = enabled
         self.best = math.inf
         self._progress: Any = None
         self._task: Any = None
+
+    @property
+    def budget(self) -> int:
+        """The bar's total; a family that learns its real count late (DP) sets it."""
+        return self._budget
+
+    @budget.setter
+    def budget(self, value: int) -> None:
+        self._budget = int(value)
+        if self._progress is not None:
+            self._progress.update(self._task, total=self._budget)
 
     @contextmanager
     def running(self) -> Iterator[SearchProgress]:

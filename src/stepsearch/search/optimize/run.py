@@ -252,6 +252,7 @@ def _judge_and_report(
     per_nfe: dict[int, dict[str, Any]] = {}
     scheduler_dirs: dict[int, str] = {}
     grids: dict[int, dict[str, Tensor]] = {}
+    winners: dict[int, Candidate] = {}
     for nfe in nfes:
         baselines = _baselines(run, nfe)
         candidates = baselines + found[nfe]
@@ -260,7 +261,7 @@ def _judge_and_report(
         def chosen(pool: list[Candidate], scores: dict = scores) -> Candidate:
             return min(pool, key=lambda c: _value(scores[c.label]["select"][selection]))
 
-        winner = chosen(candidates)
+        winner = winners[nfe] = chosen(candidates)
         best_baseline = chosen(baselines)
         folder = run.out / f"nfe-{nfe}"
         files, steps = _write_winner(run, winner, scores[winner.label], folder, selection)
@@ -293,6 +294,6 @@ def _judge_and_report(
     files = {
         "json": str(atomic_write_json(run.out / "report.json", report)),
         "markdown": str(atomic_write_text(run.out / "report.md", _markdown(report))),
-        "png": str(_plot(run, report, grids, found)),
+        "png": str(_plot(run, report, grids, winners)),
     }
     return OptimizeResult(report, files, scheduler_dirs, bool(run.incomplete))
