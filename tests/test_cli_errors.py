@@ -37,6 +37,8 @@ DIR_OUT_COMMANDS = ["eval", "optimize", "demo", "search dp", "search olss", "sea
                     "search s3"]  # fmt: skip
 FILE_OUT_COMMANDS = ["search ays", "schedule save"]
 STORE_COMMANDS = ["search dp", "search autodiffusion", "search s3"]
+DTYPE_COMMANDS = ["eval", "optimize", "search dp", "search ays", "search olss",
+                  "search autodiffusion", "search s3"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +115,13 @@ def test_missing_cuda(command, tmp_path):
         pytest.skip("this machine has CUDA")
     result, out = _run(command, tmp_path, {"--device": "cuda"})
     _assert_refused(result, out, "--device")
+
+
+@pytest.mark.parametrize("bad", ["float64", "int8", "half-ish"])
+@pytest.mark.parametrize("command", DTYPE_COMMANDS)
+def test_bad_dtype(command, bad, tmp_path):
+    result, out = _run(command, tmp_path, {"--dtype": bad})
+    _assert_refused(result, out, "--dtype")
 
 
 @pytest.mark.parametrize("bad", ["-3", "0", "100000"])

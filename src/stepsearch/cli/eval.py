@@ -114,6 +114,7 @@ def eval_command(
     seed: Annotated[int, typer.Option(metavar="N", help="Seed of the per-sample noise.")] = 0,
     out: options.OutDir = Path("stepsearch-eval"),
     device: options.Device = "cpu",
+    dtype: options.Dtype = "float32",
     chunk_size: Annotated[
         int | None,
         typer.Option(
@@ -147,8 +148,9 @@ def eval_command(
             guidance_scale=sampling_guidance_scale(model, pipeline, guidance_scale),
         )
         inputs = EvalInputs(
-            pipeline, prompts, clip_model, inception_weights, reference_stats, guidance_scale
-        )
+            pipeline, prompts, clip_model, inception_weights, reference_stats, guidance_scale,
+            dtype,
+        )  # fmt: skip
         result = evaluate(
             model,
             methods,

@@ -46,6 +46,7 @@ def optimize_command(
         ),
     ] = None,
     device: options.Device = "cpu",
+    dtype: options.Dtype = "float32",
 ) -> None:
     """Search DP, AYS, OLSS and AutoDiffusion schedules and S³ solver plans at each NFE, pick the
     winner against diffusers' and stepsearch's built-in samplers on unseen noise, and write a
@@ -68,6 +69,7 @@ def optimize_command(
             resume=resume,
             overwrite=overwrite,
             device=device,
+            dtype=dtype,
         )
     print_summary(result.report, result.files)
 

@@ -17,6 +17,7 @@ import typer
 from stepsearch.cli.checks import (
     check_budget_minutes,
     check_device,
+    check_dtype,
     check_model,
     check_out_dir,
     check_out_file,
@@ -33,6 +34,7 @@ __all__ = [
     "BudgetMinutes",
     "Cache",
     "Device",
+    "Dtype",
     "GuidanceScale",
     "HeldOutSamples",
     "Metric",
@@ -110,9 +112,7 @@ Seed = Annotated[int, typer.Option(metavar="N", help="Seed of the search.")]
 OutDir = Annotated[
     Path, typer.Option(metavar="DIR", help="Output directory.", parser=check_out_dir)
 ]
-OutFile = Annotated[
-    Path, typer.Option(metavar="FILE", help="Output file.", parser=check_out_file)
-]
+OutFile = Annotated[Path, typer.Option(metavar="FILE", help="Output file.", parser=check_out_file)]
 BudgetMinutes = Annotated[
     float,
     typer.Option(
@@ -143,5 +143,14 @@ Cache = Annotated[
 ]
 Device = Annotated[
     str, typer.Option(metavar="NAME", help="torch device (cpu, cuda, cuda:N).", parser=check_device)
+]
+Dtype = Annotated[
+    str,
+    typer.Option(
+        metavar="NAME",
+        help="What the network runs in: float32, float16 (GPU) or bfloat16; samples and solver "
+        "maths stay float32.",
+        parser=check_dtype,
+    ),
 ]
 Progress = Annotated[bool, typer.Option(help="Show progress bars.")]

@@ -201,6 +201,7 @@ class EvalInputs:
     inception_weights: Path | None = None
     reference_stats: Path | None = None
     guidance_scale: float | None = None
+    dtype: str | None = None  # what the network runs in (--dtype); samples stay float32
 
     @property
     def pipeline_guidance_scale(self) -> float:
@@ -335,7 +336,9 @@ def _run_unconditional(
     accelerator: Any | None,
     on_samples: OnSamples,
 ) -> tuple[dict[str, ResultTable], dict[str, Any]]:
-    model = load_model(model_spec, device=device, guidance_scale=inputs.guidance_scale)
+    model = load_model(
+        model_spec, device=device, guidance_scale=inputs.guidance_scale, torch_dtype=inputs.dtype
+    )
     assert isinstance(model, ImageModel)
     fid_reference = None
     own_features = model.feature_extractor is not None and model.reference_images is not None
@@ -391,6 +394,7 @@ def _run_text_to_image(
         prompts=prompts,
         guidance_scale=inputs.pipeline_guidance_scale,
         device=device,
+        torch_dtype=inputs.dtype,
     )
     tables = run_experiment(
         model,

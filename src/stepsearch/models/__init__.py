@@ -29,9 +29,11 @@ from stepsearch.models.batches import (
 )
 from stepsearch.models.image_model import ImageModel
 from stepsearch.models.loading import (
+    MODEL_DTYPES,
     load_image_model,
     load_model,
     load_source,
+    model_dtype,
     model_noise,
     pipeline_guidance_scale,
 )
@@ -66,6 +68,7 @@ from stepsearch.models.trajectories import (
 __all__ = [
     "DEFAULT_GUIDANCE_SCALE",
     "DEFAULT_TEACHER",
+    "MODEL_DTYPES",
     "ClassConditionalSource",
     "DenoiserSource",
     "DiffusionModel",
@@ -89,6 +92,7 @@ __all__ = [
     "load_image_model",
     "load_model",
     "load_source",
+    "model_dtype",
     "model_noise",
     "module_digest",
     "pipeline_guidance_scale",

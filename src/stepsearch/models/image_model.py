@@ -107,7 +107,13 @@ class ImageModel:
         """The unconditional network ``(x, timestep) -> output`` (conditional: :meth:`model_fn_for`)."""
         if self.conditional:
             raise ValueError(f"{self.name} is class-conditional: use model_fn_for(indices)")
-        return self.unet(x, timestep).sample
+        return self._network(x, timestep)
+
+    def _network(self, x: Tensor, timestep: Tensor, **conditioning: Any) -> Tensor:
+        """The UNet in its own dtype (``--dtype``), its output cast back to ``x``'s: samples and
+        solver maths keep their precision whatever the network runs in."""
+        dtype = self.network_dtype
+        return self.unet(x.to(dtype), timestep, **conditioning).sample.to(x.dtype)
 
     def _branch(self, labels: Tensor) -> ModelFn:
         """The UNet conditioned on ``labels`` (one per sample of the batch)."""
@@ -115,7 +121,7 @@ class ImageModel:
         def network(x: Tensor, timestep: Tensor) -> Tensor:
             if labels.shape[0] != x.shape[0]:
                 raise ValueError(f"{labels.shape[0]} labels for a batch of {x.shape[0]}")
-            return self.unet(x, timestep, class_labels=labels.to(x.device)).sample
+            return self._network(x, timestep, class_labels=labels.to(x.device))
 
         return network
 
@@ -165,6 +171,12 @@ class ImageModel:
     @cached_property
     def _unconditional_denoiser(self) -> ModelDenoiser:
         return ModelDenoiser(self.model_fn, self.noise, self.prediction_type)
+
+    @property
+    def network_dtype(self) -> torch.dtype:
+        """What the UNet runs in (its parameters' dtype; ``--dtype``)."""
+        parameter = next(self.unet.parameters(), None)
+        return torch.float32 if parameter is None else parameter.dtype
 
     @cached_property
     def identity(self) -> ModelIdentity:
@@ -247,12 +259,14 @@ class ImageModel:
         return x
 
     def describe(self) -> dict[str, Any]:
-        """Provenance settings (part of every cache key): prediction type and sample shape; for a
-        class-conditional model also the null label, the label rule and the guidance scale."""
+        """Provenance settings (part of every cache key): prediction type and sample shape, the
+        network's dtype unless float32; for a class-conditional model also the null label, the label rule and the guidance scale."""
         described: dict[str, Any] = {
             "sample_shape": list(self.sample_shape),
             "prediction_type": self.prediction_type,
         }
+        if self.network_dtype != torch.float32:
+            described["network_dtype"] = str(self.network_dtype).removeprefix("torch.")
         if self.num_classes is None:
             return described
         return {

@@ -461,7 +461,9 @@ class PipelineModel:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.pipeline.unet.dtype
+        """Latents and solver maths are float32 whatever the UNet runs in (``--dtype``): the
+        denoiser casts the latents to the UNet's dtype and its output back."""
+        return torch.float32
 
     @property
     def guided(self) -> bool:
@@ -504,7 +506,15 @@ class PipelineModel:
             "num_prompts": len(self.prompts),
             "prompts": "sha256:" + hashlib.sha256(prompts.encode("utf-8")).hexdigest(),
             "sample_shape": list(self.sample_shape),
+            **self._network_dtype(),
         }
+
+    def _network_dtype(self) -> dict[str, str]:
+        """``{"network_dtype": ...}`` unless the UNet runs in float32 (keys stay as they were)."""
+        dtype = self.pipeline.unet.dtype
+        return (
+            {} if dtype == torch.float32 else {"network_dtype": str(dtype).removeprefix("torch.")}
+        )
 
     # conditioning ----------------------------------------------------------------------------
     def _encoded(self, prompt: str) -> _Embeddings:

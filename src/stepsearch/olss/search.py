@@ -541,6 +541,7 @@ def run_olss_job(
     teacher_steps: int = 100,
     seed: int = 0,
     device: str = "cpu",
+    dtype: str | None = None,
     progress: bool = True,
 ) -> OLSSResult:
     """What ``stepsearch search olss`` does: fit on ``model`` (a bundled model or a local UNet
@@ -556,8 +557,9 @@ def run_olss_job(
         if prompts is None:
             raise ValueError("--pipeline needs --prompts")
         text_model = load_model(
-            pipeline=pipeline, prompts=prompts, guidance_scale=guidance_scale, device=device
-        )
+            pipeline=pipeline, prompts=prompts, guidance_scale=guidance_scale, device=device,
+            torch_dtype=dtype,
+        )  # fmt: skip
         return search_olss_pipeline(text_model, nfe, **common)  # type: ignore[arg-type]
-    source = load_source(model, device=device, guidance_scale=guidance_scale)
+    source = load_source(model, device=device, guidance_scale=guidance_scale, dtype=dtype)
     return search_olss(source, nfe, **common)  # type: ignore[arg-type]

@@ -140,6 +140,7 @@ def optimize(
     settings: OptimizeSettings | None = None,
     cache: TensorCache | None = None,
     device: str = "cpu",
+    dtype: str | None = None,
     progress: bool = True,
 ) -> OptimizeResult:
     """Run the searches ``methods`` at every NFE of ``nfes`` on ``model`` (``"digits"``, a local
@@ -151,7 +152,8 @@ def optimize(
     A text-to-image pipeline is ``model=None, pipeline=DIR, prompts=[...] or FILE,
     guidance_scale=G`` (:func:`~stepsearch.models.loading.load_model`); its default settings are
     :func:`pipeline_settings`. ``ays_data``: (prompt, image) pairs for Align Your Steps on a
-    pipeline (without them AYS is skipped there, and the report says so).
+    pipeline (without them AYS is skipped there, and the report says so). ``dtype``: what a
+    model loaded here runs in (``float32``, ``float16``, ``bfloat16``; samples stay float32).
 
     Raises:
         ValueError: bad input (module docstring), found before anything is written.
@@ -170,14 +172,15 @@ def optimize(
         if model is not None:
             raise ValueError("give a model (--model) or a pipeline (--pipeline), not both")
         model = load_model(
-            pipeline=pipeline, prompts=prompts, guidance_scale=guidance_scale, device=device
-        )
-        guidance_scale = None  # the pipeline's, in its model
+            pipeline=pipeline, prompts=prompts, guidance_scale=guidance_scale, device=device,
+            torch_dtype=dtype,
+        )  # fmt: skip
+        guidance_scale = dtype = None  # the pipeline's, in its model
     elif prompts is not None:
         raise ValueError("--prompts goes with --pipeline DIR")
     if model is None:
         raise ValueError("give a model (--model digits|DIR) or a pipeline (--pipeline DIR)")
-    source = _resolve_model(model, device, guidance_scale)
+    source = _resolve_model(model, device, guidance_scale, dtype)
     pipeline_run = isinstance(source, PipelineModel)
     settings = settings or (pipeline_settings() if pipeline_run else OptimizeSettings())
     skipped: list[dict[str, str]] = []
