@@ -11,9 +11,15 @@ from typing import Annotated
 import typer
 
 from stepsearch.cli._common import console, usage_errors
-from stepsearch.cli.checks import check_out_dir, check_out_file
-from stepsearch.integrations.export import DEFAULT_SOLVER, export_schedule
-from stepsearch.schedule import StepSchedule
+from stepsearch.cli.checks import check_model, check_out_dir, check_out_file
+from stepsearch.integrations.export import (
+    DEFAULT_SOLVER,
+    export_schedule,
+    prediction_type_of,
+    schedule_for_export,
+)
+from stepsearch.models import model_scheduler_config
+from stepsearch.schedule_file import read_schedule_or_file
 
 
 class Target(str, Enum):
@@ -27,7 +33,11 @@ def export_command(
     schedule_file: Annotated[
         Path,
         typer.Argument(
-            metavar="SCHEDULE", exists=True, dir_okay=False, help="A schedule JSON file."
+            metavar="SCHEDULE",
+            exists=True,
+            dir_okay=False,
+            help="A schedule JSON file (`stepsearch schedule save`) or a search's "
+            "best_schedule.json.",
         ),
     ],
     to: Annotated[
@@ -48,7 +58,8 @@ def export_command(
         typer.Option(
             metavar="NAME",
             help="diffusers: the drop-in scheduler's solver (a name from `stepsearch eval "
-            f"--help`). [default: the schedule's metadata solver, else {DEFAULT_SOLVER}]",
+            "--help`). [default: the solver the schedule was fitted for, else "
+            f"{DEFAULT_SOLVER}]",
             show_default=False,
         ),
     ] = None,
@@ -56,9 +67,21 @@ def export_command(
         str | None,
         typer.Option(
             metavar="NAME",
-            help="diffusers: the model's prediction type (epsilon, v_prediction, sample). "
-            "[default: the schedule's metadata, else epsilon]",
+            help="diffusers: the model's prediction type (epsilon, v_prediction, sample, "
+            "flow_prediction). [default: the one the schedule records or --model's; refused "
+            "when neither says]",
             show_default=False,
+        ),
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            metavar="NAME|DIR",
+            help="diffusers: build the drop-in from this model's scheduler config and prediction "
+            "type (a bundled model or a local diffusers model directory). [default: what the "
+            "schedule records]",
+            show_default=False,
+            parser=check_model,
         ),
     ] = None,
 ) -> None:
@@ -72,9 +95,20 @@ def export_command(
         except typer.BadParameter as error:
             raise typer.BadParameter(str(error), param_hint="'DEST'") from None
     with usage_errors():
-        schedule = StepSchedule.load(schedule_file)
+        schedule = schedule_for_export(read_schedule_or_file(schedule_file))
+        scheduler_config = None
+        if model is not None:
+            if to is not Target.diffusers:
+                raise ValueError(f"--model applies to the diffusers export, not {to.value}")
+            scheduler_config = model_scheduler_config(model)
+            prediction_type = prediction_type or prediction_type_of(scheduler_config)
         result = export_schedule(
-            schedule, to.value, destination, solver=solver, prediction_type=prediction_type
+            schedule,
+            to.value,
+            destination,
+            solver=solver,
+            prediction_type=prediction_type,
+            scheduler_config=scheduler_config,
         )
     if to is Target.diffusers:
         console.print(

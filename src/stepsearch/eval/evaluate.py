@@ -126,11 +126,15 @@ def methods_from_names(
     solvers: Sequence[str],
     baselines: Sequence[str],
     guidance_scale: float | None = None,
+    model: str | None = None,
 ) -> list[Method]:
     """The diffusers ``baselines`` (class names), then every solver on every schedule (a spacing
     name, a :class:`~stepsearch.schedule.StepSchedule` JSON file or a search's schedule file,
     named after its file stem). A schedule file fitted at a guidance scale other than
-    ``guidance_scale`` (the one the evaluation samples at) warns."""
+    ``guidance_scale`` (the one the evaluation samples at), or made for another model than
+    ``model`` (the name of the model or pipeline evaluated, compared by name: a bundled model's,
+    a directory's last component), warns
+    (:class:`~stepsearch.schedule_file.ModelMismatchWarning`)."""
     for baseline in baselines:
         check_diffusers_scheduler(baseline)
     for solver in solvers:
@@ -148,9 +152,10 @@ def methods_from_names(
                 raise ValueError(
                     f"{schedule_spec!r} is neither a spacing ({', '.join(SPACINGS)}) nor a file"
                 )
-            schedule = load_schedule(path, guidance_scale=guidance_scale).with_metadata(
-                name=path.stem
-            )
+            identity = None if model is None else {"name": Path(model).name, "digest": None}
+            schedule = load_schedule(
+                path, guidance_scale=guidance_scale, model=identity
+            ).with_metadata(name=path.stem)
         methods += [Method.stepsearch(solver, schedule) for solver in solvers]
     return methods
 

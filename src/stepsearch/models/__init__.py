@@ -33,6 +33,7 @@ from stepsearch.models.loading import (
     load_model,
     load_source,
     model_noise,
+    model_scheduler_config,
     pipeline_guidance_scale,
 )
 from stepsearch.models.method import (
@@ -90,6 +91,7 @@ __all__ = [
     "load_model",
     "load_source",
     "model_noise",
+    "model_scheduler_config",
     "module_digest",
     "pipeline_guidance_scale",
     "record_trajectories",

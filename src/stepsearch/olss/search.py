@@ -18,6 +18,7 @@ The fit only ever sees the search seed's noise; every reported error is on the h
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -488,6 +489,7 @@ def search_olss_pipeline(
             "fit": fit.describe(),
             "noise": model.noise.to_config(),
             "scheduler": f"{SCHEDULER_DIR}/scheduler_config.json",
+            "scheduler_config": json.loads(json.dumps(dict(model.scheduler_config), default=list)),
         },
     )
     report = _report(fit, rows, provenance, identity, nfe)
