@@ -1,5 +1,6 @@
 """``stepsearch export``: a schedule JSON to a diffusers scheduler directory, k-diffusion sigmas,
-ComfyUI SIGMAS or diffusers timesteps."""
+ComfyUI SIGMAS or diffusers timesteps; a solver plan (a plan file or a search's
+``best_schedule.json`` of a plan) to its :class:`StepsearchPlanScheduler` directory."""
 
 from __future__ import annotations
 
@@ -18,8 +19,10 @@ from stepsearch.integrations.export import (
     prediction_type_of,
     schedule_for_export,
 )
+from stepsearch.integrations.plan_scheduler import export_plan
 from stepsearch.models import model_scheduler_config
-from stepsearch.schedule_file import read_schedule_or_file
+from stepsearch.plan import SolverPlan
+from stepsearch.schedule_file import Provenance, read_plan_file, read_schedule_or_file
 
 
 class Target(str, Enum):
@@ -36,8 +39,8 @@ def export_command(
             metavar="SCHEDULE",
             exists=True,
             dir_okay=False,
-            help="A schedule JSON file (`stepsearch schedule save`) or a search's "
-            "best_schedule.json.",
+            help="A schedule JSON file (`stepsearch schedule save`), a solver plan file or a "
+            "search's best_schedule.json.",
         ),
     ],
     to: Annotated[
@@ -87,7 +90,8 @@ def export_command(
 ) -> None:
     """Export a schedule: `--to diffusers DIR` (a drop-in scheduler directory for
     `from_pretrained`), `--to kdiffusion` (sigmas), `--to comfyui` (SIGMAS) or `--to timesteps`
-    (diffusers timesteps for `pipe(timesteps=...)`)."""
+    (diffusers timesteps for `pipe(timesteps=...)`). A solver plan (a plan file, or a search's
+    best_schedule.json of one) exports to a StepsearchPlanScheduler directory that replays it."""
     if destination is not None:  # before any work: a folder for diffusers, a file otherwise
         check = check_out_dir if to is Target.diffusers else check_out_file
         try:
@@ -95,13 +99,20 @@ def export_command(
         except typer.BadParameter as error:
             raise typer.BadParameter(str(error), param_hint="'DEST'") from None
     with usage_errors():
-        schedule = schedule_for_export(read_schedule_or_file(schedule_file))
         scheduler_config = None
         if model is not None:
             if to is not Target.diffusers:
                 raise ValueError(f"--model applies to the diffusers export, not {to.value}")
             scheduler_config = model_scheduler_config(model)
             prediction_type = prediction_type or prediction_type_of(scheduler_config)
+        found = read_plan_file(schedule_file)  # a solver plan: its own drop-in scheduler
+        if found is not None and to is Target.diffusers:
+            _export_plan(found, destination, solver, prediction_type)
+            return
+        if found is not None:
+            schedule = found[0].schedule
+        else:
+            schedule = schedule_for_export(read_schedule_or_file(schedule_file))
         result = export_schedule(
             schedule,
             to.value,
@@ -120,3 +131,23 @@ def export_command(
         console.print(f"wrote [bold]{destination}[/]: {len(result)} {to.value} values")
     else:
         typer.echo(json.dumps(result))
+
+
+def _export_plan(
+    found: tuple[SolverPlan, Provenance | None],
+    destination: Path | None,
+    solver: str | None,
+    prediction_type: str | None,
+) -> None:
+    if destination is None:
+        raise ValueError("a diffusers export needs a directory to save_pretrained into")
+    plan, provenance = found
+    result = export_plan(
+        plan, destination, provenance=provenance, solver=solver, prediction_type=prediction_type
+    )
+    name = type(result).__name__
+    console.print(
+        f"wrote [bold]{destination}[/]: {name} (solver plan, {plan.num_steps} steps, NFE "
+        f"{plan.nfe}); load it with `from stepsearch.integrations.plan_scheduler import {name}`, "
+        f"{name}.from_pretrained('{destination}'), and run num_inference_steps={plan.num_steps}"
+    )

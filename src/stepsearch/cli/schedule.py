@@ -16,7 +16,7 @@ from stepsearch.integrations.export import drop_in_metadata
 from stepsearch.models import model_noise, model_scheduler_config
 from stepsearch.noise import EDM, DiscreteVP, FlowMatching, NoiseSchedule
 from stepsearch.schedule import SPACINGS, StepSchedule, make_schedule
-from stepsearch.schedule_file import read_schedule_or_file
+from stepsearch.schedule_file import read_plan_file, read_schedule_or_file
 
 schedule_app = typer.Typer(
     help="Make, inspect and write step schedules.", no_args_is_help=True, cls=HelpGroup
@@ -112,22 +112,32 @@ def schedule_show(
             metavar="FILE",
             exists=True,
             dir_okay=False,
-            help="Show a saved schedule JSON (or a search's best_schedule.json) instead.",
+            help="Show a saved schedule or solver plan JSON (or a search's best_schedule.json) "
+            "instead.",
         ),
     ] = None,
 ) -> None:
     """Print a step schedule: times, alpha, sigma, lambda, k-diffusion sigmas, diffusers
-    timesteps."""
+    timesteps; for a solver plan file (or a search's best_schedule.json of a plan) also the plan,
+    one row per step."""
+    plan = None
     with usage_errors():
         if file is not None:
-            loaded = read_schedule_or_file(file)
-            schedule = loaded if isinstance(loaded, StepSchedule) else loaded.schedule
+            found = read_plan_file(file)
+            plan = found[0] if found is not None else None
+            if plan is not None:
+                schedule = plan.schedule
+            else:
+                loaded = read_schedule_or_file(file)
+                schedule = loaded if isinstance(loaded, StepSchedule) else loaded.schedule
             title = str(file)
         else:
             noise_schedule, name = noise_for(noise, model)
             schedule = make_schedule(noise_schedule, steps, spacing)
             title = f"{spacing}, {steps} steps, {name}"
     _print_schedule(schedule, title)
+    if plan is not None:
+        typer.echo(plan.describe())
 
 
 @schedule_app.command("save", cls=ListOptionsCommand)
