@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -22,6 +23,7 @@ from stepsearch.cli import app
 from stepsearch.integrations.diffusers import scheduler_for_solver
 from stepsearch.models import load_image_model
 from stepsearch.schedule import StepSchedule
+from stepsearch.schedule_file import ScheduleFile
 from stepsearch.testbeds import digits
 
 NUM_SAMPLES, SEED = 6, 11
@@ -204,3 +206,117 @@ def test_eval_reads_a_search_result_and_warns_once_for_another_model(search_resu
     lines = [line for line in other.output.splitlines() if "warning" in line]
     assert len(lines) == 1  # one line, naming both models
     assert "'digits'" in lines[0] and "'digits-cond'" in lines[0]
+
+
+# --- every family's result file: AYS, OLSS, a plan job (S³), read by every command -----------
+
+
+@pytest.fixture(scope="module")
+def family_files(tmp_path_factory, search_result):
+    """``{family: (file, the search's own scheduler directory or None)}``: real ``search ays`` and
+    ``search olss`` runs on digits (tiny settings), the job runner's file (dp, autodiffusion and
+    S³ all write through it) and a plan job's file (what S³ writes)."""
+    from stepsearch.plan import SolverPlan
+    from stepsearch.schedule import logsnr_uniform
+    from stepsearch.schedule_file import Provenance
+    from stepsearch.search.job import write_job_result
+    from stepsearch.solvers import PlanSolver, solver_to_json
+
+    root = tmp_path_factory.mktemp("families")
+    env = {"STEPSEARCH_CACHE": str(root / "cache")}
+    ays = ["search", "ays", "--nfe", "3", "--strategy", "direct", "--samples", "4",
+           "--proxy-samples", "4", "--teacher-steps", "8", "--max-sweeps", "1",
+           "--out", str(root / "ays.json")]  # fmt: skip
+    olss = ["search", "olss", "--model", "digits", "--nfe", "3", "--samples", "8",
+            "--held-out-samples", "8", "--teacher-steps", "20", "--out", str(root / "olss")]  # fmt: skip
+    for arguments in (ays, olss):
+        done = CliRunner().invoke(app, arguments, env=env)
+        assert done.exit_code == 0, done.output
+    noise = load_image_model("digits").noise
+    plan = SolverPlan(
+        logsnr_uniform(noise, 3),
+        orders=(1, 2, 1),
+        predictions=("data", "data", "data"),
+        correctors=("unipc", "unipc", "none"),
+    )
+    solver = PlanSolver(variant="bh2")
+    provenance = Provenance(
+        model={"name": "digits", "digest": "sha256:test"},
+        solver=solver_to_json(solver),
+        nfe=plan.nfe,
+        objective={"metric": "traj"},
+        scores={},
+        seeds={"search": 0, "held_out": 1},
+        search={"family": "s3", "settings": {}},
+        prediction_type="v_prediction",
+    )
+    (root / "s3").mkdir()
+    write_job_result(
+        root / "s3", ScheduleFile(plan, provenance), {}, solver=solver, values=[1.0],
+        baselines=[], title="plan",
+    )  # fmt: skip
+    return {
+        "job": (search_result / "best_schedule.json", search_result / "scheduler"),
+        "ays": (root / "ays.json", None),
+        "olss": (root / "olss" / "olss_schedule.json", root / "olss" / "scheduler"),
+        "s3": (root / "s3" / "best_schedule.json", root / "s3" / "scheduler"),
+    }
+
+
+FAMILIES = ["job", "ays", "olss", "s3"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_search_file_exports_to_every_target(family_files, family, tmp_path):
+    path, own = family_files[family]
+    times = ScheduleFile.load(path).schedule.times
+    for target in ("kdiffusion", "comfyui", "timesteps"):
+        result = CliRunner().invoke(app, ["export", str(path), "--to", target])
+        assert result.exit_code == 0, result.output
+        assert len(json.loads(result.output)) in (len(times), len(times) - 1)
+    result = CliRunner().invoke(
+        app, ["export", str(path), "--to", "diffusers", str(tmp_path / "d")]
+    )
+    assert result.exit_code == 0, (
+        result.output
+    )  # no --solver, no --prediction-type: it records them
+    config = json.loads((tmp_path / "d" / "scheduler_config.json").read_text())
+    assert config["prediction_type"] == "v_prediction"
+    if own is not None:  # the same scheduler the search wrote beside it
+        written = json.loads((own / "scheduler_config.json").read_text())
+        assert config["_class_name"] == written["_class_name"]
+        for key in ("custom_times", "solver", "olss_coefficients", "solver_plan", "plan_checksum"):
+            assert config.get(key) == written.get(key), key
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_search_file_is_shown(family_files, family):
+    path, _ = family_files[family]
+    result = CliRunner().invoke(app, ["schedule", "show", "--file", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "clean" in result.output
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_search_file_is_evaluated_and_another_model_warns(family_files, family, monkeypatch):
+    import stepsearch.cli.eval as eval_cli
+
+    seen = {}
+
+    def evaluate(model, methods, *args, **kwargs):  # the scoring itself is eval's own tests'
+        seen["methods"] = methods
+        raise SystemExit(0)
+
+    monkeypatch.setattr(eval_cli, "evaluate", evaluate)
+    path, _ = family_files[family]
+    args = ["eval", "--schedules", str(path), "--solvers", "ddim", "--nfe", "3"]
+    same = CliRunner().invoke(app, [*args, "--model", "digits"])
+    assert same.exit_code == 0, same.output
+    warned = [line for line in same.output.splitlines() if "warning" in line]
+    # a plan: its step schedule runs with --solvers, and eval says so; nothing else warns
+    assert len(warned) == (family == "s3") and all("solver plan" in line for line in warned)
+    expected = ScheduleFile.load(path).schedule.times
+    assert np.array_equal(seen["methods"][0].schedule.times, expected)  # the file's own steps
+    other = CliRunner().invoke(app, [*args, "--model", "digits-cond"])
+    assert other.exit_code == 0, other.output
+    assert sum("'digits-cond'" in line for line in other.output.splitlines()) == 1

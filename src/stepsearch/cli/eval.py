@@ -19,6 +19,7 @@ from stepsearch.cli._common import (
 from stepsearch.eval.evaluate import (
     EvalInputs,
     EvalResult,
+    PlanStepsOnlyWarning,
     default_metrics,
     evaluate,
     methods_from_names,
@@ -147,7 +148,7 @@ def eval_command(
     with usage_errors():
         if pipeline is not None and model != "digits":
             raise ValueError("pass either --model or --pipeline, not both")
-        with one_line_warnings(ModelMismatchWarning, GuidanceMismatchWarning):
+        with one_line_warnings(ModelMismatchWarning, GuidanceMismatchWarning, PlanStepsOnlyWarning):
             methods = methods_from_names(
                 schedules or ["logsnr_uniform"],
                 solvers or ["dpm_solver_pp_2m"],

@@ -29,9 +29,11 @@ import numpy as np
 from stepsearch._io import atomic_write_dir, atomic_write_json
 from stepsearch.denoiser import PREDICTION_TYPE_ALIASES
 from stepsearch.integrations.diffusers import SCHEDULERS, scheduler_for_solver
+from stepsearch.integrations.olss import StepsearchOLSSScheduler
 from stepsearch.noise import DiscreteVP, FlowMatching
 from stepsearch.schedule import StepSchedule
 from stepsearch.schedule_file import ScheduleFile
+from stepsearch.solvers.olss import OLSSCoefficients
 
 EXPORT_TARGETS = ("diffusers", "kdiffusion", "comfyui", "timesteps")
 """What :func:`export_schedule` writes."""
@@ -103,6 +105,8 @@ def schedule_for_export(loaded: StepSchedule | ScheduleFile) -> StepSchedule:
     }
     if loaded.is_plan:
         metadata["solver_plan"] = True
+    if metadata["solver"] == "olss":  # its scheduler records where it came from
+        metadata["provenance"] = provenance.to_json_dict()
     if provenance.prediction_type is not None:
         metadata["prediction_type"] = provenance.prediction_type
     if provenance.extra.get("scheduler_config") is not None:
@@ -119,7 +123,10 @@ def diffusers_scheduler(
 ) -> Any:
     """The drop-in scheduler of ``solver`` (default: the schedule's ``metadata["solver"]`` with
     its ``solver_kwargs``, else :data:`DEFAULT_SOLVER`) that replays ``schedule``. A schedule
-    fitted for a solver plan or a solver without a drop-in class (OLSS) needs ``solver``.
+    fitted by OLSS (its coefficients in ``solver_kwargs``) becomes the
+    :class:`~stepsearch.integrations.olss.StepsearchOLSSScheduler` of those coefficients; one
+    fitted for a solver plan needs ``solver`` (plans have their own scheduler:
+    :func:`~stepsearch.integrations.plan_scheduler.export_plan`).
 
     ``scheduler_config`` (default: the schedule's ``metadata["scheduler_config"]``, the model's
     diffusers scheduler config) is the config the drop-in is built from, with the schedule as
@@ -130,7 +137,9 @@ def diffusers_scheduler(
     export does not guess."""
     metadata = schedule.metadata
     fitted = metadata.get("solver")
-    if solver is None and (metadata.get("solver_plan") or (fitted and fitted not in SCHEDULERS)):
+    olss = fitted == "olss" and solver in (None, "olss") and not metadata.get("solver_plan")
+    unreplayable = metadata.get("solver_plan") or (fitted is not None and fitted not in SCHEDULERS)
+    if solver is None and not olss and unreplayable:
         what = "a solver plan" if metadata.get("solver_plan") else f"solver {fitted!r}"
         raise ValueError(
             f"the schedule was fitted for {what}, which no one-solver drop-in scheduler replays "
@@ -142,17 +151,12 @@ def diffusers_scheduler(
         config.setdefault("solver_kwargs", dict(metadata["solver_kwargs"]))
     if scheduler_config is None and isinstance(metadata.get("scheduler_config"), Mapping):
         scheduler_config = metadata["scheduler_config"]
-    prediction_type = prediction_type or metadata.get("prediction_type")
-    if prediction_type is None and scheduler_config is not None:
-        prediction_type = prediction_type_of(scheduler_config)
-    if prediction_type is None and isinstance(schedule.noise, FlowMatching):
-        prediction_type = "flow_prediction"
-    if prediction_type is None and isinstance(schedule.noise, DiscreteVP):
-        raise ValueError(NO_PREDICTION_TYPE)
-    cls = scheduler_for_solver(solver)
+    prediction_type = _prediction_type(schedule, prediction_type, scheduler_config)
     if prediction_type is not None:
-        name = PREDICTION_TYPE_ALIASES.get(str(prediction_type), str(prediction_type))
-        config["prediction_type"] = "flow_prediction" if name == "flow" else str(prediction_type)
+        config["prediction_type"] = prediction_type
+    if olss:
+        return _olss_scheduler(schedule, config)
+    cls = scheduler_for_solver(solver)
     if scheduler_config is None:
         return cls.from_step_schedule(schedule, **config)
     scheduler = cls.from_config(
@@ -166,6 +170,47 @@ def diffusers_scheduler(
             f"describes ({schedule.noise!r}); make it with `stepsearch schedule save --model ...`"
         )
     return scheduler
+
+
+def _prediction_type(
+    schedule: StepSchedule,
+    given: str | None,
+    scheduler_config: Mapping[str, Any] | None,
+) -> str | None:
+    """``given``, else the schedule's recorded one, else the model config's, else
+    ``flow_prediction`` on flow matching; ``None`` only off diffusers' noise schedules (a
+    ``ValueError`` on a DiscreteVP: :data:`NO_PREDICTION_TYPE`)."""
+    found = given or schedule.metadata.get("prediction_type")
+    if found is None and scheduler_config is not None:
+        found = prediction_type_of(scheduler_config)
+    if found is None and isinstance(schedule.noise, FlowMatching):
+        found = "flow_prediction"
+    if found is None and isinstance(schedule.noise, DiscreteVP):
+        raise ValueError(NO_PREDICTION_TYPE)
+    if found is None:
+        return None
+    name = PREDICTION_TYPE_ALIASES.get(str(found), str(found))
+    return "flow_prediction" if name == "flow" else str(found)
+
+
+def _olss_scheduler(schedule: StepSchedule, config: dict[str, Any]) -> StepsearchOLSSScheduler:
+    """The OLSS scheduler of the coefficients an OLSS schedule file records (its provenance's
+    solver config), checked against the file's own step schedule."""
+    recorded = dict(schedule.metadata.get("solver_kwargs") or {}).get("coefficients")
+    if not isinstance(recorded, Mapping):
+        raise ValueError(
+            "the schedule was fitted by OLSS but does not record its coefficients: export the "
+            "search's olss_schedule.json, or pass --solver NAME to export its step schedule"
+        )
+    coefficients = OLSSCoefficients.from_json_dict(recorded)
+    if not np.array_equal(coefficients.schedule.times, schedule.times):
+        raise ValueError(
+            "the OLSS coefficients were fitted for other times than the file's schedule "
+            "(the file was edited): run the search again"
+        )
+    options = {"prediction_type": config["prediction_type"]} if "prediction_type" in config else {}
+    provenance = schedule.metadata.get("provenance")
+    return StepsearchOLSSScheduler.from_fit(coefficients, options, provenance=provenance)
 
 
 def export_schedule(

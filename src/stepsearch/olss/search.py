@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from stepsearch._io import atomic_write_json, atomic_write_text
+from stepsearch._io import atomic_write_dir, atomic_write_json, atomic_write_text
 from stepsearch.cache import TensorCache
 from stepsearch.eval.objective import Objective, Score
 from stepsearch.eval.trajectory import trajectory_error
@@ -349,7 +349,7 @@ def _write(out: Path, result: OLSSResult, source_config: dict[str, Any]) -> dict
     scheduler = StepsearchOLSSScheduler.from_fit(
         result.fit, source_config, provenance=result.provenance.to_json_dict()
     )
-    scheduler.save_pretrained(out / SCHEDULER_DIR)
+    atomic_write_dir(out / SCHEDULER_DIR, scheduler.save_pretrained)  # the folder at once
     ScheduleFile(result.fit.schedule, result.provenance).save(out / SCHEDULE_FILE)
     atomic_write_json(out / "report.json", result.report)
     atomic_write_text(out / "report.md", _markdown(result.report))
