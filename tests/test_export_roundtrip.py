@@ -320,3 +320,11 @@ def test_every_search_file_is_evaluated_and_another_model_warns(family_files, fa
     other = CliRunner().invoke(app, [*args, "--model", "digits-cond"])
     assert other.exit_code == 0, other.output
     assert sum("'digits-cond'" in line for line in other.output.splitlines()) == 1
+
+
+def test_a_search_job_names_its_files_and_store_run_relative(search_result):
+    summary = json.loads((search_result / "result.json").read_text())
+    assert summary["files"] == {"schedule": "best_schedule.json", "scheduler": "scheduler",
+                                "plot": "progress.png", "summary": "result.json"}  # fmt: skip
+    study = ScheduleFile.load(search_result / "best_schedule.json").provenance.extra["study"]
+    assert study["storage"] == "study.sqlite3" and (search_result / study["storage"]).is_file()

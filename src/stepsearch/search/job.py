@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from stepsearch._io import atomic_write_bytes, atomic_write_dir, atomic_write_json
+from stepsearch._io import atomic_write_bytes, atomic_write_dir, atomic_write_json, run_relative
 from stepsearch.integrations.diffusers import scheduler_for_solver
 from stepsearch.integrations.olss import StepsearchOLSSScheduler
 from stepsearch.integrations.plan_scheduler import write_plan_scheduler_dir
@@ -276,5 +276,6 @@ def write_job_result(
         )
     )
     paths["summary"] = str(out / "result.json")
-    atomic_write_json(out / "result.json", {**summary, "files": paths})
+    relative = {role: run_relative(path, out) for role, path in paths.items()}
+    atomic_write_json(out / "result.json", {**summary, "files": relative})
     return paths

@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import Tensor
 
-from stepsearch._io import atomic_write_bytes, atomic_write_json
+from stepsearch._io import atomic_write_bytes, atomic_write_json, run_relative
 from stepsearch.eval.objective import Objective, Score
 from stepsearch.models import ImageModel, PipelineModel
 from stepsearch.models.pipeline import generate_images
@@ -154,7 +154,8 @@ def _write_winner(
     atomic_write_json(
         winner_path,
         {"label": winner.label, "family": winner.family, "nfe": winner.nfe,
-         "num_inference_steps": steps, "partial": winner.partial, "files": files,
+         "num_inference_steps": steps, "partial": winner.partial,
+         "files": {role: run_relative(path, folder) for role, path in files.items()},
          "selection": scores["select"], "report": scores["report"]},
     )  # fmt: skip
     files["winner"] = str(winner_path)
