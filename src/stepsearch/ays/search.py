@@ -44,6 +44,7 @@ never interrupted (the Monte Carlo draws are fixed by the seed). Other arguments
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import time
@@ -56,7 +57,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from stepsearch._io import atomic_write_json, read_json
+from stepsearch._io import atomic_write_bytes, atomic_write_json, read_json
 from stepsearch.ays.klub import KLUBEstimator
 from stepsearch.ays.optimize import (
     SearchSettings,
@@ -446,13 +447,10 @@ def plot_result(result: AYSResult, path: str | os.PathLike[str]) -> Path:
     right.set_title("KLUB over iterations")
     right.legend(fontsize=8)
     figure.tight_layout()
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(f".{target.name}.tmp.png")
-    figure.savefig(temporary, dpi=110)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
     plt.close(figure)
-    os.replace(temporary, target)
-    return target
+    return atomic_write_bytes(path, buffer.getvalue())  # fsynced, then renamed
 
 
 def pipeline_ays_inputs(

@@ -35,6 +35,7 @@ from stepsearch.models.loading import (
     load_source,
     model_dtype,
     model_noise,
+    model_scheduler_config,
     pipeline_guidance_scale,
 )
 from stepsearch.models.method import (
@@ -94,6 +95,7 @@ __all__ = [
     "load_source",
     "model_dtype",
     "model_noise",
+    "model_scheduler_config",
     "module_digest",
     "pipeline_guidance_scale",
     "record_trajectories",

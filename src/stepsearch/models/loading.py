@@ -34,6 +34,7 @@ __all__ = [
     "load_source",
     "model_dtype",
     "model_noise",
+    "model_scheduler_config",
     "pipeline_guidance_scale",
 ]
 
@@ -152,6 +153,25 @@ def model_noise(spec: str) -> NoiseSchedule:
         return digits.load(spec).noise
     _, config_path = _model_directory_files(spec)
     return DiscreteVP.from_diffusers_config(json.loads(config_path.read_text()))
+
+
+def model_scheduler_config(spec: str) -> dict[str, Any]:
+    """The diffusers scheduler config of ``spec`` (a bundled model name or a local diffusers model
+    directory), its ``_class_name`` included where known, read without loading the network: what a
+    drop-in scheduler for the model needs (prediction type, betas, clipping, ...)."""
+    if spec in digits.MODELS:
+        record = digits.checkpoint_record(spec)
+        config = dict(record["scheduler_config"])
+        config.setdefault("_class_name", str(record.get("scheduler_class", "DDPMScheduler")))
+        return config
+    _, config_path = _model_directory_files(spec)
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{config_path}: not valid JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path}: a scheduler config must be a JSON object")
+    return config
 
 
 def load_image_model(

@@ -18,6 +18,7 @@ The fit only ever sees the search seed's noise; every reported error is on the h
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from stepsearch._io import atomic_write_json, atomic_write_text
+from stepsearch._io import atomic_write_dir, atomic_write_json, atomic_write_text
 from stepsearch.cache import TensorCache
 from stepsearch.eval.objective import Objective, Score
 from stepsearch.eval.trajectory import trajectory_error
@@ -348,7 +349,7 @@ def _write(out: Path, result: OLSSResult, source_config: dict[str, Any]) -> dict
     scheduler = StepsearchOLSSScheduler.from_fit(
         result.fit, source_config, provenance=result.provenance.to_json_dict()
     )
-    scheduler.save_pretrained(out / SCHEDULER_DIR)
+    atomic_write_dir(out / SCHEDULER_DIR, scheduler.save_pretrained)  # the folder at once
     ScheduleFile(result.fit.schedule, result.provenance).save(out / SCHEDULE_FILE)
     atomic_write_json(out / "report.json", result.report)
     atomic_write_text(out / "report.md", _markdown(result.report))
@@ -488,6 +489,7 @@ def search_olss_pipeline(
             "fit": fit.describe(),
             "noise": model.noise.to_config(),
             "scheduler": f"{SCHEDULER_DIR}/scheduler_config.json",
+            "scheduler_config": json.loads(json.dumps(dict(model.scheduler_config), default=list)),
         },
     )
     report = _report(fit, rows, provenance, identity, nfe)

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
+from stepsearch._io import run_relative
 from stepsearch.cache import TensorCache
 from stepsearch.eval.objective import Objective, Score
 from stepsearch.models import load_model
@@ -359,7 +360,11 @@ def run_search(
         found.settings,
         extra={
             **found.extra,
-            "study": {"storage": _redacted(store_url), "name": name, "trials": trials},
+            "study": {
+                "storage": run_relative(_redacted(store_url), out_path),
+                "name": name,
+                "trials": trials,
+            },
         },
     )
     schedule_file = ScheduleFile(found.result, provenance)

@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import Tensor
 
-from stepsearch._io import atomic_write_json, atomic_write_text
+from stepsearch._io import atomic_write_json, atomic_write_text, run_relative
 from stepsearch.cache import TensorCache
 from stepsearch.eval.objective import Objective
 from stepsearch.models import PipelineModel, load_model
@@ -294,9 +294,21 @@ def _judge_and_report(
         "seconds": round(time.perf_counter() - began, 1),
         "settings": run.settings.to_json_dict(),
     }  # fmt: skip
+    on_disk = _run_relative(report, run.out)  # the files it names, relative to the run folder
     files = {
-        "json": str(atomic_write_json(run.out / "report.json", report)),
-        "markdown": str(atomic_write_text(run.out / "report.md", _markdown(report))),
+        "json": str(atomic_write_json(run.out / "report.json", on_disk)),
+        "markdown": str(atomic_write_text(run.out / "report.md", _markdown(on_disk))),
         "png": str(_plot(run, report, grids, winners)),
     }
     return OptimizeResult(report, files, scheduler_dirs, bool(run.incomplete))
+
+
+def _run_relative(report: dict[str, Any], out: Path) -> dict[str, Any]:
+    """``report`` with every NFE's result files named relative to the run folder ``out``."""
+    per_nfe = {}
+    for n, entry in report["per_nfe"].items():
+        files = entry.get("files")
+        if isinstance(files, dict):
+            entry = {**entry, "files": {role: run_relative(p, out) for role, p in files.items()}}
+        per_nfe[n] = entry
+    return {**report, "per_nfe": per_nfe}
