@@ -5,7 +5,7 @@ exp(-lambda_t)`` of a step to a guidance weight ``w`` in diffusers' convention, 
 (cond - uncond)``: ``w = 1`` is the conditional branch alone (no guidance, one network pass), and
 ``w`` is ``1 +`` the weight of Ho & Salimans / Wang et al. Since the weight depends on the noise
 level alone, one schedule means the same thing at any step count, with any solver, in stepsearch's
-samplers and in a diffusers pipeline (:mod:`stepsearch.integrations.guidance_callback`).
+samplers and in a diffusers pipeline (:mod:`stepsearch.integrations.diffusers_guidance`).
 
 Shapes (``w`` = ``weight``; ``p`` the progress from noise to data on a log-sigma axis,
 ``p = (log sigma_max - log sigma) / (log sigma_max - log sigma_min)`` clipped to ``[0, 1]``, i.e.

@@ -24,13 +24,13 @@ scheduler, and the callback checks it after the first step. Three lines::
     guidance = GuidanceCallback.from_file("guidance.json", pipe)
     image = pipe(prompt, **guidance.call_options(num_inference_steps=20)).images[0]
 
-Weights below 1 cannot be expressed in a diffusers pipeline (it guides only above 1): such
-schedules are refused.
+The noise level of a step is read from the scheduler's (float32) timesteps: an interval edge placed
+exactly on a grid point may fall on either side of it. Weights below 1 cannot be expressed in a
+diffusers pipeline (it guides only above 1): such schedules are refused.
 """
 
 from __future__ import annotations
 
-import copy
 import inspect
 import math
 import os
@@ -140,9 +140,10 @@ class GuidanceCallback:
 
     def first_guidance_scale(self, **set_timesteps: Any) -> float:
         """The weight of the first step (``set_timesteps`` arguments as the pipeline will pass
-        them: ``num_inference_steps``, ``timesteps``, ``sigmas``, ``mu``, ...), found on a copy
-        of the pipeline's scheduler."""
-        scheduler = copy.deepcopy(self.pipeline.scheduler)
+        them: ``num_inference_steps``, ``timesteps``, ``sigmas``, ``mu``, ...), found on a twin
+        of the pipeline's scheduler built from its config."""
+        original = self.pipeline.scheduler
+        scheduler = type(original).from_config(original.config)
         accepted = inspect.signature(scheduler.set_timesteps).parameters
         scheduler.set_timesteps(
             **{key: value for key, value in set_timesteps.items() if value is not None},
