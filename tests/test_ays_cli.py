@@ -39,4 +39,4 @@ def test_search_ays_reports_bad_input_without_a_traceback(tmp_path):
         ["search", "ays", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "x.json")],
     )
     assert result.exit_code == 2
-    assert "error:" in result.output and "Traceback" not in result.output
+    assert "Invalid value for '--model'" in result.output and "Traceback" not in result.output

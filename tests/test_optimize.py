@@ -20,12 +20,14 @@ from stepsearch.search.autodiffusion import AutoDiffusionSettings
 from stepsearch.search.dp_job import DPSettings
 from stepsearch.search.family import FAMILIES
 from stepsearch.search.optimize import OptimizeSettings, gains_in_words, optimize
+from stepsearch.search.predictor import PredictorSettings
+from stepsearch.search.s3 import S3Settings
 from stepsearch.solvers import get_solver
 from stepsearch.testbeds.gaussian_mixture import GaussianMixture
 
 NOISE = DiscreteVP.from_diffusers_config({"beta_schedule": "linear"})
 NFES = [3]
-METHODS = ["dp", "ays", "olss", "autodiffusion"]
+METHODS = ["dp", "ays", "olss", "autodiffusion", "s3"]
 SETTINGS = OptimizeSettings(
     search_samples=24,
     select_samples=48,
@@ -38,7 +40,11 @@ SETTINGS = OptimizeSettings(
     olss_samples=16,
     autodiffusion=AutoDiffusionSettings(population=6, mutations=3, crossovers=1, parents=2),
     autodiffusion_trials=12,
-)
+    s3=S3Settings(proposals=3, explore=1, parents=4, generations=2, children=16,
+                  seed_solvers=("dpm_solver_pp_2m", "unipc_bh2"),
+                  predictor=PredictorSettings(hidden=8, epochs=20)),
+    s3_trials=14,
+)  # fmt: skip
 
 
 def _source() -> DenoiserSource:

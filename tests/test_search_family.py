@@ -40,12 +40,12 @@ def toy():
 
 def test_built_in_families_are_registered_adapters_of_the_protocol():
     family("dp")  # loads the built-in families
-    assert list(FAMILIES)[:4] == ["dp", "ays", "olss", "autodiffusion"]
-    for name in ("dp", "ays", "olss", "autodiffusion"):
+    assert list(FAMILIES)[:5] == ["dp", "ays", "olss", "autodiffusion", "s3"]
+    for name in ("dp", "ays", "olss", "autodiffusion", "s3"):
         found = FAMILIES[name]
         assert isinstance(found, SearchFamily) and found.name == name
         assert hasattr(found.settings_type(), "to_json_dict")
-    assert [n for n, f in FAMILIES.items() if f.expensive] == ["autodiffusion"]
+    assert [n for n, f in FAMILIES.items() if f.expensive] == ["autodiffusion", "s3"]
     assert not FAMILIES["ays"].uses_store and not FAMILIES["olss"].uses_store
     with pytest.raises(ValueError, match="unknown search family 'gits'"):
         family("gits")
@@ -57,7 +57,7 @@ def test_optimize_has_no_family_name_branches():
         if module.name.endswith(".py"):
             text = module.read_text()
             assert len(text.splitlines()) <= 500, module.name
-            assert not re.search(r"""[=!]= ?["'](dp|ays|olss|autodiffusion)["']""", text)
+            assert not re.search(r"""[=!]= ?["'](dp|ays|olss|autodiffusion|s3)["']""", text)
             assert not re.search(r"""["'](dp|ays|olss|autodiffusion)["'] in methods""", text)
 
 

@@ -30,6 +30,7 @@ from typing import Any
 from stepsearch import __version__
 from stepsearch._io import atomic_write_json, read_json
 from stepsearch.noise import NoiseSchedule
+from stepsearch.plan import FORMAT_NAME as PLAN_FORMAT_NAME
 from stepsearch.plan import SolverPlan
 from stepsearch.schedule import StepSchedule
 
@@ -41,6 +42,7 @@ __all__ = [
     "Provenance",
     "ScheduleFile",
     "load_schedule",
+    "read_plan_file",
 ]
 
 FORMAT_NAME = "stepsearch.ScheduleFile"
@@ -274,3 +276,22 @@ def load_schedule(
     schedule = StepSchedule.load(path)
     check_noise(schedule, noise, str(path))
     return schedule
+
+
+def read_plan_file(path: str | os.PathLike[str]) -> tuple[SolverPlan, Provenance | None] | None:
+    """The solver plan ``path`` holds, with its provenance: a plan file
+    (:meth:`SolverPlan.save`, no provenance) or a schedule file of a plan (a search's
+    ``best_schedule.json``); ``None`` for files holding a plain schedule. Bad content raises
+    ``ValueError`` naming the file."""
+    try:
+        payload = read_json(path)
+        if not isinstance(payload, Mapping):
+            return None
+        if payload.get("format") == PLAN_FORMAT_NAME:
+            return SolverPlan.from_json_dict(payload), None
+        if payload.get("format") == FORMAT_NAME and "plan" in payload:
+            loaded = ScheduleFile.from_json_dict(payload)
+            return loaded.candidate, loaded.provenance
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
+    return None

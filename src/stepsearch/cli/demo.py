@@ -13,7 +13,7 @@ from stepsearch.cli.optimize import print_summary
 from stepsearch.search.optimize import demo_settings, optimize
 
 DEMO_NFES = [4, 6, 8]
-DEMO_METHODS = ["dp", "olss", "autodiffusion"]
+DEMO_METHODS = ["dp", "olss", "autodiffusion", "s3"]
 
 
 def demo_command(
@@ -25,7 +25,7 @@ def demo_command(
     ] = False,
     device: options.Device = "cpu",
 ) -> None:
-    """The main job on the bundled digits model at a small budget: DP, OLSS and AutoDiffusion
+    """The main job on the bundled digits model at a small budget: DP, OLSS, AutoDiffusion and S³
     searches against diffusers' and stepsearch's built-in samplers at NFE 4, 6 and 8, judged on
     noise the searches never saw (about 5 minutes on 2 CPU cores). Rerun to reuse the results."""
     console.print("stepsearch demo: optimizing samplers for the bundled digits DDPM "

@@ -77,6 +77,8 @@ def eval_command(
             metavar="N...",
             help="Model-evaluation budgets. [default: 4 5 6 8 10]",
             show_default=False,
+            min=1,
+            max=options.MAX_NFE,
         ),
     ] = None,
     metric: Annotated[

@@ -1,5 +1,6 @@
 """``stepsearch export``: a schedule JSON to a diffusers scheduler directory, k-diffusion sigmas,
-ComfyUI SIGMAS or diffusers timesteps."""
+ComfyUI SIGMAS or diffusers timesteps; a solver plan (a plan file or a search's
+``best_schedule.json`` of a plan) to its :class:`StepsearchPlanScheduler` directory."""
 
 from __future__ import annotations
 
@@ -13,7 +14,10 @@ import typer
 from stepsearch.cli._common import console, usage_errors
 from stepsearch.cli.checks import check_out_dir, check_out_file
 from stepsearch.integrations.export import DEFAULT_SOLVER, export_schedule
+from stepsearch.integrations.plan_scheduler import export_plan
+from stepsearch.plan import SolverPlan
 from stepsearch.schedule import StepSchedule
+from stepsearch.schedule_file import Provenance, read_plan_file
 
 
 class Target(str, Enum):
@@ -64,7 +68,8 @@ def export_command(
 ) -> None:
     """Export a schedule: `--to diffusers DIR` (a drop-in scheduler directory for
     `from_pretrained`), `--to kdiffusion` (sigmas), `--to comfyui` (SIGMAS) or `--to timesteps`
-    (diffusers timesteps for `pipe(timesteps=...)`)."""
+    (diffusers timesteps for `pipe(timesteps=...)`). A solver plan (a plan file, or a search's
+    best_schedule.json of one) exports to a StepsearchPlanScheduler directory that replays it."""
     if destination is not None:  # before any work: a folder for diffusers, a file otherwise
         check = check_out_dir if to is Target.diffusers else check_out_file
         try:
@@ -72,7 +77,11 @@ def export_command(
         except typer.BadParameter as error:
             raise typer.BadParameter(str(error), param_hint="'DEST'") from None
     with usage_errors():
-        schedule = StepSchedule.load(schedule_file)
+        found = read_plan_file(schedule_file)  # a solver plan: its own drop-in scheduler
+        if found is not None and to is Target.diffusers:
+            _export_plan(found, destination, solver, prediction_type)
+            return
+        schedule = found[0].schedule if found is not None else StepSchedule.load(schedule_file)
         result = export_schedule(
             schedule, to.value, destination, solver=solver, prediction_type=prediction_type
         )
@@ -86,3 +95,23 @@ def export_command(
         console.print(f"wrote [bold]{destination}[/]: {len(result)} {to.value} values")
     else:
         typer.echo(json.dumps(result))
+
+
+def _export_plan(
+    found: tuple[SolverPlan, Provenance | None],
+    destination: Path | None,
+    solver: str | None,
+    prediction_type: str | None,
+) -> None:
+    if destination is None:
+        raise ValueError("a diffusers export needs a directory to save_pretrained into")
+    plan, provenance = found
+    result = export_plan(
+        plan, destination, provenance=provenance, solver=solver, prediction_type=prediction_type
+    )
+    name = type(result).__name__
+    console.print(
+        f"wrote [bold]{destination}[/]: {name} (solver plan, {plan.num_steps} steps, NFE "
+        f"{plan.nfe}); load it with `from stepsearch.integrations.plan_scheduler import {name}`, "
+        f"{name}.from_pretrained('{destination}'), and run num_inference_steps={plan.num_steps}"
+    )

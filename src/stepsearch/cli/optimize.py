@@ -47,7 +47,7 @@ def optimize_command(
     ] = None,
     device: options.Device = "cpu",
 ) -> None:
-    """Search DP, AYS, OLSS and AutoDiffusion schedules for the model at each NFE, pick the
+    """Search DP, AYS, OLSS and AutoDiffusion schedules and S³ solver plans at each NFE, pick the
     winner against diffusers' and stepsearch's built-in samplers on unseen noise, and write a
     ready scheduler directory per NFE plus one report (markdown, JSON, PNG).
 

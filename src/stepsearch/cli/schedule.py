@@ -15,6 +15,7 @@ from stepsearch.cli.checks import check_model, check_out_file
 from stepsearch.models import model_noise
 from stepsearch.noise import EDM, DiscreteVP, FlowMatching, NoiseSchedule
 from stepsearch.schedule import SPACINGS, StepSchedule, make_schedule
+from stepsearch.schedule_file import read_plan_file
 
 schedule_app = typer.Typer(
     help="Make, inspect and write step schedules.", no_args_is_help=True, cls=HelpGroup
@@ -107,21 +108,30 @@ def schedule_show(
     file: Annotated[
         Path | None,
         typer.Option(
-            metavar="FILE", exists=True, dir_okay=False, help="Show a saved schedule JSON instead."
+            metavar="FILE",
+            exists=True,
+            dir_okay=False,
+            help="Show a saved schedule or solver plan JSON instead.",
         ),
     ] = None,
 ) -> None:
     """Print a step schedule: times, alpha, sigma, lambda, k-diffusion sigmas, diffusers
-    timesteps."""
+    timesteps; for a solver plan file (or a search's best_schedule.json of a plan) also the plan,
+    one row per step."""
+    plan = None
     with usage_errors():
         if file is not None:
-            schedule = StepSchedule.load(file)
+            found = read_plan_file(file)
+            plan = found[0] if found is not None else None
+            schedule = plan.schedule if plan is not None else StepSchedule.load(file)
             title = str(file)
         else:
             noise_schedule, name = noise_for(noise, model)
             schedule = make_schedule(noise_schedule, steps, spacing)
             title = f"{spacing}, {steps} steps, {name}"
     _print_schedule(schedule, title)
+    if plan is not None:
+        typer.echo(plan.describe())
 
 
 @schedule_app.command("save", cls=ListOptionsCommand)

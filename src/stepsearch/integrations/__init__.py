@@ -2,8 +2,10 @@
 
 - :mod:`stepsearch.integrations.diffusers`: drop-in ``SchedulerMixin`` / ``ConfigMixin`` classes
   (:class:`~stepsearch.integrations.diffusers.StepsearchScheduler` and one subclass per solver).
+- :mod:`stepsearch.integrations.plan_scheduler`: a solver plan (S3's per-step rules) as a drop-in
+  scheduler (:class:`~stepsearch.integrations.plan_scheduler.StepsearchPlanScheduler`).
 - :mod:`stepsearch.integrations.kdiffusion`: k-diffusion denoisers as stepsearch denoisers,
   k-diffusion-style samplers for every solver, sigma export for k-diffusion and ComfyUI.
 """
 
-__all__ = ["diffusers", "kdiffusion"]
+__all__ = ["diffusers", "kdiffusion", "plan_scheduler"]

@@ -38,7 +38,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from stepsearch.cache import TensorCache
 from stepsearch.eval.objective import Objective, Score
-from stepsearch.models import load_source
+from stepsearch.models import load_model
 from stepsearch.schedule import StepSchedule
 from stepsearch.schedule_file import ScheduleFile
 from stepsearch.search.job import (
@@ -135,6 +135,9 @@ class Found:
     """Fields of ``result.json`` (``best`` is merged into its ``best``)."""
     values: list[float] | None = None
     """Trial values for ``progress.png`` (default: those scored through ``job.evaluate``)."""
+    marks: dict[str, list[int]] = field(default_factory=dict)
+    """Trials to mark in ``progress.png``, by label: positions in ``values`` (S³: the
+    predictor's picks; the plot adds the best-so-far curve without them)."""
     held_out: Score | None = None
     """The held-out score when the family computed it already (else the runner does)."""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -394,6 +397,7 @@ def run_search(
         solver=result_solver,
         values=values,
         baselines=baselines,
+        marks=found.marks,
         title=f"{fam.label}: {objective.source.identity.name}, {result_solver.name}, NFE {nfe}",
     )
     return SearchJob(
@@ -414,11 +418,13 @@ def _redacted(url: str) -> str:
 
 def run_job(
     search_family: SearchFamily | str,
-    model: str,
+    model: str | None,
     solver: str,
     nfe: int,
     out: str | Path,
     *,
+    pipeline: str | Path | None = None,
+    prompts: Sequence[str] | str | Path | None = None,
     metric: str = "fd",
     num_samples: int = 256,
     held_out_samples: int = 1000,
@@ -429,7 +435,9 @@ def run_job(
     **options: Any,
 ) -> SearchJob:
     """What ``stepsearch search <family>`` does: refuse an unsupported solver before the model
-    loads, load ``model`` (a bundled model or a local UNet directory), build the objective
+    loads, load ``model`` (a bundled model or a local UNet directory; or a text-to-image
+    ``pipeline`` directory with ``prompts``, see :func:`~stepsearch.models.load_model`), build the
+    objective
     (``metric`` on ``num_samples`` search-seed / ``held_out_samples`` held-out samples, tensor
     cache ``cache``) and :func:`run_search` (``options``: its keyword arguments)."""
     import optuna
@@ -443,7 +451,9 @@ def run_job(
         steps = int(nfe)  # run_search says which NFE are reachable
     fam.check(run_solver, steps)
     objective = Objective(
-        load_source(model, device=device, guidance_scale=guidance_scale),
+        load_model(
+            model, pipeline=pipeline, prompts=prompts, device=device, guidance_scale=guidance_scale
+        ),
         metric,
         num_samples=num_samples,
         held_out_samples=held_out_samples,

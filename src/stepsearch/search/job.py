@@ -6,7 +6,8 @@ A job (``stepsearch search <family> ... --out DIR``) writes into ``DIR``:
 - ``best_schedule.json``: the result as a :class:`~stepsearch.schedule_file.ScheduleFile` whose
   provenance carries the search-seed and held-out scores;
 - ``scheduler/``: a diffusers scheduler directory replaying it
-  (``StepsearchXScheduler.from_pretrained(DIR / "scheduler")``);
+  (``StepsearchXScheduler.from_pretrained(DIR / "scheduler")``; for a solver plan a
+  :class:`~stepsearch.integrations.plan_scheduler.StepsearchPlanScheduler`);
 - ``result.json``: a summary (best, starting point, baselines, held-out scores, trials, timings);
 - ``progress.png``: best score vs trials, and the schedule against the baselines.
 
@@ -28,6 +29,7 @@ import numpy as np
 from stepsearch._io import atomic_write_bytes, atomic_write_json
 from stepsearch.integrations.diffusers import scheduler_for_solver
 from stepsearch.integrations.olss import StepsearchOLSSScheduler
+from stepsearch.integrations.plan_scheduler import write_plan_scheduler_dir
 from stepsearch.noise import DiscreteVP, FlowMatching, NoiseSchedule
 from stepsearch.schedule import StepSchedule, make_schedule
 from stepsearch.schedule_file import ScheduleFile
@@ -174,9 +176,12 @@ def plot_search(
     *,
     metric: str,
     title: str,
+    marks: Mapping[str, Sequence[int]] | None = None,
 ) -> Path:
     """A PNG: the best search-seed score vs trials (every trial faint, baselines as lines), and
-    the best schedule's noise levels (k-diffusion sigma, log scale) against the baselines'."""
+    the best schedule's noise levels (k-diffusion sigma, log scale) against the baselines'.
+    ``marks`` (label -> trial positions in ``values``) are drawn as coloured points, with the
+    best-so-far curve of the trials without them beside the full one."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -191,6 +196,14 @@ def plot_search(
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     left.scatter(trials, finite, s=6, alpha=0.25, color="tab:gray", label="trial")
     left.plot(trials, best_so_far, color="tab:red", lw=2, label="best so far")
+    for index, (label, positions) in enumerate((marks or {}).items()):
+        chosen = np.zeros(values_array.size, dtype=bool)
+        chosen[[p for p in positions if 0 <= p < values_array.size]] = True
+        color = ("tab:blue", "tab:green", "tab:purple")[index % 3]
+        left.scatter(trials[chosen], finite[chosen], s=14, color=color, label=label, zorder=3)
+        others = np.where(chosen | np.isnan(finite), np.inf, finite)
+        left.plot(trials, np.minimum.accumulate(others), color=color, lw=1.5, ls=":",
+                  label=f"best so far without the {label}")  # fmt: skip
     for index, baseline in enumerate(baselines):
         left.axhline(baseline.value, lw=1, ls="--", color=f"C{index % 10}", label=baseline.name)
     if np.nanmin(finite, initial=np.inf) > 0:
@@ -230,6 +243,7 @@ def write_job_result(
     values: Sequence[float],
     baselines: Sequence[Baseline],
     title: str,
+    marks: Mapping[str, Sequence[int]] | None = None,
 ) -> dict[str, str]:
     """Write a job's result files into ``out`` (module docstring; ``solver`` runs the result);
     returns their paths by role."""
@@ -239,11 +253,18 @@ def write_job_result(
     config = {}
     if schedule_file.provenance.prediction_type is not None:
         config["prediction_type"] = schedule_file.provenance.prediction_type
-    scheduler_dir = (
-        None  # a solver plan has no diffusers scheduler class yet
-        if schedule_file.is_plan
-        else write_scheduler_dir(out / "scheduler", schedule_file.schedule, solver, **config)
-    )
+    if schedule_file.is_plan:  # its own scheduler class, replaying the plan bit for bit
+        scheduler_dir = write_plan_scheduler_dir(
+            out / "scheduler",
+            schedule_file.candidate,
+            solver,
+            provenance=schedule_file.provenance.to_json_dict(),
+            **config,
+        )
+    else:
+        scheduler_dir = write_scheduler_dir(
+            out / "scheduler", schedule_file.schedule, solver, **config
+        )
     if scheduler_dir is not None:
         paths["scheduler"] = str(scheduler_dir)
     paths["plot"] = str(
@@ -254,6 +275,7 @@ def write_job_result(
             baselines,
             metric=str(schedule_file.provenance.objective.get("metric", "score")),
             title=title,
+            marks=marks,
         )
     )
     paths["summary"] = str(out / "result.json")

@@ -12,10 +12,12 @@ from typing import Any
 from torch import Tensor
 
 from stepsearch.integrations import diffusers as drop_in
-from stepsearch.integrations import olss
+from stepsearch.integrations import olss, plan_scheduler
+from stepsearch.integrations.plan_scheduler import write_plan_scheduler_dir
 from stepsearch.models import Method, default_methods
 from stepsearch.models.source import SampleSource, generate_from_source
 from stepsearch.noise import DiscreteVP
+from stepsearch.plan import SolverPlan
 from stepsearch.schedule import StepSchedule
 from stepsearch.schedule_file import ScheduleFile
 from stepsearch.search.job import spacing_schedules, write_scheduler_dir
@@ -37,6 +39,14 @@ class Candidate:
     method: Method | None = None
     schedule_file: ScheduleFile | None = None
     partial: bool = False
+    plan: SolverPlan | None = None
+    """A solver plan (S³) the ``plan`` solver runs; ``schedule`` is then the plan's own."""
+
+    @property
+    def runs(self) -> StepSchedule | SolverPlan:
+        """What the solver runs: the plan, else the schedule."""
+        assert self.schedule is not None
+        return self.plan if self.plan is not None else self.schedule
 
     def key(self) -> str:
         """What the candidate's scores depend on (a resumed run reuses scores of equal keys)."""
@@ -47,6 +57,12 @@ class Candidate:
             )
         assert self.solver is not None and self.schedule is not None
         solver = solver_to_json(self.solver)
+        if self.plan is not None:
+            return json.dumps(
+                {"solver": solver["name"], "config": solver["config"],
+                 "plan": self.plan.to_json_dict()},
+                sort_keys=True,
+            )  # fmt: skip
         return json.dumps(
             {"solver": solver["name"], "config": solver["config"],
              "times": [float(t) for t in self.schedule.times]},
@@ -65,7 +81,7 @@ class Candidate:
             return model.sample_diffusers(scheduler, steps, count, seed, None, chunk, False)
         assert self.solver is not None and self.schedule is not None
         return generate_from_source(
-            source, self.solver, self.schedule, count, seed=seed, chunk_size=chunk
+            source, self.solver, self.runs, count, seed=seed, chunk_size=chunk
         )
 
     def write_scheduler(self, path: Path, prediction_type: str | None) -> tuple[Path, int] | None:
@@ -77,7 +93,17 @@ class Candidate:
             raise RuntimeError("diffusers baselines are written by write_diffusers_scheduler")
         assert self.solver is not None and self.schedule is not None
         config = {} if prediction_type is None else {"prediction_type": prediction_type}
-        written = write_scheduler_dir(path, self.schedule, self.solver, **config)
+        if self.plan is not None:
+            provenance = None if self.schedule_file is None else self.schedule_file.provenance
+            written = write_plan_scheduler_dir(
+                path,
+                self.plan,
+                self.solver,
+                provenance=None if provenance is None else provenance.to_json_dict(),
+                **config,
+            )
+        else:
+            written = write_scheduler_dir(path, self.schedule, self.solver, **config)
         return None if written is None else (written, self.schedule.num_steps)
 
 
@@ -98,7 +124,7 @@ def load_scheduler_dir(path: str | Path) -> Any:
     import diffusers
 
     name = json.loads((Path(path) / "scheduler_config.json").read_text())["_class_name"]
-    for module in (drop_in, olss, diffusers):
+    for module in (drop_in, olss, plan_scheduler, diffusers):
         found = getattr(module, name, None)
         if found is not None and hasattr(found, "from_pretrained"):
             return found.from_pretrained(path)

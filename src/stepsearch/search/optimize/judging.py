@@ -148,7 +148,7 @@ def _write_winner(
                 extra={"optimize": judged},
             )
         path = folder / "best_schedule.json"
-        ScheduleFile(winner.schedule, _conditioned(provenance, run.source)).save(path)
+        ScheduleFile(winner.runs, _conditioned(provenance, run.source)).save(path)
         files["schedule"] = str(path)
     winner_path = folder / "winner.json"
     atomic_write_json(

@@ -162,11 +162,7 @@ def optimize(
     if budget_minutes is None or not budget_minutes > 0:
         raise ValueError(f"--budget-minutes must be positive, got {budget_minutes!r}")
     _check_methods(methods)
-    if (
-        ays_data is not None
-        and pipeline is None
-        and not isinstance(model, PipelineModel)
-    ):
+    if ays_data is not None and pipeline is None and not isinstance(model, PipelineModel):
         raise ValueError(
             "--data goes with --pipeline (ays_data: AYS on the bundled model uses its data)"
         )
@@ -236,7 +232,7 @@ def optimize(
     ]
     for position, (method, nfe, name) in enumerate(pending):
         share = run.seconds_left() / (len(pending) - position)
-        candidate = _stage(run, method, name, nfe, seconds=share)
+        candidate = _stage(run, method, name, nfe, seconds=share, earlier=tuple(found[nfe]))
         if candidate is not None:
             found[nfe].append(candidate)
     return _judge_and_report(run, nfes, methods, found, began, skipped)

@@ -18,10 +18,12 @@ from stepsearch.search.dynamic import GITS_COEFF
 from stepsearch.search.families.dp import DPSettings  # (registers the built-in families)
 from stepsearch.search.family import FAMILIES, family
 from stepsearch.search.job import DEFAULT_SPACINGS
+from stepsearch.search.s3 import S3Settings
 
-METHODS = ("dp", "ays", "olss", "autodiffusion")
+METHODS = ("dp", "ays", "olss", "autodiffusion", "s3")
 """The built-in search families :func:`~stepsearch.search.optimize.optimize` runs by default, in
-their order (cheap ones first, AutoDiffusion last with the time left)."""
+their order (cheap ones first, AutoDiffusion and S³ last, sharing the time left; S³ is seeded with
+the other families' results at the same NFE)."""
 
 RUN_FORMAT = "stepsearch-optimize/1"
 SELECT_SEED, REPORT_SEED = 1, 2
@@ -42,7 +44,7 @@ class OptimizeSettings:
     each family searches for (OLSS is its own solver). ``baseline_solvers`` x ``spacings`` are the
     stepsearch baselines; ``diffusers_baselines`` adds diffusers' schedulers (image models and
     pipelines, in their own loop).
-    ``autodiffusion_trials``: its trial budget when time is not short. A family registered
+    ``autodiffusion_trials`` / ``s3_trials``: their trial budgets when time is not short. A family registered
     besides the built-in ones takes its settings from ``families[name]`` and its solvers from
     ``family_solvers[name]`` (:meth:`~stepsearch.search.family.FamilyBase.optimize_settings`). ``grid_rows`` x
     ``grid_cols`` samples per method in the report's grid.
@@ -62,6 +64,9 @@ class OptimizeSettings:
     olss_samples: int = 64
     autodiffusion: AutoDiffusionSettings = field(default_factory=AutoDiffusionSettings)
     autodiffusion_trials: int = 200
+    s3: S3Settings = field(default_factory=S3Settings)
+    s3_solvers: tuple[str, ...] = ("plan",)
+    s3_trials: int = 200
     grid_rows: int = 3
     grid_cols: int = 8
     chunk_size: int = 256
@@ -74,9 +79,12 @@ class OptimizeSettings:
         for name in ("search_samples", "select_samples", "held_out_samples", "olss_samples"):
             if int(getattr(self, name)) < 2:
                 raise ValueError(f"{name} must be at least 2, got {getattr(self, name)!r}")
-        if self.autodiffusion_trials < 1 or self.grid_rows < 1 or self.grid_cols < 1:
-            raise ValueError("autodiffusion_trials, grid_rows and grid_cols must be positive")
-        for name in ("dp_solvers", "ays_solvers", "autodiffusion_solvers", "baseline_solvers"):
+        if min(self.autodiffusion_trials, self.s3_trials, self.grid_rows, self.grid_cols) < 1:
+            raise ValueError(
+                "autodiffusion_trials, s3_trials, grid_rows and grid_cols must be positive"
+            )
+        for name in ("dp_solvers", "ays_solvers", "autodiffusion_solvers", "s3_solvers",
+                     "baseline_solvers"):  # fmt: skip
             object.__setattr__(self, name, tuple(getattr(self, name)))
         object.__setattr__(self, "spacings", tuple(self.spacings))
 
@@ -171,7 +179,7 @@ def demo_settings() -> OptimizeSettings:
     """Small settings for ``stepsearch demo`` (a few minutes on 2 CPU cores): 128 search samples,
     256 for selection and report, fewer built-in spacings, one solver per family, a 40-point DP
     grid (its solver coefficients are the DP's fixed cost: ~10k instead of ~160k on 100 points),
-    a small AutoDiffusion population."""
+    a small AutoDiffusion population, smaller S³ stages."""
     return OptimizeSettings(
         search_samples=128,
         select_samples=256,
@@ -184,4 +192,6 @@ def demo_settings() -> OptimizeSettings:
         olss_samples=64,
         autodiffusion=AutoDiffusionSettings(population=16, mutations=8, crossovers=4, parents=4),
         autodiffusion_trials=60,
+        s3=S3Settings(proposals=8, explore=2, generations=4, children=64),
+        s3_trials=60,
     )

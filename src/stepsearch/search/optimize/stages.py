@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,9 @@ from stepsearch.search.optimize.settings import _Run
 from stepsearch.solvers import get_solver, solver_from_json
 
 
-def _stage_fingerprint(run: _Run, name: str, solver: str, nfe: int) -> dict[str, Any]:
+def _stage_fingerprint(
+    run: _Run, name: str, solver: str, nfe: int, earlier: Sequence[Candidate] = ()
+) -> dict[str, Any]:
     objective = {k: v for k, v in run.search.describe().items() if k != "held_out_samples"}
     fingerprint = {
         "family": name,
@@ -29,18 +32,33 @@ def _stage_fingerprint(run: _Run, name: str, solver: str, nfe: int) -> dict[str,
     }
     if run.inputs.get(name) is not None:
         fingerprint["data"] = family(name).inputs_digest(run.inputs[name])
+    if earlier:  # a family seeded with the other searches' results depends on them
+        fingerprint["seeds"] = sorted(candidate.key() for candidate in earlier)
     return fingerprint
 
 
 def _stage(
-    run: _Run, name: str, solver: str, nfe: int, *, seconds: float | None = None
+    run: _Run,
+    name: str,
+    solver: str,
+    nfe: int,
+    *,
+    seconds: float | None = None,
+    earlier: Sequence[Candidate] = (),
 ) -> Candidate | None:
     """One search (a finished one is read back); ``None`` when the budget left no time for it.
-    ``seconds``: the time share of an expensive family (its trial budget comes from it)."""
+    ``seconds``: the time share of an expensive family (its trial budget comes from it).
+    ``earlier``: the other searches' results at this NFE, the seeds of a family that takes them
+    (``seeded_by_others``: S³) as its ``inputs``."""
     search_family = family(name)
     folder = run.out / f"nfe-{nfe}" / f"{name}-{solver}"
     record_path = folder / "stage.json"
-    fingerprint = _stage_fingerprint(run, name, solver, nfe)
+    inputs = run.inputs.get(name)
+    if not getattr(search_family, "seeded_by_others", False):
+        earlier = ()
+    elif earlier:
+        inputs = {candidate.label: candidate.runs for candidate in earlier}
+    fingerprint = _stage_fingerprint(run, name, solver, nfe, earlier)
     label = search_family.stage_label(solver)
     if record_path.is_file():
         record = json.loads(record_path.read_text())
@@ -71,7 +89,7 @@ def _stage(
         settings=run.settings.settings_of(name),
         progress=run.progress,
         budget=budget,
-        inputs=run.inputs.get(name),
+        inputs=inputs,
     )
     record = {
         "fingerprint": fingerprint,
@@ -92,6 +110,7 @@ def _candidate_from_record(
     )
     solver = solver_from_json(dict(schedule_file.provenance.solver))
     name = str(record["fingerprint"]["family"])
+    plan = schedule_file.candidate if schedule_file.is_plan else None
     if record.get("partial"):
         run.incomplete.append(
             {"nfe": nfe, "stage": label,
@@ -100,7 +119,7 @@ def _candidate_from_record(
         )  # fmt: skip
     return Candidate(
         label, name, nfe, solver, schedule_file.schedule,
-        schedule_file=schedule_file, partial=bool(record.get("partial")),
+        schedule_file=schedule_file, partial=bool(record.get("partial")), plan=plan,
     )  # fmt: skip
 
 

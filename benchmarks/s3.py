@@ -1,0 +1,276 @@
+"""S³ against every other search family on the bundled digits DDPM, on HELD-OUT noise.
+
+For each NFE every family is run through the one job runner
+(:func:`~stepsearch.search.family.run_search`) on one objective (FD-digits on the search seed,
+common random numbers): DP, Align Your Steps, OLSS, AutoDiffusion (a trial budget) and S³ (a trial
+budget, seeded with the others' results at that NFE, as ``stepsearch optimize`` does). Each result
+is then scored on the held-out seed - FD-digits at ``--held-out-samples`` (and at
+``--large-samples`` for the NFEs of ``--large-nfe``, with the ratio to two independent converged
+solves) and trajectory error to the converged solve - beside the best built-in solver + spacing.
+Part two is the predictor ablation: S³ with and without its predictor, ``--ablation-seeds`` seeds
+at ``--ablation-budget`` evaluations. Results: ``benchmarks/results/s3.{json,md}``.
+
+Full protocol (the issue's done-when; ~2 h on 2 idle cores)::
+
+    OMP_NUM_THREADS=2 python benchmarks/s3.py --nfe 3 4 5 6 --budget 200 \\
+        --autodiffusion-budget 200 --large-nfe 4 5 --ablation-budget 200
+
+Reduced run (what the committed results used; see the markdown's header)::
+
+    OMP_NUM_THREADS=1 python benchmarks/s3.py --nfe 3 4 5 6 --budget 150 \\
+        --autodiffusion-budget 100 --families dp olss autodiffusion --large-nfe 5 \\
+        --ablation-nfe 4 --ablation-budget 100 --ablation-samples 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from stepsearch._io import atomic_write_json, atomic_write_text
+from stepsearch.cache import TensorCache
+from stepsearch.eval.objective import Objective
+from stepsearch.eval.report import environment
+from stepsearch.models import load_source
+from stepsearch.schedule import make_schedule
+from stepsearch.search.family import family, run_search
+from stepsearch.search.job import spacing_schedules
+from stepsearch.search.s3 import SEED_SOLVERS, S3Settings, plan_solver_for, s3_search
+from stepsearch.search.store import StudyStore
+from stepsearch.solvers import get_solver
+
+RESULTS = Path(__file__).resolve().parent / "results"
+OTHERS = ("dp", "ays", "olss", "autodiffusion")
+CONVERGED = (("dpm_solver_pp_3m", "logsnr_uniform", 100), ("unipc_bh2", "time_uniform", 200))
+"""Two independent converged solves (the FD ratio's denominators)."""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="digits")
+    parser.add_argument("--nfe", type=int, nargs="+", default=[3, 4, 5, 6])
+    parser.add_argument("--families", nargs="+", default=list(OTHERS), choices=OTHERS)
+    parser.add_argument("--budget", type=int, default=200, help="S³ evaluations")
+    parser.add_argument("--autodiffusion-budget", type=int, default=200)
+    parser.add_argument("--num-samples", type=int, default=256)
+    parser.add_argument("--held-out-samples", type=int, default=1000)
+    parser.add_argument("--large-samples", type=int, default=5000)
+    parser.add_argument("--large-nfe", type=int, nargs="*", default=[4, 5])
+    parser.add_argument("--ablation-nfe", type=int, default=5)
+    parser.add_argument("--ablation-budget", type=int, default=200)
+    parser.add_argument("--ablation-samples", type=int, default=256)
+    parser.add_argument("--ablation-seeds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--work", type=Path, default=Path("runs/s3"))
+    parser.add_argument("--cache", type=Path, default=None)
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    began = time.perf_counter()
+    source = load_source(args.model)
+    cache = TensorCache(args.cache) if args.cache is not None else TensorCache.default()
+
+    def objective(metric: str, held_out: int, samples: int = args.num_samples) -> Objective:
+        return Objective(source, metric, num_samples=samples, held_out_samples=held_out,
+                         cache=cache, progress=False)  # fmt: skip
+
+    search = objective("fd", args.held_out_samples)
+    large = objective("fd", args.large_samples)
+    traj = objective("traj", args.held_out_samples)
+    noise = source.noise
+    converged = {
+        f"{name} / {spacing} x{steps}": (make_schedule(noise, steps, spacing), get_solver(name))
+        for name, spacing, steps in CONVERGED
+    }
+    reference = {label: search.held_out(*pair).value for label, pair in converged.items()}
+    rows: list[dict[str, Any]] = []
+    for nfe in args.nfe:
+        row: dict[str, Any] = {"nfe": nfe, "results": {}}
+        found: dict[str, Any] = {}
+        for name in [*args.families, "s3"]:
+            fam = family(name)
+            solver = fam.default_solvers[0]
+            budget = {"autodiffusion": args.autodiffusion_budget, "s3": args.budget}.get(name)
+            inputs = {k: v["runs"] for k, v in found.items()} if name == "s3" else None
+            start = time.perf_counter()
+            try:
+                job = run_search(fam, search, solver, nfe, args.work / f"nfe-{nfe}" / name,
+                                 budget=budget, inputs=inputs, progress=False)  # fmt: skip
+            except ValueError as error:  # e.g. an NFE a family cannot reach
+                row["results"][name] = {"skipped": str(error)}
+                continue
+            minutes = (time.perf_counter() - start) / 60
+            runs, run_solver = job.found.result, job.found.solver or get_solver(solver)
+            found[name] = {"runs": runs}
+            entry = {
+                "solver": run_solver.name,
+                "search": job.found.score.value,
+                "held_out_fd": job.held_out.value,
+                "held_out_traj": traj.held_out(runs, run_solver).value,
+                "trials": job.trials,
+                "minutes": round(minutes, 2),
+            }
+            if nfe in args.large_nfe:
+                value = large.held_out(runs, run_solver).value
+                entry["large_fd"] = value
+            if name == "s3":
+                entry["plan"] = runs.describe()
+                entry["best_origin"] = job.found.summary.get("best_origin")
+            row["results"][name] = entry
+            print(f"NFE {nfe} {name}: {entry['held_out_fd']:.3f} ({minutes:.1f} min)", flush=True)
+        built_in = _best_built_in(search, noise, nfe)
+        row["built_in"] = {**built_in, "held_out_traj": traj.held_out(
+            built_in["schedule"], get_solver(built_in["solver"])).value}  # fmt: skip
+        row["built_in"]["schedule"] = built_in["schedule"].times.tolist()
+        if nfe in args.large_nfe:
+            row["large_reference"] = {label: large.held_out(*pair).value
+                                      for label, pair in converged.items()}  # fmt: skip
+        rows.append(row)
+        _write(args, rows, reference, None, began)
+    ablation = _ablation(args, source, cache)
+    _write(args, rows, reference, ablation, began)
+
+
+def _best_built_in(search: Objective, noise: Any, nfe: int) -> dict[str, Any]:
+    """The best built-in solver + spacing on the search seed, scored held-out."""
+    best: dict[str, Any] | None = None
+    for name in (*SEED_SOLVERS, "unipc_bh1", "pndm"):
+        solver = get_solver(name)
+        try:
+            steps = solver.num_steps_for_nfe(nfe)
+        except ValueError:
+            continue
+        for spacing, schedule in spacing_schedules(noise, steps).items():
+            value = search(schedule, solver).value
+            if best is None or value < best["search"]:
+                best = {"solver": name, "spacing": spacing, "search": value, "schedule": schedule}
+    assert best is not None
+    best["held_out_fd"] = search.held_out(best["schedule"], get_solver(best["solver"])).value
+    return best
+
+
+def _ablation(args: Any, source: Any, cache: TensorCache) -> dict[str, Any]:
+    """S³ with and without the predictor: best search-seed and held-out FD per seed."""
+    objective = Objective(source, "fd", num_samples=args.ablation_samples,
+                          held_out_samples=args.held_out_samples, cache=cache, progress=False)  # fmt: skip
+    nfe, out = args.ablation_nfe, args.work / "ablation"
+    out.mkdir(parents=True, exist_ok=True)
+    starts = spacing_schedules(source.noise, nfe)
+    result: dict[str, Any] = {"nfe": nfe, "budget": args.ablation_budget, "runs": []}
+    for seed in range(args.ablation_seeds):
+        for use in (True, False):
+            begin = time.perf_counter()
+            storage = f"sqlite:///{out / f'seed{seed}-{use}.sqlite3'}"
+            with StudyStore.open(storage, "s3", metadata={"nfe": nfe}) as store:
+                found = s3_search(objective, nfe=nfe, budget=args.ablation_budget, store=store,
+                                  seed=seed, schedules=starts,
+                                  settings=S3Settings(use_predictor=use))  # fmt: skip
+            values = np.array(found.values)
+            searched = values[[r.stage >= 0 for r in found.history]]
+            run = {
+                "seed": seed,
+                "predictor": use,
+                "search": found.best_score.value,
+                "held_out_fd": objective.held_out(found.best, plan_solver_for(objective)).value,
+                "best_after": {str(k): float(np.min(searched[:k]))
+                               for k in (25, 50, 100, 150, 200) if k <= searched.size},
+                "minutes": round((time.perf_counter() - begin) / 60, 2),
+            }  # fmt: skip
+            result["runs"].append(run)
+            print(f"ablation seed {seed} predictor={use}: {run['held_out_fd']:.3f}", flush=True)
+    return result
+
+
+def _write(args: Any, rows: list, reference: dict, ablation: dict | None, began: float) -> None:
+    payload = {
+        "benchmark": "s3",
+        "settings": {
+            k: (str(v) if isinstance(v, Path) else v)
+            for k, v in vars(args).items()
+            if k not in ("work", "cache", "results")
+        },
+        "converged_held_out_fd": reference,
+        "rows": rows,
+        "ablation": ablation,
+        "minutes": round((time.perf_counter() - began) / 60, 1),
+        "environment": environment(),
+    }
+    args.results.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(args.results / "s3.json", payload)
+    atomic_write_text(args.results / "s3.md", _markdown(payload))
+
+
+def _markdown(payload: dict[str, Any]) -> str:
+    settings = payload["settings"]
+    names = [*settings["families"], "s3"]
+    lines = [
+        "## S³ vs the other search families: held-out FD-digits (lower is better)",
+        "",
+        f"Bundled `{settings['model']}` DDPM. Every family through the one job runner on one "
+        f"objective (FD-digits, {settings['num_samples']} samples on the search seed); scores on "
+        f"the held-out seed ({settings['held_out_samples']} samples). S³: {settings['budget']} "
+        f"evaluations; AutoDiffusion: {settings['autodiffusion_budget']}. Converged solves on "
+        "the same held-out noise: "
+        + ", ".join(f"{k} **{v:.2f}**" for k, v in payload["converged_held_out_fd"].items())
+        + f". Total {payload['minutes']} min.",
+        "",
+        "| NFE | best built-in | " + " | ".join(names) + " | S³ best? |",
+        "| ---: | --- | " + " | ".join("---:" for _ in names) + " | --- |",
+    ]
+    for row in payload["rows"]:
+        values = {n: row["results"].get(n, {}).get("held_out_fd") for n in names}
+        ranked = [v for n, v in values.items() if v is not None and n != "s3"]
+        best = values["s3"] is not None and all(values["s3"] < v for v in ranked)
+        built = row["built_in"]
+        cells = [f"{v:.2f}" if v is not None else "-" for v in values.values()]
+        lines.append(
+            f"| {row['nfe']} | {built['solver']} / {built['spacing']} {built['held_out_fd']:.2f} | "
+            + " | ".join(cells)
+            + f" | {'yes' if best else 'no'} |"
+        )
+    lines += ["", "Held-out trajectory error (RMS to the converged solve, same noise):", "",
+              "| NFE | best built-in | " + " | ".join(names) + " |",
+              "| ---: | ---: | " + " | ".join("---:" for _ in names) + " |"]  # fmt: skip
+    for row in payload["rows"]:
+        cells = [f"{row['results'].get(n, {}).get('held_out_traj', float('nan')):.4f}"
+                 for n in names]  # fmt: skip
+        lines.append(f"| {row['nfe']} | {row['built_in']['held_out_traj']:.4f} | "
+                     + " | ".join(cells) + " |")  # fmt: skip
+    large = [row for row in payload["rows"] if "large_reference" in row]
+    if large:
+        lines += ["", f"At {settings['large_samples']} held-out samples (FD, and S³'s ratio to "
+                  "each converged solve):", ""]  # fmt: skip
+        for row in large:
+            s3 = row["results"].get("s3", {}).get("large_fd")
+            others = ", ".join(f"{n} {row['results'][n]['large_fd']:.2f}" for n in names
+                               if "large_fd" in row["results"].get(n, {}) and n != "s3")  # fmt: skip
+            ratios = ", ".join(f"{s3 / v:.2f}x {k}" for k, v in row["large_reference"].items())
+            lines.append(f"- NFE {row['nfe']}: S³ **{s3:.2f}** ({ratios}); {others}")
+    for row in payload["rows"]:
+        if "s3" in row["results"] and "plan" in row["results"]["s3"]:
+            lines += ["", f"S³ plan at NFE {row['nfe']} (from {row['results']['s3']['best_origin']}):",
+                      "", "```", row["results"]["s3"]["plan"], "```"]  # fmt: skip
+    ablation = payload.get("ablation")
+    if ablation:
+        lines += ["", f"### Predictor ablation (NFE {ablation['nfe']}, {ablation['budget']} "
+                  "evaluations per run)", "", "| seed | predictor | search | held-out FD | "
+                  "best after 25 / 50 / 100 |", "| ---: | --- | ---: | ---: | --- |"]  # fmt: skip
+        for run in ablation["runs"]:
+            after = " / ".join(f"{v:.2f}" for k, v in run["best_after"].items() if int(k) <= 100)
+            lines.append(f"| {run['seed']} | {'yes' if run['predictor'] else 'no'} | "
+                         f"{run['search']:.2f} | {run['held_out_fd']:.2f} | {after} |")  # fmt: skip
+        for use in (True, False):
+            chosen = [r["held_out_fd"] for r in ablation["runs"] if r["predictor"] == use]
+            if chosen:
+                lines.append(f"\nMean held-out FD {'with' if use else 'without'} the predictor: "
+                             f"{np.mean(chosen):.2f}")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,421 @@
+"""S³: a predictor-guided evolutionary search over solver plans at a fixed NFE.
+
+Liu, Ning, Yang & Wang, "A Unified Sampling Framework for Solver Searching of Diffusion
+Probabilistic Models" (ICLR 2024, arXiv 2312.07243). A candidate is a
+:class:`~stepsearch.plan.SolverPlan` (every step's time, prediction, rule, Taylor order,
+estimation points, relaxation and corrector, and an analytical first step) in the space of
+:mod:`stepsearch.search.plan_space`; its fitness is the shared
+:class:`~stepsearch.eval.objective.Objective` on the search seed (common random numbers), run by
+the ``plan`` solver.
+
+The search runs in stages, each a fixed number of true evaluations:
+
+- stage 0, the seeds: every built-in multistep solver's default plan on the given schedules (the
+  built-in spacings, and other families' results where available), and the same plans with an
+  analytical first step (one more step at the same NFE); at most half the budget, in the order
+  given;
+- stage ``s >= 1``: (1) train the predictor (:mod:`stepsearch.search.predictor`) on every plan
+  evaluated so far; (2) evolve ``generations`` generations of ``children`` candidates on the
+  predictor alone, from the ``parents`` best evaluated plans (mutation, crossover with
+  probability ``crossover_probability``); (3) truly evaluate the ``proposals`` best unseen
+  candidates by the predictor plus ``explore`` bold random variants of the best plans.
+
+Without the predictor (``use_predictor=False``, the ablation of the done-when) a stage evaluates
+``proposals + explore`` children of the best plans drawn by the same operators: the same
+evolution, no ranking.
+
+Every true evaluation is a trial of the :class:`~stepsearch.search.store.StudyStore`, and each
+stage's proposals are a pure function of the seed, the stage number and the stored values of the
+earlier stages (the predictor included: :func:`~stepsearch.search.predictor.train_predictor` is
+deterministic). A rerun of a killed search replays every stage, finds the evaluated plans in the
+store and ends with the identical plan; several workers running the same search share each stage's
+evaluations through the store and end with the same result.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from stepsearch.eval.objective import Objective, Score
+from stepsearch.plan import SolverPlan
+from stepsearch.schedule import StepSchedule
+from stepsearch.search.job import sortable
+from stepsearch.search.plan_space import PlanSpace, plan_key, step_features
+from stepsearch.search.predictor import PredictorSettings, ranking_agreement, train_predictor
+from stepsearch.search.store import StudyStore
+from stepsearch.solvers import get_solver
+from stepsearch.solvers.plan_solver import PlanSolver, data_mean_of
+
+__all__ = [
+    "SEED_SOLVERS",
+    "Evaluated",
+    "S3Result",
+    "S3Settings",
+    "plan_solver_for",
+    "s3_search",
+    "seed_plans",
+]
+
+SEED_SOLVERS = (
+    "ddim",
+    "dpm_solver_pp_2m",
+    "dpm_solver_pp_3m",
+    "dpm_solver_2m",
+    "dpm_solver_3m",
+    "unipc_bh2",
+)
+"""The built-in solvers whose default plans seed the search (every plan the ``plan`` solver runs
+as that solver does; UniPC-bh1 needs another variant)."""
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    """The search's settings (defaults: an NFE-5 search on the digits model in ~10 minutes on
+    two CPU cores at 256 samples per candidate)."""
+
+    proposals: int = 12
+    """Plans the predictor picks per stage."""
+    explore: int = 4
+    """Bold random variants per stage."""
+    parents: int = 16
+    generations: int = 8
+    children: int = 96
+    """Candidates per generation on the predictor."""
+    crossover_probability: float = 0.3
+    use_predictor: bool = True
+    analytical_seeds: bool = True
+    seed_solvers: tuple[str, ...] = SEED_SOLVERS
+    predictor: PredictorSettings = field(default_factory=PredictorSettings)
+
+    def __post_init__(self) -> None:
+        for name in ("proposals", "parents", "generations", "children"):
+            if isinstance(getattr(self, name), bool) or int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)!r}")
+        if int(self.explore) < 0:
+            raise ValueError(f"explore must be >= 0, got {self.explore!r}")
+        if not 0.0 <= self.crossover_probability <= 1.0:
+            raise ValueError(
+                f"crossover_probability must be in [0, 1], got {self.crossover_probability!r}"
+            )
+        for name in self.seed_solvers:
+            get_solver(name).default_plan  # noqa: B018 - refuses unknown names early
+
+    @property
+    def per_stage(self) -> int:
+        return int(self.proposals) + int(self.explore)
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return {
+            "proposals": self.proposals,
+            "explore": self.explore,
+            "parents": self.parents,
+            "generations": self.generations,
+            "children": self.children,
+            "crossover_probability": self.crossover_probability,
+            "use_predictor": self.use_predictor,
+            "analytical_seeds": self.analytical_seeds,
+            "seed_solvers": list(self.seed_solvers),
+            "predictor": self.predictor.to_json_dict(),
+        }
+
+
+@dataclass(frozen=True)
+class Evaluated:
+    """One truly evaluated plan: its place (``index``, ``stage``), how it was made (``origin``:
+    ``seed <solver> / <schedule>``, ``predictor``, ``explore``, ``evolution``) and its value."""
+
+    index: int
+    stage: int
+    origin: str
+    plan: SolverPlan
+    value: float
+
+
+@dataclass(frozen=True)
+class S3Result:
+    """The search's outcome: the best plan and its search-seed score, every evaluated plan, and
+    the predictor's ranking agreement (Kendall's tau on each stage's new plans)."""
+
+    best: SolverPlan
+    best_score: Score
+    history: tuple[Evaluated, ...] = field(repr=False)
+    seed: int
+    settings: S3Settings
+    agreement: tuple[float, ...] = ()
+
+    @property
+    def values(self) -> list[float]:
+        return [record.value for record in self.history]
+
+    def indices(self, origin: str) -> list[int]:
+        """Positions in :attr:`values` of the plans of ``origin`` (prefix match)."""
+        return [k for k, r in enumerate(self.history) if r.origin.startswith(origin)]
+
+
+def plan_solver_for(objective: Objective) -> PlanSolver:
+    """The ``plan`` solver with the objective's data mean when its data provides one (so the
+    ``"data_mean"`` analytical first step is available), else without."""
+    try:
+        return PlanSolver(data_mean=data_mean_of(objective.source))
+    except ValueError:
+        return PlanSolver()
+
+
+def seed_plans(
+    space: PlanSpace,
+    schedules: Mapping[str, StepSchedule],
+    solvers: Sequence[str] = SEED_SOLVERS,
+    *,
+    analytical: bool = True,
+) -> list[tuple[str, SolverPlan]]:
+    """Stage 0 (module docstring): ``(origin, plan)`` of every solver's default plan on every
+    schedule with this space's NFE (schedule by schedule, in the given order: put the most
+    promising first), then (``analytical``) with each analytical first step the
+    space allows (``t_1`` inserted at the log-SNR midpoint of the first step); duplicates
+    dropped."""
+    found: dict[str, tuple[str, SolverPlan]] = {}
+    for label, schedule in schedules.items():
+        for name in solvers:
+            solver = get_solver(name)
+            try:
+                plan = space.adopt(solver.default_plan(schedule))
+            except ValueError:
+                continue
+            if plan is not None:
+                found.setdefault(plan_key(plan), (f"seed {name} / {label}", plan))
+    if analytical:
+        for first in space.first_steps:
+            if first == "model":
+                continue
+            for origin, plan in list(found.values()):
+                if plan.first_step != "model":
+                    continue
+                times = plan.schedule.times
+                middle = space._between(float(times[0]), float(times[1]), np.random.default_rng(0))
+                steps = plan.num_steps + 1
+                child = space.repair(
+                    [times[0], middle, *times[1:]],
+                    [1, *plan.orders],
+                    [plan.predictions[0], *plan.predictions],
+                    [plan.rules[0], *plan.rules],
+                    [(), *plan.estimation_points],
+                    [0.0, *plan.relaxations],
+                    ["none", *plan.correctors],
+                    first,
+                )
+                if child is not None and child.num_steps == steps:
+                    found.setdefault(plan_key(child), (f"{origin}, {first}", child))
+    return list(found.values())
+
+
+def s3_search(
+    objective: Objective,
+    *,
+    nfe: int,
+    budget: int,
+    store: StudyStore,
+    seed: int = 0,
+    schedules: Mapping[str, StepSchedule] | None = None,
+    plans: Mapping[str, SolverPlan] | None = None,
+    evaluated: Sequence[tuple[str, SolverPlan, float]] = (),
+    settings: S3Settings | None = None,
+    solver: PlanSolver | None = None,
+    on_trial: Callable[[int, float], None] | None = None,
+) -> S3Result:
+    """Search ``budget`` true evaluations for the best plan at ``nfe`` model evaluations
+    (module docstring); every evaluation is a trial in ``store``. ``schedules`` (named, e.g.
+    the built-in spacings and other families' results) and ``plans`` seed stage 0;
+    ``evaluated`` are already-scored ``(origin, plan, value)`` (the runner's starting points)
+    that count as history without a new evaluation. ``on_trial(done, best)`` reports
+    progress. Rerunning with the same store replays the search (resume)."""
+    settings = settings or S3Settings()
+    if isinstance(budget, bool) or int(budget) < 1:
+        raise ValueError(f"budget must be a positive number of trials, got {budget!r}")
+    run_solver = solver or plan_solver_for(objective)
+    noise = objective.source.noise
+    space = PlanSpace.for_noise(noise, nfe, data_mean=run_solver.data_mean is not None)
+    history: list[Evaluated] = []
+    seen: set[str] = set()
+    for origin, plan, value in evaluated:
+        adopted = space.adopt(plan)
+        if adopted is not None and plan_key(adopted) not in seen:
+            seen.add(plan_key(adopted))
+            history.append(Evaluated(len(history), -1, origin, adopted, float(value)))
+    free = len(history)
+    best, done = math.inf, 0
+    agreement: list[float] = []
+
+    def score(candidate: SolverPlan) -> Score:
+        return objective(candidate, run_solver)
+
+    def evaluate(stage: int, proposals: list[tuple[str, SolverPlan]]) -> None:
+        nonlocal best, done
+        proposals = proposals[: int(budget) - (len(history) - free)]
+        if not proposals:
+            return
+        start = len(history)
+
+        def report(position: int, result: Score) -> None:
+            nonlocal best, done
+            best, done = min(best, sortable(result.value)), done + 1
+            if on_trial is not None:
+                on_trial(done, best)
+
+        attrs = [
+            {"stage": stage, "index": start + k, "origin": origin}
+            for k, (origin, _) in enumerate(proposals)
+        ]
+        scores = store.evaluate_many(
+            [plan for _, plan in proposals], score, solver=run_solver, attrs=attrs,
+            on_score=report,
+        )  # fmt: skip
+        for k, ((origin, plan), result) in enumerate(zip(proposals, scores, strict=True)):
+            seen.add(plan_key(plan))
+            history.append(Evaluated(start + k, stage, origin, plan, float(result.value)))
+
+    seeds = seed_plans(
+        space, dict(schedules or {}), settings.seed_solvers, analytical=settings.analytical_seeds
+    )
+    seeds += [
+        (f"seed {name}", p) for name, plan in (plans or {}).items() if (p := space.adopt(plan))
+    ]
+    fresh = [(origin, plan) for origin, plan in seeds if plan_key(plan) not in seen]
+    evaluate(0, fresh[: max(1, int(budget) // 2)])  # at most half the budget on the seeds
+    stage = 1
+    while len(history) - free < int(budget):
+        rng = np.random.default_rng([int(seed), stage])
+        if settings.use_predictor:
+            proposals, predicted = _predictor_stage(
+                space, history, seen, settings, rng, seed, stage
+            )
+        else:
+            proposals, predicted = _plain_stage(space, history, seen, settings, rng), None
+        if not proposals:
+            break  # nothing new can be proposed
+        before = len(history)
+        evaluate(stage, proposals)
+        if predicted is not None:
+            new = [r for r in history[before:] if r.origin == "predictor"]
+            agreement.append(
+                ranking_agreement(predicted[: len(new)], [r.value for r in new])
+                if len(new) > 2 else 0.0
+            )  # fmt: skip
+        stage += 1
+    searched = [r for r in history if r.stage >= 0]
+    if not searched:
+        raise ValueError("the search evaluated nothing")
+    winner = min(history, key=lambda r: (sortable(r.value), r.index))
+    best_score = store.evaluate(winner.plan, score, solver=run_solver)  # a lookup
+    return S3Result(winner.plan, best_score, tuple(history), int(seed), settings, tuple(agreement))
+
+
+def _parents(history: Sequence[Evaluated], count: int) -> list[SolverPlan]:
+    ranked = sorted(history, key=lambda r: (sortable(r.value), r.index))
+    return [r.plan for r in ranked[:count]]
+
+
+def _child(
+    space: PlanSpace,
+    population: Sequence[SolverPlan],
+    settings: S3Settings,
+    rng: np.random.Generator,
+) -> SolverPlan | None:
+    if len(population) > 1 and rng.random() < settings.crossover_probability:
+        first, second = rng.choice(len(population), size=2, replace=False)
+        child = space.crossover(population[int(first)], population[int(second)], rng)
+        return None if child is None else space.mutate(child, rng)
+    return space.mutate(population[int(rng.integers(len(population)))], rng)
+
+
+def _explore(
+    space: PlanSpace,
+    parents: Sequence[SolverPlan],
+    taken: set[str],
+    count: int,
+    rng: np.random.Generator,
+) -> list[tuple[str, SolverPlan]]:
+    found: list[tuple[str, SolverPlan]] = []
+    for _ in range(50 * count):
+        if len(found) >= count:
+            break
+        child = space.random_variant(parents[int(rng.integers(len(parents)))], rng)
+        if child is not None and (key := plan_key(child)) not in taken:
+            taken.add(key)
+            found.append(("explore", child))
+    return found
+
+
+def _plain_stage(
+    space: PlanSpace,
+    history: Sequence[Evaluated],
+    seen: set[str],
+    settings: S3Settings,
+    rng: np.random.Generator,
+) -> list[tuple[str, SolverPlan]]:
+    """The ablation: ``proposals`` children of the best plans, then ``explore`` bold ones."""
+    parents = _parents(history, settings.parents)
+    taken = set(seen)
+    found: list[tuple[str, SolverPlan]] = []
+    for _ in range(50 * settings.proposals):
+        if len(found) >= settings.proposals:
+            break
+        child = _child(space, parents, settings, rng)
+        if child is not None and (key := plan_key(child)) not in taken:
+            taken.add(key)
+            found.append(("evolution", child))
+    return found + _explore(space, parents, taken, settings.explore, rng)
+
+
+def _predictor_stage(
+    space: PlanSpace,
+    history: Sequence[Evaluated],
+    seen: set[str],
+    settings: S3Settings,
+    rng: np.random.Generator,
+    seed: int,
+    stage: int,
+) -> tuple[list[tuple[str, SolverPlan]], list[float]]:
+    """Train the predictor, evolve on it, pick (module docstring); also returns the picks'
+    predicted scores (for the ranking agreement)."""
+    predictor = train_predictor(
+        [step_features(r.plan) for r in history],
+        [r.value for r in history],
+        seed=int(np.random.default_rng([int(seed), stage, 1]).integers(2**31)),
+        settings=settings.predictor,
+    )
+    parents = _parents(history, settings.parents)
+    population = list(
+        zip(parents, predictor.scores([step_features(p) for p in parents]), strict=True)
+    )
+    pool: dict[str, tuple[SolverPlan, float]] = {}
+    for _ in range(settings.generations):
+        children: list[SolverPlan] = []
+        keys: set[str] = set()
+        plans = [plan for plan, _ in population]
+        for _ in range(settings.children):
+            child = _child(space, plans, settings, rng)
+            if child is None:
+                continue
+            key = plan_key(child)
+            if key in seen or key in pool or key in keys:
+                continue
+            keys.add(key)
+            children.append(child)
+        if not children:
+            continue
+        predicted = predictor.scores([step_features(c) for c in children])
+        for child, value in zip(children, predicted, strict=True):
+            pool[plan_key(child)] = (child, float(value))
+        merged = population + list(zip(children, (float(v) for v in predicted), strict=True))
+        merged.sort(key=lambda item: item[1])
+        population = merged[: settings.parents]
+    ranked = sorted(pool.items(), key=lambda item: (item[1][1], item[0]))
+    picks = [("predictor", plan) for _, (plan, _) in ranked[: settings.proposals]]
+    predicted_scores = [value for _, (_, value) in ranked[: settings.proposals]]
+    taken = set(seen) | {plan_key(plan) for _, plan in picks}
+    return picks + _explore(space, parents, taken, settings.explore, rng), predicted_scores

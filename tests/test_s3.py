@@ -1,0 +1,258 @@
+"""S³: the plan space keeps every candidate valid at its NFE, the seeds are the built-in solvers
+exactly, the predictor is deterministic and learns a ranking, the search beats every built-in
+plan on an exact test bed (held-out noise), and a killed or shared search ends identically."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from stepsearch.cache import TensorCache
+from stepsearch.eval.objective import Objective
+from stepsearch.models.source import DenoiserSource
+from stepsearch.noise import DiscreteVP
+from stepsearch.plan import SolverPlan
+from stepsearch.sampling import sample
+from stepsearch.search.job import spacing_schedules
+from stepsearch.search.plan_space import PlanSpace, plan_key, step_features
+from stepsearch.search.predictor import PredictorSettings, ranking_agreement, train_predictor
+from stepsearch.search.s3 import SEED_SOLVERS, S3Settings, plan_solver_for, s3_search, seed_plans
+from stepsearch.search.store import StudyStore
+from stepsearch.solvers import get_solver
+from stepsearch.solvers.plan_solver import PlanSolver
+from stepsearch.testbeds.gaussian_mixture import GaussianMixture
+
+TESTS = Path(__file__).resolve().parent
+sys.path.insert(0, str(TESTS))
+from _toy_s3 import summary, toy_s3  # noqa: E402
+
+ENV = {
+    **os.environ,
+    "PYTHONPATH": os.pathsep.join([str(TESTS.parent / "src"), str(TESTS)]),
+    "OMP_NUM_THREADS": "1",
+}
+NOISE = DiscreteVP.from_diffusers_config({"beta_schedule": "linear"})
+BUDGET = 24
+
+
+@pytest.fixture(scope="module")
+def mixture():
+    return GaussianMixture.random(num_components=3, dim=6, noise=NOISE, seed=2)
+
+
+# --- the space ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("nfe", [3, 5, 6])
+def test_every_operator_keeps_plans_valid_at_the_nfe(nfe):
+    space = PlanSpace.for_noise(NOISE, nfe, data_mean=True)
+    seeds = [plan for _, plan in seed_plans(space, spacing_schedules(NOISE, nfe))]
+    assert {plan.first_step for plan in seeds} == {"model", "zero_x0", "data_mean"}
+    rng = np.random.default_rng(0)
+    population, made = list(seeds), 0
+    solver = PlanSolver(data_mean=torch.zeros(1))
+    for _ in range(400):
+        first, second = (population[int(k)] for k in rng.integers(len(population), size=2))
+        for child in (space.mutate(first, rng), space.crossover(first, second, rng),
+                      space.random_variant(first, rng)):  # fmt: skip
+            if child is None:
+                continue
+            made += 1
+            assert space.contains(child) and child.nfe == nfe
+            solver.check_plan(child)
+            assert np.all(np.diff(child.schedule.times) < 0)
+            assert child.schedule.times[0] == space.t_start and child.schedule.times[-1] == 0
+            # plans and keys round-trip exactly through JSON (the study store's keys)
+            again = SolverPlan.from_json_dict(json.loads(json.dumps(child.to_json_dict())))
+            assert plan_key(again) == plan_key(child)
+            population.append(child)
+    assert made > 300
+    # the space is explored, not stuck: orders, predictions, correctors and first steps all vary
+    # (order k needs k model outputs before the last step, which goes into clean data at order 1)
+    assert {o for p in population for o in p.orders} == set(range(1, min(4, nfe - 1) + 1))
+    assert {c for p in population for c in p.correctors} >= {"none", "unipc"}
+    assert {p.first_step for p in population} == {"model", "zero_x0", "data_mean"}
+    assert len({plan_key(p) for p in population}) > 200
+
+
+@pytest.mark.parametrize("name", SEED_SOLVERS)
+def test_seed_plans_sample_exactly_as_their_solvers(mixture, name):
+    space = PlanSpace.for_noise(NOISE, 5)
+    schedules = spacing_schedules(NOISE, 5, ("logsnr_uniform",))
+    (origin, plan), *_ = seed_plans(space, schedules, (name,), analytical=False)
+    assert origin == f"seed {name} / logsnr_uniform"
+    x_T = torch.randn(64, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    # the space rounds times to 1e-6 (exact keys); the seed is the solver on those times
+    np.testing.assert_allclose(plan.schedule.times, schedules["logsnr_uniform"].times, atol=5e-7)
+    theirs = sample(mixture, x_T, plan.schedule, get_solver(name)).sample
+    ours = sample(mixture, x_T, plan, PlanSolver()).sample
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-12)
+
+
+# --- the predictor ----------------------------------------------------------------------------------
+def _random_plans(count: int, seed: int) -> list[SolverPlan]:
+    space = PlanSpace.for_noise(NOISE, 5, data_mean=True)
+    population = [plan for _, plan in seed_plans(space, spacing_schedules(NOISE, 5))]
+    rng = np.random.default_rng(seed)
+    found: dict[str, SolverPlan] = {}
+    while len(found) < count:
+        child = space.random_variant(population[int(rng.integers(len(population)))], rng)
+        if child is not None:
+            found.setdefault(plan_key(child), child)
+    return list(found.values())
+
+
+def _known_value(plan: SolverPlan) -> float:
+    """A score with a known ranking: higher orders and an early first step are better."""
+    return float(np.exp(-0.4 * np.mean(plan.orders) - 0.5 * (plan.first_step != "model")))
+
+
+def test_the_predictor_is_deterministic_and_learns_a_ranking():
+    plans = _random_plans(160, seed=1)
+    train, test = plans[:100], plans[100:]
+    settings = PredictorSettings(hidden=16, epochs=100)
+    features = [step_features(p) for p in train]
+    values = [_known_value(p) for p in train]
+    first = train_predictor(features, values, seed=3, settings=settings)
+    second = train_predictor(features, values, seed=3, settings=settings)
+    test_features = [step_features(p) for p in test]
+    np.testing.assert_array_equal(first.scores(test_features), second.scores(test_features))
+    truth = [_known_value(p) for p in test]
+    assert ranking_agreement(first.scores(test_features), truth) > 0.6  # unseen plans
+    untrained = PredictorSettings(hidden=16, epochs=0)
+    blind = train_predictor(features, values, seed=3, settings=untrained)
+    assert abs(ranking_agreement(blind.scores(test_features), truth)) < 0.4
+
+
+# --- the search -------------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("nfe", [3, 4, 5, 6])
+def test_s3_beats_every_built_in_plan_on_held_out_noise(mixture, nfe, tmp_path):
+    """The exact mixture bed: trajectory error to the converged solve, search seed 0 (32
+    samples), held-out seed (256 samples), against every built-in multistep solver on every
+    built-in spacing."""
+    source = DenoiserSource.of_mixture(mixture, name="mix", num_reference=64)
+    objective = Objective(
+        source, "traj", num_samples=32, held_out_samples=256, cache=TensorCache(None)
+    )
+    with StudyStore.open(tmp_path / "s.sqlite3", "s3", metadata={"nfe": nfe}) as store:
+        result = s3_search(
+            objective, nfe=nfe, budget=100, store=store, schedules=spacing_schedules(NOISE, nfe)
+        )
+    assert result.best.nfe == nfe and len([r for r in result.history if r.stage >= 0]) == 100
+    ours = objective.held_out(result.best, plan_solver_for(objective)).value
+    built_in = []
+    for name in (*SEED_SOLVERS, "unipc_bh1"):
+        solver = get_solver(name)
+        for spacing, schedule in spacing_schedules(NOISE, solver.num_steps_for_nfe(nfe)).items():
+            built_in.append((objective.held_out(schedule, solver).value, name, spacing))
+    best_value, best_name, best_spacing = min(built_in)
+    assert ours < 0.95 * best_value, (ours, best_name, best_spacing, best_value)
+
+
+def test_search_stores_every_evaluation_and_reruns_from_the_store(tmp_path):
+    storage = str(tmp_path / "s.sqlite3")
+    result = toy_s3(storage, BUDGET)
+    assert len(result.history) == BUDGET and result.best_score.value == min(result.values)
+    stages = [r.stage for r in result.history]
+    assert stages == sorted(stages) and stages[-1] >= 2  # the seeds, then predictor stages
+    assert stages.count(0) <= BUDGET // 2
+    picks = result.indices("predictor")
+    assert picks and all(result.history[k].stage >= 1 for k in picks)
+    with StudyStore.open(storage, "toy-s3", metadata={"toy-s3": 3}) as store:
+        trials = store.trials()
+        assert len(trials) == BUDGET == len({t.key for t in trials})
+        assert [t.attrs["index"] for t in trials] == list(range(BUDGET))
+        assert store.best().value == result.best_score.value
+    began = time.perf_counter()
+    again = toy_s3(storage, BUDGET)  # every proposal replayed, every value looked up
+    assert summary(again) == summary(result)
+    assert time.perf_counter() - began < 10
+
+
+def test_the_ablation_runs_without_the_predictor(tmp_path, mixture):
+    source = DenoiserSource.of_mixture(mixture, name="mix", num_reference=32)
+    objective = Objective(source, "traj", num_samples=16, cache=TensorCache(None))
+    settings = S3Settings(use_predictor=False, proposals=4, explore=2, seed_solvers=("ddim",))
+    with StudyStore.open(tmp_path / "s.sqlite3", "s3", metadata={}) as store:
+        result = s3_search(objective, nfe=4, budget=16, store=store, settings=settings,
+                           schedules=spacing_schedules(NOISE, 4))  # fmt: skip
+    assert not result.indices("predictor") and result.indices("evolution")
+    assert result.agreement == ()
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="proposals must be at least 1"):
+        S3Settings(proposals=0)
+    with pytest.raises(ValueError, match="crossover_probability"):
+        S3Settings(crossover_probability=1.5)
+    with pytest.raises(ValueError, match=r"unknown solver|nope"):
+        S3Settings(seed_solvers=("nope",))
+
+
+# --- resume and workers -------------------------------------------------------------------------
+def _worker(storage: str, out: Path, study: str = "toy-s3", go: Path | None = None):
+    barrier = [] if go is None else [str(go)]
+    script = str(TESTS / "_toy_s3.py")
+    return subprocess.Popen(
+        [sys.executable, script, storage, str(BUDGET), str(out), study, *barrier], env=ENV
+    )
+
+
+def _complete(storage: str) -> int:
+    import sqlite3
+
+    try:
+        with sqlite3.connect(storage, timeout=10) as connection:
+            query = "SELECT COUNT(*) FROM trials WHERE state = 'COMPLETE'"
+            return int(connection.execute(query).fetchone()[0])
+    except sqlite3.OperationalError:
+        return 0
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    return summary(toy_s3(str(tmp_path_factory.mktemp("ref") / "s.sqlite3"), BUDGET))
+
+
+@pytest.mark.slow
+def test_sigkill_in_a_predictor_stage_resumes_to_the_identical_plan(tmp_path, uninterrupted):
+    storage = str(tmp_path / "s.sqlite3")
+    process = _worker(storage, tmp_path / "killed.json")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if _complete(storage) >= 14:  # past the seeds, inside the first predictor stage
+            break
+        time.sleep(0.02)
+    assert process.poll() is None, "the worker finished before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert 14 <= _complete(storage) < BUDGET
+    assert summary(toy_s3(storage, BUDGET)) == uninterrupted
+
+
+@pytest.mark.slow
+def test_two_workers_share_one_study_and_reach_the_same_plan(tmp_path, uninterrupted):
+    storage = str(tmp_path / "shared.sqlite3")
+    StudyStore.open(storage, "toy-s3", metadata={"toy-s3": 3}).close()
+    go = tmp_path / "go"
+    workers = [_worker(storage, tmp_path / f"{w}.json", go=go) for w in range(2)]
+    deadline = time.monotonic() + 120
+    while len(list(tmp_path.glob("go.ready.*"))) < 2 and time.monotonic() < deadline:
+        assert all(w.poll() is None for w in workers), "a worker exited before the barrier"
+        time.sleep(0.01)
+    go.touch()
+    assert [w.wait(timeout=300) for w in workers] == [0, 0]
+    results = [json.loads((tmp_path / f"{w}.json").read_text()) for w in range(2)]
+    assert results[0] == results[1] == json.loads(json.dumps(uninterrupted))
+    with StudyStore.open(storage, "toy-s3", metadata={"toy-s3": 3}) as store:
+        complete = store.trials()
+        assert len(complete) == BUDGET == len({t.key for t in complete})
+        assert len({t.worker["pid"] for t in complete}) == 2
