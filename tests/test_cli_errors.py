@@ -27,16 +27,17 @@ COMMANDS: dict[str, list[str]] = {
         "--out", "{out}",
     ],
     "search s3": ["search", "s3", "--model", "digits", "--nfe", "4", "--out", "{out}"],
+    "search guidance": ["search", "guidance", "--nfe", "4", "--out", "{out}"],
     "schedule save": ["schedule", "save", "{out}/s.json", "--model", "digits", "--steps", "4"],
 }  # fmt: skip
 MODEL_COMMANDS = [c for c in COMMANDS if c != "demo"]
 DEVICE_COMMANDS = ["eval", "optimize", "demo", "search ays", "search olss", "search autodiffusion",
-                   "search s3"]  # fmt: skip
+                   "search s3", "search guidance"]  # fmt: skip
 NFE_COMMANDS = [c for c in COMMANDS if c != "schedule save"]
 DIR_OUT_COMMANDS = ["eval", "optimize", "demo", "search dp", "search olss", "search autodiffusion",
-                    "search s3"]  # fmt: skip
+                    "search s3", "search guidance"]  # fmt: skip
 FILE_OUT_COMMANDS = ["search ays", "schedule save"]
-STORE_COMMANDS = ["search dp", "search autodiffusion", "search s3"]
+STORE_COMMANDS = ["search dp", "search autodiffusion", "search s3", "search guidance"]
 DTYPE_COMMANDS = ["eval", "optimize", "search dp", "search ays", "search olss",
                   "search autodiffusion", "search s3"]  # fmt: skip
 
