@@ -1081,7 +1081,7 @@ class StepsearchScheduler(SchedulerMixin, ConfigMixin):
         return float(timestep)
 
     def _matches(self, value: float, index: int) -> bool:
-        return abs(value - self._model_times[index]) <= _TIMESTEP_TOLERANCE
+        return abs(value - self._model_times.item(index)) <= _TIMESTEP_TOLERANCE
 
     def _start_run(self, value: float, sample: torch.Tensor) -> None:
         start = self._begin_index

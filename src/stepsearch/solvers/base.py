@@ -483,9 +483,12 @@ def check_step_index(state: SolverState, i: int) -> None:
         raise IndexError(f"evaluation index {i!r} outside 0..{state.num_evaluations - 1}")
 
 
+_HALF_DTYPES = frozenset((torch.float16, torch.bfloat16))
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Half-precision tensors are updated in float32 (diffusers does the same); others as they are."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    return torch.float32 if dtype in _HALF_DTYPES else dtype
 
 
 def eps_from_denoised(x: Tensor, denoised: Tensor, level: NoiseLevel) -> Tensor:
