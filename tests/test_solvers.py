@@ -59,7 +59,7 @@ from stepsearch.solvers import (
     solver_from_json,
     solver_to_json,
 )
-from stepsearch.solvers.base import multistep_order
+from stepsearch.solvers.base import CHECKED_FIELDS, multistep_order
 from stepsearch.solvers.pndm import adams_bashforth_coefficients
 from stepsearch.testbeds.gaussian_mixture import GaussianMixture
 
@@ -520,6 +520,33 @@ def test_no_in_place_edits_frozen_state_and_repeatable_runs(name):
         state.evaluation_times[0] = 0.5
     with pytest.raises(IndexError):
         solver.step(state, x_start, x_start, len(state.evaluation_times))
+
+
+@pytest.mark.parametrize("name", list(BUILT_IN_SOLVERS))
+def test_steps_share_the_checked_fields_and_evolve_guards_them(name):
+    """``step`` builds the next state with ``evolve`` (no re-validation per step): every state of a
+    run shares the fields ``init`` checked, and ``evolve`` refuses to change those."""
+    noise = NOISES["discrete_vp"]
+    schedule = random_schedule(noise, 6, seed=3, clean_end=True)
+    data = gaussian(noise)
+    solver = get_solver(name)
+    x = data.sample_noisy(2, 1.0, torch.Generator().manual_seed(1))
+    x, state = solver.start(solver.init(x, schedule), x)
+    first = state
+    for i, t in enumerate(first.evaluation_times):
+        x, state = solver.step(state, x, data(x, float(t)), i)
+        assert type(state) is type(first)
+        for field in CHECKED_FIELDS:
+            assert getattr(state, field) is getattr(first, field), field
+    with pytest.raises(ValueError, match="'plan' is not a memory field"):
+        first.evolve(plan=())
+    with pytest.raises(ValueError, match="'evaluation_levels' is not a memory field"):
+        first.evolve(history=(), evaluation_levels=())
+    with pytest.raises(ValueError, match="'nonsense' is not a memory field"):
+        first.evolve(nonsense=1)
+    evolved = first.evolve(history=((0.5, x),))
+    assert evolved.history[0][1] is x and evolved is not first
+    assert first.history == () and evolved.grid_levels is first.grid_levels
 
 
 @pytest.mark.parametrize("name", list(BUILT_IN_SOLVERS))

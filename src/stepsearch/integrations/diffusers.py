@@ -426,6 +426,10 @@ class StepsearchScheduler(SchedulerMixin, ConfigMixin):
         self._options = {**derived, **diffusers_options}
         # DDIMScheduler keeps the model's eps when it clips x0 (see _keep_model_noise)
         self._keeps_model_noise = class_name == "DDIMScheduler"
+        # read once: step() skips _postprocess_x0 when neither is set
+        self._processes_x0 = bool(self._option("thresholding", False)) or bool(
+            self._option("clip_sample", False)
+        )
 
         self.init_noise_sigma = 1.0
         self.num_inference_steps: int | None = None
@@ -1077,7 +1081,7 @@ class StepsearchScheduler(SchedulerMixin, ConfigMixin):
         return float(timestep)
 
     def _matches(self, value: float, index: int) -> bool:
-        return abs(value - self._model_times[index]) <= _TIMESTEP_TOLERANCE
+        return abs(value - self._model_times.item(index)) <= _TIMESTEP_TOLERANCE
 
     def _start_run(self, value: float, sample: torch.Tensor) -> None:
         start = self._begin_index
@@ -1129,9 +1133,9 @@ class StepsearchScheduler(SchedulerMixin, ConfigMixin):
         sample (the final one after the last evaluation) and the ``x0`` estimate."""
         # diffusers' eta, variance_noise, ...: the solver decides
         use_clipped_model_output = bool(kwargs.get("use_clipped_model_output"))
-        self._require_schedule()
         value = self._timestep_value(timestep)
         if self._step_index is None or self._step_index >= len(self._evaluation_times):
+            self._require_schedule()
             self._start_run(value, sample)
         i = self._step_index
         assert i is not None and self._state is not None
@@ -1152,7 +1156,7 @@ class StepsearchScheduler(SchedulerMixin, ConfigMixin):
             denoised = torch.add(x, output, alpha=c_out)
         else:  # c_x (x + (c_out / c_x) output): one allocation, two kernels
             denoised = torch.add(x, output, alpha=c_out / c_x).mul_(c_x)
-        processed = self._postprocess_x0(denoised)
+        processed = self._postprocess_x0(denoised) if self._processes_x0 else denoised
         solver_input = processed
         if processed is not denoised and not use_clipped_model_output:
             solver_input = self._keep_model_noise(denoised, processed, i - self._run_start)

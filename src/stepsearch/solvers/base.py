@@ -42,7 +42,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -137,8 +137,8 @@ class SolverState:
     evaluation times (filled in when left empty).
 
     States hold references to the tensors passed to ``step``; callers must not modify those in
-    place afterwards. New states are made with :func:`dataclasses.replace`. States compare by
-    identity (they hold tensors).
+    place afterwards. ``step`` makes the next state with :meth:`evolve` (new memory, the checked
+    fields shared). States compare by identity (they hold tensors).
     """
 
     schedule: StepSchedule
@@ -169,9 +169,29 @@ class SolverState:
         if not self.evaluation_levels:
             object.__setattr__(self, "evaluation_levels", noise_levels(noise, times))
 
+    def evolve(self: _State, **memory: Any) -> _State:
+        """A copy of this state with new values of its memory fields (``history``, ``stage_x``,
+        ...): the state ``step`` returns.
+
+        Unlike :func:`dataclasses.replace`, no ``__post_init__`` runs again (it is the per-step hot
+        path): the fields that ``__post_init__`` checks and fills in (:data:`CHECKED_FIELDS`) are
+        shared with this state, and changing them here is a ``ValueError``.
+        """
+        fields = type(self).__dataclass_fields__
+        for name in memory:
+            if name not in fields or name in CHECKED_FIELDS:
+                raise ValueError(
+                    f"{type(self).__name__}.evolve: {name!r} is not a memory field "
+                    f"(checked fields {sorted(CHECKED_FIELDS)} are fixed at init)"
+                )
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        new.__dict__.update(memory)
+        return new
+
     @property
     def num_evaluations(self) -> int:
-        return int(self.evaluation_times.size)
+        return len(self.plan)
 
     def level(self, i: int) -> NoiseLevel:
         """``alpha, sigma, lambda`` at evaluation ``i``."""
@@ -184,6 +204,14 @@ class SolverState:
         if info.t_next == end.t:
             return end
         return self.evaluation_levels[i + 1]
+
+
+CHECKED_FIELDS = frozenset(
+    ("schedule", "evaluation_times", "plan", "solver_plan", "grid_levels", "evaluation_levels")
+)
+"""The :class:`SolverState` fields set once by ``init`` (and checked there), never by ``step``."""
+
+_State = TypeVar("_State", bound=SolverState)
 
 
 @dataclass(frozen=True, eq=False)
@@ -400,8 +428,14 @@ class Solver(ABC):
         if x.shape != denoised.shape:
             raise ValueError(f"x {tuple(x.shape)} and denoised {tuple(denoised.shape)} differ")
         dtype = compute_dtype(x.dtype)
-        x_next, next_state = self._step(state, x.to(dtype), denoised.to(dtype), i, generator)
-        return x_next.to(x.dtype), next_state
+        x_next, next_state = self._step(
+            state,
+            x if x.dtype == dtype else x.to(dtype),
+            denoised if denoised.dtype == dtype else denoised.to(dtype),
+            i,
+            generator,
+        )
+        return (x_next if x_next.dtype == x.dtype else x_next.to(x.dtype)), next_state
 
     @abstractmethod
     def _step(
@@ -443,13 +477,18 @@ class Solver(ABC):
 
 def check_step_index(state: SolverState, i: int) -> None:
     """Clear error for an out-of-range evaluation index."""
+    if type(i) is int and 0 <= i < len(state.plan):  # the common case, checked first
+        return
     if isinstance(i, bool) or int(i) != i or not 0 <= i < state.num_evaluations:
         raise IndexError(f"evaluation index {i!r} outside 0..{state.num_evaluations - 1}")
 
 
+_HALF_DTYPES = frozenset((torch.float16, torch.bfloat16))
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Half-precision tensors are updated in float32 (diffusers does the same); others as they are."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    return torch.float32 if dtype in _HALF_DTYPES else dtype
 
 
 def eps_from_denoised(x: Tensor, denoised: Tensor, level: NoiseLevel) -> Tensor:
@@ -477,7 +516,10 @@ def first_order_update(x: Tensor, denoised: Tensor, now: NoiseLevel, target: Noi
     if target.is_clean:
         return denoised
     h = target.lambda_ - now.lambda_
-    return torch.add(x * (target.sigma / now.sigma), denoised, alpha=target.alpha * -math.expm1(-h))
+    # the product is a fresh tensor: adding in place saves an allocation (same kernel, same bits)
+    return torch.mul(x, target.sigma / now.sigma).add_(
+        denoised, alpha=target.alpha * -math.expm1(-h)
+    )
 
 
 def multistep_order(

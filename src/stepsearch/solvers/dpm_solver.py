@@ -9,7 +9,7 @@ prediction ``denoised`` (multistep 2M / 3M, singlestep 2S). Reference code: LuCh
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -145,8 +145,8 @@ class DPMSolver(Solver):
             phi_2 = math.expm1(h) / h - 1.0
             x_next = x_next - (target.sigma / r_2 * phi_2) * (eps[2] - eps[0])
         if stage == len(stages) - 1:
-            return x_next, replace(state, stage_x=(), stage_denoised=())
-        return x_next, replace(state, stage_x=xs, stage_denoised=ds)
+            return x_next, state.evolve(stage_x=(), stage_denoised=())
+        return x_next, state.evolve(stage_x=xs, stage_denoised=ds)
 
 
 class DPMSolverPP2S(Solver):
@@ -188,7 +188,7 @@ class DPMSolverPP2S(Solver):
             x_next = first_order_update(x, denoised, state.level(i), target)
             if len(interval_stages(state, i)) == 1:
                 return x_next, state
-            return x_next, replace(state, stage_x=(x,), stage_denoised=(denoised,))
+            return x_next, state.evolve(stage_x=(x,), stage_denoised=(denoised,))
         start, middle = state.level(i - 1), state.level(i)
         h = target.lambda_ - start.lambda_
         r = (middle.lambda_ - start.lambda_) / h
@@ -196,7 +196,7 @@ class DPMSolverPP2S(Solver):
             (1.0 - 1.0 / (2.0 * r), 1.0 / (2.0 * r)), (state.stage_denoised[0], denoised)
         )
         x_next = first_order_update(state.stage_x[0], combined, start, target)
-        return x_next, replace(state, stage_x=(), stage_denoised=())
+        return x_next, state.evolve(stage_x=(), stage_denoised=())
 
 
 class _Multistep(Solver):
@@ -286,7 +286,7 @@ class DPMSolverPP(_Multistep):
         assert state.solver_plan is not None
         now, target = state.level(i), state.target_level(i)
         history = (*state.history, (now.t, denoised))[-self.order :]
-        next_state = replace(state, history=history)
+        next_state = state.evolve(history=history)
         order = state.solver_plan.orders[i]
         if target.is_clean or order == 1:
             return first_order_update(x, denoised, now, target), next_state
@@ -414,7 +414,7 @@ class DPMSolverMultistep(_Multistep):
         now, target = state.level(i), state.target_level(i)
         eps = eps_from_denoised(x, denoised, now)
         eps_history = (*state.eps_history, eps)[-self.order :]
-        next_state = replace(state, eps_history=eps_history)
+        next_state = state.evolve(eps_history=eps_history)
         x_next = first_order_update(x, denoised, now, target)
         order = state.solver_plan.orders[i]
         if target.is_clean or order == 1:

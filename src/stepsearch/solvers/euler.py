@@ -11,7 +11,6 @@ The updates are computed in ``x`` (multiplying through by ``alpha_s``) so that n
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 
 import torch
 from torch import Tensor
@@ -111,7 +110,7 @@ class Heun(Solver):
             heun = i + 1 < len(state.plan) and state.plan[i + 1].interval == info.interval
             if not heun:
                 return x_euler, state
-            return x_euler, replace(state, stage_x=(x,), stage_denoised=(denoised,))
+            return x_euler, state.evolve(stage_x=(x,), stage_denoised=(denoised,))
         start = state.level(i - 1)
         # alpha_s (sigma~_s - sigma~_t) = sigma_s (1 - e^h), finite for alpha_t > 0.
         h = target.lambda_ - start.lambda_
@@ -127,4 +126,4 @@ class Heun(Solver):
             ),
             (x, denoised, state.stage_x[0], state.stage_denoised[0]),
         )
-        return x_next, replace(state, stage_x=(), stage_denoised=())
+        return x_next, state.evolve(stage_x=(), stage_denoised=())

@@ -27,7 +27,7 @@ import hashlib
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -210,7 +210,7 @@ class OLSSSolver(Solver):
         direction = self._direction(x, denoised, state.level(i))
         directions = (*state.directions, direction)
         x_next = linear_combination(self.coefficients.coefficients[i], [x_T, *directions])
-        return x_next, replace(state, x_T=x_T, directions=directions)
+        return x_next, state.evolve(x_T=x_T, directions=directions)
 
     def _direction(self, x: Tensor, denoised: Tensor, level: NoiseLevel) -> Tensor:
         if self.coefficients.basis == "denoised":

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -195,8 +195,7 @@ class PlanSolver(UniPC):
             x_start = x
         corrected = corrector != "none"
         order, keep = plan.orders[k], max(MAX_UNIPC_ORDER, plan.lookback + 2)
-        next_state = replace(
-            state,
+        next_state = state.evolve(
             history=(*state.history, (now.t, denoised))[-keep:],
             last_sample=x_start,
             last_order=order,
@@ -205,7 +204,7 @@ class PlanSolver(UniPC):
         eps = None
         if "noise" in plan.predictions:
             eps = eps_from_denoised(x, denoised, now)
-            next_state = replace(next_state, eps_history=(*state.eps_history, eps)[-keep:])
+            next_state = next_state.evolve(eps_history=(*state.eps_history, eps)[-keep:])
         if target.is_clean:
             return denoised, next_state
         prediction = plan.predictions[k]

@@ -5,7 +5,7 @@ multistep (PLMS) with variable-step Adams-Bashforth coefficients.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import cache, lru_cache
 from typing import Any
 
@@ -165,19 +165,24 @@ class PNDM(Solver):
         if info.stage > 0:
             return self._runge_kutta_stage(state, eps, i)
         history = (*state.eps_history, (now.t, eps))[-self.order :]
-        next_state = replace(state, eps_history=history)
+        next_state = state.evolve(eps_history=history)
         if state.plan[min(i + 1, len(state.plan) - 1)].stage == 1:  # a Runge-Kutta interval
             x_next = transfer(x, denoised, eps, now, target, eps)
-            return x_next, replace(
-                next_state, stage_x=(x,), stage_denoised=(denoised,), stage_eps=(eps,)
+            return x_next, next_state.evolve(
+                stage_x=(x,), stage_denoised=(denoised,), stage_eps=(eps,)
             )
         if target.is_clean or len(history) == 1:
             return first_order_update(x, denoised, now, target), next_state
-        grid = state.grid_levels
-        sigmas = np.array([grid[info.interval - k].kdiffusion_sigma for k in range(len(history))])
-        step = target.kdiffusion_sigma - now.kdiffusion_sigma
-        coefficients = adams_bashforth_coefficients((sigmas - now.kdiffusion_sigma) / step)
-        eps_bar = linear_combination(coefficients.tolist(), [e for _, e in history[::-1]])
+        # the nodes (sigma~_{i-k} - sigma~_i) / (sigma~_s - sigma~_i), newest first, in float64
+        # Python arithmetic (as numpy's) straight into the cached weights: no arrays per step
+        grid, sigma_now = state.grid_levels, now.kdiffusion_sigma
+        step = target.kdiffusion_sigma - sigma_now
+        nodes = tuple(
+            (grid[info.interval - k].kdiffusion_sigma - sigma_now) / step
+            for k in range(len(history))
+        )
+        coefficients = _adams_bashforth_coefficients(nodes)
+        eps_bar = linear_combination(coefficients, [e for _, e in history[::-1]])
         return transfer(x, denoised, eps, now, target, eps_bar), next_state
 
     def _runge_kutta_stage(self, state: PNDMState, eps: Tensor, i: int) -> tuple[Tensor, PNDMState]:
@@ -192,5 +197,5 @@ class PNDM(Solver):
             eps_bar = slopes[-1]  # k_2 to the midpoint again, k_3 to the end
         x_next = transfer(x_start, denoised_start, slopes[0], start, state.target_level(i), eps_bar)
         if stage == 3:
-            return x_next, replace(state, stage_x=(), stage_denoised=(), stage_eps=())
-        return x_next, replace(state, stage_eps=slopes)
+            return x_next, state.evolve(stage_x=(), stage_denoised=(), stage_eps=())
+        return x_next, state.evolve(stage_eps=slopes)

@@ -5,7 +5,7 @@ Sampling of Diffusion Models", arXiv 2302.04867; reference code wl-zhao/UniPC, d
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -152,7 +152,7 @@ class UniPC(Solver):
             x = unic_update(state, denoised, i, self.variant)
         history = (*state.history, (now.t, denoised))[-self.solver_order :]
         order = plan.orders[i]
-        next_state = replace(state, history=history, last_sample=x, last_order=order)
+        next_state = state.evolve(history=history, last_sample=x, last_order=order)
         if target.is_clean:
             return denoised, next_state
         outputs = [m for _, m in history[-order:]][::-1]  # newest first
