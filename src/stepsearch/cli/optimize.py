@@ -11,6 +11,7 @@ import typer
 
 from stepsearch.cli import options
 from stepsearch.cli._common import console, usage_errors
+from stepsearch.cli.checks import check_storage
 from stepsearch.search.optimize import (
     METHODS,
     OptimizeSettings,
@@ -90,6 +91,17 @@ def optimize_command(
             "forecast (from one timed batch), then exit without writing anything.",
         ),
     ] = False,
+    storage: Annotated[
+        str | None,
+        typer.Option(
+            metavar="FILE|URL",
+            help="Share this run with other workers started with "
+            "the same arguments: a SQLite file or a database URL (postgresql://...); "
+            "each stage and judging runs once, all workers write the same report.",
+            parser=check_storage,
+        ),
+    ] = None,
+    worker_name: options.WorkerName = None,
     device: options.Device = "cpu",
 ) -> None:
     """Search DP, AYS, OLSS and AutoDiffusion schedules and S³ solver plans at each NFE, pick the
@@ -123,7 +135,10 @@ def optimize_command(
         print_forecast(planned)
         return
     with usage_errors():
-        result = optimize(**arguments, out=out, resume=resume, overwrite=overwrite)
+        result = optimize(
+            **arguments, out=out, resume=resume, overwrite=overwrite, storage=storage,
+            worker_name=worker_name,
+        )  # fmt: skip
     print_summary(result.report, result.files)
 
 

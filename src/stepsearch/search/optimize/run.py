@@ -45,6 +45,7 @@ from stepsearch.search.optimize.settings import (
     pipeline_settings,
 )
 from stepsearch.search.optimize.stages import _stage
+from stepsearch.search.optimize.workers import share_work
 from stepsearch.solvers import get_solver
 
 
@@ -201,6 +202,8 @@ def optimize(
     out: str | Path = "stepsearch-optimize",
     *,
     budget_evals: int | None = None,
+    storage: str | os.PathLike[str] | None = None,
+    worker_name: str | None = None,
     pipeline: str | os.PathLike[str] | Any | None = None,
     prompts: Sequence[str] | os.PathLike[str] | str | None = None,
     guidance_scale: float | None = None,
@@ -225,6 +228,12 @@ def optimize(
     not started once it is spent; the report says by how much the run overran it). Without it,
     those families share the time the cheap searches leave, so their trial counts depend on the
     machine's speed.
+
+    ``storage``: a study store (SQLite file or database URL) shared by several workers started
+    with the same arguments (each with its own ``out``, or the same): every stage, the reference
+    and each NFE's judging run once across them, a dead worker's task is run again, and every
+    worker writes the same report (:mod:`~stepsearch.search.optimize.workers`; use a work
+    budget). ``worker_name`` labels this worker's tasks.
 
     A text-to-image pipeline is ``model=None, pipeline=DIR, prompts=[...] or FILE,
     guidance_scale=G`` (:func:`~stepsearch.models.loading.load_model`); its default settings are
@@ -269,6 +278,8 @@ def optimize(
     )  # fmt: skip
     for item in skipped:
         run.say(f"[yellow]{item['reason']}[/]")
+    if storage is not None:
+        share_work(run, nfes, methods, shares, str(storage), fingerprint, worker_name)
     found: dict[int, list[Candidate]] = {nfe: [] for nfe in nfes}
     for method in [m for m in methods if not family(m).expensive]:
         for nfe in nfes:
