@@ -11,7 +11,8 @@ workers <= 0.65x one), the tasks each worker ran, the machine.
 The store is a SQLite file by default; ``--postgres URL`` (e.g. the server of
 ``scripts/ci_postgres.sh``) creates two fresh databases on that server for the two runs instead.
 
-Run: ``python benchmarks/optimize_workers.py`` (``--quick``: NFE 4 5, small sample counts).
+Run: ``python benchmarks/optimize_workers.py`` (``--quick``: NFE 4 5, 32 / 64 / 64 samples, OLSS,
+AutoDiffusion and S³ only, a 20,000-evaluation budget).
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ def _command(args: argparse.Namespace, out: Path, storage: str, worker: str) -> 
                "--budget-minutes", "600", "--storage", storage, "--worker-name", worker,
                "--out", str(out), "--overwrite"]  # fmt: skip
     if args.quick:
-        command += ["--num-samples", "32", "--select-samples", "64", "--held-out-samples", "64"]
+        command += ["--num-samples", "32", "--select-samples", "64", "--held-out-samples", "64",
+                    "--methods", "olss", "autodiffusion", "s3"]  # fmt: skip
     return command
 
 
@@ -115,7 +117,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "optimize_workers")
     args = parser.parse_args()
     if args.quick:
-        args.nfe = [4, 5]
+        args.nfe, args.budget_evals = [4, 5], 20_000
     if (os.cpu_count() or 1) < 2:
         raise SystemExit("two workers need two cores")
     runs: dict[int, dict[str, Any]] = {}

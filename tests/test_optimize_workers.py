@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import optuna
+import pytest
 from test_optimize import _comparable
 from test_optimize_budgets import _optimize
 
@@ -25,6 +26,12 @@ from test_optimize_budgets import _optimize
 result = _optimize(Path({out!r}), storage={storage!r}, worker_name={name!r})
 Path({out!r} + ".json").write_text(json.dumps(result.report))
 """
+
+
+def test_many_workers_need_a_work_budget(tmp_path):
+    with pytest.raises(ValueError, match=r"--storage .* needs --budget-evals"):
+        _optimize(tmp_path / "run", budget_evals=None, storage=tmp_path / "store.sqlite3")
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_task_runs_once_and_a_dead_workers_claim_is_run_again(tmp_path):

@@ -250,6 +250,11 @@ def optimize(
     )  # fmt: skip
     source, nfes, methods, settings = setup.source, setup.nfes, setup.methods, setup.settings
     skipped, shares = setup.skipped, setup.shares
+    if storage is not None and shares is None:
+        raise ValueError(
+            "--storage (many workers) needs --budget-evals: a time budget sizes the searches "
+            "from each worker's own clock, so the workers would not agree"
+        )
     inputs = {
         method: family(method).prepare_inputs(source, ays_data, progress)
         for method in methods

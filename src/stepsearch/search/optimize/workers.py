@@ -16,8 +16,8 @@ Tasks run in phases, each waiting for the one before: the cheap families' stages
 trial-budgeted family's stages in turn (S³ is seeded with the other results at its NFE), then the
 reference and the judging. Afterwards every worker runs the ordinary single-process path, which
 now reads every stage and score back, and writes the same report. Give every worker the same
-arguments and a work budget (``--budget-evals``): a time budget sizes trials from each worker's
-own clock.
+arguments; a work budget (``--budget-evals``) is required: a time budget would size trials from
+each worker's own clock.
 """
 
 from __future__ import annotations
@@ -119,10 +119,8 @@ def _local_stage(
     method, nfe, solver = key
     if not family(method).expensive:
         return _stage(run, method, solver, nfe)
-    earlier = tuple(found[nfe])
-    if shares is not None:
-        return _stage(run, method, solver, nfe, trials=shares[key].trials, earlier=earlier)
-    return _stage(run, method, solver, nfe, seconds=run.seconds_left(), earlier=earlier)
+    assert shares is not None, "many workers need a work budget"
+    return _stage(run, method, solver, nfe, trials=shares[key].trials, earlier=tuple(found[nfe]))
 
 
 def _reference_work(run: _Run, judges: dict[str, Any]) -> Callable[[], dict[str, Any]]:
