@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import optuna
@@ -34,20 +35,29 @@ def test_many_workers_need_a_work_budget(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_a_task_runs_once_and_a_dead_workers_claim_is_run_again(tmp_path):
-    path, metadata = tmp_path / "tasks.sqlite3", {"run": "test"}
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_task_runs_once_and_a_dead_workers_claim_is_run_again(tmp_path, backend):
+    if backend == "sqlite":
+        path, name = str(tmp_path / "tasks.sqlite3"), "tasks"
+    elif os.environ.get("STEPSEARCH_TEST_POSTGRES_URL"):
+        path, name = os.environ["STEPSEARCH_TEST_POSTGRES_URL"], f"tasks-{uuid.uuid4().hex}"
+    else:
+        pytest.skip(
+            "STEPSEARCH_TEST_POSTGRES_URL is unset (scripts/ci_postgres.sh starts a server)"
+        )
+    metadata = {"run": "test"}
     calls: list[str] = []
-    with StudyStore.open(path, "tasks", metadata=metadata) as store:
+    with StudyStore.open(path, name, metadata=metadata) as store:
         assert store.run_task("a", lambda: calls.append("a") or {"x": 1}) == {"x": 1}
         assert store.run_task("a", lambda: calls.append("a") or {"x": 2}) == {"x": 1}
     assert calls == ["a"]
     done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True)  # fmt: skip
     for task, pid in (("alive", os.getppid()), ("dead", int(done.stdout))):
-        with StudyStore.open(path, "tasks", metadata=metadata, worker_name=task) as other:
+        with StudyStore.open(path, name, metadata=metadata, worker_name=task) as other:
             other.worker["pid"] = pid  # a claim by another process on this host
             other._create_running(task, {}, {}, {})
-    with StudyStore.open(path, "tasks", metadata=metadata) as store:
+    with StudyStore.open(path, name, metadata=metadata) as store:
         assert store.run_task("alive", lambda: {"y": 1}) is None  # its worker still runs it
         assert store.run_task("dead", lambda: calls.append("dead") or {"y": 2}) == {"y": 2}
         states = {
