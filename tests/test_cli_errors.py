@@ -27,16 +27,19 @@ COMMANDS: dict[str, list[str]] = {
         "--out", "{out}",
     ],
     "search s3": ["search", "s3", "--model", "digits", "--nfe", "4", "--out", "{out}"],
+    "search guidance": ["search", "guidance", "--nfe", "4", "--out", "{out}"],
     "schedule save": ["schedule", "save", "{out}/s.json", "--model", "digits", "--steps", "4"],
 }  # fmt: skip
 MODEL_COMMANDS = [c for c in COMMANDS if c != "demo"]
 DEVICE_COMMANDS = ["eval", "optimize", "demo", "search ays", "search olss", "search autodiffusion",
-                   "search s3"]  # fmt: skip
+                   "search s3", "search guidance"]  # fmt: skip
 NFE_COMMANDS = [c for c in COMMANDS if c != "schedule save"]
 DIR_OUT_COMMANDS = ["eval", "optimize", "demo", "search dp", "search olss", "search autodiffusion",
-                    "search s3"]  # fmt: skip
+                    "search s3", "search guidance"]  # fmt: skip
 FILE_OUT_COMMANDS = ["search ays", "schedule save"]
-STORE_COMMANDS = ["search dp", "search autodiffusion", "search s3"]
+STORE_COMMANDS = ["search dp", "search autodiffusion", "search s3", "search guidance"]
+DTYPE_COMMANDS = ["eval", "optimize", "search dp", "search ays", "search olss",
+                  "search autodiffusion", "search s3"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +116,13 @@ def test_missing_cuda(command, tmp_path):
         pytest.skip("this machine has CUDA")
     result, out = _run(command, tmp_path, {"--device": "cuda"})
     _assert_refused(result, out, "--device")
+
+
+@pytest.mark.parametrize("bad", ["float64", "int8", "half-ish"])
+@pytest.mark.parametrize("command", DTYPE_COMMANDS)
+def test_bad_dtype(command, bad, tmp_path):
+    result, out = _run(command, tmp_path, {"--dtype": bad})
+    _assert_refused(result, out, "--dtype")
 
 
 @pytest.mark.parametrize("bad", ["-3", "0", "100000"])

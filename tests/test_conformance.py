@@ -111,9 +111,13 @@ UNIPC_METHODS = [("bh1", 1, True), *[
 
 
 @pytest.mark.parametrize("final", ["zero", "sigma_min"])
-@pytest.mark.parametrize(("num_steps", "prediction_type"), [(10, "epsilon"), (10, "v_prediction"), (25, "epsilon")])
+@pytest.mark.parametrize(
+    ("num_steps", "prediction_type"), [(10, "epsilon"), (10, "v_prediction"), (25, "epsilon")]
+)
 @pytest.mark.parametrize(("solver_type", "order", "lower_order_final"), UNIPC_METHODS)
-def test_unipc_matches_diffusers(solver_type, order, lower_order_final, num_steps, prediction_type, final, x_T):
+def test_unipc_matches_diffusers(
+    solver_type, order, lower_order_final, num_steps, prediction_type, final, x_T
+):
     """UniPC (bh1 / bh2, orders 1-3, lower_order_final at every step count, as diffusers) against
     UniPCMultistepScheduler. Where diffusers' last step to sigma = 0 is NaN (bh1: B(h) = h is
     infinite there; order >= 2 without lower_order_final: its r_k = 0 divides, or its linear
@@ -170,7 +174,9 @@ def test_unsupported_options_are_refused(options, message):
 @pytest.mark.parametrize(("num_steps", "prediction_type"), [(10, "epsilon"), (25, "v_prediction")])
 @pytest.mark.parametrize("lower_order_final", [True, False])
 @pytest.mark.parametrize("order", [2, 3])
-def test_noise_prediction_dpm_solver_matches_diffusers(order, lower_order_final, num_steps, prediction_type, spacing, x_T):
+def test_noise_prediction_dpm_solver_matches_diffusers(
+    order, lower_order_final, num_steps, prediction_type, spacing, x_T
+):
     """``algorithm_type="dpmsolver"`` (multistep DPM-Solver-2M / 3M on noise prediction)."""
     twin = DPMSolverMultistepScheduler(
         **SD, algorithm_type="dpmsolver", final_sigmas_type="sigma_min", solver_order=order,
@@ -239,7 +245,9 @@ def test_constructor_and_from_config_build_the_same_solver():
 
 
 # 3. n == num_train_timesteps ------------------------------------------------------------------
-@pytest.mark.parametrize("cls", [StepsearchDPMSolverMultistepScheduler, StepsearchUniPCMultistepScheduler])
+@pytest.mark.parametrize(
+    "cls", [StepsearchDPMSolverMultistepScheduler, StepsearchUniPCMultistepScheduler]
+)
 @pytest.mark.parametrize("spacing", ["leading", "linspace", "trailing"])
 def test_every_trained_step_is_a_valid_request(cls, spacing):
     scheduler = cls(num_train_timesteps=25, timestep_spacing=spacing)
@@ -247,6 +255,9 @@ def test_every_trained_step_is_a_valid_request(cls, spacing):
     assert scheduler.timesteps.tolist() == list(range(24, -1, -1))
     x = loop(scheduler, torch.randn(1, 4, 4, 4), num_inference_steps=25)
     assert torch.isfinite(x).all()
+
+
+FLOW = {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}
 
 
 # 4. flow + Karras ----------------------------------------------------------------------------
@@ -264,6 +275,33 @@ def test_flow_karras_is_karras_in_flow_time(num_steps, x_T):
     )
     dpm_flow.set_timesteps(5)
     assert dpm_flow.sigmas[0] == pytest.approx(0.9) and dpm_flow.sigmas[-2] == pytest.approx(0.05)
+
+
+@pytest.mark.parametrize(
+    ("cls", "options", "named"),
+    [
+        # Euler / Heun: a Karras sigma_max above the trained range (it clipped silently at 4
+        # steps and reported duplicated *times* at 28)
+        (StepsearchEulerDiscreteScheduler, {"sigma_max": 200.0}, "sigma_max=200"),
+        (StepsearchEulerDiscreteScheduler, {"sigma_min": 1e-4}, "sigma_min=0.0001"),
+        (StepsearchHeunDiscreteScheduler, {"sigma_max": 1000.0}, "sigma_max=1000"),
+        # flow matching: sigma_max above t = 1, sigma_min at 0 (out-of-range times before)
+        (StepsearchUniPCMultistepScheduler, {**FLOW, "sigma_max": 2.0}, "sigma_max=2"),
+        (StepsearchDPMSolverMultistepScheduler, {**FLOW, "sigma_min": 0.0}, "sigma_min=0"),
+        (StepsearchUniPCMultistepScheduler, {**FLOW, "sigma_min": 0.9, "sigma_max": 0.5},
+         "sigma_min=0.9 must lie below sigma_max=0.5"),
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize("num_steps", [4, 28])
+def test_karras_range_outside_the_model_is_refused_naming_the_option(
+    cls, options, named, num_steps
+):
+    scheduler = cls(use_karras_sigmas=True, **options)
+    with pytest.raises(ValueError) as raised:
+        scheduler.set_timesteps(num_steps)
+    message = str(raised.value)
+    assert named in message and "use_karras_sigmas" in message and "range [" in message
+    assert "times" not in message.split("range")[0]  # the option, not the times it made
 
 
 # 5. replay -------------------------------------------------------------------------------------
@@ -358,9 +396,7 @@ def test_flow_shift_is_applied_once_whatever_is_passed(x_T):
         dynamic.set_timesteps(4)
 
 
-@pytest.mark.parametrize(
-    "options", [{"invert_sigmas": True}, {"stochastic_sampling": True}]
-)
+@pytest.mark.parametrize("options", [{"invert_sigmas": True}, {"stochastic_sampling": True}])
 def test_flow_options_that_change_the_method_are_refused(options):
     with pytest.raises(ValueError, match=next(iter(options))):
         StepsearchFlowMatchEulerDiscreteScheduler.from_config(
@@ -443,7 +479,9 @@ def parity_error(twin, ours, x: torch.Tensor, **set_kwargs) -> float:
     return error(got, want)
 
 
-@pytest.mark.parametrize(("num_steps", "prediction_type"), [(10, "epsilon"), (25, "v_prediction"), (50, "epsilon")])
+@pytest.mark.parametrize(
+    ("num_steps", "prediction_type"), [(10, "epsilon"), (25, "v_prediction"), (50, "epsilon")]
+)
 @pytest.mark.parametrize(("name", "spacing"), EXACT)
 def test_parity_matrix(name, spacing, num_steps, prediction_type, x_T):
     twin, ours = twin_and_ours(name, prediction_type, **SPACING_KEYS[spacing])

@@ -55,6 +55,21 @@ def read_json(path: str | os.PathLike[str]) -> Any:
             raise ValueError(f"not valid JSON ({error})") from None
 
 
+def run_relative(path: str | os.PathLike[str], base: str | os.PathLike[str]) -> str:
+    """``path`` relative to the folder ``base`` when it lies inside it (``"nfe-4/scheduler"``),
+    else as given: result files name their siblings by run-relative paths, never by where the
+    machine that ran them kept them. A ``sqlite:///`` URL of a file inside ``base`` becomes that
+    file's relative path (what ``--storage FILE`` takes)."""
+    text = os.fspath(path)
+    if text.startswith("sqlite:///"):
+        inside = run_relative(text[len("sqlite:///") :], base)
+        return inside if not os.path.isabs(inside) else text
+    try:
+        return Path(text).resolve().relative_to(Path(base).resolve()).as_posix()
+    except ValueError:
+        return text
+
+
 def atomic_write_dir(path: str | os.PathLike[str], fill: Callable[[Path], None]) -> Path:
     """Write a whole directory at once: ``fill(staging)`` writes into a fresh folder beside
     ``path``, whose files are fsynced; then it replaces ``path`` by renames (an existing folder is
@@ -74,7 +89,9 @@ def atomic_write_dir(path: str | os.PathLike[str], fill: Callable[[Path], None])
                 with open(written, "rb") as file:
                     os.fsync(file.fileno())
         if target.exists():
-            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".old"))
+            old = Path(
+                tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".old")
+            )
             os.replace(target, old / target.name)
         os.replace(staging, target)
     except BaseException:

@@ -6,21 +6,23 @@ tensor with one time per sample. The noise estimate follows from ``x = alpha x0 
 (:func:`eps_from_x0`).
 
 :class:`ModelDenoiser` wraps a network by its ``prediction_type`` (epsilon, v_prediction, sample,
-flow), with classifier-free guidance under a guidance-weight schedule (Wang et al. 2024,
-arXiv 2404.13040) and guidance rescale (Lin et al. 2023, arXiv 2305.08891, eq. 15-16).
+flow), with classifier-free guidance under a weight or a guidance schedule on the noise level
+(:class:`~stepsearch.guidance.GuidanceSchedule`) and guidance rescale (Lin et al. 2023, arXiv
+2305.08891, eq. 15-16). Where the weight is 1 for the whole batch the unconditional branch is not
+evaluated; :attr:`ModelDenoiser.passes` counts network passes.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from stepsearch.guidance import GuidanceSchedule
 from stepsearch.noise import FlowMatching, NoiseSchedule
 
 ModelFn = Callable[[Tensor, Tensor], Tensor]
@@ -102,53 +104,6 @@ def x0_from_model_output(
     raise AssertionError("unreachable")
 
 
-@dataclass(frozen=True)
-class GuidanceSchedule:
-    """A classifier-free guidance weight as a function of noise level.
-
-    ``u = t / t_max`` runs from 1 (pure noise) to 0 (clean). With ``w = scale``:
-
-    - ``constant``: ``w``;
-    - ``linear``: ``1 + 2 (w - 1)(1 - u)`` (increasing towards clean data, mean ``w``);
-    - ``cosine``: ``1 + (w - 1)(1 + cos(pi u))`` (increasing, mean ``w``);
-    - ``clamp_linear``: ``max(minimum, linear(u))``;
-    - ``interval``: ``w`` for ``u`` in ``interval``, 1 (no guidance) elsewhere
-      (Kynkäänniemi et al. 2024).
-
-    Weights follow diffusers' convention: ``x = uncond + w (cond - uncond)``, ``w = 1`` is no guidance.
-    """
-
-    scale: float
-    shape: str = "constant"
-    minimum: float = 1.0
-    interval: tuple[float, float] = (0.0, 1.0)
-
-    def __post_init__(self) -> None:
-        if self.shape not in ("constant", "linear", "cosine", "clamp_linear", "interval"):
-            raise ValueError(f"unknown guidance shape {self.shape!r}")
-        if not math.isfinite(self.scale):
-            raise ValueError("guidance scale must be finite")
-        low, high = self.interval
-        if not 0.0 <= low <= high <= 1.0:
-            raise ValueError("interval must satisfy 0 <= low <= high <= 1 (fractions of t_max)")
-
-    def __call__(self, u: float | np.ndarray) -> float | np.ndarray:
-        u = np.clip(np.asarray(u, dtype=np.float64), 0.0, 1.0)
-        w = self.scale
-        if self.shape == "constant":
-            weight = np.full_like(u, w)
-        elif self.shape == "linear":
-            weight = 1.0 + 2.0 * (w - 1.0) * (1.0 - u)
-        elif self.shape == "cosine":
-            weight = 1.0 + (w - 1.0) * (1.0 + np.cos(np.pi * u))
-        elif self.shape == "clamp_linear":
-            weight = np.maximum(self.minimum, 1.0 + 2.0 * (w - 1.0) * (1.0 - u))
-        else:
-            low, high = self.interval
-            weight = np.where((u >= low) & (u <= high), w, 1.0)
-        return float(weight) if weight.ndim == 0 else weight
-
-
 def classifier_free_guidance(
     conditional: Tensor, unconditional: Tensor, weight: float | Tensor, rescale: float = 0.0
 ) -> Tensor:
@@ -174,8 +129,12 @@ class ModelDenoiser:
         noise: the noise schedule the network was trained on.
         prediction_type: ``epsilon``, ``v_prediction``, ``sample`` or ``flow``.
         unconditional: the unconditional branch for classifier-free guidance (optional).
-        guidance: a weight or a :class:`GuidanceSchedule` (used only with ``unconditional``).
+        guidance: a weight, or a :class:`~stepsearch.guidance.GuidanceSchedule` evaluated at each
+            sample's k-diffusion sigma (used only with ``unconditional``). Where every sample's
+            weight is 1 the unconditional branch is skipped (one pass instead of two).
         guidance_rescale: ``phi`` of guidance rescale, 0 disables it.
+
+    ``passes`` counts network passes (one per branch evaluated on a batch) since creation.
     """
 
     model: ModelFn
@@ -184,28 +143,47 @@ class ModelDenoiser:
     unconditional: ModelFn | None = None
     guidance: GuidanceSchedule | float = 1.0
     guidance_rescale: float = 0.0
+    passes: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
         self.prediction_type = prediction_type_name(self.prediction_type)
         if self.prediction_type == "flow" and not isinstance(self.noise, FlowMatching):
             raise ValueError("prediction_type 'flow' needs a FlowMatching noise schedule")
+        if not isinstance(self.guidance, GuidanceSchedule):
+            self.guidance = float(self.guidance)
 
     def _model_time(self, x: Tensor, times: float | np.ndarray) -> Tensor:
         model_time = np.broadcast_to(np.asarray(self.noise.model_time(times)), (x.shape[0],))
         return torch.tensor(model_time, device=x.device, dtype=torch.float32)
 
+    def weights(self, t: float | np.ndarray) -> float | np.ndarray:
+        """The guidance weight at time(s) ``t`` (a schedule is read at k-diffusion sigma)."""
+        if isinstance(self.guidance, GuidanceSchedule):
+            return self.guidance.weight(self.noise.kdiffusion_sigma(t))
+        return float(self.guidance)
+
     def raw_output(self, x: Tensor, t: float | Tensor) -> Tensor:
         """The (guided) network output before conversion to ``x0``."""
         times = _times_array(t)
-        model_time = self._model_time(x, times)
+        return self._guided(x, self._model_time(x, times), times)
+
+    def network_output(self, x: Tensor, model_time: Tensor) -> Tensor:
+        """The guided output at the network's own time input (diffusers' loop calls a model
+        with its timestep): the same operations as :meth:`raw_output`."""
+        times = _times_array(model_time.detach().cpu().double())
+        return self._guided(x, model_time, self.noise.t_from_model_time(times))
+
+    def _guided(self, x: Tensor, model_time: Tensor, times: float | np.ndarray) -> Tensor:
         output = self.model(x, model_time)
+        self.passes += 1
         if self.unconditional is None:
             return output
+        weights = self.weights(times)
+        if np.all(np.asarray(weights) == 1.0):
+            return output
         unconditional = self.unconditional(x, model_time)
-        if isinstance(self.guidance, GuidanceSchedule):
-            weight = per_sample(self.guidance(np.asarray(times) / self.noise.t_max), x)
-        else:
-            weight = float(self.guidance)
+        self.passes += 1
+        weight = per_sample(weights, x)
         return classifier_free_guidance(output, unconditional, weight, self.guidance_rescale)
 
     def __call__(self, x: Tensor, t: float | Tensor) -> Tensor:

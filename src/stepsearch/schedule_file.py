@@ -43,6 +43,7 @@ __all__ = [
     "ScheduleFile",
     "load_schedule",
     "read_plan_file",
+    "read_schedule_or_file",
 ]
 
 FORMAT_NAME = "stepsearch.ScheduleFile"
@@ -216,7 +217,9 @@ class ScheduleFile:
         where: str = "schedule file",
     ) -> None:
         """Raise ``ValueError`` for another noise schedule; warn for another model or another
-        guidance scale (only where both the file and the caller name one)."""
+        guidance scale (only where both the file and the caller name one). A ``model`` without a
+        digest (``{"name": ..., "digest": None}``: named before it is loaded) is compared by
+        name."""
         check_noise(self.schedule, noise, where)
         fitted_scale = self.provenance.guidance_scale
         if (
@@ -235,6 +238,15 @@ class ScheduleFile:
             return
         expected = model.to_json_dict() if hasattr(model, "to_json_dict") else dict(model)
         fitted = dict(self.provenance.model)
+        if expected.get("digest") is None:  # a model named before it is loaded: names only
+            if fitted.get("name") != expected.get("name"):
+                warnings.warn(
+                    f"{where} was made for model {fitted.get('name')!r} but is used with "
+                    f"{expected.get('name')!r}; its schedule may not be optimal here",
+                    ModelMismatchWarning,
+                    stacklevel=3,
+                )
+            return
         if fitted.get("digest") != expected.get("digest"):
             warnings.warn(
                 f"{where} was fitted on model {fitted.get('name')!r} ({fitted.get('digest')}) "
@@ -253,6 +265,21 @@ def check_noise(schedule: StepSchedule, noise: NoiseSchedule | None, where: str)
             f"({schedule.noise.to_config()}), but the model uses {noise!r} "
             f"({noise.to_config()}); fit or make the schedule on this model's noise schedule"
         )
+
+
+def read_schedule_or_file(path: str | os.PathLike[str]) -> StepSchedule | ScheduleFile:
+    """What ``path`` holds: a plain :class:`StepSchedule` JSON file or a schedule file (a search's
+    ``best_schedule.json``); anything else is a ``ValueError`` naming the file."""
+    try:
+        payload = read_json(path)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
+    try:
+        if isinstance(payload, Mapping) and payload.get("format") == FORMAT_NAME:
+            return ScheduleFile.from_json_dict(payload)
+        return StepSchedule.from_json_dict(payload)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
 
 
 def load_schedule(

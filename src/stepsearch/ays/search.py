@@ -44,6 +44,7 @@ never interrupted (the Monte Carlo draws are fixed by the seed). Other arguments
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import time
@@ -56,7 +57,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from stepsearch._io import atomic_write_json, read_json
+from stepsearch._io import atomic_write_bytes, atomic_write_json, read_json
 from stepsearch.ays.klub import KLUBEstimator
 from stepsearch.ays.optimize import (
     SearchSettings,
@@ -73,6 +74,7 @@ from stepsearch.models import (
     TeacherSpec,
     load_model,
     load_source,
+    model_dtype,
     pipeline_guidance_scale,
 )
 from stepsearch.models.pipeline import (
@@ -445,13 +447,10 @@ def plot_result(result: AYSResult, path: str | os.PathLike[str]) -> Path:
     right.set_title("KLUB over iterations")
     right.legend(fontsize=8)
     figure.tight_layout()
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(f".{target.name}.tmp.png")
-    figure.savefig(temporary, dpi=110)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
     plt.close(figure)
-    os.replace(temporary, target)
-    return target
+    return atomic_write_bytes(path, buffer.getvalue())  # fsynced, then renamed
 
 
 def pipeline_ays_inputs(
@@ -461,14 +460,17 @@ def pipeline_ays_inputs(
     guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
     device: str = "cpu",
     progress: bool = False,
+    dtype: str | None = None,
 ) -> tuple[SampleSource, Tensor]:
     """The source and KLUB data of Align Your Steps on a text-to-image pipeline (the paper's COCO
     setup): (prompt, image) pairs from the folder ``pairs`` (``metadata.jsonl``, see
     :func:`~stepsearch.models.pipeline.load_prompt_image_pairs`) resized to the pipeline's
     native size and encoded by its VAE; the source's prompt ``i`` is pair ``i``'s, so each data
     latent is denoised conditioned on its own caption, with classifier-free guidance at
-    ``guidance_scale``."""
-    pipe = load_pipeline(pipeline, device=device)
+    ``guidance_scale``; the pipeline runs in ``dtype`` (default: as stored)."""
+    pipe = load_pipeline(
+        pipeline, device=device, torch_dtype=None if dtype is None else model_dtype(dtype)
+    )
     loaded = load_prompt_image_pairs(pairs, size=native_image_size(pipe))
     name = Path(pipeline).name if isinstance(pipeline, str | os.PathLike) else "pipeline"
     model = load_model(
@@ -496,6 +498,7 @@ def run_ays_job(
     checkpoint: str | os.PathLike[str] | None = None,
     plot: str | os.PathLike[str] | None = None,
     device: str = "cpu",
+    dtype: str | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     on_progress: Callable[[str, int, SearchState], None] | None = None,
 ) -> AYSResult:
@@ -515,9 +518,11 @@ def run_ays_job(
                 "(--data)"
             )
         scale = pipeline_guidance_scale(guidance_scale)
-        source, samples = pipeline_ays_inputs(pipeline, data, guidance_scale=scale, device=device)
+        source, samples = pipeline_ays_inputs(
+            pipeline, data, guidance_scale=scale, device=device, dtype=dtype
+        )
     else:
-        source = load_source(model, device=device, guidance_scale=guidance_scale)
+        source = load_source(model, device=device, guidance_scale=guidance_scale, dtype=dtype)
     cache = TensorCache(cache_dir) if cache_dir is not None else TensorCache.default()
     teacher = TeacherSpec(num_steps=teacher_steps)
     objective = Objective(source, metric, num_samples=proxy_samples, teacher=teacher, cache=cache)

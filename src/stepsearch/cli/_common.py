@@ -4,6 +4,7 @@ several values after one flag, and the result-table view."""
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -60,6 +61,26 @@ def usage_errors() -> Iterator[None]:
         yield
     except _user_errors() as error:
         raise report_user_error(error) from None
+
+
+@contextlib.contextmanager
+def one_line_warnings(*categories: type[Warning]) -> Iterator[None]:
+    """Print the library's warnings of ``categories`` as one ``warning: ...`` line each on
+    stderr (not Python's two-line form with a source line); other warnings pass through."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        finally:
+            for warning in caught:
+                if issubclass(warning.category, categories):
+                    errors.print(
+                        f"[yellow]warning:[/yellow] {escape(str(warning.message))}", soft_wrap=True
+                    )
+                else:
+                    warnings.warn_explicit(
+                        warning.message, warning.category, warning.filename, warning.lineno
+                    )
 
 
 def expand_list_options(args: Iterable[str], list_options: set[str]) -> list[str]:

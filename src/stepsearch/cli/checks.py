@@ -22,6 +22,7 @@ import typer
 __all__ = [
     "check_budget_minutes",
     "check_device",
+    "check_dtype",
     "check_model",
     "check_out_dir",
     "check_out_file",
@@ -39,7 +40,9 @@ def check_device(value: str) -> str:
     try:
         device = torch.device(value)
     except (RuntimeError, ValueError) as error:
-        raise typer.BadParameter(f"{value!r} is not a torch device ({error}); use cpu or cuda") from None
+        raise typer.BadParameter(
+            f"{value!r} is not a torch device ({error}); use cpu or cuda"
+        ) from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             build = "without CUDA" if torch.version.cuda is None else f"CUDA {torch.version.cuda}"
@@ -56,6 +59,21 @@ def check_device(value: str) -> str:
     elif device.type not in ("cpu", "cuda", "mps"):
         raise typer.BadParameter(f"{value!r}: use cpu, cuda, cuda:N or mps")
     return value
+
+
+DTYPES = ("float32", "float16", "bfloat16")
+"""``--dtype`` values: what the network runs in (the library's ``MODEL_DTYPES``)."""
+
+
+def check_dtype(value: str) -> str:
+    """A network dtype: ``float32``, ``float16`` or ``bfloat16`` (also ``fp32``, ``fp16``,
+    ``bf16``). CPUs lack some float16 kernels: ``bfloat16`` is the half precision that runs
+    there."""
+    aliases = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
+    name = aliases.get(value.strip().lower(), value.strip().lower())
+    if name not in DTYPES:
+        raise typer.BadParameter(f"{value!r} is not a model dtype; use {', '.join(DTYPES)}")
+    return name
 
 
 def check_model(value: str) -> str:

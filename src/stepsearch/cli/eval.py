@@ -9,10 +9,17 @@ from typing import Annotated
 import typer
 
 from stepsearch.cli import options
-from stepsearch.cli._common import console, print_table, print_unreachable, usage_errors
+from stepsearch.cli._common import (
+    console,
+    one_line_warnings,
+    print_table,
+    print_unreachable,
+    usage_errors,
+)
 from stepsearch.eval.evaluate import (
     EvalInputs,
     EvalResult,
+    PlanStepsOnlyWarning,
     default_metrics,
     evaluate,
     methods_from_names,
@@ -20,6 +27,7 @@ from stepsearch.eval.evaluate import (
     write_report,
 )
 from stepsearch.eval.experiment import METRICS, TEXT_TO_IMAGE_METRICS
+from stepsearch.schedule_file import GuidanceMismatchWarning, ModelMismatchWarning
 from stepsearch.solvers import BUILT_IN_SOLVERS
 
 DEFAULT_NFES = [4, 5, 6, 8, 10]
@@ -114,6 +122,7 @@ def eval_command(
     seed: Annotated[int, typer.Option(metavar="N", help="Seed of the per-sample noise.")] = 0,
     out: options.OutDir = Path("stepsearch-eval"),
     device: options.Device = "cpu",
+    dtype: options.Dtype = "float32",
     chunk_size: Annotated[
         int | None,
         typer.Option(
@@ -140,15 +149,18 @@ def eval_command(
     with usage_errors():
         if pipeline is not None and model != "digits":
             raise ValueError("pass either --model or --pipeline, not both")
-        methods = methods_from_names(
-            schedules or ["logsnr_uniform"],
-            solvers or ["dpm_solver_pp_2m"],
-            baselines or [],
-            guidance_scale=sampling_guidance_scale(model, pipeline, guidance_scale),
-        )
+        with one_line_warnings(ModelMismatchWarning, GuidanceMismatchWarning, PlanStepsOnlyWarning):
+            methods = methods_from_names(
+                schedules or ["logsnr_uniform"],
+                solvers or ["dpm_solver_pp_2m"],
+                baselines or [],
+                guidance_scale=sampling_guidance_scale(model, pipeline, guidance_scale),
+                model=pipeline if pipeline is not None else model,
+            )
         inputs = EvalInputs(
-            pipeline, prompts, clip_model, inception_weights, reference_stats, guidance_scale
-        )
+            pipeline, prompts, clip_model, inception_weights, reference_stats, guidance_scale,
+            dtype,
+        )  # fmt: skip
         result = evaluate(
             model,
             methods,

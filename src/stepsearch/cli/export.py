@@ -12,12 +12,17 @@ from typing import Annotated
 import typer
 
 from stepsearch.cli._common import console, usage_errors
-from stepsearch.cli.checks import check_out_dir, check_out_file
-from stepsearch.integrations.export import DEFAULT_SOLVER, export_schedule
+from stepsearch.cli.checks import check_model, check_out_dir, check_out_file
+from stepsearch.integrations.export import (
+    DEFAULT_SOLVER,
+    export_schedule,
+    prediction_type_of,
+    schedule_for_export,
+)
 from stepsearch.integrations.plan_scheduler import export_plan
+from stepsearch.models import model_scheduler_config
 from stepsearch.plan import SolverPlan
-from stepsearch.schedule import StepSchedule
-from stepsearch.schedule_file import Provenance, read_plan_file
+from stepsearch.schedule_file import Provenance, read_plan_file, read_schedule_or_file
 
 
 class Target(str, Enum):
@@ -31,7 +36,11 @@ def export_command(
     schedule_file: Annotated[
         Path,
         typer.Argument(
-            metavar="SCHEDULE", exists=True, dir_okay=False, help="A schedule JSON file."
+            metavar="SCHEDULE",
+            exists=True,
+            dir_okay=False,
+            help="A schedule JSON file (`stepsearch schedule save`), a solver plan file or a "
+            "search's best_schedule.json.",
         ),
     ],
     to: Annotated[
@@ -52,7 +61,8 @@ def export_command(
         typer.Option(
             metavar="NAME",
             help="diffusers: the drop-in scheduler's solver (a name from `stepsearch eval "
-            f"--help`). [default: the schedule's metadata solver, else {DEFAULT_SOLVER}]",
+            "--help`). [default: the solver the schedule was fitted for, else "
+            f"{DEFAULT_SOLVER}]",
             show_default=False,
         ),
     ] = None,
@@ -60,9 +70,21 @@ def export_command(
         str | None,
         typer.Option(
             metavar="NAME",
-            help="diffusers: the model's prediction type (epsilon, v_prediction, sample). "
-            "[default: the schedule's metadata, else epsilon]",
+            help="diffusers: the model's prediction type (epsilon, v_prediction, sample, "
+            "flow_prediction). [default: the one the schedule records or --model's; refused "
+            "when neither says]",
             show_default=False,
+        ),
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            metavar="NAME|DIR",
+            help="diffusers: build the drop-in from this model's scheduler config and prediction "
+            "type (a bundled model or a local diffusers model directory). [default: what the "
+            "schedule records]",
+            show_default=False,
+            parser=check_model,
         ),
     ] = None,
 ) -> None:
@@ -77,13 +99,27 @@ def export_command(
         except typer.BadParameter as error:
             raise typer.BadParameter(str(error), param_hint="'DEST'") from None
     with usage_errors():
+        scheduler_config = None
+        if model is not None:
+            if to is not Target.diffusers:
+                raise ValueError(f"--model applies to the diffusers export, not {to.value}")
+            scheduler_config = model_scheduler_config(model)
+            prediction_type = prediction_type or prediction_type_of(scheduler_config)
         found = read_plan_file(schedule_file)  # a solver plan: its own drop-in scheduler
         if found is not None and to is Target.diffusers:
             _export_plan(found, destination, solver, prediction_type)
             return
-        schedule = found[0].schedule if found is not None else StepSchedule.load(schedule_file)
+        if found is not None:
+            schedule = found[0].schedule
+        else:
+            schedule = schedule_for_export(read_schedule_or_file(schedule_file))
         result = export_schedule(
-            schedule, to.value, destination, solver=solver, prediction_type=prediction_type
+            schedule,
+            to.value,
+            destination,
+            solver=solver,
+            prediction_type=prediction_type,
+            scheduler_config=scheduler_config,
         )
     if to is Target.diffusers:
         console.print(

@@ -103,6 +103,7 @@ def optimize_command(
     ] = None,
     worker_name: options.WorkerName = None,
     device: options.Device = "cpu",
+    dtype: options.Dtype = "float32",
 ) -> None:
     """Search DP, AYS, OLSS and AutoDiffusion schedules and S³ solver plans at each NFE, pick the
     winner against diffusers' and stepsearch's built-in samplers on unseen noise, and write a
@@ -128,6 +129,7 @@ def optimize_command(
         "ays_data": data,
         "settings": settings,
         "device": device,
+        "dtype": dtype,
     }
     if dry_run:
         with usage_errors():

@@ -17,6 +17,7 @@ import typer
 from stepsearch.cli.checks import (
     check_budget_minutes,
     check_device,
+    check_dtype,
     check_model,
     check_out_dir,
     check_out_file,
@@ -34,6 +35,7 @@ __all__ = [
     "BudgetMinutes",
     "Cache",
     "Device",
+    "Dtype",
     "GuidanceScale",
     "HeldOutSamples",
     "Metric",
@@ -158,5 +160,14 @@ Cache = Annotated[
 ]
 Device = Annotated[
     str, typer.Option(metavar="NAME", help="torch device (cpu, cuda, cuda:N).", parser=check_device)
+]
+Dtype = Annotated[
+    str,
+    typer.Option(
+        metavar="NAME",
+        help="What the network runs in: float32, float16 (GPU) or bfloat16; samples and solver "
+        "maths stay float32.",
+        parser=check_dtype,
+    ),
 ]
 Progress = Annotated[bool, typer.Option(help="Show progress bars.")]

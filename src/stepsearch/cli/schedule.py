@@ -12,10 +12,11 @@ from rich.table import Table
 
 from stepsearch.cli._common import HelpGroup, ListOptionsCommand, console, usage_errors
 from stepsearch.cli.checks import check_model, check_out_file
-from stepsearch.models import model_noise
+from stepsearch.integrations.export import drop_in_metadata
+from stepsearch.models import model_noise, model_scheduler_config
 from stepsearch.noise import EDM, DiscreteVP, FlowMatching, NoiseSchedule
 from stepsearch.schedule import SPACINGS, StepSchedule, make_schedule
-from stepsearch.schedule_file import read_plan_file
+from stepsearch.schedule_file import read_plan_file, read_schedule_or_file
 
 schedule_app = typer.Typer(
     help="Make, inspect and write step schedules.", no_args_is_help=True, cls=HelpGroup
@@ -111,7 +112,8 @@ def schedule_show(
             metavar="FILE",
             exists=True,
             dir_okay=False,
-            help="Show a saved schedule or solver plan JSON instead.",
+            help="Show a saved schedule or solver plan JSON (or a search's best_schedule.json) "
+            "instead.",
         ),
     ] = None,
 ) -> None:
@@ -123,7 +125,11 @@ def schedule_show(
         if file is not None:
             found = read_plan_file(file)
             plan = found[0] if found is not None else None
-            schedule = plan.schedule if plan is not None else StepSchedule.load(file)
+            if plan is not None:
+                schedule = plan.schedule
+            else:
+                loaded = read_schedule_or_file(file)
+                schedule = loaded if isinstance(loaded, StepSchedule) else loaded.schedule
             title = str(file)
         else:
             noise_schedule, name = noise_for(noise, model)
@@ -148,9 +154,16 @@ def schedule_save(
     model: Model = None,
 ) -> None:
     """Write a named spacing as a schedule JSON file (atomically). A schedule is tied to its
-    noise schedule: for `stepsearch eval --model digits` write it with `--model digits`."""
+    noise schedule: for `stepsearch eval --model digits` write it with `--model digits`, which
+    also records what a drop-in scheduler for the model needs (its prediction type and
+    diffusers scheduler config) for `stepsearch export --to diffusers`."""
     with usage_errors():
         noise_schedule, name = noise_for(noise, model)
         schedule = make_schedule(noise_schedule, steps, spacing)
+        if model is not None:
+            schedule = schedule.with_metadata(
+                model=Path(model).name,
+                **drop_in_metadata(model_scheduler_config(model)),
+            )
         schedule.save(out)
     console.print(f"wrote {out} ({spacing}, {steps} steps, {name})")

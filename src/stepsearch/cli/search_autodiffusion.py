@@ -35,6 +35,7 @@ def autodiffusion_command(
     cache: options.Cache = None,
     guidance_scale: options.GuidanceScale = None,
     device: options.Device = "cpu",
+    dtype: options.Dtype = "float32",
     progress: options.Progress = True,
 ) -> None:
     """AutoDiffusion's evolutionary search for the timesteps `--solver` runs best at `--nfe`.
@@ -57,7 +58,7 @@ def autodiffusion_command(
         job = run_job(
             "autodiffusion", model, solver, nfe, out, metric=metric, num_samples=num_samples,
             held_out_samples=held_out_samples, cache=cache, device=device,
-            guidance_scale=guidance_scale, progress=progress, settings=settings, storage=storage,
+            dtype=dtype, guidance_scale=guidance_scale, progress=progress, settings=settings, storage=storage,
             study_name=study_name, worker_name=worker_name, seed=seed, budget=budget,
         )  # fmt: skip
     best = job.found.schedule

@@ -71,6 +71,7 @@ def ays_command(
     ] = None,
     plot: Annotated[Path | None, typer.Option(help="PNG to write (default: OUT.png).")] = None,
     device: options.Device = "cpu",
+    dtype: options.Dtype = "float32",
 ) -> None:
     """Optimise a step schedule with Align Your Steps (KL upper bound, coordinate search)."""
     with usage_errors():
@@ -96,6 +97,7 @@ def ays_command(
             checkpoint=checkpoint,
             plot=plot,
             device=device,
+            dtype=dtype,
             on_progress=_progress,
         )
     sigmas = ", ".join(f"{s:.4g}" for s in result.schedule.to_kdiffusion_sigmas())

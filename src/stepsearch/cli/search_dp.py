@@ -48,6 +48,7 @@ def dp_command(
         bool, typer.Option(help="OSS: one DP per trajectory, median indices.")
     ] = False,
     cache: options.Cache = None,
+    dtype: options.Dtype = "float32",
     progress: options.Progress = True,
 ) -> None:
     """Dynamic-programming schedule (GITS / OSS style) for one solver and NFE; writes
@@ -67,7 +68,7 @@ def dp_command(
         job = run_job(
             "dp", model, solver, nfe, out, metric=metric, num_samples=num_samples,
             held_out_samples=held_out_samples, cache=cache, guidance_scale=guidance_scale,
-            progress=progress, settings=settings, storage=storage,
+            dtype=dtype, progress=progress, settings=settings, storage=storage,
         )  # fmt: skip
     best, _ = job.found.details
     assert job.start is not None

@@ -43,6 +43,7 @@ def olss_command(
     prompts: options.Prompts = None,
     guidance_scale: options.GuidanceScale = None,
     device: options.Device = "cpu",
+    dtype: options.Dtype = "float32",
     seed: Annotated[int, typer.Option(help="Seed of the teacher noise (held-out: seed + 1).")] = 0,
 ) -> None:
     """Fit OLSS (optimal linear-subspace solver) for a model and write a drop-in scheduler."""
@@ -53,6 +54,7 @@ def olss_command(
             out, nfe, model=model, pipeline=pipeline, prompts=prompts,
             guidance_scale=guidance_scale, samples=samples, held_out_samples=held_out_samples,
             search=search, refit=refit, teacher_steps=teacher_steps, seed=seed, device=device,
+            dtype=dtype,
         )  # fmt: skip
     for row in result.report["held_out"]:
         values = ", ".join(

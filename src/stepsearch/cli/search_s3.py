@@ -48,6 +48,7 @@ def s3_command(
     cache: options.Cache = None,
     guidance_scale: options.GuidanceScale = None,
     device: options.Device = "cpu",
+    dtype: options.Dtype = "float32",
     progress: options.Progress = True,
 ) -> None:
     """S³: search the solver rule of every step (time, noise/data prediction, Taylor order,
@@ -67,7 +68,7 @@ def s3_command(
             out, pipeline=pipeline, prompts=prompts,
             metric=metric or ("traj" if pipeline is not None else "fd"), num_samples=num_samples,
             held_out_samples=held_out_samples, cache=cache, device=device,
-            guidance_scale=guidance_scale, progress=progress, settings=settings, storage=storage,
+            dtype=dtype, guidance_scale=guidance_scale, progress=progress, settings=settings, storage=storage,
             study_name=study_name, worker_name=worker_name, seed=seed, budget=budget,
         )  # fmt: skip
     console.print(f"best plan at NFE {nfe} ({job.found.summary.get('best_origin', '?')}):")

@@ -11,6 +11,7 @@ import difflib
 import os
 import re
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +42,7 @@ from stepsearch.models import (
 )
 from stepsearch.models.pipeline import read_prompts
 from stepsearch.schedule import SPACINGS, StepSchedule
-from stepsearch.schedule_file import load_schedule
+from stepsearch.schedule_file import load_schedule, read_plan_file
 from stepsearch.solvers import BUILT_IN_SOLVERS
 from stepsearch.testbeds import digits
 
@@ -126,11 +127,15 @@ def methods_from_names(
     solvers: Sequence[str],
     baselines: Sequence[str],
     guidance_scale: float | None = None,
+    model: str | None = None,
 ) -> list[Method]:
     """The diffusers ``baselines`` (class names), then every solver on every schedule (a spacing
     name, a :class:`~stepsearch.schedule.StepSchedule` JSON file or a search's schedule file,
     named after its file stem). A schedule file fitted at a guidance scale other than
-    ``guidance_scale`` (the one the evaluation samples at) warns."""
+    ``guidance_scale`` (the one the evaluation samples at), or made for another model than
+    ``model`` (the name of the model or pipeline evaluated, compared by name: a bundled model's,
+    a directory's last component), warns
+    (:class:`~stepsearch.schedule_file.ModelMismatchWarning`)."""
     for baseline in baselines:
         check_diffusers_scheduler(baseline)
     for solver in solvers:
@@ -148,11 +153,35 @@ def methods_from_names(
                 raise ValueError(
                     f"{schedule_spec!r} is neither a spacing ({', '.join(SPACINGS)}) nor a file"
                 )
-            schedule = load_schedule(path, guidance_scale=guidance_scale).with_metadata(
-                name=path.stem
-            )
+            schedule = _schedule_from_file(path, solvers, guidance_scale, model)
         methods += [Method.stepsearch(solver, schedule) for solver in solvers]
     return methods
+
+
+class PlanStepsOnlyWarning(UserWarning):
+    """``eval --schedules`` was given a solver plan: it samples the plan's step schedule with the
+    chosen solvers, not the plan's own per-step rules."""
+
+
+def _schedule_from_file(
+    path: Path, solvers: Sequence[str], guidance_scale: float | None, model: str | None
+) -> StepSchedule:
+    """The step schedule of a schedule, schedule-file or solver-plan file, named after its stem
+    (:func:`methods_from_names`); a plan warns (:class:`PlanStepsOnlyWarning`)."""
+    found = read_plan_file(path)
+    if found is not None:
+        warnings.warn(
+            f"{path} holds a solver plan: eval samples its step schedule with "
+            f"{', '.join(solvers)}, not the plan's own per-step rules (run the plan with "
+            "`stepsearch export FILE --to diffusers DIR`, a StepsearchPlanScheduler)",
+            PlanStepsOnlyWarning,
+            stacklevel=3,
+        )
+    if found is not None and found[1] is None:  # a plain plan file: no provenance to check
+        return found[0].schedule.with_metadata(name=path.stem)
+    identity = None if model is None else {"name": Path(model).name, "digest": None}
+    schedule = load_schedule(path, guidance_scale=guidance_scale, model=identity)
+    return schedule.with_metadata(name=path.stem)
 
 
 def sampling_guidance_scale(
@@ -201,6 +230,7 @@ class EvalInputs:
     inception_weights: Path | None = None
     reference_stats: Path | None = None
     guidance_scale: float | None = None
+    dtype: str | None = None  # what the network runs in (--dtype); samples stay float32
 
     @property
     def pipeline_guidance_scale(self) -> float:
@@ -335,7 +365,9 @@ def _run_unconditional(
     accelerator: Any | None,
     on_samples: OnSamples,
 ) -> tuple[dict[str, ResultTable], dict[str, Any]]:
-    model = load_model(model_spec, device=device, guidance_scale=inputs.guidance_scale)
+    model = load_model(
+        model_spec, device=device, guidance_scale=inputs.guidance_scale, torch_dtype=inputs.dtype
+    )
     assert isinstance(model, ImageModel)
     fid_reference = None
     own_features = model.feature_extractor is not None and model.reference_images is not None
@@ -391,6 +423,7 @@ def _run_text_to_image(
         prompts=prompts,
         guidance_scale=inputs.pipeline_guidance_scale,
         device=device,
+        torch_dtype=inputs.dtype,
     )
     tables = run_experiment(
         model,

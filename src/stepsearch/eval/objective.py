@@ -32,6 +32,7 @@ Metrics (:data:`OBJECTIVE_METRICS`, all lower-is-better):
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -305,6 +306,10 @@ class Objective:
         described = self.source.describe()
         fields.setdefault("prediction_type", described.get("prediction_type"))
         fields.setdefault("guidance_scale", described.get("guidance_scale"))
+        scheduler_config = getattr(self.source, "scheduler_config", None)
+        if scheduler_config is not None:  # what a drop-in scheduler for the model needs
+            extra = {"scheduler_config": _json_data(scheduler_config), **fields.get("extra", {})}
+            fields["extra"] = extra
         return Provenance(
             model=self.source.identity.to_json_dict(),
             solver={"name": solver.name, "config": solver.config()},
@@ -356,3 +361,9 @@ class Objective:
         )
         value, std = scores[self.metric]
         return value, std, None
+
+
+def _json_data(config: Any) -> dict[str, Any]:
+    """A model's diffusers scheduler config as plain JSON data (a ``FrozenDict`` in, a ``dict``
+    out; tuples become lists)."""
+    return json.loads(json.dumps(dict(config), allow_nan=False, default=list))

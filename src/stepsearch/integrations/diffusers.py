@@ -140,7 +140,9 @@ _SIGMA_MAX_START_TWINS = frozenset({"EulerDiscreteScheduler", "HeunDiscreteSched
 _SIGMA_SPACINGS = ("karras", "logsnr_uniform", "beta")
 """stepsearch spacings that diffusers' ``use_karras / exponential / beta_sigmas`` translate to."""
 
-_NOISE_PREDICTION_SOLVERS = frozenset({"dpm_solver_2", "dpm_solver_3", "dpm_solver_2m", "dpm_solver_3m"})
+_NOISE_PREDICTION_SOLVERS = frozenset(
+    {"dpm_solver_2", "dpm_solver_3", "dpm_solver_2m", "dpm_solver_3m"}
+)
 """Solvers written to diffusers configs as ``algorithm_type: "dpmsolver"``."""
 
 _SOLVER_ORDER = {
@@ -845,18 +847,48 @@ class StepsearchScheduler(SchedulerMixin, ConfigMixin):
             schedule = make_schedule(self._noise, n, spacing)
         return self._with_final(schedule)
 
-    def _sigma_range(self, high: float, low: float) -> tuple[float, float]:
+    def _sigma_range(
+        self, high: float, low: float, kind: str, bounds: tuple[float, float]
+    ) -> tuple[float, float]:
         """``sigma_max`` / ``sigma_min`` from the config where given (Euler, UniPC), else the
-        ends of the grid being converted."""
-        return float(self._option("sigma_max", high)), float(self._option("sigma_min", low))
+        ends of the grid being converted (``high``, ``low``). A given value outside the model's
+        range ``bounds`` (k-diffusion sigma; flow time for flow matching), which no time on the
+        model's axis reaches, is a ``ValueError`` naming the option and both ranges."""
+        option = {"karras": "use_karras_sigmas", "beta": "use_beta_sigmas"}.get(
+            kind, "use_exponential_sigmas"
+        )
+        unit = "flow time" if isinstance(self._noise, FlowMatching) else "k-diffusion sigma"
+        lowest, highest = bounds
+        chosen = {"sigma_max": high, "sigma_min": low}
+        for key in chosen:
+            given = self._option(key)
+            if given is None:
+                continue
+            value = float(given)
+            if not lowest * (1 - 1e-5) <= value <= highest * (1 + 1e-5):
+                raise ValueError(
+                    f"{key}={value:.6g} (with {option}) lies outside the model's {unit} range "
+                    f"[{lowest:.6g}, {highest:.6g}]: stepsearch evaluates the model only at "
+                    f"times it was trained on; set {key} inside that range or leave it unset"
+                )
+            chosen[key] = min(max(value, lowest), highest)
+        if not chosen["sigma_min"] < chosen["sigma_max"]:
+            raise ValueError(
+                f"sigma_min={chosen['sigma_min']:.6g} must lie below sigma_max="
+                f"{chosen['sigma_max']:.6g} (with {option}; the model's {unit} range "
+                f"[{lowest:.6g}, {highest:.6g}])"
+            )
+        return chosen["sigma_max"], chosen["sigma_min"]
 
     def _sigma_schedule(self, n: int, kind: str) -> StepSchedule:
         """Karras / exponential / beta sigmas over the trained range (diffusers' rule: ``n``
         evaluation sigmas from ``sigma_max`` to ``sigma_min``, then the final step)."""
         noise = self._noise
-        high, low = self._sigma_range(
-            float(noise.kdiffusion_sigma(noise.t_max)), float(noise.kdiffusion_sigma(noise.t_min))
+        trained = (
+            float(noise.kdiffusion_sigma(noise.t_min)),
+            float(noise.kdiffusion_sigma(noise.t_max)),
         )
+        high, low = self._sigma_range(trained[1], trained[0], kind, trained)
         sigmas = np.append(sigma_spacing(kind, high, low, n), 0.0)
         return StepSchedule.from_kdiffusion_sigmas(noise, sigmas, spacing=kind, clip_to_range=True)
 
@@ -883,7 +915,8 @@ class StepsearchScheduler(SchedulerMixin, ConfigMixin):
         times = shift(u)
         kind = {"karras": "karras", "beta": "beta", "logsnr_uniform": "exponential"}.get(spacing)
         if kind is not None:
-            high, low = self._sigma_range(float(times[0]), float(times[-1]))
+            bounds = (float(noise.t_min), float(noise.t_max))
+            high, low = self._sigma_range(float(times[0]), float(times[-1]), kind, bounds)
             times = sigma_spacing(kind, high, low, n)
         metadata = {"spacing": spacing if kind else "flow_shifted"}
         return StepSchedule(np.append(times, 0.0), noise, metadata)

@@ -29,10 +29,13 @@ from stepsearch.models.batches import (
 )
 from stepsearch.models.image_model import ImageModel
 from stepsearch.models.loading import (
+    MODEL_DTYPES,
     load_image_model,
     load_model,
     load_source,
+    model_dtype,
     model_noise,
+    model_scheduler_config,
     pipeline_guidance_scale,
 )
 from stepsearch.models.method import (
@@ -66,6 +69,7 @@ from stepsearch.models.trajectories import (
 __all__ = [
     "DEFAULT_GUIDANCE_SCALE",
     "DEFAULT_TEACHER",
+    "MODEL_DTYPES",
     "ClassConditionalSource",
     "DenoiserSource",
     "DiffusionModel",
@@ -89,7 +93,9 @@ __all__ = [
     "load_image_model",
     "load_model",
     "load_source",
+    "model_dtype",
     "model_noise",
+    "model_scheduler_config",
     "module_digest",
     "pipeline_guidance_scale",
     "record_trajectories",

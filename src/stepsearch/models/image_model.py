@@ -6,8 +6,10 @@
 Class-conditional models (``digits-cond``): sample ``i`` is conditioned on class label
 ``i mod num_classes`` (as a pipeline's sample ``i`` gets prompt ``i mod len(prompts)``), guided
 with one classifier-free guidance scale ``w`` (``uncond + w (cond - uncond)`` on the network
-output; ``w = 1`` is the conditional branch alone), in stepsearch's solvers (through the source's
-``denoiser(indices)``) and in diffusers' loop (:meth:`ImageModel.model_fn_for`) alike.
+output; ``w = 1`` is the conditional branch alone) or a guidance schedule on the noise level
+(:class:`~stepsearch.guidance.GuidanceSchedule`, ``guidance_schedule``; steps at weight 1 skip the
+unconditional pass), in stepsearch's solvers (through the source's ``denoiser(indices)``) and in
+diffusers' loop (:meth:`ImageModel.model_fn_for`) alike.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from stepsearch.denoiser import ModelDenoiser, ModelFn, classifier_free_guidance
+from stepsearch.denoiser import ModelDenoiser, ModelFn
+from stepsearch.guidance import GuidanceSchedule, guidance_settings
 from stepsearch.models.batches import generate_with_diffusers_scheduler
 from stepsearch.models.source import (
     ModelIdentity,
@@ -48,6 +51,7 @@ class ImageModel:
 
     ``num_classes``: sample ``i`` gets label ``i mod num_classes`` (``class_labels`` of the UNet);
     ``null_label``: the label of the unconditional branch; ``guidance_scale``: ``w``;
+    ``guidance_schedule``: a weight per noise level instead of ``w`` (when set, it is used);
     ``classifier``: a network whose argmax is the class of an image (metric ``acc``).
     """
 
@@ -64,16 +68,17 @@ class ImageModel:
     null_label: int | None = None
     guidance_scale: float = 1.0
     classifier: torch.nn.Module | None = None
+    guidance_schedule: GuidanceSchedule | None = None
 
     def __post_init__(self) -> None:
         if self.num_classes is None:
-            if self.guidance_scale != 1.0:
+            if self.guided:
                 raise ValueError(
                     f"model {self.name!r} is unconditional: a guidance scale needs a "
                     "class-conditional model (digits-cond)"
                 )
             return
-        if self.null_label is None and self.guidance_scale != 1.0:
+        if self.null_label is None and self.guided:
             raise ValueError(f"{self.name}: guidance needs the unconditional branch's null_label")
         if not math.isfinite(self.guidance_scale) or self.guidance_scale < 0:
             raise ValueError(
@@ -93,6 +98,19 @@ class ImageModel:
         return str(self.scheduler_config.get("prediction_type", "epsilon"))
 
     @property
+    def guided(self) -> bool:
+        """Whether any step evaluates the unconditional branch (a scale other than 1, or a
+        guidance schedule)."""
+        return self.guidance_schedule is not None or self.guidance_scale != 1.0
+
+    @property
+    def guidance(self) -> GuidanceSchedule | float:
+        """The guidance schedule when one is set, else the scale."""
+        if self.guidance_schedule is not None:
+            return self.guidance_schedule
+        return float(self.guidance_scale)
+
+    @property
     def conditional(self) -> bool:
         """Whether the model is class-conditional (sample ``i`` gets label ``i mod num_classes``)."""
         return self.num_classes is not None
@@ -107,7 +125,13 @@ class ImageModel:
         """The unconditional network ``(x, timestep) -> output`` (conditional: :meth:`model_fn_for`)."""
         if self.conditional:
             raise ValueError(f"{self.name} is class-conditional: use model_fn_for(indices)")
-        return self.unet(x, timestep).sample
+        return self._network(x, timestep)
+
+    def _network(self, x: Tensor, timestep: Tensor, **conditioning: Any) -> Tensor:
+        """The UNet in its own dtype (``--dtype``), its output cast back to ``x``'s: samples and
+        solver maths keep their precision whatever the network runs in."""
+        dtype = self.network_dtype
+        return self.unet(x.to(dtype), timestep, **conditioning).sample.to(x.dtype)
 
     def _branch(self, labels: Tensor) -> ModelFn:
         """The UNet conditioned on ``labels`` (one per sample of the batch)."""
@@ -115,7 +139,7 @@ class ImageModel:
         def network(x: Tensor, timestep: Tensor) -> Tensor:
             if labels.shape[0] != x.shape[0]:
                 raise ValueError(f"{labels.shape[0]} labels for a batch of {x.shape[0]}")
-            return self.unet(x, timestep, class_labels=labels.to(x.device)).sample
+            return self._network(x, timestep, class_labels=labels.to(x.device))
 
         return network
 
@@ -130,41 +154,39 @@ class ImageModel:
         labels = self.labels_for(indices)
         if labels is None:
             return self.model_fn
-        conditional = self._branch(labels)
-        if self.guidance_scale == 1.0:
-            return conditional
-        unconditional = self._branch(self._null_labels(len(labels)))
-        weight = float(self.guidance_scale)
-
-        def guided(x: Tensor, timestep: Tensor) -> Tensor:
-            return classifier_free_guidance(
-                conditional(x, timestep), unconditional(x, timestep), weight
-            )
-
-        return guided
+        return self._guided_denoiser(labels).network_output
 
     def denoiser(self, indices: Sequence[int] | None = None) -> ModelDenoiser:
         """The ``x0`` denoiser (of the samples ``indices``, for a class-conditional model: their
-        labels, classifier-free guided with :attr:`guidance_scale`; ``w = 1`` evaluates the
+        labels, classifier-free guided with :attr:`guidance`; ``w = 1`` evaluates the
         conditional branch alone)."""
         labels = None if indices is None else self.labels_for(indices)
         if not self.conditional:
             return self._unconditional_denoiser
         if labels is None:
             raise ValueError(f"{self.name} is class-conditional: pass the sample indices")
-        if self.guidance_scale == 1.0:
+        return self._guided_denoiser(labels)
+
+    def _guided_denoiser(self, labels: Tensor) -> ModelDenoiser:
+        if not self.guided:
             return ModelDenoiser(self._branch(labels), self.noise, self.prediction_type)
         return ModelDenoiser(
             self._branch(labels),
             self.noise,
             self.prediction_type,
             unconditional=self._branch(self._null_labels(len(labels))),
-            guidance=float(self.guidance_scale),
+            guidance=self.guidance,
         )
 
     @cached_property
     def _unconditional_denoiser(self) -> ModelDenoiser:
         return ModelDenoiser(self.model_fn, self.noise, self.prediction_type)
+
+    @property
+    def network_dtype(self) -> torch.dtype:
+        """What the UNet runs in (its parameters' dtype; ``--dtype``)."""
+        parameter = next(self.unet.parameters(), None)
+        return torch.float32 if parameter is None else parameter.dtype
 
     @cached_property
     def identity(self) -> ModelIdentity:
@@ -247,12 +269,14 @@ class ImageModel:
         return x
 
     def describe(self) -> dict[str, Any]:
-        """Provenance settings (part of every cache key): prediction type and sample shape; for a
-        class-conditional model also the null label, the label rule and the guidance scale."""
+        """Provenance settings (part of every cache key): prediction type and sample shape, the
+        network's dtype unless float32; for a class-conditional model also the null label, the label rule and the guidance scale."""
         described: dict[str, Any] = {
             "sample_shape": list(self.sample_shape),
             "prediction_type": self.prediction_type,
         }
+        if self.network_dtype != torch.float32:
+            described["network_dtype"] = str(self.network_dtype).removeprefix("torch.")
         if self.num_classes is None:
             return described
         return {
@@ -261,4 +285,5 @@ class ImageModel:
             "kind": "class_conditional",
             "labels": f"index mod {self.num_classes}",
             "guidance_scale": float(self.guidance_scale),
+            **guidance_settings(self.guidance_schedule),
         }

@@ -25,6 +25,10 @@ pipeline with the same call signature) with the prompts, guidance scale and imag
 
 NFE counts denoising-network evaluations per image; classifier-free guidance runs the conditional
 and unconditional branches in one batched call, counted once (as everywhere in the literature).
+A guidance schedule on the noise level (``guidance_schedule``,
+:class:`~stepsearch.guidance.GuidanceSchedule`) replaces the scale: stepsearch's denoiser skips
+the unconditional branch where its weight is 1, and the pipeline's own loop runs it through
+:class:`~stepsearch.integrations.diffusers_guidance.GuidanceCallback`.
 
 Common random numbers: image ``i`` starts from ``unit_noise`` of its own generator
 (:func:`~stepsearch.models.batches.sample_generator` ``(seed, i)``) in the pipeline's latent shape
@@ -56,7 +60,9 @@ from torch import Tensor, nn
 
 from stepsearch.cache import tensor_digest
 from stepsearch.denoiser import Denoiser, ModelDenoiser
+from stepsearch.guidance import GuidanceSchedule, guidance_settings
 from stepsearch.integrations.diffusers import scheduler_for_solver
+from stepsearch.integrations.diffusers_guidance import GuidanceCallback
 from stepsearch.models.batches import generate_chunks, sample_generator, unit_noise
 from stepsearch.models.source import ModelIdentity
 from stepsearch.noise import DiscreteVP
@@ -287,6 +293,8 @@ class PipelineModel:
         negative_prompt: the unconditional branch's prompt (diffusers' default: empty).
         reference_data: real images in ``[-1, 1]`` (decoded space), optional.
         features: a feature network for ``fd`` / ``kid``, optional.
+        guidance_schedule: a guidance weight per noise level, used instead of
+            ``guidance_scale`` when set.
 
     ``scheduler_config`` is the pipeline's scheduler config when the model is made: every method
     builds its scheduler from it.
@@ -301,6 +309,7 @@ class PipelineModel:
     negative_prompt: str = ""
     reference_data: Tensor | None = None
     features: nn.Module | None = None
+    guidance_schedule: GuidanceSchedule | None = None
     scheduler_config: dict[str, Any] = field(init=False)
     _embeddings: dict[str, _Embeddings] = field(default_factory=dict, init=False, repr=False)
     _identity: ModelIdentity | None = field(default=None, init=False, repr=False)
@@ -461,12 +470,15 @@ class PipelineModel:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.pipeline.unet.dtype
+        """Latents and solver maths are float32 whatever the UNet runs in (``--dtype``): the
+        denoiser casts the latents to the UNet's dtype and its output back."""
+        return torch.float32
 
     @property
     def guided(self) -> bool:
-        """Whether classifier-free guidance runs (diffusers: ``guidance_scale > 1``)."""
-        return self.guidance_scale > 1.0
+        """Whether classifier-free guidance runs (diffusers: ``guidance_scale > 1``; a guidance
+        schedule: always encoded, skipped per step where its weight is 1)."""
+        return self.guidance_schedule is not None or self.guidance_scale > 1.0
 
     def denoiser(self, indices: Sequence[int]) -> Denoiser:
         """The (guided) UNet for the prompts of ``indices``."""
@@ -479,7 +491,11 @@ class PipelineModel:
             self.noise,
             self.prediction_type,
             unconditional=unconditional,
-            guidance=float(self.guidance_scale),
+            guidance=(
+                self.guidance_schedule
+                if self.guidance_schedule is not None
+                else float(self.guidance_scale)
+            ),
         )
 
     def decode(self, x: Tensor) -> Tensor:
@@ -498,13 +514,22 @@ class PipelineModel:
             "pipeline": type(self.pipeline).__name__,
             "prediction_type": self.prediction_type,
             "guidance_scale": float(self.guidance_scale),
+            **guidance_settings(self.guidance_schedule),
             "negative_prompt": self.negative_prompt,
             "height": height,
             "width": width,
             "num_prompts": len(self.prompts),
             "prompts": "sha256:" + hashlib.sha256(prompts.encode("utf-8")).hexdigest(),
             "sample_shape": list(self.sample_shape),
+            **self._network_dtype(),
         }
+
+    def _network_dtype(self) -> dict[str, str]:
+        """``{"network_dtype": ...}`` unless the UNet runs in float32 (keys stay as they were)."""
+        dtype = self.pipeline.unet.dtype
+        return (
+            {} if dtype == torch.float32 else {"network_dtype": str(dtype).removeprefix("torch.")}
+        )
 
     # conditioning ----------------------------------------------------------------------------
     def _encoded(self, prompt: str) -> _Embeddings:
@@ -585,6 +610,12 @@ def generate_images(
     if sigmas is not None:
         steps = {"sigmas": [float(sigma) for sigma in sigmas]}
 
+    def guidance_options() -> dict[str, Any]:
+        if model.guidance_schedule is None:
+            return {"guidance_scale": model.guidance_scale}
+        options = GuidanceCallback(model.guidance_schedule, pipe).call_options(**steps)
+        return {key: value for key, value in options.items() if key not in steps}
+
     def make_chunk(indices: range) -> Tensor:
         latents = unit_noise(indices, model.latent_shape, seed)
         with torch.inference_mode():
@@ -592,7 +623,7 @@ def generate_images(
                 prompt=model.prompts_for(indices),
                 height=height,
                 width=width,
-                guidance_scale=model.guidance_scale,
+                **guidance_options(),
                 latents=latents.to(pipe.device, pipe.unet.dtype),
                 generator=sample_generator(seed + 1, indices.start),
                 output_type="pt",

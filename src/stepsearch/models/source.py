@@ -62,6 +62,12 @@ class ModelIdentity:
     def to_json_dict(self) -> dict[str, str]:
         return {"name": self.name, "digest": self.digest}
 
+    def cache_json(self) -> dict[str, str]:
+        """The part of the identity that keys caches: the weights digest alone. The name is for
+        display (a directory's name for a local model), so a copy of the same weights in another
+        directory, or the bundled model loaded by name, finds the same teacher entries."""
+        return {"digest": self.digest}
+
     @classmethod
     def from_json_dict(cls, payload: Mapping[str, Any]) -> ModelIdentity:
         if not isinstance(payload, Mapping) or not {"name", "digest"} <= set(payload):

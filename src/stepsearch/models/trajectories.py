@@ -105,10 +105,11 @@ class Trajectories:
 def teacher_key(
     source: SampleSource, teacher: Mapping[str, Any], seed: int, num_samples: int, **extra: Any
 ) -> dict[str, Any]:
-    """The cache key of a solve of ``source``: its identity (weights digest), settings, noise
-    schedule, the ``teacher`` description, the seed, the sample count and ``extra`` fields."""
+    """The cache key of a solve of ``source``: its weights digest (not its name or path:
+    :meth:`~stepsearch.models.source.ModelIdentity.cache_json`), settings, noise schedule, the
+    ``teacher`` description, the seed, the sample count and ``extra`` fields."""
     return {
-        "model": source.identity.to_json_dict(),
+        "model": source.identity.cache_json(),
         "source": source.describe(),
         "noise": source.noise.to_config(),
         **extra,

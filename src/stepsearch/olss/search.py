@@ -18,6 +18,7 @@ The fit only ever sees the search seed's noise; every reported error is on the h
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from stepsearch._io import atomic_write_json, atomic_write_text
+from stepsearch._io import atomic_write_dir, atomic_write_json, atomic_write_text
 from stepsearch.cache import TensorCache
 from stepsearch.eval.objective import Objective, Score
 from stepsearch.eval.trajectory import trajectory_error
@@ -348,7 +349,7 @@ def _write(out: Path, result: OLSSResult, source_config: dict[str, Any]) -> dict
     scheduler = StepsearchOLSSScheduler.from_fit(
         result.fit, source_config, provenance=result.provenance.to_json_dict()
     )
-    scheduler.save_pretrained(out / SCHEDULER_DIR)
+    atomic_write_dir(out / SCHEDULER_DIR, scheduler.save_pretrained)  # the folder at once
     ScheduleFile(result.fit.schedule, result.provenance).save(out / SCHEDULE_FILE)
     atomic_write_json(out / "report.json", result.report)
     atomic_write_text(out / "report.md", _markdown(result.report))
@@ -488,6 +489,7 @@ def search_olss_pipeline(
             "fit": fit.describe(),
             "noise": model.noise.to_config(),
             "scheduler": f"{SCHEDULER_DIR}/scheduler_config.json",
+            "scheduler_config": json.loads(json.dumps(dict(model.scheduler_config), default=list)),
         },
     )
     report = _report(fit, rows, provenance, identity, nfe)
@@ -541,6 +543,7 @@ def run_olss_job(
     teacher_steps: int = 100,
     seed: int = 0,
     device: str = "cpu",
+    dtype: str | None = None,
     progress: bool = True,
 ) -> OLSSResult:
     """What ``stepsearch search olss`` does: fit on ``model`` (a bundled model or a local UNet
@@ -556,8 +559,9 @@ def run_olss_job(
         if prompts is None:
             raise ValueError("--pipeline needs --prompts")
         text_model = load_model(
-            pipeline=pipeline, prompts=prompts, guidance_scale=guidance_scale, device=device
-        )
+            pipeline=pipeline, prompts=prompts, guidance_scale=guidance_scale, device=device,
+            torch_dtype=dtype,
+        )  # fmt: skip
         return search_olss_pipeline(text_model, nfe, **common)  # type: ignore[arg-type]
-    source = load_source(model, device=device, guidance_scale=guidance_scale)
+    source = load_source(model, device=device, guidance_scale=guidance_scale, dtype=dtype)
     return search_olss(source, nfe, **common)  # type: ignore[arg-type]

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from stepsearch.cache import TensorCache
 from stepsearch.models.pipeline import PipelineModel
-from stepsearch.models.source import SampleSource, digest_text, module_digest
+from stepsearch.models.source import SampleSource, digest_text
 from stepsearch.models.trajectories import (
     DEFAULT_TEACHER,
     TeacherSpec,
@@ -49,6 +49,7 @@ __all__ = [
     "record_pipeline_teacher",
     "record_teacher",
 ]
+
 
 @dataclass(frozen=True, eq=False)
 class TeacherTrajectory:
@@ -256,7 +257,7 @@ def record_pipeline_teacher(
     schedule = teacher.schedule_on(noise)
     _check_teacher(get_solver(teacher.solver), schedule)
     key = {
-        "model": {"name": model.name, "digest": module_digest(model.pipeline.unet)},
+        "model": model.identity.cache_json(),  # the weights digest, computed once per load
         "prompts": digest_text("\n".join(model.prompts)),
         "guidance_scale": float(model.guidance_scale),
         "image_size": list(model.image_size),

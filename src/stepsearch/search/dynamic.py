@@ -13,10 +13,14 @@ Both pick a ``K``-step schedule as a monotone path through a fine *grid* of ``G`
    ``X_j``. Multistep solvers (DPM-Solver++(2M), UniPC) use history: their step out of ``i`` also
    reads the previous path point ``p`` (its ``D_p``, and for UniPC's corrector ``X_p``), taken from
    the teacher as well, so their cost is ``cost(p, i -> j)`` and the DP runs over *pairs*
-   ``(p, i)``. The step is the solver's own code: every supported solver's update is linear in the
-   tensors it is given, so its coefficients are read off by calling ``solver.step`` on one-hot
-   inputs (:func:`step_coefficients`) -- no solver formula is restated here (REFERENCES.md measured
-   what happens otherwise: DDIM costs run by 2M gave a worse schedule than the baseline at NFE 5).
+   ``(p, i)``. The step is the solver's own: every supported solver's update is linear in the
+   tensors it is given, with coefficients that are float64 expressions of the noise levels
+   (:func:`step_coefficients`). They are evaluated in closed form for all index tuples at once
+   (:mod:`stepsearch.search.dp_coefficients`, milliseconds) and equal, bitwise on the tested grids
+   and to 1e-12 by test, what ``solver.step`` gives on one-hot inputs (``method="one_hot"``, the
+   reference: a minute per multistep table on a 100-point grid). REFERENCES.md measured why the
+   cost must be the running solver's own step: DDIM costs run by 2M gave a worse schedule than the
+   baseline at NFE 5.
 3. **DP.** The exact minimum of ``sum_m w_m cost_m`` over monotone paths from ``g_0`` to
    ``g_{G-1}`` with exactly ``K`` steps (:func:`best_path`); GITS' cost coefficient makes
    ``w_m = coeff^m`` (GITS' recursion ``V_j(k) = cost(j, i) + coeff V_i(k - 1)``: later steps weigh
@@ -54,6 +58,7 @@ from stepsearch.models.source import SampleSource
 from stepsearch.models.trajectories import DEFAULT_TEACHER, record_trajectories, teacher_key
 from stepsearch.noise import NoiseSchedule
 from stepsearch.schedule import StepSchedule, make_schedule
+from stepsearch.search.dp_coefficients import closed_form_coefficients, has_closed_form
 from stepsearch.solvers import (
     DDIM,
     DPMSolver,
@@ -66,6 +71,7 @@ from stepsearch.solvers import (
 from stepsearch.solvers.base import Solver, StepInfo, noise_levels
 
 __all__ = [
+    "COEFFICIENT_METHODS",
     "GITS_COEFF",
     "REDUCTIONS",
     "DynamicResult",
@@ -247,20 +253,42 @@ def layer_rules(solver: Solver, num_steps: int) -> list[LayerRule]:
     return rules
 
 
+COEFFICIENT_METHODS = ("closed_form", "one_hot")
+"""How :func:`step_coefficients` computes a table: in closed form for all index tuples at once
+(the default), or by calling ``solver.step`` on one-hot inputs (the reference)."""
+
+
 def step_coefficients(
-    rule: LayerRule, grid: StepSchedule, progress: ProgressHook | None = None
+    rule: LayerRule,
+    grid: StepSchedule,
+    progress: ProgressHook | None = None,
+    *,
+    method: str = "closed_form",
 ) -> np.ndarray:
-    """The linear coefficients of one solver step between grid points, read off the solver.
+    """The linear coefficients of one solver step between grid points (float64, on the CPU).
 
     Depth 0: ``coef[i, j] = (c_x, c_d)`` with ``x_j = c_x X_i + c_d D_i``; depth 1:
     ``coef[p, i, j] = (c_xp, c_dp, c_xi, c_di)`` for ``x_j = c_xp X_p + c_dp D_p + c_xi X_i +
-    c_di D_i``. Entries of non-monotone index triples are NaN. The inputs are one-hot float64
-    vectors, so the outputs are exactly the coefficients the solver applies to real tensors.
+    c_di D_i``. Entries of non-monotone index triples are NaN.
 
-    Speed: the state for target ``j`` is the state for target ``i + 1`` with the target's noise
-    levels swapped in (:func:`_retarget`), so each coefficient costs one ``solver.step`` and no
-    schedule validation; a test checks the result against a fresh ``solver.init`` per target.
+    ``method="closed_form"``: :func:`~stepsearch.search.dp_coefficients.closed_form_coefficients`
+    (every supported solver; a rule without a closed form falls back to one-hot probing).
+    ``method="one_hot"``: the solver's own ``step`` on one-hot float64 inputs, so the outputs are
+    exactly the coefficients it applies to real tensors; the state for target ``j`` is the state
+    for target ``i + 1`` with the target's noise levels swapped in (:func:`_retarget`), one
+    ``solver.step`` per index tuple.
     """
+    if method not in COEFFICIENT_METHODS:
+        raise ValueError(f"method must be one of {COEFFICIENT_METHODS}, got {method!r}")
+    if method == "closed_form" and has_closed_form(rule.probe, rule.depth):
+        return closed_form_coefficients(rule.probe, rule.depth, grid)
+    return _one_hot_coefficients(rule, grid, progress)
+
+
+def _one_hot_coefficients(
+    rule: LayerRule, grid: StepSchedule, progress: ProgressHook | None
+) -> np.ndarray:
+    """:func:`step_coefficients` by ``solver.step`` on one-hot inputs."""
     times = grid.times
     size = times.size
     levels = noise_levels(grid.noise, times)

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
+from stepsearch._io import run_relative
 from stepsearch.cache import TensorCache
 from stepsearch.eval.objective import Objective, Score
 from stepsearch.models import load_model
@@ -368,7 +369,11 @@ def run_search(
         found.settings,
         extra={
             **found.extra,
-            "study": {"storage": _redacted(store_url), "name": name, "trials": trials},
+            "study": {
+                "storage": run_relative(_redacted(store_url), out_path),
+                "name": name,
+                "trials": trials,
+            },
         },
     )
     schedule_file = ScheduleFile(found.result, provenance)
@@ -440,13 +445,14 @@ def run_job(
     cache: str | Path | None = None,
     device: str = "cpu",
     guidance_scale: float | None = None,
+    dtype: str | None = None,
     progress: bool = True,
     **options: Any,
 ) -> SearchJob:
     """What ``stepsearch search <family>`` does: refuse an unsupported solver before the model
     loads, load ``model`` (a bundled model or a local UNet directory; or a text-to-image
-    ``pipeline`` directory with ``prompts``, see :func:`~stepsearch.models.load_model`), build the
-    objective
+    ``pipeline`` directory with ``prompts``, see :func:`~stepsearch.models.load_model`; its
+    network in ``dtype``, default float32), build the objective
     (``metric`` on ``num_samples`` search-seed / ``held_out_samples`` held-out samples, tensor
     cache ``cache``) and :func:`run_search` (``options``: its keyword arguments)."""
     import optuna
@@ -459,10 +465,12 @@ def run_job(
     except ValueError:
         steps = int(nfe)  # run_search says which NFE are reachable
     fam.check(run_solver, steps)
+    source = load_model(
+        model, pipeline=pipeline, prompts=prompts, device=device, guidance_scale=guidance_scale,
+        torch_dtype=dtype,
+    )  # fmt: skip
     objective = Objective(
-        load_model(
-            model, pipeline=pipeline, prompts=prompts, device=device, guidance_scale=guidance_scale
-        ),
+        source,
         metric,
         num_samples=num_samples,
         held_out_samples=held_out_samples,

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from stepsearch._io import atomic_write_bytes, atomic_write_json
+from stepsearch._io import atomic_write_bytes, atomic_write_dir, atomic_write_json, run_relative
 from stepsearch.integrations.diffusers import scheduler_for_solver
 from stepsearch.integrations.olss import StepsearchOLSSScheduler
 from stepsearch.integrations.plan_scheduler import write_plan_scheduler_dir
@@ -101,12 +101,23 @@ class SearchProgress:
     """A progress bar of a search: trials done out of the budget, best score so far."""
 
     def __init__(self, budget: int, description: str, *, enabled: bool = True):
-        self.budget = int(budget)
+        self._budget = int(budget)
         self.description = description
         self.enabled = enabled
         self.best = math.inf
         self._progress: Any = None
         self._task: Any = None
+
+    @property
+    def budget(self) -> int:
+        """The bar's total; a family that learns its real count late (DP) sets it."""
+        return self._budget
+
+    @budget.setter
+    def budget(self, value: int) -> None:
+        self._budget = int(value)
+        if self._progress is not None:
+            self._progress.update(self._task, total=self._budget)
 
     @contextmanager
     def running(self) -> Iterator[SearchProgress]:
@@ -149,12 +160,12 @@ def write_scheduler_dir(
     path: str | os.PathLike[str], schedule: StepSchedule, solver: Solver, **config: Any
 ) -> Path | None:
     """A diffusers scheduler directory replaying ``schedule`` with ``solver`` (its drop-in class's
-    ``from_step_schedule(...).save_pretrained``); ``None`` when the noise schedule has no
-    diffusers form (EDM, continuous VP)."""
+    ``from_step_schedule(...).save_pretrained``), written at once
+    (:func:`~stepsearch._io.atomic_write_dir`: a reader sees the previous complete folder or the
+    new one); ``None`` when the noise schedule has no diffusers form (EDM, continuous VP)."""
     if solver.name == "olss":  # a fitted OLSS solver: its own scheduler class
-        target = Path(path)
-        StepsearchOLSSScheduler.from_fit(solver, config).save_pretrained(target)
-        return target
+        olss = StepsearchOLSSScheduler.from_fit(solver, config)
+        return atomic_write_dir(path, olss.save_pretrained)
     if not isinstance(schedule.noise, (DiscreteVP, FlowMatching)):
         return None
     scheduler_class = scheduler_for_solver(solver.name)
@@ -162,10 +173,7 @@ def write_scheduler_dir(
     if solver_kwargs:
         config.setdefault("solver_kwargs", solver_kwargs)
     scheduler = scheduler_class.from_step_schedule(schedule, **config)
-    target = Path(path)
-    target.mkdir(parents=True, exist_ok=True)
-    scheduler.save_pretrained(target)
-    return target
+    return atomic_write_dir(path, scheduler.save_pretrained)
 
 
 def plot_search(
@@ -279,5 +287,6 @@ def write_job_result(
         )
     )
     paths["summary"] = str(out / "result.json")
-    atomic_write_json(out / "result.json", {**summary, "files": paths})
+    relative = {role: run_relative(path, out) for role, path in paths.items()}
+    atomic_write_json(out / "result.json", {**summary, "files": relative})
     return paths

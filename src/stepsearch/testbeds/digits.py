@@ -35,7 +35,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from stepsearch.denoiser import GuidanceSchedule, ModelDenoiser, eps_from_x0
+from stepsearch.denoiser import ModelDenoiser, eps_from_x0
+from stepsearch.guidance import GuidanceSchedule
 from stepsearch.noise import DiscreteVP, FlowMatching, NoiseSchedule
 from stepsearch.testbeds.gaussian_mixture import EmpiricalDenoiser
 

@@ -4,13 +4,13 @@ baselines of one NFE."""
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor
 
+from stepsearch._io import atomic_write_dir
 from stepsearch.integrations import diffusers as drop_in
 from stepsearch.integrations import olss, plan_scheduler
 from stepsearch.integrations.plan_scheduler import write_plan_scheduler_dir
@@ -86,9 +86,8 @@ class Candidate:
 
     def write_scheduler(self, path: Path, prediction_type: str | None) -> tuple[Path, int] | None:
         """This sampler as a diffusers scheduler directory and its ``num_inference_steps``;
-        ``None`` where the noise schedule has no diffusers form."""
-        if path.exists():
-            shutil.rmtree(path)
+        ``None`` where the noise schedule has no diffusers form. The folder is replaced at once
+        (the previous one stays until the new one is complete)."""
         if self.method is not None:
             raise RuntimeError("diffusers baselines are written by write_diffusers_scheduler")
         assert self.solver is not None and self.schedule is not None
@@ -109,13 +108,10 @@ class Candidate:
 
 def _write_diffusers_scheduler(candidate: Candidate, model: Model, path: Path) -> tuple[Path, int]:
     assert candidate.method is not None
-    if path.exists():
-        shutil.rmtree(path)
     found = candidate.method.diffusers_scheduler_for(model.scheduler_config, candidate.nfe)
     assert found is not None
     scheduler, steps = found
-    scheduler.save_pretrained(path)
-    return path, steps
+    return atomic_write_dir(path, scheduler.save_pretrained), steps
 
 
 def load_scheduler_dir(path: str | Path) -> Any:

@@ -198,13 +198,14 @@ def forecast(
     ays_data: str | os.PathLike[str] | Path | None = None,
     settings: OptimizeSettings | None = None,
     device: str = "cpu",
+    dtype: str | None = None,
 ) -> Forecast:
     """What :func:`~stepsearch.search.optimize.optimize` with the same arguments would spend
     (module docstring): the inputs are checked and the model loaded as there, one calibration
     batch is timed, nothing is written."""
     setup = _setup(
         model, nfes, methods, budget_minutes, budget_evals, pipeline, prompts, guidance_scale,
-        ays_data, settings, device,
+        ays_data, settings, device, dtype,
     )  # fmt: skip
     stages = plan_stages(setup.source, setup.nfes, setup.methods, setup.settings, setup.shares)
     settings = setup.settings  # judging and teachers, most of the work, run in these batches

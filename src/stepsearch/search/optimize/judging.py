@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import Tensor
 
-from stepsearch._io import atomic_write_json
+from stepsearch._io import atomic_write_bytes, atomic_write_json, run_relative
 from stepsearch.eval.objective import Objective, Score
 from stepsearch.models import ImageModel, PipelineModel
 from stepsearch.models.pipeline import generate_images
@@ -154,7 +154,8 @@ def _write_winner(
     atomic_write_json(
         winner_path,
         {"label": winner.label, "family": winner.family, "nfe": winner.nfe,
-         "num_inference_steps": steps, "partial": winner.partial, "files": files,
+         "num_inference_steps": steps, "partial": winner.partial,
+         "files": {role: run_relative(path, folder) for role, path in files.items()},
          "selection": scores["select"], "report": scores["report"]},
     )  # fmt: skip
     files["winner"] = str(winner_path)
@@ -192,7 +193,7 @@ def _grid_samples(
     reproduces them bit for bit); ``None`` for sources without a UNet."""
     if run.model is None or "scheduler" not in files:
         return None
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     count = run.settings.grid_rows * run.settings.grid_cols
     prediction = run.source.describe().get("prediction_type")
@@ -211,7 +212,6 @@ def _grid_samples(
         made[role] = _diffusers_loop(run.model, scheduler, steps, count).contiguous()
         steps_of[f"steps_{role}"] = str(steps)
     path = folder / "samples.safetensors"
-    tmp = path.with_name(".samples.tmp.safetensors")
     metadata = {"seed": str(REPORT_SEED), "count": str(count), **steps_of}
     if isinstance(run.model, PipelineModel):  # what a replay passes the pipeline
         height, width = run.model.image_size
@@ -227,8 +227,7 @@ def _grid_samples(
             guidance_scale=repr(float(run.model.guidance_scale)),
             labels=json.dumps(labels.tolist()),
         )
-    save_file(made, str(tmp), metadata=metadata)
-    tmp.replace(path)
+    atomic_write_bytes(path, save(made, metadata=metadata))  # fsynced, then renamed
     files["samples"] = str(path)
     return made
 

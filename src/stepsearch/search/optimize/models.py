@@ -12,14 +12,20 @@ from stepsearch.testbeds import digits
 
 
 def _resolve_model(
-    model: str | Path | Model | SampleSource, device: str, guidance_scale: float | None = None
+    model: str | Path | Model | SampleSource,
+    device: str,
+    guidance_scale: float | None = None,
+    dtype: str | None = None,
 ) -> SampleSource:
     """The run's one model object: a loaded :class:`ImageModel` / :class:`PipelineModel` (each a
-    sample source that also runs diffusers' loop), or the sample source given."""
+    sample source that also runs diffusers' loop; its network in ``dtype``), or the sample source
+    given."""
     if guidance_scale is not None and not isinstance(model, (str, Path)):
         raise ValueError(
             "guidance_scale goes with a model name (--model digits-cond) or --pipeline"
         )
+    if dtype is not None and not isinstance(model, (str, Path)):
+        raise ValueError("--dtype goes with a model name or directory (--model) or --pipeline")
     if isinstance(model, PipelineModel):
         model.noise  # noqa: B018 - a flow-matching config fails here, before any work
         model.check_denoiser()
@@ -41,7 +47,7 @@ def _resolve_model(
                     f"--model {spec}: no scheduler config (scheduler_config.json at its root or in "
                     "scheduler/): the noise schedule the model was trained on is needed"
                 )
-        loaded = load_model(spec, device=device, guidance_scale=guidance_scale)
+        loaded = load_model(spec, device=device, guidance_scale=guidance_scale, torch_dtype=dtype)
         assert isinstance(loaded, ImageModel)
         return loaded
     return model

@@ -194,14 +194,59 @@ def _upscaled(samples: Tensor, rows: int, cols: int, scale: int) -> np.ndarray:
     return canvas[..., 0] if channels == 1 else canvas
 
 
+BUILT_IN_FAMILIES = ("baseline", "diffusers")
+"""Candidate families that are built-in samplers, not search results."""
+
+
+def _series(report: dict[str, Any], metric: str) -> dict[str, dict[int, float]]:
+    """Per series, the best report-seed ``metric`` at each NFE: one series per search family,
+    ``"best built-in"`` (the lowest of every built-in sampler) and one per built-in label
+    (prefixed ``"built-in: "``)."""
+    series: dict[str, dict[int, float]] = {}
+    for nfe_text, entry in report["per_nfe"].items():
+        nfe = int(nfe_text)
+        for row in entry["rows"]:
+            value = row["report"].get(metric)
+            if value is None:
+                continue
+            built_in = row["family"] in BUILT_IN_FAMILIES
+            names = ["best built-in", f"built-in: {row['label']}"] if built_in else [row["family"]]
+            for name in names:
+                best = series.setdefault(name, {})
+                best[nfe] = min(best.get(nfe, math.inf), value)
+    return series
+
+
+def _winner_sigmas(run: _Run, winner: Candidate) -> np.ndarray | None:
+    """The positive k-diffusion sigmas the winner visits, where they can be told: its stepsearch
+    schedule, or a diffusers scheduler's timesteps read on its own ``alphas_cumprod``."""
+    if winner.schedule is not None:
+        sigmas = winner.schedule.to_kdiffusion_sigmas()
+        return sigmas[sigmas > 0]
+    if winner.method is None or run.model is None:
+        return None
+    found = winner.method.diffusers_scheduler_for(run.model.scheduler_config, winner.nfe)
+    if found is None:
+        return None
+    scheduler, steps = found
+    scheduler.set_timesteps(steps)
+    alphas = getattr(scheduler, "alphas_cumprod", None)
+    if alphas is None:
+        return None
+    timesteps = scheduler.timesteps.long().unique(sorted=True).flip(0)
+    cumulative = alphas.double()[timesteps].numpy()
+    return np.sqrt((1.0 - cumulative) / cumulative)
+
+
 def _plot(
     run: _Run,
     report: dict[str, Any],
     grids: dict[int, dict[str, Tensor]],
-    found: dict[int, list[Candidate]],
+    winners: dict[int, Candidate],
 ) -> Path:
-    """One PNG: every method's report-seed metrics vs NFE (built-ins thin, searches bold), the
-    chosen schedules against the built-in spacings, and best built-in vs winner samples."""
+    """One PNG: per metric, each search family's best and the best built-in vs NFE (every
+    built-in faint grey behind them, the winner starred); the winners' schedules against the
+    built-in spacings; and best built-in vs winner samples."""
     import io
 
     import matplotlib
@@ -223,44 +268,56 @@ def _plot(
     aspect = max(
         (m["winner"].shape[0] / m["winner"].shape[1] for m in montages.values()), default=0
     )
-    heights = [4.5] + [width / 2 * aspect + 0.4] * image_rows
+    heights = [5.0] + [width / 2 * aspect + 0.4] * image_rows
     figure = plt.figure(figsize=(width, sum(heights)), layout="constrained")
     outer = figure.add_gridspec(1 + image_rows, 1, height_ratios=heights)
     grid_spec = outer[0, 0].subgridspec(1, len(metrics) + 1)
-    labels: dict[str, str] = {}
-    for entry in report["per_nfe"].values():
-        for row in entry["rows"]:
-            labels[row["label"]] = row["family"]
+    families = sorted(
+        {r["family"] for e in report["per_nfe"].values() for r in e["rows"]}
+        - set(BUILT_IN_FAMILIES)
+    )
+    colors = {family: f"C{index % 10}" for index, family in enumerate(families)}
     for column, metric in enumerate(metrics):
         axes = figure.add_subplot(grid_spec[0, column])
-        for index, (label, family) in enumerate(labels.items()):
-            xs, ys = [], []
-            for nfe in nfes:
-                rows = {r["label"]: r for r in report["per_nfe"][str(nfe)]["rows"]}
-                if label in rows and rows[label]["report"][metric] is not None:
-                    xs.append(nfe)
-                    ys.append(rows[label]["report"][metric])
-            searched = family not in ("baseline", "diffusers")
-            axes.plot(xs, ys, marker="o", ms=3 if not searched else 5,
-                      lw=2.2 if searched else 0.8, alpha=1.0 if searched else 0.45,
-                      ls="-" if searched else ("--" if family == "diffusers" else ":"),
-                      color=f"C{index % 10}", label=label)  # fmt: skip
-        winners = [
-            {r["label"]: r for r in report["per_nfe"][str(n)]["rows"]}[
-                report["per_nfe"][str(n)]["winner"]
-            ]["report"][metric]
-            for n in nfes
+        series = _series(report, metric)
+        shown_faint = False
+        for name, values in series.items():
+            if not name.startswith("built-in: "):
+                continue
+            xs = sorted(values)
+            axes.plot(xs, [values[n] for n in xs], color="0.6", lw=0.7, alpha=0.5,
+                      label=None if shown_faint else "each built-in")  # fmt: skip
+            shown_faint = True
+        best = series.get("best built-in", {})
+        if best:
+            xs = sorted(best)
+            axes.plot(xs, [best[n] for n in xs], color="0.25", lw=2, ls="--", marker="s",
+                      ms=4, label="best built-in")  # fmt: skip
+        for family in families:
+            values = series.get(family, {})
+            xs = sorted(values)
+            if xs:
+                axes.plot(xs, [values[n] for n in xs], color=colors[family], lw=2,
+                          marker="o", ms=5, label=family)  # fmt: skip
+        stars = [
+            (nfe, row["report"][metric])
+            for nfe in nfes
+            for row in report["per_nfe"][str(nfe)]["rows"]
+            if row["label"] == report["per_nfe"][str(nfe)]["winner"]
+            and row["report"].get(metric) is not None
         ]
-        axes.plot(nfes, winners, color="black", lw=3, alpha=0.35, label="winner (per NFE)")
+        if stars:
+            axes.plot(*zip(*stars, strict=True), ls="none", marker="*", ms=14, color="gold",
+                      markeredgecolor="black", label="winner", zorder=5)  # fmt: skip
         reference = report["reference"].get(metric, {}).get("value") if metric == "fd" else None
         if reference is not None:
-            axes.axhline(reference, color="black", lw=1, ls="-.", label="converged reference")
+            axes.axhline(reference, color="black", lw=1, ls="-.", label="converged solve")
         axes.set_yscale("log")
+        axes.set_xticks(nfes)
         axes.set_xlabel("NFE")
-        axes.set_ylabel(f"{metric} (report seed {report['report']['seed']})")
+        axes.set_ylabel(f"{metric} (held-out seed {report['report']['seed']}, lower is better)")
         axes.set_title(f"{metric} vs NFE")
-        if column == 0:
-            axes.legend(fontsize=5, ncol=2)
+        axes.legend(fontsize=8, loc="best", framealpha=0.85)
     axes = figure.add_subplot(grid_spec[0, len(metrics)])
     for index, nfe in enumerate(nfes):
         color = f"C{index % 10}"
@@ -269,18 +326,19 @@ def _plot(
         ).values():
             sigmas = schedule.to_kdiffusion_sigmas()
             axes.plot(np.flatnonzero(sigmas > 0), sigmas[sigmas > 0], ls=":", lw=0.8, color=color)
-        winner = next((c for c in found[nfe] if c.label == report["per_nfe"][str(nfe)]["winner"]),
-                      None)  # fmt: skip
-        if winner is not None and winner.schedule is not None:
-            sigmas = winner.schedule.to_kdiffusion_sigmas()
-            axes.plot(np.flatnonzero(sigmas > 0), sigmas[sigmas > 0], marker="o", lw=2,
-                      color=color, label=f"NFE {nfe}: {winner.label}")  # fmt: skip
+        sigmas = None if nfe not in winners else _winner_sigmas(run, winners[nfe])
+        name = report["per_nfe"][str(nfe)]["winner"]
+        if sigmas is not None:
+            axes.plot(np.arange(len(sigmas)), sigmas, marker="o", lw=2, color=color,
+                      label=f"NFE {nfe}: {name}")  # fmt: skip
+        else:
+            axes.plot([], [], color=color, label=f"NFE {nfe}: {name} (sigmas not known)")
     axes.set_yscale("log")
+    axes.xaxis.get_major_locator().set_params(integer=True)
     axes.set_xlabel("step")
     axes.set_ylabel("k-diffusion sigma")
-    axes.set_title("chosen schedules (solid) vs karras / logSNR / trailing (dotted)")
-    if axes.get_legend_handles_labels()[0]:
-        axes.legend(fontsize=6)
+    axes.set_title("winners' schedules (solid) vs karras / logSNR / trailing (dotted)", fontsize=10)
+    axes.legend(fontsize=7, loc="upper right", framealpha=0.85)
     for position, (nfe, montage) in enumerate(sorted(montages.items())):
         entry = report["per_nfe"][str(nfe)]
         pair = outer[1 + position, 0].subgridspec(1, 2)

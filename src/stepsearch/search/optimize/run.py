@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import Tensor
 
-from stepsearch._io import atomic_write_json, atomic_write_text
+from stepsearch._io import atomic_write_json, atomic_write_text, run_relative
 from stepsearch.cache import TensorCache
 from stepsearch.eval.objective import Objective
 from stepsearch.models import PipelineModel, load_model
@@ -151,6 +151,7 @@ def _setup(
     ays_data: str | os.PathLike[str] | None,
     settings: OptimizeSettings | None,
     device: str,
+    dtype: str | None = None,
 ) -> _Setup:
     """Check the inputs of :func:`optimize` and load its model (nothing is written); ``ValueError``
     for bad input."""
@@ -167,14 +168,15 @@ def _setup(
         if model is not None:
             raise ValueError("give a model (--model) or a pipeline (--pipeline), not both")
         model = load_model(
-            pipeline=pipeline, prompts=prompts, guidance_scale=guidance_scale, device=device
-        )
-        guidance_scale = None  # the pipeline's, in its model
+            pipeline=pipeline, prompts=prompts, guidance_scale=guidance_scale, device=device,
+            torch_dtype=dtype,
+        )  # fmt: skip
+        guidance_scale = dtype = None  # the pipeline's, in its model
     elif prompts is not None:
         raise ValueError("--prompts goes with --pipeline DIR")
     if model is None:
         raise ValueError("give a model (--model digits|DIR) or a pipeline (--pipeline DIR)")
-    source = _resolve_model(model, device, guidance_scale)
+    source = _resolve_model(model, device, guidance_scale, dtype)
     pipeline_run = isinstance(source, PipelineModel)
     settings = settings or (pipeline_settings() if pipeline_run else OptimizeSettings())
     skipped: list[dict[str, str]] = []
@@ -213,6 +215,7 @@ def optimize(
     settings: OptimizeSettings | None = None,
     cache: TensorCache | None = None,
     device: str = "cpu",
+    dtype: str | None = None,
     progress: bool = True,
 ) -> OptimizeResult:
     """Run the searches ``methods`` at every NFE of ``nfes`` on ``model`` (``"digits"``, a local
@@ -238,7 +241,8 @@ def optimize(
     A text-to-image pipeline is ``model=None, pipeline=DIR, prompts=[...] or FILE,
     guidance_scale=G`` (:func:`~stepsearch.models.loading.load_model`); its default settings are
     :func:`pipeline_settings`. ``ays_data``: (prompt, image) pairs for Align Your Steps on a
-    pipeline (without them AYS is skipped there, and the report says so).
+    pipeline (without them AYS is skipped there, and the report says so). ``dtype``: what a
+    model loaded here runs in (``float32``, ``float16``, ``bfloat16``; samples stay float32).
 
     Raises:
         ValueError: bad input (module docstring), found before anything is written.
@@ -246,7 +250,7 @@ def optimize(
     began = time.perf_counter()
     setup = _setup(
         model, nfes, methods, budget_minutes, budget_evals, pipeline, prompts, guidance_scale,
-        ays_data, settings, device,
+        ays_data, settings, device, dtype,
     )  # fmt: skip
     source, nfes, methods, settings = setup.source, setup.nfes, setup.methods, setup.settings
     skipped, shares = setup.skipped, setup.shares
@@ -324,6 +328,7 @@ def _judge_and_report(
     per_nfe: dict[int, dict[str, Any]] = {}
     scheduler_dirs: dict[int, str] = {}
     grids: dict[int, dict[str, Tensor]] = {}
+    winners: dict[int, Candidate] = {}
     for nfe in nfes:
         baselines = _baselines(run, nfe)
         candidates = baselines + found[nfe]
@@ -332,7 +337,7 @@ def _judge_and_report(
         def chosen(pool: list[Candidate], scores: dict = scores) -> Candidate:
             return min(pool, key=lambda c: _value(scores[c.label]["select"][selection]))
 
-        winner = chosen(candidates)
+        winner = winners[nfe] = chosen(candidates)
         best_baseline = chosen(baselines)
         folder = run.out / f"nfe-{nfe}"
         files, steps = _write_winner(run, winner, scores[winner.label], folder, selection)
@@ -363,10 +368,11 @@ def _judge_and_report(
         "budget": _budget_entry(run, budget_minutes, time.perf_counter() - judging_began),
         "settings": run.settings.to_json_dict(),
     }  # fmt: skip
+    on_disk = _run_relative(report, run.out)  # the files it names, relative to the run folder
     files = {
-        "json": str(atomic_write_json(run.out / "report.json", report)),
-        "markdown": str(atomic_write_text(run.out / "report.md", _markdown(report))),
-        "png": str(_plot(run, report, grids, found)),
+        "json": str(atomic_write_json(run.out / "report.json", on_disk)),
+        "markdown": str(atomic_write_text(run.out / "report.md", _markdown(on_disk))),
+        "png": str(_plot(run, report, grids, winners)),
     }
     return OptimizeResult(report, files, scheduler_dirs, bool(run.incomplete))
 
@@ -396,3 +402,14 @@ def _budget_entry(run: _Run, budget_minutes: float | None, judging: float) -> di
             f"runs to its end), then judging {judging:.0f} s"
         )
     return {"evals": run.budget_evals, "stages": run.trials, "minutes": minutes, "seconds": seconds}
+
+
+def _run_relative(report: dict[str, Any], out: Path) -> dict[str, Any]:
+    """``report`` with every NFE's result files named relative to the run folder ``out``."""
+    per_nfe = {}
+    for n, entry in report["per_nfe"].items():
+        files = entry.get("files")
+        if isinstance(files, dict):
+            entry = {**entry, "files": {role: run_relative(p, out) for role, p in files.items()}}
+        per_nfe[n] = entry
+    return {**report, "per_nfe": per_nfe}

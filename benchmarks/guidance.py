@@ -1,0 +1,241 @@
+"""Guidance schedules on ``digits-cond``: searched vs constant guidance, on HELD-OUT noise.
+
+For each budget of network (UNet) passes (``--nfe``; a guided step costs two passes, a step at
+weight 1 one):
+
+1. **Search** (:func:`~stepsearch.search.guidance.search_guidance`): ``--trials`` trials judged on
+   FD-digits and the classifier's accuracy on ``--num-samples`` search-seed samples; the constant
+   curve (``--constant-weights`` at Karras rho 7) and the pick (lowest FD at accuracy >= constant
+   w=2) are scored on ``--held-out-samples`` held-out samples. *Dominates* means: the pick's FD is
+   below that of every constant weight whose accuracy is <= the pick's.
+2. **Wang et al.'s claim**: linear-increasing vs constant guidance at equal mean weight
+   (``--mean-weight``), same budget and spacing, with a paired bootstrap of the FD difference
+   (the same held-out noise and labels, samples resampled jointly) and the accuracy difference.
+3. **Interval guidance** (Kynkäänniemi et al.): interval schedules at the budget constant w=2
+   spends with its step count, minus the passes they skip, vs constant w=2 at its budget.
+
+Results: ``benchmarks/results/guidance.{json,md}``. Full protocol (the issue's done-when)::
+
+    OMP_NUM_THREADS=2 python benchmarks/guidance.py --nfe 8 16 --trials 80 --held-out-samples 5000
+
+Reduced run (what the committed results used; see the markdown's header)::
+
+    OMP_NUM_THREADS=1 python benchmarks/guidance.py --nfe 8 16 --trials 24 \\
+        --num-samples 128 --held-out-samples 500
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from stepsearch._io import atomic_write_json, atomic_write_text
+from stepsearch.eval.fid import FeatureStatistics, frechet_distance
+from stepsearch.eval.report import environment
+from stepsearch.eval.scoring import FeatureReference
+from stepsearch.guidance import GuidanceSchedule, noise_range, unet_passes
+from stepsearch.models import load_model
+from stepsearch.search.guidance import (
+    GuidanceCandidate,
+    GuidanceSearchSettings,
+    evaluate_candidate,
+    feature_matrix,
+    search_guidance,
+    steps_for_budget,
+)
+from stepsearch.solvers import get_solver
+
+RESULTS = Path(__file__).resolve().parent / "results"
+HELD_OUT_SEED = 1
+
+
+def paired_fd_difference(
+    features_a: np.ndarray, features_b: np.ndarray, reference: FeatureStatistics, resamples: int
+) -> tuple[float, float]:
+    """``FD(a) - FD(b)`` and its bootstrap standard deviation, resampling sample rows jointly
+    (``a`` and ``b`` share noise and labels row by row)."""
+
+    def fd(rows: np.ndarray, which: np.ndarray) -> float:
+        return frechet_distance(FeatureStatistics.from_features(which[rows]), reference)
+
+    everything = np.arange(len(features_a))
+    value = fd(everything, features_a) - fd(everything, features_b)
+    rng = np.random.default_rng(0)
+    draws = []
+    for _ in range(resamples):
+        rows = rng.integers(0, len(features_a), len(features_a))
+        draws.append(fd(rows, features_a) - fd(rows, features_b))
+    return float(value), float(np.std(draws, ddof=1))
+
+
+def _held_out(source: Any, candidate: GuidanceCandidate, solver: Any, budget: int, count: int,
+              reference: FeatureReference) -> tuple[Any, np.ndarray, torch.Tensor]:  # fmt: skip
+    samples: list[torch.Tensor] = []
+    score = evaluate_candidate(
+        source, candidate, solver, budget, count, seed=HELD_OUT_SEED, split="held_out",
+        reference=reference, samples_out=samples,
+    )  # fmt: skip
+    return score, feature_matrix(samples[0], reference), samples[0]
+
+
+def run_budget(source: Any, budget: int, args: argparse.Namespace, reference: FeatureReference,
+               out: Path) -> dict[str, Any]:  # fmt: skip
+    solver = get_solver(args.solver)
+    settings = GuidanceSearchSettings(
+        trials=args.trials, constant_weights=tuple(args.constant_weights),
+        weight_range=(1.0, args.max_weight),
+    )  # fmt: skip
+    began = time.perf_counter()
+    result = search_guidance(
+        source, solver, budget, out / f"passes{budget}", settings=settings,
+        num_samples=args.num_samples, held_out_samples=args.held_out_samples,
+        held_out_seed=HELD_OUT_SEED, progress=True,
+    )  # fmt: skip
+    search_seconds = time.perf_counter() - began
+    pick = result.held_out["pick"]
+    constants = {k: v for k, v in result.held_out.items() if k.startswith("constant")}
+    weaker = {k: v for k, v in constants.items() if v.accuracy <= pick.accuracy}
+    dominates = bool(weaker) and all(pick.fd < v.fd for v in weaker.values())
+
+    # Wang et al.: linear increasing vs constant at equal mean weight
+    low, high = noise_range(source.noise)
+    mean = args.mean_weight
+    pair = {
+        "constant": GuidanceCandidate(GuidanceSchedule.constant(mean), 7.0),
+        "linear_increasing": GuidanceCandidate(GuidanceSchedule.linear(mean, low, high), 7.0),
+    }
+    judged = {name: _held_out(source, c, solver, budget, args.held_out_samples, reference)
+              for name, c in pair.items()}  # fmt: skip
+    difference, spread = paired_fd_difference(
+        judged["linear_increasing"][1], judged["constant"][1], reference.statistics, args.bootstrap
+    )
+    accuracy_difference = judged["linear_increasing"][0].accuracy - judged["constant"][0].accuracy
+    wang = {
+        "mean_weight": mean,
+        "constant": judged["constant"][0].to_json_dict(),
+        "linear_increasing": judged["linear_increasing"][0].to_json_dict(),
+        "fd_difference": difference,
+        "fd_difference_bootstrap_std": spread,
+        "accuracy_difference": accuracy_difference,
+    }
+
+    # interval guidance at constant w=2's step count, fewer passes
+    constant_steps = constants["constant w=2"].num_steps
+    intervals = []
+    for weight, top, bottom in args.intervals:
+        sigma_hi = high * (low / high) ** top
+        sigma_lo = high * (low / high) ** bottom
+        guidance = GuidanceSchedule.interval(weight, sigma_lo, sigma_hi)
+        grid, _ = steps_for_budget(
+            GuidanceSchedule.constant(2.0), source.noise, solver, budget, 7.0
+        )
+        passes = unet_passes(guidance(source.noise.kdiffusion_sigma(solver.evaluation_times(grid))))
+        score = _held_out(source, GuidanceCandidate(guidance, 7.0), solver, passes,
+                          args.held_out_samples, reference)[0]  # fmt: skip
+        base = constants["constant w=2"]
+        intervals.append({
+            "guidance": guidance.describe(), "progress_range": [top, bottom],
+            **score.to_json_dict(),
+            "reaches_constant": bool(score.passes < base.passes
+                                     and score.fd <= base.fd + (base.fd_std or 0.0)
+                                     and score.accuracy >= base.accuracy - base.accuracy_std),
+        })  # fmt: skip
+    return {
+        "unet_passes": budget,
+        "search_seconds": round(search_seconds, 1),
+        "pick": result.pick.to_json_dict(),
+        "held_out": {k: v.to_json_dict() for k, v in result.held_out.items()},
+        "pick_dominates_constant": dominates,
+        "front_size": len(result.front),
+        "wang_linear_vs_constant": wang,
+        "constant_w2_steps": constant_steps,
+        "intervals": intervals,
+    }
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [
+        "# Guidance schedules on digits-cond (held-out noise)",
+        "",
+        f"Settings: {report['settings']}. Budgets count network (UNet) passes per sample.",
+        "",
+    ]
+    for row in report["budgets"]:
+        lines += [f"## {row['unet_passes']} UNet passes", "",
+                  "| schedule | steps | passes | FD-digits (± boot. s.e.) | accuracy (± s.e.) |",
+                  "|---|---|---|---|---|"]  # fmt: skip
+        for name, s in row["held_out"].items():
+            label = (
+                name
+                if name != "pick"
+                else f"**searched**: {row['pick']['shape']} "
+                + ", ".join(f"{k}={v:.3g}" for k, v in row["pick"]["parameters"].items())
+                + f", rho={row['pick']['rho']:.3g}"
+            )
+            lines.append(f"| {label} | {s['num_steps']} | {s['unet_passes']} | {s['fd']:.2f} ± "
+                         f"{s['fd_std'] or math.nan:.2f} | {s['accuracy']:.4f} ± "
+                         f"{s['accuracy_std']:.4f} |")  # fmt: skip
+        w = row["wang_linear_vs_constant"]
+        lines += [
+            "",
+            f"Searched schedule dominates constant guidance: **{row['pick_dominates_constant']}** "
+            f"(lower FD than every constant weight with accuracy <= its own).",
+            "",
+            f"Wang et al., linear-increasing vs constant at mean weight {w['mean_weight']:g}: FD "
+            f"{w['linear_increasing']['fd']:.2f} vs {w['constant']['fd']:.2f}, difference "
+            f"{w['fd_difference']:+.2f} ± {w['fd_difference_bootstrap_std']:.2f} (paired "
+            f"bootstrap); accuracy {w['linear_increasing']['accuracy']:.4f} vs "
+            f"{w['constant']['accuracy']:.4f}.",
+            "",
+            "| interval schedule (constant w=2's steps) | steps | passes | FD | accuracy | "
+            "reaches constant w=2 |",
+            "|---|---|---|---|---|---|",
+        ]
+        for i in row["intervals"]:
+            lines.append(f"| {i['guidance']} | {i['num_steps']} | {i['unet_passes']} | "
+                         f"{i['fd']:.2f} | {i['accuracy']:.4f} | {i['reaches_constant']} |")  # fmt: skip
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--nfe", type=int, nargs="+", default=[8, 16])
+    parser.add_argument("--solver", default="dpm_solver_pp_2m")
+    parser.add_argument("--trials", type=int, default=80)
+    parser.add_argument("--num-samples", type=int, default=256)
+    parser.add_argument("--held-out-samples", type=int, default=5000)
+    parser.add_argument("--constant-weights", type=float, nargs="+", default=[1, 1.5, 2, 3, 4])
+    parser.add_argument("--max-weight", type=float, default=5.0)
+    parser.add_argument("--mean-weight", type=float, default=2.0)
+    parser.add_argument("--bootstrap", type=int, default=200)
+    parser.add_argument("--out", type=Path, default=None, help="study folder (default: temp)")
+    args = parser.parse_args()
+    # (weight, top, bottom): guided for progress top..bottom of the log-sigma range
+    args.intervals = [(2.0, 0.2, 0.8), (3.0, 0.2, 0.8), (2.5, 0.3, 1.0), (3.0, 0.0, 0.6)]
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    source = load_model("digits-cond")
+    reference = FeatureReference.from_images(source.feature_extractor, source.reference_images)
+    with tempfile.TemporaryDirectory() as scratch:
+        out = args.out or Path(scratch)
+        budgets = [run_budget(source, budget, args, reference, out) for budget in args.nfe]
+    report = {
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out",)},
+        "environment": environment(),
+        "budgets": budgets,
+    }
+    RESULTS.mkdir(exist_ok=True)
+    atomic_write_json(RESULTS / "guidance.json", report)
+    atomic_write_text(RESULTS / "guidance.md", markdown(report))
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()

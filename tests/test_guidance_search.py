@@ -1,0 +1,170 @@
+"""The guidance-schedule search (``stepsearch search guidance``) on the bundled ``digits-cond``.
+
+Ground truth: the network passes the budget rule predicts are the passes the guided denoiser
+really runs; the Pareto front is the brute-force non-dominated set; the pick obeys its stated rule;
+the study holds every trial and a rerun adds none; the files load back with provenance.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from stepsearch.cli import app
+from stepsearch.guidance import GuidanceSchedule, load_guidance, noise_range, unet_passes
+from stepsearch.models import load_model
+from stepsearch.models.source import initial_noise_for
+from stepsearch.sampling import sample
+from stepsearch.schedule import karras
+from stepsearch.schedule_file import ScheduleFile
+from stepsearch.search.guidance import (
+    GuidanceCandidate,
+    GuidanceScore,
+    GuidanceSearchSettings,
+    GuidanceTrial,
+    pareto_front,
+    search_guidance,
+    steps_for_budget,
+)
+from stepsearch.solvers import get_solver
+
+pytestmark = pytest.mark.usefixtures("_one_thread")
+
+
+@pytest.fixture(scope="module")
+def digits_cond() -> Any:
+    return load_model("digits-cond")
+
+
+@pytest.mark.parametrize("solver_name", ["dpm_solver_pp_2m", "heun"])
+def test_budget_counts_the_passes_the_denoiser_runs(digits_cond, solver_name):
+    solver = get_solver(solver_name)
+    low, high = noise_range(digits_cond.noise)
+    schedules = [
+        GuidanceSchedule.constant(2.0),
+        GuidanceSchedule.constant(1.0),
+        GuidanceSchedule.linear(2.0, low, high),
+        GuidanceSchedule.interval(3.0, 0.3, 5.0),
+    ]
+    for guidance in schedules:
+        grid, passes = steps_for_budget(guidance, digits_cond.noise, solver, 12, rho=7.0)
+        assert passes <= 12
+        # one more step would not fit
+        longer = karras(digits_cond.noise, grid.num_steps + 1, rho=7.0)
+        sigmas = digits_cond.noise.kdiffusion_sigma(solver.evaluation_times(longer))
+        assert unet_passes(guidance(sigmas)) > 12
+        model = dataclasses.replace(digits_cond, guidance_schedule=guidance)
+        denoiser = model.denoiser([0, 1, 2])
+        with torch.inference_mode():
+            sample(denoiser, initial_noise_for(model, [0, 1, 2], 0, grid), grid, solver)
+        assert denoiser.passes == passes
+    constant, _ = steps_for_budget(schedules[0], digits_cond.noise, get_solver("ddim"), 12, 7.0)
+    interval, spent = steps_for_budget(schedules[3], digits_cond.noise, get_solver("ddim"), 12, 7.0)
+    assert constant.num_steps == 6 and interval.num_steps > 6 and spent <= 12
+
+
+def _trial(number: int, fd: float, accuracy: float) -> GuidanceTrial:
+    score = GuidanceScore(fd, None, accuracy, 0.0, 4, 8, 10, "search")
+    return GuidanceTrial(
+        number, "search", GuidanceCandidate(GuidanceSchedule.constant(2), 7), score
+    )
+
+
+def test_pareto_front_is_the_non_dominated_set():
+    generator = torch.Generator().manual_seed(3)
+    points = torch.rand(40, 2, generator=generator).double()
+    points[5] = points[6]  # ties do not dominate each other
+    trials = [_trial(i, float(f), float(a)) for i, (f, a) in enumerate(points)]
+    trials.append(_trial(99, math.nan, 1.0))
+    expected = {
+        t.number
+        for t in trials[:-1]
+        if not any(
+            (o.score.fd <= t.score.fd and o.score.accuracy >= t.score.accuracy)
+            and (o.score.fd, o.score.accuracy) != (t.score.fd, t.score.accuracy)
+            for o in trials[:-1]
+        )
+    }
+    front = pareto_front(trials)
+    assert {t.number for t in front} == expected and len(expected) >= 2
+    assert [t.score.fd for t in front] == sorted(t.score.fd for t in front)
+
+
+def test_settings_refuse_bad_values_naming_the_field():
+    with pytest.raises(ValueError, match="shapes"):
+        GuidanceSearchSettings(shapes=("constant", "zigzag"))
+    with pytest.raises(ValueError, match="shapes must include 'constant'"):
+        GuidanceSearchSettings(shapes=("interval",))
+    with pytest.raises(ValueError, match="weight_range"):
+        GuidanceSearchSettings(weight_range=(0.5, 3.0))
+    with pytest.raises(ValueError, match="constant_weights"):
+        GuidanceSearchSettings(constant_weights=(1.0, 9.0))
+    with pytest.raises(ValueError, match="trials"):
+        GuidanceSearchSettings(trials=3, constant_weights=(1.0, 2.0, 3.0))
+
+
+def test_unconditional_models_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="class-conditional"):
+        search_guidance(load_model("digits"), "ddim", 8, tmp_path)
+
+
+TINY = GuidanceSearchSettings(trials=7, constant_weights=(1.0, 2.0, 3.0))
+
+
+def test_search_picks_by_its_rule_stores_every_trial_and_resumes(digits_cond, tmp_path):
+    import optuna
+
+    run = dict(settings=TINY, num_samples=20, held_out_samples=20)
+    result = search_guidance(digits_cond, "dpm_solver_pp_2m", 8, tmp_path, **run)
+    assert len(result.trials) == 7
+    assert sorted(t.origin for t in result.trials).count("constant") == 3
+    assert all(t.score.passes <= 8 for t in result.trials)
+    # the rule: lowest FD among trials at least as accurate as constant w=2
+    reference = result.reference
+    assert reference.candidate.guidance.parameters["weight"] == 2.0
+    eligible = [t for t in result.trials if t.score.accuracy >= reference.score.accuracy]
+    assert result.pick.score.fd == min(t.score.fd for t in eligible)
+    assert result.pick.number in {t.number for t in result.front}
+    assert set(result.held_out) == {"constant w=1", "constant w=2", "constant w=3", "pick"}
+    assert all(score.split == "held_out" for score in result.held_out.values())
+
+    guidance = load_guidance(tmp_path / "guidance.json")
+    assert guidance.shape == result.pick.candidate.guidance.shape
+    assert guidance.provenance["unet_passes"] == 8
+    assert guidance.provenance["seeds"] == {"search": 0, "held_out": 1}
+    schedule_file = ScheduleFile.load(tmp_path / "best_schedule.json")
+    assert schedule_file.schedule.num_steps == result.pick.score.num_steps
+    assert schedule_file.provenance.extra["guidance_schedule"]["shape"] == guidance.shape
+    assert (tmp_path / "scheduler" / "scheduler_config.json").exists()
+    summary = json.loads((tmp_path / "result.json").read_text())
+    assert len(summary["trials"]) == 7 and summary["pick"]["trial"] == result.pick.number
+
+    storage = f"sqlite:///{tmp_path / 'study.sqlite3'}"
+    (name,) = optuna.get_all_study_names(storage)
+    assert len(optuna.load_study(study_name=name, storage=storage).trials) == 7
+    again = search_guidance(digits_cond, "dpm_solver_pp_2m", 8, tmp_path, **run)
+    assert len(optuna.load_study(study_name=name, storage=storage).trials) == 7
+    assert again.pick.number == result.pick.number
+    with pytest.raises(ValueError, match="other settings"):
+        search_guidance(digits_cond, "dpm_solver_pp_2m", 8, tmp_path, **{**run, "num_samples": 30})
+
+
+def test_cli_search_guidance(tmp_path):
+    arguments = [
+        "search", "guidance", "--nfe", "6", "--trials", "4", "--constant-weights", "1",
+        "--constant-weights", "2", "--shapes", "constant", "--shapes", "interval",
+        "--num-samples", "10", "--held-out-samples", "10", "--no-progress", "--out",
+        str(tmp_path),
+    ]  # fmt: skip
+    result = CliRunner().invoke(app, arguments)
+    assert result.exit_code == 0, result.output
+    assert "picked" in result.output and "held-out constant w=2" in result.output
+    assert load_guidance(tmp_path / "guidance.json").provenance["unet_passes"] == 6
+    bad = CliRunner().invoke(app, [*arguments[:-1], str(tmp_path / "x"), "--model", "digits"])
+    assert bad.exit_code != 0 and "class-conditional" in bad.output
