@@ -31,6 +31,7 @@ larger budget is no few-step search)."""
 __all__ = [
     "MAX_NFE",
     "NFE",
+    "BudgetEvals",
     "BudgetMinutes",
     "Cache",
     "Device",
@@ -48,6 +49,7 @@ __all__ = [
     "Progress",
     "Prompts",
     "Seed",
+    "SelectSamples",
     "Solver",
     "Storage",
     "StudyName",
@@ -117,10 +119,25 @@ BudgetMinutes = Annotated[
     float,
     typer.Option(
         metavar="M",
-        help="Wall-clock minutes for the searches (AutoDiffusion gets what the cheap searches "
-        "leave).",
+        help="Wall-clock minutes: with --budget-evals an upper bound (no search stage starts "
+        "after it; the report says by how much judging overran it), else the searches' time "
+        "(AutoDiffusion and S³ get what the cheap searches leave).",
         parser=check_budget_minutes,
     ),
+]
+BudgetEvals = Annotated[
+    int | None,
+    typer.Option(
+        metavar="N",
+        help="Work budget in model evaluations (one sample through one model call) for the "
+        "AutoDiffusion and S³ stages, split evenly over them (a trial costs NUM_SAMPLES x NFE): "
+        "every family runs at every NFE and the result is the same on any machine.",
+        min=1,
+        show_default=False,
+    ),
+]
+SelectSamples = Annotated[
+    int, typer.Option(metavar="N", help="Samples per candidate on the selection seed.", min=2)
 ]
 Storage = Annotated[
     str | None,

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from stepsearch._threads import one_thread
 from stepsearch.olss.trajectories import TeacherRecording, TrajectorySummary
 from stepsearch.schedule import StepSchedule
 from stepsearch.solvers.base import noise_levels
@@ -126,8 +127,9 @@ def least_squares(a: Tensor, b: Tensor, num_rows: int | None = None) -> tuple[Te
     the mean squared residual of each right-hand side (divided by ``num_rows``, default the rows
     of ``a``). ``a``: ``(..., rows, k)``, ``b``: ``(..., rows, m)``."""
     a, b = a.double(), b.double()
-    solution = torch.linalg.lstsq(a, b, driver="gelsd").solution
-    residual = (a @ solution - b).square().sum(dim=-2)
+    with one_thread():  # the same bits on any machine (stepsearch._threads)
+        solution = torch.linalg.lstsq(a, b, driver="gelsd").solution
+        residual = (a @ solution - b).square().sum(dim=-2)
     return solution, residual / float(num_rows or a.shape[-2])
 
 

@@ -250,6 +250,15 @@ class FamilyBase:
             found = getattr(options, f"{self.name}_solvers", None)
         return tuple(found if found is not None else self.default_solvers)
 
+    def planned_evaluations(
+        self, settings: Any, solver: str, nfe: int, search_samples: int, trials: int | None
+    ) -> dict[str, int] | None:
+        """The model sample-evaluations (one sample through one model call) of the family's own
+        work at ``nfe`` besides the runner's starting points and held-out scores, by part; a
+        part named ``once:...`` (a cached teacher) is spent once per run. ``None``: not
+        known before the search runs. Default: ``trials`` trials of ``search_samples x nfe``."""
+        return None if trials is None else {"trials": int(trials) * search_samples * int(nfe)}
+
     def search(self, job: JobContext) -> Found:  # pragma: no cover - abstract
         raise NotImplementedError
 

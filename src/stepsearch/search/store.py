@@ -85,7 +85,7 @@ times agree to ~1e-10 relative are the same candidate."""
 STORE_FORMAT = 1
 _STUDY_ATTR = "stepsearch"
 _RESERVED_ATTRS = frozenset(
-    {"key", "candidate", "solver", "worker", "score", "error", "failed_as", "lost_to"}
+    {"key", "candidate", "solver", "worker", "score", "error", "failed_as", "lost_to", "result"}
 )
 _DERIVED_KEYS = frozenset({"metadata", "diffusers_timesteps", "kdiffusion_sigmas"})
 
@@ -401,6 +401,49 @@ class StudyStore:
             pending = deferred
         return [results[i] for i in range(len(candidates))]
 
+    def run_task(
+        self, key: str, work: Callable[[], Mapping[str, Any]], **attrs: Any
+    ) -> dict[str, Any] | None:
+        """A unit of work shared by the workers of one study, claimed like a candidate (one
+        worker runs it; a dead worker's claim is failed and the task run again): the stored
+        result (the JSON object ``work()`` returned, user attribute ``result``) if a worker
+        finished it, ``None`` while another worker runs it, else ``work()`` run here and stored.
+        ``key``: the task's name, unique in the study; ``attrs``: extra JSON user attributes."""
+        extra = self._checked_attrs(attrs)
+        if key not in self._complete:
+            running = [t for t in self._refresh() if t.user_attrs.get("key") == key]
+            if key not in self._complete and any(not self._fail_if_stale(t) for t in running):
+                return None
+        if key in self._complete:
+            return dict(self._complete[key].user_attrs["result"])
+        trial_id, number = self._create_running(key, {}, {}, extra)
+        winner = min(
+            (t for t in self._refresh() if t.user_attrs.get("key") == key),
+            key=lambda t: t.number,
+            default=None,
+        )
+        if key in self._complete or (winner is not None and winner.number < number):
+            lost_to = self._complete[key].number if key in self._complete else winner.number
+            self._finish_failed(trial_id, failed_as="lost_claim", lost_to=lost_to)
+            return dict(self._complete[key].user_attrs["result"]) if key in self._complete else None
+        try:
+            with self._heartbeat(trial_id):
+                result = _plain(dict(work()))
+            self._storage.set_trial_user_attr(trial_id, "result", result)
+            with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+                self._storage.set_trial_state_values(trial_id, TrialState.COMPLETE, [0.0])
+        except BaseException as error:
+            self._finish_failed(
+                trial_id, failed_as="error", error=f"{type(error).__name__}: {error}"
+            )
+            raise
+        finally:
+            self._active.discard(trial_id)
+        stored = self._storage.get_trial(trial_id)
+        if stored.state == TrialState.COMPLETE:
+            self._complete.setdefault(key, stored)
+        return result
+
     def lookup(self, candidate: Any, solver: str | Solver) -> StoredTrial | None:
         """The completed trial of ``candidate`` run by ``solver``, or ``None``."""
         key = candidate_key(candidate, solver)
@@ -501,23 +544,34 @@ class StudyStore:
     ) -> tuple[int, int]:
         schedule: StepSchedule = getattr(candidate, "schedule", candidate)
         high = max(float(schedule.noise.t_max), float(schedule.times[0]))
+        return self._create_running(
+            key,
+            {f"t{i}": float(t) for i, t in enumerate(schedule.times)},
+            {f"t{i}": FloatDistribution(0.0, high) for i in range(schedule.times.size)},
+            {
+                **attrs,
+                "candidate": _plain(candidate.to_json_dict()),
+                "solver": dict(solver_json),
+            },
+        )
+
+    def _create_running(
+        self,
+        key: str,
+        params: Mapping[str, float],
+        distributions: Mapping[str, Any],
+        attrs: Mapping[str, Any],
+    ) -> tuple[int, int]:
+        """A RUNNING trial of ``key`` created with its attributes in one step (the claim)."""
         template = optuna.trial.FrozenTrial(
             number=-1,
             state=TrialState.RUNNING,
             value=None,
             datetime_start=None,
             datetime_complete=None,
-            params={f"t{i}": float(t) for i, t in enumerate(schedule.times)},
-            distributions={
-                f"t{i}": FloatDistribution(0.0, high) for i in range(schedule.times.size)
-            },
-            user_attrs={
-                **attrs,
-                "key": key,
-                "candidate": _plain(candidate.to_json_dict()),
-                "solver": dict(solver_json),
-                "worker": dict(self.worker),
-            },
+            params=dict(params),
+            distributions=dict(distributions),
+            user_attrs={**attrs, "key": key, "worker": dict(self.worker)},
             system_attrs={},
             intermediate_values={},
             trial_id=-1,

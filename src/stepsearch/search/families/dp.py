@@ -99,6 +99,17 @@ class DPFamily(FamilyBase):
     def check(self, solver: Solver, num_steps: int) -> None:
         layer_rules(solver, num_steps)
 
+    def planned_evaluations(
+        self, settings: DPSettings, solver: str, nfe: int, search_samples: int, trials: int | None
+    ) -> dict[str, int]:
+        """The grid teacher (one evaluation per grid step, cached for every NFE and solver) and
+        one search-seed scoring per DP candidate."""
+        candidates = len(settings.coeffs) * len(settings.reductions)
+        return {
+            "once:teacher": settings.teacher_samples * (settings.grid_points - 1),
+            "candidates": candidates * search_samples * int(nfe),
+        }
+
     def search(self, job: JobContext) -> Found:
         settings: DPSettings = job.settings
         seconds: dict[str, float] = {}

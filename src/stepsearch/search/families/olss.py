@@ -9,7 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
+from stepsearch.models import DEFAULT_TEACHER
 from stepsearch.olss import search as olss_search
+from stepsearch.olss.fit import PATH_SEARCHES
 from stepsearch.search.family import FamilyBase, Found, JobContext
 from stepsearch.solvers import get_solver
 from stepsearch.solvers.base import Solver
@@ -53,6 +55,20 @@ class OLSSFamily(FamilyBase):
     def optimize_settings(self, options: Any) -> OLSSSettings:
         """``options.olss_samples`` trajectories (the other settings: defaults)."""
         return OLSSSettings(num_samples=int(options.olss_samples))
+
+    def planned_evaluations(
+        self, settings: OLSSSettings, solver: str, nfe: int, search_samples: int, trials: int | None
+    ) -> dict[str, int]:
+        """Its teacher (``num_samples`` converged solves, cached for every NFE), the rollout fit
+        of each path search (one ``nfe``-step solve of the ``num_samples`` each) and the result's
+        search-seed score."""
+        searches = len(PATH_SEARCHES) if settings.search == "best" else 1
+        fits = searches if settings.refit == "rollout" else 0
+        return {
+            "once:teacher": settings.num_samples * DEFAULT_TEACHER.num_steps,  # multistep: 1/step
+            "fit": fits * settings.num_samples * int(nfe),
+            "score": search_samples * int(nfe),
+        }
 
     def search(self, job: JobContext) -> Found:
         settings: OLSSSettings = job.settings

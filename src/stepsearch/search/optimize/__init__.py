@@ -60,6 +60,7 @@ from stepsearch.search.optimize.candidates import Candidate, load_scheduler_dir
 from stepsearch.search.optimize.report import gains_in_words
 from stepsearch.search.optimize.run import optimize
 from stepsearch.search.optimize.settings import (
+    DEMO_BUDGET_EVALS,
     METHODS,
     REPORT_SEED,
     RUN_FORMAT,
@@ -72,6 +73,7 @@ from stepsearch.search.optimize.settings import (
 
 __all__ = [
     "AYS_NEEDS_DATA",
+    "DEMO_BUDGET_EVALS",
     "METHODS",
     "REPORT_SEED",
     "RUN_FORMAT",

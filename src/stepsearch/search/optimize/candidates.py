@@ -14,7 +14,7 @@ from stepsearch._io import atomic_write_dir
 from stepsearch.integrations import diffusers as drop_in
 from stepsearch.integrations import olss, plan_scheduler
 from stepsearch.integrations.plan_scheduler import write_plan_scheduler_dir
-from stepsearch.models import Method, default_methods
+from stepsearch.models import ImageModel, Method, PipelineModel, default_methods
 from stepsearch.models.source import SampleSource, generate_from_source
 from stepsearch.noise import DiscreteVP
 from stepsearch.plan import SolverPlan
@@ -128,23 +128,25 @@ def load_scheduler_dir(path: str | Path) -> Any:
 
 
 def _baselines(run: _Run, nfe: int) -> list[Candidate]:
+    return baseline_candidates(run.source, run.settings, nfe)
+
+
+def baseline_candidates(source: SampleSource, settings: Any, nfe: int) -> list[Candidate]:
+    """The built-in samplers judged at ``nfe``: diffusers' schedulers (a source that runs
+    diffusers' loop, on a discrete noise schedule) and ``settings.baseline_solvers`` x
+    ``settings.spacings``."""
     candidates = []
-    if (
-        run.model is not None
-        and run.settings.diffusers_baselines
-        and isinstance(run.source.noise, DiscreteVP)
-    ):
+    model = source if isinstance(source, (ImageModel, PipelineModel)) else None
+    if model is not None and settings.diffusers_baselines and isinstance(source.noise, DiscreteVP):
         for method in default_methods():
             if method.diffusers_scheduler is None:
                 continue
-            if method.diffusers_scheduler_for(run.model.scheduler_config, nfe) is not None:
+            if method.diffusers_scheduler_for(model.scheduler_config, nfe) is not None:
                 candidates.append(Candidate(method.label, "diffusers", nfe, method=method))
-    for name in run.settings.baseline_solvers:
+    for name in settings.baseline_solvers:
         solver = get_solver(name)
         steps = solver.num_steps_for_nfe(nfe)
-        for spacing, schedule in spacing_schedules(
-            run.source.noise, steps, run.settings.spacings
-        ).items():
+        for spacing, schedule in spacing_schedules(source.noise, steps, settings.spacings).items():
             candidates.append(
                 Candidate(f"stepsearch {name} / {spacing}", "baseline", nfe, solver, schedule)
             )

@@ -107,6 +107,7 @@ def _markdown(report: dict[str, Any]) -> str:
         lines += ["**Partial result** (the budget ended before every stage finished):", ""]
         lines += [f"- NFE {i['nfe']}, {i['stage']}: {i['reason']}" for i in report["incomplete"]]
         lines.append("")
+    lines += _budget_lines(report.get("budget"))
     reference_fd = report["reference"].get("fd", {}).get("value")
     if reference_fd is not None:
         lines += [f"Converged reference ({report['reference']['sampler']['solver']}, "
@@ -143,6 +144,25 @@ def _markdown(report: dict[str, Any]) -> str:
                 + f" | {_cell(row['select'][sel['metric']])} |"
             )  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def _budget_lines(budget: dict[str, Any] | None) -> list[str]:
+    """The budget paragraph: the work budget and the trials it bought, the time bound and any
+    overrun with its reason."""
+    if not budget:
+        return []
+    trials = ", ".join(f"{s['stage']} NFE {s['nfe']}: {s['trials']}" for s in budget["stages"])
+    if budget.get("evals") is not None:
+        text = (f"Work budget: {budget['evals']} model evaluations for the trial-budgeted "
+                f"searches ({trials or 'none ran'} trials), the same on any machine.")  # fmt: skip
+    else:
+        text = ("Time budget: the trial-budgeted searches shared the time the others left "
+                f"({trials or 'none ran'} trials; they depend on the machine's speed).")  # fmt: skip
+    seconds = budget.get("seconds", {})
+    if seconds.get("overran") is not None:
+        text += (f" The run took {seconds['total']:.0f} s, {seconds['overran']:.0f} s over its "
+                 f"{budget['minutes']:g}-minute bound: {seconds['why']}.")  # fmt: skip
+    return [text, ""]
 
 
 def _cell(value: float | None) -> str:

@@ -9,6 +9,7 @@ import os
 import shutil
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from stepsearch.eval.objective import Objective
 from stepsearch.models import PipelineModel, load_model
 from stepsearch.models.source import SampleSource
 from stepsearch.search.family import FAMILIES, family
+from stepsearch.search.optimize.budget import StageKey, WorkShare, expensive_stages, work_shares
 from stepsearch.search.optimize.candidates import Candidate, _baselines
 from stepsearch.search.optimize.judging import (
     _grid_samples,
@@ -43,6 +45,7 @@ from stepsearch.search.optimize.settings import (
     pipeline_settings,
 )
 from stepsearch.search.optimize.stages import _stage
+from stepsearch.search.optimize.workers import share_work
 from stepsearch.solvers import get_solver
 
 
@@ -124,41 +127,34 @@ def _prepare_out(out: Path, fingerprint: dict[str, Any], resume: bool, overwrite
     atomic_write_json(run_file, {"format": RUN_FORMAT, "fingerprint": fingerprint})
 
 
-def optimize(
+@dataclass
+class _Setup:
+    """A run's checked inputs (:func:`_setup`)."""
+
+    source: SampleSource
+    nfes: list[int]
+    methods: list[str]
+    settings: OptimizeSettings
+    skipped: list[dict[str, str]]
+    shares: dict[StageKey, WorkShare] | None
+
+
+def _setup(
     model: str | Path | Model | SampleSource | None,
     nfes: Sequence[int],
-    methods: Sequence[str] = METHODS,
-    budget_minutes: float = 30.0,
-    out: str | Path = "stepsearch-optimize",
-    *,
-    pipeline: str | os.PathLike[str] | Any | None = None,
-    prompts: Sequence[str] | os.PathLike[str] | str | None = None,
-    guidance_scale: float | None = None,
-    ays_data: str | os.PathLike[str] | None = None,
-    resume: bool = False,
-    overwrite: bool = False,
-    settings: OptimizeSettings | None = None,
-    cache: TensorCache | None = None,
-    device: str = "cpu",
+    methods: Sequence[str],
+    budget_minutes: float,
+    budget_evals: int | None,
+    pipeline: str | os.PathLike[str] | Any | None,
+    prompts: Sequence[str] | os.PathLike[str] | str | None,
+    guidance_scale: float | None,
+    ays_data: str | os.PathLike[str] | None,
+    settings: OptimizeSettings | None,
+    device: str,
     dtype: str | None = None,
-    progress: bool = True,
-) -> OptimizeResult:
-    """Run the searches ``methods`` at every NFE of ``nfes`` on ``model`` (``"digits"``, a local
-    diffusers ``UNet2DModel`` directory, an :class:`ImageModel`, a
-    :class:`~stepsearch.models.pipeline.PipelineModel` or any sample source) within
-    ``budget_minutes`` of search time, select and report on unseen noise, write everything under
-    ``out`` (module docstring).
-
-    A text-to-image pipeline is ``model=None, pipeline=DIR, prompts=[...] or FILE,
-    guidance_scale=G`` (:func:`~stepsearch.models.loading.load_model`); its default settings are
-    :func:`pipeline_settings`. ``ays_data``: (prompt, image) pairs for Align Your Steps on a
-    pipeline (without them AYS is skipped there, and the report says so). ``dtype``: what a
-    model loaded here runs in (``float32``, ``float16``, ``bfloat16``; samples stay float32).
-
-    Raises:
-        ValueError: bad input (module docstring), found before anything is written.
-    """
-    began = time.perf_counter()
+) -> _Setup:
+    """Check the inputs of :func:`optimize` and load its model (nothing is written); ``ValueError``
+    for bad input."""
     methods = list(dict.fromkeys(methods))
     nfes = sorted({int(n) for n in nfes}) if all(isinstance(n, int) for n in nfes) else list(nfes)
     if budget_minutes is None or not budget_minutes > 0:
@@ -192,6 +188,77 @@ def optimize(
             if not methods:
                 raise ValueError(reason.replace("skipped", "cannot run"))
     _check_inputs(source, nfes, methods, settings)
+    shares = (
+        None
+        if budget_evals is None
+        else work_shares(source.noise, settings, methods, nfes, budget_evals)
+    )
+    return _Setup(source, list(nfes), methods, settings, skipped, shares)
+
+
+def optimize(
+    model: str | Path | Model | SampleSource | None,
+    nfes: Sequence[int],
+    methods: Sequence[str] = METHODS,
+    budget_minutes: float = 30.0,
+    out: str | Path = "stepsearch-optimize",
+    *,
+    budget_evals: int | None = None,
+    storage: str | os.PathLike[str] | None = None,
+    worker_name: str | None = None,
+    pipeline: str | os.PathLike[str] | Any | None = None,
+    prompts: Sequence[str] | os.PathLike[str] | str | None = None,
+    guidance_scale: float | None = None,
+    ays_data: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    settings: OptimizeSettings | None = None,
+    cache: TensorCache | None = None,
+    device: str = "cpu",
+    dtype: str | None = None,
+    progress: bool = True,
+) -> OptimizeResult:
+    """Run the searches ``methods`` at every NFE of ``nfes`` on ``model`` (``"digits"``, a local
+    diffusers ``UNet2DModel`` directory, an :class:`ImageModel`, a
+    :class:`~stepsearch.models.pipeline.PipelineModel` or any sample source) within
+    ``budget_minutes`` of search time, select and report on unseen noise, write everything under
+    ``out`` (module docstring).
+
+    ``budget_evals``: a work budget in model sample-evaluations for the trial-budgeted families
+    (AutoDiffusion, S³), split evenly over their stages
+    (:func:`~stepsearch.search.optimize.budget.work_shares`): every family then runs at every NFE
+    and the result is the same on any machine, ``budget_minutes`` only bounds the run (a stage is
+    not started once it is spent; the report says by how much the run overran it). Without it,
+    those families share the time the cheap searches leave, so their trial counts depend on the
+    machine's speed.
+
+    ``storage``: a study store (SQLite file or database URL) shared by several workers started
+    with the same arguments (each with its own ``out``, or the same): every stage, the reference
+    and each NFE's judging run once across them, a dead worker's task is run again, and every
+    worker writes the same report (:mod:`~stepsearch.search.optimize.workers`; use a work
+    budget). ``worker_name`` labels this worker's tasks.
+
+    A text-to-image pipeline is ``model=None, pipeline=DIR, prompts=[...] or FILE,
+    guidance_scale=G`` (:func:`~stepsearch.models.loading.load_model`); its default settings are
+    :func:`pipeline_settings`. ``ays_data``: (prompt, image) pairs for Align Your Steps on a
+    pipeline (without them AYS is skipped there, and the report says so). ``dtype``: what a
+    model loaded here runs in (``float32``, ``float16``, ``bfloat16``; samples stay float32).
+
+    Raises:
+        ValueError: bad input (module docstring), found before anything is written.
+    """
+    began = time.perf_counter()
+    setup = _setup(
+        model, nfes, methods, budget_minutes, budget_evals, pipeline, prompts, guidance_scale,
+        ays_data, settings, device, dtype,
+    )  # fmt: skip
+    source, nfes, methods, settings = setup.source, setup.nfes, setup.methods, setup.settings
+    skipped, shares = setup.skipped, setup.shares
+    if storage is not None and shares is None:
+        raise ValueError(
+            "--storage (many workers) needs --budget-evals: a time budget sizes the searches "
+            "from each worker's own clock, so the workers would not agree"
+        )
     inputs = {
         method: family(method).prepare_inputs(source, ays_data, progress)
         for method in methods
@@ -199,6 +266,8 @@ def optimize(
     }
     out_path = Path(out).expanduser()
     fingerprint = _fingerprint(source, nfes, methods, settings, inputs)
+    if budget_evals is not None:
+        fingerprint["budget_evals"] = int(budget_evals)
     _prepare_out(out_path, fingerprint, resume, overwrite)
     cache = cache if cache is not None else TensorCache.default()
     search = Objective(
@@ -214,10 +283,12 @@ def optimize(
     )
     run = _Run(
         source, settings, out_path, cache, progress,
-        began + 60.0 * float(budget_minutes), search, inputs=inputs,
+        began + 60.0 * float(budget_minutes), search, budget_evals, inputs=inputs,
     )  # fmt: skip
     for item in skipped:
         run.say(f"[yellow]{item['reason']}[/]")
+    if storage is not None:
+        share_work(run, nfes, methods, shares, str(storage), fingerprint, worker_name)
     found: dict[int, list[Candidate]] = {nfe: [] for nfe in nfes}
     for method in [m for m in methods if not family(m).expensive]:
         for nfe in nfes:
@@ -225,20 +296,20 @@ def optimize(
                 candidate = _stage(run, method, name, nfe)
                 if candidate is not None:
                     found[nfe].append(candidate)
-    # the expensive families last, sharing the time left
-    pending = [
-        (method, nfe, name)
-        for method in methods
-        if family(method).expensive
-        for nfe in nfes
-        for name in settings.solvers(method)
-    ]
+    # the expensive families last: their work budget's trials, else sharing the time left
+    pending = expensive_stages(settings, methods, nfes)
     for position, (method, nfe, name) in enumerate(pending):
-        share = run.seconds_left() / (len(pending) - position)
-        candidate = _stage(run, method, name, nfe, seconds=share, earlier=tuple(found[nfe]))
+        earlier = tuple(found[nfe])
+        if shares is not None:
+            trials = shares[(method, nfe, name)].trials
+            candidate = _stage(run, method, name, nfe, trials=trials, earlier=earlier)
+        else:
+            seconds = run.seconds_left() / (len(pending) - position)
+            candidate = _stage(run, method, name, nfe, seconds=seconds, earlier=earlier)
         if candidate is not None:
             found[nfe].append(candidate)
-    return _judge_and_report(run, nfes, methods, found, began, skipped)
+    run.timing["searches"] = time.perf_counter() - began
+    return _judge_and_report(run, nfes, methods, found, began, skipped, budget_minutes)
 
 
 def _judge_and_report(
@@ -248,7 +319,9 @@ def _judge_and_report(
     found: dict[int, list[Candidate]],
     began: float,
     skipped: Sequence[dict[str, str]] = (),
+    budget_minutes: float | None = None,
 ) -> OptimizeResult:
+    judging_began = time.perf_counter()
     judges = _judges(run)
     selection = next(iter(judges))
     reference = _reference(run, judges)
@@ -292,6 +365,7 @@ def _judge_and_report(
         "skipped": list(skipped),
         "per_nfe": {str(n): entry for n, entry in per_nfe.items()},
         "seconds": round(time.perf_counter() - began, 1),
+        "budget": _budget_entry(run, budget_minutes, time.perf_counter() - judging_began),
         "settings": run.settings.to_json_dict(),
     }  # fmt: skip
     on_disk = _run_relative(report, run.out)  # the files it names, relative to the run folder
@@ -301,6 +375,33 @@ def _judge_and_report(
         "png": str(_plot(run, report, grids, winners)),
     }
     return OptimizeResult(report, files, scheduler_dirs, bool(run.incomplete))
+
+
+def _budget_entry(run: _Run, budget_minutes: float | None, judging: float) -> dict[str, Any]:
+    """The report's ``budget``: the work budget and the trials of the expensive stages
+    (machine-independent), the time bound, and under ``seconds`` the time each phase took, by how
+    much the run overran the bound (``overran``) and why: the bound stops new search stages; a
+    stage started within it runs to its end, and the judging and report that follow always run."""
+    searches = float(run.timing.get("searches", 0.0))
+    total = searches + judging
+    minutes = None if budget_minutes is None else float(budget_minutes)
+    seconds: dict[str, Any] = {
+        "searches": round(searches, 1),
+        "judging": round(judging, 1),
+        "total": round(total, 1),
+        "overran": None,
+        "why": None,
+    }
+    if minutes is not None and total > 60.0 * minutes:
+        seconds["overran"] = round(total - 60.0 * minutes, 1)
+        seconds["why"] = (
+            f"the searches took {searches:.0f} s; judging every candidate on the selection and "
+            f"report seeds and writing the winners took {judging:.0f} s after them"
+            if searches <= 60.0 * minutes
+            else f"the search stages took {searches:.0f} s (a stage started within the bound "
+            f"runs to its end), then judging {judging:.0f} s"
+        )
+    return {"evals": run.budget_evals, "stages": run.trials, "minutes": minutes, "seconds": seconds}
 
 
 def _run_relative(report: dict[str, Any], out: Path) -> dict[str, Any]:

@@ -139,9 +139,16 @@ class _Run:
     progress: bool
     deadline: float
     search: Objective
+    budget_evals: int | None = None
+    """The work budget (:func:`~stepsearch.search.optimize.optimize`): model sample-evaluations
+    of the trial-budgeted families' stages; ``None``: their trials are sized from the time left."""
     incomplete: list[dict[str, Any]] = field(default_factory=list)
     inputs: dict[str, Any] = field(default_factory=dict)
     """Family-specific inputs by family name (Align Your Steps' pairs on a pipeline)."""
+    trials: list[dict[str, Any]] = field(default_factory=list)
+    """The trial budgets the expensive stages ran with (the report's ``budget.stages``)."""
+    timing: dict[str, float] = field(default_factory=dict)
+    """Seconds per phase of the run (the report's ``budget.timing``)."""
 
     @property
     def model(self) -> Model | None:
@@ -175,19 +182,25 @@ def pipeline_settings() -> OptimizeSettings:
     )
 
 
+DEMO_BUDGET_EVALS = 60_000
+"""The demo's work budget (model sample-evaluations of its AutoDiffusion and S³ stages: 10,000 a
+stage, 33 / 20 / 13 trials at NFE 4 / 6 / 8 on 64 samples), the same on any machine."""
+
+
 def demo_settings() -> OptimizeSettings:
-    """Small settings for ``stepsearch demo`` (a few minutes on 2 CPU cores): 128 search samples,
-    256 for selection and report, fewer built-in spacings, one solver per family, a 40-point DP
-    grid (its solver coefficients are the DP's fixed cost: ~10k instead of ~160k on 100 points),
-    a small AutoDiffusion population, smaller S³ stages."""
+    """Small settings for ``stepsearch demo`` (its work is fixed: ``stepsearch optimize --dry-run``
+    lists ~280k model evaluations with :data:`DEMO_BUDGET_EVALS`): 64 search samples, 192 for
+    selection and report, three built-in spacings, one solver per family, a 40-point DP grid (its
+    solver coefficients are the DP's fixed cost: ~10k instead of ~160k on 100 points), a small
+    AutoDiffusion population, smaller S³ stages."""
     return OptimizeSettings(
-        search_samples=128,
-        select_samples=256,
-        held_out_samples=256,
+        search_samples=64,
+        select_samples=192,
+        held_out_samples=192,
         dp_solvers=("dpm_solver_pp_2m",),
         autodiffusion_solvers=("unipc_bh2",),
         baseline_solvers=("dpm_solver_pp_2m", "unipc_bh2"),
-        spacings=("time_uniform", "logsnr_uniform", "karras", "trailing"),
+        spacings=("logsnr_uniform", "karras", "trailing"),
         dp=DPSettings(grid_points=40, teacher_samples=128, coeffs=(GITS_COEFF,)),
         olss_samples=64,
         autodiffusion=AutoDiffusionSettings(population=16, mutations=8, crossovers=4, parents=4),

@@ -20,7 +20,12 @@ from stepsearch.solvers import get_solver, solver_from_json
 
 
 def _stage_fingerprint(
-    run: _Run, name: str, solver: str, nfe: int, earlier: Sequence[Candidate] = ()
+    run: _Run,
+    name: str,
+    solver: str,
+    nfe: int,
+    earlier: Sequence[Candidate] = (),
+    trials: int | None = None,
 ) -> dict[str, Any]:
     objective = {k: v for k, v in run.search.describe().items() if k != "held_out_samples"}
     fingerprint = {
@@ -34,6 +39,8 @@ def _stage_fingerprint(
         fingerprint["data"] = family(name).inputs_digest(run.inputs[name])
     if earlier:  # a family seeded with the other searches' results depends on them
         fingerprint["seeds"] = sorted(candidate.key() for candidate in earlier)
+    if trials is not None:  # a work budget's trials (a time budget's are fixed in plan.json)
+        fingerprint["trials"] = int(trials)
     return fingerprint
 
 
@@ -44,10 +51,13 @@ def _stage(
     nfe: int,
     *,
     seconds: float | None = None,
+    trials: int | None = None,
     earlier: Sequence[Candidate] = (),
 ) -> Candidate | None:
     """One search (a finished one is read back); ``None`` when the budget left no time for it.
-    ``seconds``: the time share of an expensive family (its trial budget comes from it).
+    ``trials``: an expensive family's trial budget from the run's work budget
+    (:func:`~stepsearch.search.optimize.budget.work_shares`); else ``seconds``, its time share
+    (its trial budget comes from the measured time of one trial).
     ``earlier``: the other searches' results at this NFE, the seeds of a family that takes them
     (``seeded_by_others``: S³) as its ``inputs``."""
     search_family = family(name)
@@ -58,7 +68,7 @@ def _stage(
         earlier = ()
     elif earlier:
         inputs = {candidate.label: candidate.runs for candidate in earlier}
-    fingerprint = _stage_fingerprint(run, name, solver, nfe, earlier)
+    fingerprint = _stage_fingerprint(run, name, solver, nfe, earlier, trials)
     label = search_family.stage_label(solver)
     if record_path.is_file():
         record = json.loads(record_path.read_text())
@@ -72,7 +82,10 @@ def _stage(
     partial = False
     notes: dict[str, Any] = {}
     budget = None
-    if search_family.expensive:
+    if search_family.expensive and trials is not None:
+        budget = int(trials)
+        notes["trials"] = budget
+    elif search_family.expensive:
         budget, partial = _trial_budget(run, name, solver, nfe, folder, seconds or 0.0)
         if budget is None:
             run.incomplete.append(
@@ -111,6 +124,8 @@ def _candidate_from_record(
     solver = solver_from_json(dict(schedule_file.provenance.solver))
     name = str(record["fingerprint"]["family"])
     plan = schedule_file.candidate if schedule_file.is_plan else None
+    if record.get("trials") is not None:
+        run.trials.append({"nfe": nfe, "stage": label, "trials": int(record["trials"])})
     if record.get("partial"):
         run.incomplete.append(
             {"nfe": nfe, "stage": label,
