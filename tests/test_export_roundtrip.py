@@ -44,6 +44,9 @@ save_file({"samples": samples.contiguous()}, out)
 """
 
 
+pytestmark = pytest.mark.usefixtures("_one_thread")  # the fresh process runs one thread too
+
+
 def _fresh_process_samples(directory: Path, steps: int, out: Path) -> torch.Tensor:
     """Samples of diffusers' loop with the scheduler loaded by ``from_pretrained`` in a new
     Python process (nothing of this process's state reaches it)."""
