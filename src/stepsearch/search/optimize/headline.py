@@ -115,7 +115,7 @@ class HeadlineSettings:
 @dataclass(frozen=True)
 class HeadlineCandidate:
     """A sampler the headline re-judges: a scheduler directory run in diffusers' own loop at
-    ``num_inference_steps``."""
+    ``num_inference_steps``; ``label`` is unique among the candidates judged together."""
 
     label: str
     scheduler_dir: Path
@@ -142,7 +142,7 @@ def run_candidates(run_dir: str | Path) -> list[tuple[int, list[HeadlineCandidat
             continue
         candidates = [
             HeadlineCandidate(
-                f"winner: {winner['label']}", folder / winner["files"]["scheduler"],
+                f"NFE {nfe} winner: {winner['label']}", folder / winner["files"]["scheduler"],
                 int(winner["num_inference_steps"]), nfe, {"role": "winner"},
             )
         ]  # fmt: skip
@@ -151,7 +151,7 @@ def run_candidates(run_dir: str | Path) -> list[tuple[int, list[HeadlineCandidat
         if steps is not None:
             candidates.append(
                 HeadlineCandidate(
-                    f"best built-in: {entry['best_baseline']}", baseline_dir, steps, nfe,
+                    f"NFE {nfe} best built-in: {entry['best_baseline']}", baseline_dir, steps, nfe,
                     {"role": "baseline"},
                 )
             )  # fmt: skip
@@ -273,17 +273,26 @@ def _ratios(per_seed: Mapping[str, Any]) -> dict[str, Any]:
     for label in first["candidates"]:
         ratios[label] = {}
         for ref in first["references"]:
-            inf = [s["candidates"][label]["fd_inf"] / s["references"][ref]["fd_inf"]
+            inf = [_inf_ratio(s["candidates"][label], s["references"][ref])
                    for s in per_seed.values()]  # fmt: skip
             plain = [s["candidates"][label]["fd"] / s["references"][ref]["fd"]
                      for s in per_seed.values()]  # fmt: skip
             difference = [s["candidates"][label]["fd"] - s["references"][ref]["fd"]
                           for s in per_seed.values()]  # fmt: skip
             ratios[label][ref] = {
-                "fd_inf_ratio": inf, "fd_inf_ratio_mean": float(np.mean(inf)),
+                "fd_inf_ratio": inf,
+                "fd_inf_ratio_mean": None if None in inf else float(np.mean(inf)),
                 "fd_ratio": plain, "fd_difference": difference,
             }  # fmt: skip
     return ratios
+
+
+def _inf_ratio(candidate: Mapping[str, float], reference: Mapping[str, float]) -> float | None:
+    """Candidate FD_inf / reference FD_inf; ``None`` where the reference's FD_inf is within two
+    standard errors of 0 (too few samples to tell the converged solve from the data)."""
+    if reference["fd_inf"] <= 2.0 * reference["fd_inf_std"]:
+        return None
+    return candidate["fd_inf"] / reference["fd_inf"]
 
 
 def _agreement(per_seed: Mapping[str, Any]) -> dict[str, Any]:
@@ -376,13 +385,19 @@ def headline_markdown(payload: Mapping[str, Any], title: str = "Headline") -> st
                     cells += [
                         " / ".join(f"{r['fd']:.3g}" for r in rows),
                         " / ".join(f"{r['fd_inf']:.3g}" for r in rows),
-                        " / ".join(f"{v:.2f}x" for v in ratio["fd_inf_ratio"]),
+                        " / ".join(
+                            "n/a" if v is None else f"{v:.2f}x" for v in ratio["fd_inf_ratio"]
+                        ),
                         " / ".join(f"{v:.2f}x" for v in ratio["fd_ratio"]),
                         " / ".join(f"{v:+.2f}" for v in ratio["fd_difference"]),
                     ]
                 lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
-    lines.append(f"Each cell: seed {' / seed '.join(seeds)}.")
+    lines.append(
+        f"Each cell: seed {' / seed '.join(seeds)}. n/a: the converged solve's FD_inf is within "
+        "two standard errors of 0 at this sample count (no ratio can be stated; the FD difference "
+        "to the converged solve, paired on the same noise, is the robust number)."
+    )
     return "\n".join(lines) + "\n"
 
 
