@@ -108,6 +108,7 @@ def test_judge_headline_on_a_run_directory(digits) -> None:  # type: ignore[no-u
         assert ratio["fd_inf_ratio"] == [None]
     assert ratio["fd_difference"] == [pytest.approx(row["fd"] - ref[label]["fd"])]
     assert row["fd"] > row["fd_inf"]  # the small-sample bias is positive
+    assert ratio["fd_difference_std"][0] > 0
     assert payload["references_agree"]["agree"] in (True, False)
     text = headline_markdown(payload)
     assert "## NFE 5" in text and "FD_inf" in text and "NFE 5 winner: olss" in text

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from stepsearch.cache import TensorCache
 from stepsearch.eval.features import ensure_features
-from stepsearch.eval.fid import FeatureStatistics, frechet_distance_infinity
+from stepsearch.eval.fid import FeatureStatistics, frechet_distance, frechet_distance_infinity
 from stepsearch.eval.objective import Objective
 from stepsearch.eval.scoring import finite_samples
 from stepsearch.eval.trajectory import per_sample_rms_error
@@ -66,6 +66,9 @@ HEADLINE_REFERENCES = (
 
 HEADLINE_SEEDS = (3, 4)
 """Fresh noise: the searches use seed 0, the selection seed 1, the report seed 2."""
+
+PAIRED_BOOTSTRAP = 20
+"""Bootstrap resamples of the paired FD difference (candidate - converged, same noise)."""
 
 AGREEMENT_SIGMAS = 3.0
 """Two converged solves agree when their FD_inf differ by at most this many standard errors."""
@@ -187,6 +190,22 @@ def _fd(features: np.ndarray, reference: FeatureStatistics, seed: int) -> dict[s
     }
 
 
+def _paired_std(
+    candidate: np.ndarray, reference: np.ndarray, statistics: FeatureStatistics, seed: int
+) -> float:
+    """Standard error of ``FD(candidate) - FD(reference)`` by a paired bootstrap: the same
+    resampled sample indices (the same noise) for both."""
+    rng = np.random.default_rng(seed)
+    differences = []
+    for _ in range(PAIRED_BOOTSTRAP):
+        rows = rng.integers(0, len(candidate), len(candidate))
+        differences.append(
+            frechet_distance(FeatureStatistics.from_features(candidate[rows]), statistics)
+            - frechet_distance(FeatureStatistics.from_features(reference[rows]), statistics)
+        )
+    return float(np.std(differences, ddof=1))
+
+
 def _traj(samples: Tensor, reference: Tensor) -> dict[str, float]:
     errors = per_sample_rms_error(samples, reference).numpy()
     return {
@@ -244,12 +263,18 @@ def judge_headline(
             }
         if statistics is not None:
             assert model.features is not None
+            features: dict[str, np.ndarray] = {}
             for group, sets in (("references", solved), ("candidates", made)):
                 for label, samples in sets.items():
-                    features = ensure_features(
+                    features[label] = ensure_features(
                         finite_samples(samples), model.features, progress=False
                     )
-                    entry[group][label].update(_fd(features, statistics, seed))
+                    entry[group][label].update(_fd(features[label], statistics, seed))
+            for label in made:
+                entry["candidates"][label]["fd_difference_std"] = {
+                    ref: _paired_std(features[label], features[ref], statistics, seed)
+                    for ref in solved
+                }
         per_seed[str(seed)] = entry
     payload: dict[str, Any] = {
         "settings": settings.to_json_dict(),
@@ -279,10 +304,13 @@ def _ratios(per_seed: Mapping[str, Any]) -> dict[str, Any]:
                      for s in per_seed.values()]  # fmt: skip
             difference = [s["candidates"][label]["fd"] - s["references"][ref]["fd"]
                           for s in per_seed.values()]  # fmt: skip
+            difference_std = [s["candidates"][label]["fd_difference_std"][ref]
+                              for s in per_seed.values()]  # fmt: skip
             ratios[label][ref] = {
                 "fd_inf_ratio": inf,
                 "fd_inf_ratio_mean": None if None in inf else float(np.mean(inf)),
                 "fd_ratio": plain, "fd_difference": difference,
+                "fd_difference_std": difference_std,
             }  # fmt: skip
     return ratios
 
@@ -389,7 +417,12 @@ def headline_markdown(payload: Mapping[str, Any], title: str = "Headline") -> st
                             "n/a" if v is None else f"{v:.2f}x" for v in ratio["fd_inf_ratio"]
                         ),
                         " / ".join(f"{v:.2f}x" for v in ratio["fd_ratio"]),
-                        " / ".join(f"{v:+.2f}" for v in ratio["fd_difference"]),
+                        " / ".join(
+                            f"{v:+.2f} ± {e:.2f}"
+                            for v, e in zip(
+                                ratio["fd_difference"], ratio["fd_difference_std"], strict=True
+                            )
+                        ),
                     ]
                 lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
