@@ -20,6 +20,7 @@ layout of clean-fid's and EDM's reference statistics, which therefore load direc
 from __future__ import annotations
 
 import io
+import math
 import os
 import zipfile
 from dataclasses import dataclass
@@ -33,12 +34,14 @@ from stepsearch._io import atomic_write_bytes
 from stepsearch.eval.features import ImageBatches, ensure_features
 
 __all__ = [
+    "ExtrapolatedDistance",
     "FeatureStatistics",
     "compute_fid",
     "compute_kid",
     "feature_statistics",
     "fid_from_features",
     "frechet_distance",
+    "frechet_distance_infinity",
     "kernel_inception_distance",
 ]
 
@@ -196,6 +199,89 @@ def frechet_distance(stats_a: FeatureStatistics, stats_b: FeatureStatistics) -> 
         - 2.0 * trace_term
     )
     return max(distance, 0.0)
+
+
+@dataclass(frozen=True)
+class ExtrapolatedDistance:
+    """FD extrapolated to infinitely many samples (:func:`frechet_distance_infinity`).
+
+    ``value`` is the intercept of the least-squares line ``FD(n) = value + slope / n`` through
+    the FD of random subsets of ``sizes`` samples (``distances``, one mean per size); ``std`` its
+    standard error from the fit's residuals; ``at_full`` the plain FD of all samples.
+    """
+
+    value: float
+    std: float
+    slope: float
+    at_full: float
+    sizes: tuple[int, ...]
+    distances: tuple[float, ...]
+
+
+def frechet_distance_infinity(
+    features: np.ndarray | torch.Tensor,
+    reference: FeatureStatistics,
+    *,
+    points: int = 8,
+    draws: int = 4,
+    smallest: float = 0.25,
+    seed: int = 0,
+) -> ExtrapolatedDistance:
+    """The Fréchet distance of ``features`` (N, F) to ``reference`` without its small-sample bias.
+
+    The plain FD of N samples overestimates the distribution's FD by roughly ``c / N`` (the
+    sample covariance's error enters the trace term; Chong & Forsyth, CVPR 2020, "Effectively
+    Unbiased FID and Inception Score and where to find them", FID_inf): on the bundled digits
+    model (64 features) ``c`` is ~1e4, so at 1,000 samples every FD carries ~+9 and ratios of two
+    FDs shrink towards 1. Here the FD of random subsets of ``points`` sizes from
+    ``smallest * N`` to ``N`` (``draws`` subsets each, seeded by ``seed``, without replacement)
+    is fitted by ``value + slope / n`` in float64 and the intercept returned. The reference's own
+    finite-sample error (its statistics are fixed) is not removed: it is the same for every
+    candidate.
+
+    Raises:
+        ValueError: fewer than 2 points, a ``smallest`` outside (0, 1), or too few samples for
+            ``points`` distinct subset sizes of at least F + 2 samples.
+    """
+    array = _as_features(features)
+    if points < 2 or draws < 1:
+        raise ValueError(f"points must be >= 2 and draws >= 1, got {points} and {draws}")
+    if not 0.0 < smallest < 1.0:
+        raise ValueError(f"smallest must be in (0, 1), got {smallest}")
+    count, dim = array.shape
+    low = max(math.ceil(smallest * count), dim + 2)
+    sizes = tuple(sorted({round(n) for n in np.linspace(low, count, points)}))
+    if len(sizes) < 2 or low >= count:
+        raise ValueError(
+            f"{count} samples of {dim} features are too few to extrapolate the FD "
+            f"(need subsets of {dim + 2} to {count} samples at {points} sizes)"
+        )
+    rng = np.random.default_rng(seed)
+    distances = []
+    for size in sizes:
+        repeats = 1 if size == count else draws
+        values = [
+            frechet_distance(
+                FeatureStatistics.from_features(array[rng.choice(count, size, replace=False)]),
+                reference,
+            )
+            for _ in range(repeats)
+        ]
+        distances.append(float(np.mean(values)))
+    design = np.stack([np.ones(len(sizes)), 1.0 / np.asarray(sizes, dtype=np.float64)], axis=1)
+    target = np.asarray(distances, dtype=np.float64)
+    solution, *_ = np.linalg.lstsq(design, target, rcond=None)
+    residual = target - design @ solution
+    dof = max(len(sizes) - 2, 1)
+    covariance = np.linalg.inv(design.T @ design) * float(residual @ residual) / dof
+    return ExtrapolatedDistance(
+        value=float(solution[0]),
+        std=float(np.sqrt(max(covariance[0, 0], 0.0))),
+        slope=float(solution[1]),
+        at_full=distances[-1],
+        sizes=sizes,
+        distances=tuple(distances),
+    )
 
 
 def fid_from_features(

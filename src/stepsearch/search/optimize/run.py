@@ -23,6 +23,7 @@ from stepsearch.models.source import SampleSource
 from stepsearch.search.family import FAMILIES, family
 from stepsearch.search.optimize.budget import StageKey, WorkShare, expensive_stages, work_shares
 from stepsearch.search.optimize.candidates import Candidate, _baselines
+from stepsearch.search.optimize.headline import HeadlineSettings, write_run_headline
 from stepsearch.search.optimize.judging import (
     _grid_samples,
     _judge,
@@ -374,6 +375,13 @@ def _judge_and_report(
         "markdown": str(atomic_write_text(run.out / "report.md", _markdown(on_disk))),
         "png": str(_plot(run, report, grids, winners)),
     }
+    if run.settings.headline_samples and run.model is not None:
+        headline = HeadlineSettings(
+            run.settings.headline_samples, chunk_size=run.settings.chunk_size
+        )
+        write_run_headline(run.out, run.model, headline, cache=run.cache, progress=run.progress)
+        report["headline"] = json.loads((run.out / "report.json").read_text())["headline"]
+        files["headline"] = str(run.out / "headline.json")
     return OptimizeResult(report, files, scheduler_dirs, bool(run.incomplete))
 
 

@@ -74,6 +74,10 @@ class OptimizeSettings:
     """Settings objects of other registered families, by name (they default to their own)."""
     family_solvers: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     """Solvers of other registered families, by name (default: their ``default_solvers``)."""
+    headline_samples: int = 0
+    """Samples per fresh seed of the headline (:mod:`~stepsearch.search.optimize.headline`: the
+    winners run from their scheduler directories against two converged solves on seeds 3 and 4,
+    FD extrapolated to infinitely many samples); 0: none (the main job on digits: 5,000)."""
 
     def __post_init__(self) -> None:
         for name in ("search_samples", "select_samples", "held_out_samples", "olss_samples"):
@@ -82,6 +86,12 @@ class OptimizeSettings:
         if min(self.autodiffusion_trials, self.s3_trials, self.grid_rows, self.grid_cols) < 1:
             raise ValueError(
                 "autodiffusion_trials, s3_trials, grid_rows and grid_cols must be positive"
+            )
+        if isinstance(self.headline_samples, bool) or not (
+            self.headline_samples == 0 or int(self.headline_samples) >= 8
+        ):
+            raise ValueError(
+                f"headline_samples must be 0 (none) or >= 8, got {self.headline_samples!r}"
             )
         for name in ("dp_solvers", "ays_solvers", "autodiffusion_solvers", "s3_solvers",
                      "baseline_solvers"):  # fmt: skip
@@ -114,6 +124,8 @@ class OptimizeSettings:
             for key, value in asdict(self).items()
             if key not in FAMILIES and key not in ("families", "family_solvers")
         }
+        if not self.headline_samples:  # a run without a headline fingerprints as before
+            payload.pop("headline_samples")
         return {**payload, **{name: self.family_settings(name) for name in FAMILIES}}
 
 
