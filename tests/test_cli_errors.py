@@ -202,3 +202,9 @@ def test_export_destination(target, where, tmp_path):
     )  # fmt: skip
     assert result.exit_code == 2, result.output
     assert "DEST" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("bad", ["-1", "3", "many"])
+def test_bad_headline_samples(bad, tmp_path):
+    result, out = _run("optimize", tmp_path, {"--headline-samples": bad})
+    _assert_refused(result, out, "--headline-samples")

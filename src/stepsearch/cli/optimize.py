@@ -83,6 +83,18 @@ def optimize_command(
             help="Samples per candidate on the report seed. [default: 1000; 128 with --pipeline]",
         ),
     ] = None,
+    headline_samples: Annotated[
+        int,
+        typer.Option(
+            metavar="N",
+            min=0,
+            callback=lambda n: n if n == 0 or n >= 8 else _too_few_headline_samples(n),
+            help="Re-judge each NFE's winner and best built-in in diffusers' own loop on two "
+            "fresh seeds against two independent converged solves at N samples (FD, FD at "
+            "infinitely many samples and its ratio, trajectory error; headline.md). 0: off; "
+            "5000 for a published headline.",
+        ),
+    ] = 0,
     dry_run: Annotated[
         bool,
         typer.Option(
@@ -115,7 +127,8 @@ def optimize_command(
     judged by trajectory error of the decoded images; AYS runs only with --data pairs."""
     base = pipeline_settings() if pipeline is not None else OptimizeSettings()
     counts = {"search_samples": num_samples, "select_samples": select_samples,
-              "held_out_samples": held_out_samples}  # fmt: skip
+              "held_out_samples": held_out_samples,
+              "headline_samples": headline_samples or None}  # fmt: skip
     settings = replace(base, **{k: v for k, v in counts.items() if v is not None})
     arguments = {
         "model": model if model is not None or pipeline is not None else "digits",
@@ -193,3 +206,7 @@ def print_forecast(planned: Forecast) -> None:
 
 def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def _too_few_headline_samples(count: int) -> int:
+    raise typer.BadParameter(f"0 (off) or at least 8, got {count}", param_hint="--headline-samples")
