@@ -49,7 +49,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +99,7 @@ __all__ = [
     "pipeline_ays_inputs",
     "run_ays_job",
     "search_ays",
+    "with_held_out",
 ]
 
 STRATEGIES = ("hierarchical", "direct", "both")
@@ -160,7 +161,8 @@ class AYSResult:
     runs: dict[str, AYSRun]
     chosen: str
     seconds: float
-    held_out: Score
+    held_out: Score | None
+    """The chosen schedule's held-out score (``None``: not scored yet, see :func:`search_ays`)."""
     klub_evaluations: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -310,10 +312,13 @@ def search_ays(
     config: AYSConfig | None = None,
     checkpoint: str | os.PathLike[str] | None = None,
     on_progress: Callable[[str, int, SearchState], None] | None = None,
+    held_out: bool = True,
 ) -> AYSResult:
     """Optimise a schedule for ``source`` and ``solver`` at ``nfe`` model evaluations (module
     docstring); ``data`` defaults to the source's reference data, ``objective`` to trajectory error
-    on 256 samples. ``on_progress(strategy, stage, state)`` sees every sweep.
+    on 256 samples. ``on_progress(strategy, stage, state)`` sees every sweep. ``held_out=False``
+    leaves the held-out score to the caller (``None`` in the result and its provenance: the
+    caller writes the result first, then scores it with :func:`with_held_out`).
 
     ``data`` lives in the space the solver integrates (latents for a latent model). For a
     conditional source, ``data[i]`` goes with the conditioning of sample index ``i`` (a
@@ -378,7 +383,7 @@ def search_ays(
         runs[strategy] = AYSRun(strategy, schedule, states, objective(schedule, run_solver))
     chosen = min(runs, key=lambda name: runs[name].score.value)
     final = runs[chosen]
-    held_out = objective.held_out(final.schedule, run_solver)
+    held_out_score = objective.held_out(final.schedule, run_solver) if held_out else None
     settings = {
         **config.to_json_dict(),
         "klub": estimator.describe(),
@@ -400,15 +405,26 @@ def search_ays(
         },
     }
     schedule = final.schedule.with_metadata(spacing="ays", strategy=chosen, solver=run_solver.name)
-    provenance = objective.provenance(run_solver, final.score, held_out, "ays", settings)
+    provenance = objective.provenance(run_solver, final.score, held_out_score, "ays", settings)
     return AYSResult(
         ScheduleFile(schedule, provenance),
         runs,
         chosen,
         time.perf_counter() - began,
-        held_out,
+        held_out_score,
         estimator.evaluations,
     )
+
+
+def with_held_out(result: AYSResult, objective: Objective, solver: str | Solver) -> AYSResult:
+    """``result`` (of ``search_ays(..., held_out=False)``) with its held-out score on
+    ``objective``, in the result and in its schedule file's provenance."""
+    run_solver = get_solver(solver) if isinstance(solver, str) else solver
+    score = objective.held_out(result.schedule, run_solver)
+    provenance = result.schedule_file.provenance
+    scores = {**provenance.scores, "held_out": score.to_json_dict()}
+    schedule_file = ScheduleFile(result.schedule, replace(provenance, scores=scores))
+    return replace(result, schedule_file=schedule_file, held_out=score)
 
 
 def plot_result(result: AYSResult, path: str | os.PathLike[str]) -> Path:
@@ -538,7 +554,10 @@ def run_ays_job(
         config=config,
         checkpoint=checkpoint,
         on_progress=on_progress,
+        held_out=False,
     )
+    result.schedule_file.save(target)  # the result at once, then its held-out score
+    result = with_held_out(result, objective, solver)
     result.schedule_file.save(target)
     if plot is None:
         plot = target.with_suffix(".png")

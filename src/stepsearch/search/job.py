@@ -4,11 +4,13 @@ A job (``stepsearch search <family> ... --out DIR``) writes into ``DIR``:
 
 - ``study.sqlite3``: the study store (unless ``--storage`` names another file or a database URL);
 - ``best_schedule.json``: the result as a :class:`~stepsearch.schedule_file.ScheduleFile` whose
-  provenance carries the search-seed and held-out scores;
+  provenance carries the search-seed and held-out scores (written as soon as the result exists,
+  with ``scores.held_out`` ``null``, and again once the held-out comparison is done);
 - ``scheduler/``: a diffusers scheduler directory replaying it
   (``StepsearchXScheduler.from_pretrained(DIR / "scheduler")``; for a solver plan a
   :class:`~stepsearch.integrations.plan_scheduler.StepsearchPlanScheduler`);
-- ``result.json``: a summary (best, starting point, baselines, held-out scores, trials, timings);
+- ``result.json``: a summary (best, starting point, baselines, held-out scores, trials, timings),
+  written last: its presence means the job is complete;
 - ``progress.png``: best score vs trials, and the schedule against the baselines.
 
 Searches call these helpers; the CLI modules only parse arguments.
@@ -45,7 +47,9 @@ __all__ = [
     "resolve_storage",
     "sortable",
     "spacing_schedules",
+    "write_best_files",
     "write_job_result",
+    "write_job_summary",
     "write_scheduler_dir",
 ]
 
@@ -242,19 +246,11 @@ def _plot_schedule(axes: Any, schedule: StepSchedule, label: str, color: str, **
               color=color, **style)  # fmt: skip
 
 
-def write_job_result(
-    out: Path,
-    schedule_file: ScheduleFile,
-    summary: Mapping[str, Any],
-    *,
-    solver: Solver,
-    values: Sequence[float],
-    baselines: Sequence[Baseline],
-    title: str,
-    marks: Mapping[str, Sequence[int]] | None = None,
-) -> dict[str, str]:
-    """Write a job's result files into ``out`` (module docstring; ``solver`` runs the result);
-    returns their paths by role."""
+def write_best_files(out: Path, schedule_file: ScheduleFile, *, solver: Solver) -> dict[str, str]:
+    """Write a job's result itself into ``out``: ``best_schedule.json`` and ``scheduler/`` (when
+    the noise schedule has a diffusers form; ``solver`` runs the result). Called as soon as the
+    result exists, before the held-out comparison (which can take far longer than the search);
+    returns the paths by role (``schedule``, ``scheduler``)."""
     schedule_path = out / "best_schedule.json"
     schedule_file.save(schedule_path)
     paths = {"schedule": str(schedule_path)}
@@ -275,6 +271,23 @@ def write_job_result(
         )
     if scheduler_dir is not None:
         paths["scheduler"] = str(scheduler_dir)
+    return paths
+
+
+def write_job_summary(
+    out: Path,
+    schedule_file: ScheduleFile,
+    summary: Mapping[str, Any],
+    *,
+    files: Mapping[str, str],
+    values: Sequence[float],
+    baselines: Sequence[Baseline],
+    title: str,
+    marks: Mapping[str, Sequence[int]] | None = None,
+) -> dict[str, str]:
+    """Write ``progress.png`` and ``result.json`` (``summary`` plus the run-relative ``files``
+    and these two) into ``out``; returns every path by role."""
+    paths = dict(files)
     paths["plot"] = str(
         plot_search(
             out / "progress.png",
@@ -290,3 +303,24 @@ def write_job_result(
     relative = {role: run_relative(path, out) for role, path in paths.items()}
     atomic_write_json(out / "result.json", {**summary, "files": relative})
     return paths
+
+
+def write_job_result(
+    out: Path,
+    schedule_file: ScheduleFile,
+    summary: Mapping[str, Any],
+    *,
+    solver: Solver,
+    values: Sequence[float],
+    baselines: Sequence[Baseline],
+    title: str,
+    marks: Mapping[str, Sequence[int]] | None = None,
+) -> dict[str, str]:
+    """Write all of a job's result files into ``out`` (module docstring; ``solver`` runs the
+    result): :func:`write_best_files` then :func:`write_job_summary`; returns their paths by
+    role."""
+    files = write_best_files(out, schedule_file, solver=solver)
+    return write_job_summary(
+        out, schedule_file, summary, files=files, values=values, baselines=baselines,
+        title=title, marks=marks,
+    )  # fmt: skip
