@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from stepsearch.cli import options
-from stepsearch.cli._common import console, usage_errors
+from stepsearch.cli._common import console, print_loading_code, usage_errors
 from stepsearch.cli.search import search_command
 
 
@@ -67,6 +67,7 @@ def autodiffusion_command(
         console.print(f"  held-out {metric} {name}: {value:.4g}")
     for role, path in job.files.items():
         console.print(f"  {role}: {path}")
+    print_loading_code(job.files.get("scheduler"))
 
 
 def _shown(schedule) -> str:

@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from stepsearch.cli import options
-from stepsearch.cli._common import console, usage_errors
+from stepsearch.cli._common import console, print_loading_code, usage_errors
 from stepsearch.cli.search import search_command
 from stepsearch.search.families.dp import DEFAULT_COEFFS, DPSettings
 
@@ -79,3 +79,4 @@ def dp_command(
         f"{job.held_out_values[f'start ({job.start.name})']:.4g} held-out"
     )
     console.print(f"wrote {', '.join(job.files.values())}")
+    print_loading_code(job.files.get("scheduler"))

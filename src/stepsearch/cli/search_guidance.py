@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from stepsearch.cli import options
-from stepsearch.cli._common import console, usage_errors
+from stepsearch.cli._common import console, print_loading_code, usage_errors
 from stepsearch.cli.search import search_command
 
 
@@ -99,3 +99,4 @@ def guidance_command(
         )
     for role, path in result.files.items():
         console.print(f"  {role}: {path}")
+    print_loading_code(result.files.get("scheduler"))

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from stepsearch.cli import options
-from stepsearch.cli._common import console, usage_errors
+from stepsearch.cli._common import console, print_loading_code, usage_errors
 from stepsearch.cli.checks import check_out_dir
 from stepsearch.cli.search import search_command
 
@@ -62,3 +62,4 @@ def olss_command(
         )
         console.print(f"{row['method']:>18} ({row['spacing']}): {values}")
     console.print(f"wrote {out}")
+    print_loading_code(result.files.get("scheduler"))

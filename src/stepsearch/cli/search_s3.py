@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from stepsearch.cli import options
-from stepsearch.cli._common import console, usage_errors
+from stepsearch.cli._common import console, print_loading_code, usage_errors
 from stepsearch.cli.search import search_command
 
 
@@ -78,3 +78,4 @@ def s3_command(
                       f"{value:.4g}")  # fmt: skip
     for role, path in job.files.items():
         console.print(f"  {role}: {path}")
+    print_loading_code(job.files.get("scheduler"))
