@@ -1,4 +1,5 @@
-"""Load any scheduler directory a stepsearch run writes, and say how to load it in Python.
+"""Scheduler directories: write one for a schedule and solver, load any that a stepsearch run
+writes, and say how to load it in Python.
 
 A run's winner can be a stepsearch drop-in (one class per solver,
 :mod:`stepsearch.integrations.diffusers`), a fitted OLSS sampler
@@ -19,7 +20,14 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-__all__ = ["load_scheduler", "loading_code", "scheduler_class"]
+from stepsearch._io import atomic_write_dir
+from stepsearch.integrations.diffusers import scheduler_for_solver
+from stepsearch.integrations.olss import StepsearchOLSSScheduler
+from stepsearch.noise import DiscreteVP, FlowMatching
+from stepsearch.schedule import StepSchedule
+from stepsearch.solvers.base import Solver
+
+__all__ = ["load_scheduler", "loading_code", "scheduler_class", "write_scheduler_dir"]
 
 
 def _modules() -> tuple[ModuleType, ...]:
@@ -68,3 +76,23 @@ def loading_code(path: str | os.PathLike[str]) -> str:
     literal = json.dumps(os.fspath(path), ensure_ascii=False)  # a valid Python string literal
     name = found.__name__
     return f"from {module} import {name}; scheduler = {name}.from_pretrained({literal})"
+
+
+def write_scheduler_dir(
+    path: str | os.PathLike[str], schedule: StepSchedule, solver: Solver, **config: Any
+) -> Path | None:
+    """A diffusers scheduler directory replaying ``schedule`` with ``solver`` (its drop-in class's
+    ``from_step_schedule(...).save_pretrained``; a fitted OLSS solver: its own class), written at
+    once (:func:`~stepsearch._io.atomic_write_dir`: a reader sees the previous complete folder or
+    the new one); ``None`` when the noise schedule has no diffusers form (EDM, continuous VP)."""
+    if solver.name == "olss":  # a fitted OLSS solver: its own scheduler class
+        olss = StepsearchOLSSScheduler.from_fit(solver, config)
+        return atomic_write_dir(path, olss.save_pretrained)
+    if not isinstance(schedule.noise, (DiscreteVP, FlowMatching)):
+        return None
+    scheduler_class = scheduler_for_solver(solver.name)
+    solver_kwargs = {k: v for k, v in solver.config().items() if k != "name"}
+    if solver_kwargs:
+        config.setdefault("solver_kwargs", solver_kwargs)
+    scheduler = scheduler_class.from_step_schedule(schedule, **config)
+    return atomic_write_dir(path, scheduler.save_pretrained)

@@ -558,7 +558,7 @@ def run_olss_job(
     out: str | Path,
     nfe: int = 10,
     *,
-    model: str = "digits",
+    model: str | None = "digits",
     pipeline: str | Path | None = None,
     prompts: str | Path | None = None,
     guidance_scale: float | None = None,
@@ -571,15 +571,18 @@ def run_olss_job(
     device: str = "cpu",
     dtype: str | None = None,
     progress: bool = True,
+    cache: str | Path | None = None,
 ) -> OLSSResult:
     """What ``stepsearch search olss`` does: fit on ``model`` (a bundled model or a local UNet
     directory) or, with ``pipeline``, on a local text-to-image pipeline with its ``prompts`` file
     (guidance default :data:`~stepsearch.models.pipeline.DEFAULT_GUIDANCE_SCALE`); the teacher is DPM-Solver++(3M) on ``teacher_steps`` logSNR steps, the
-    held-out seed ``seed + 1``; the files go to ``out``."""
+    held-out seed ``seed + 1``; the files go to ``out``; teachers are cached in ``cache``
+    (default :meth:`~stepsearch.cache.TensorCache.default`)."""
     teacher = TeacherSpec("dpm_solver_pp_3m", "logsnr_uniform", teacher_steps)
     common = dict(
         num_samples=samples, held_out_samples=held_out_samples, out=out, search=search,
         refit=refit, teacher=teacher, seed=seed, held_out_seed=seed + 1, progress=progress,
+        cache=TensorCache(cache) if cache is not None else None,
     )  # fmt: skip
     if pipeline is not None:
         if prompts is None:
@@ -589,5 +592,7 @@ def run_olss_job(
             torch_dtype=dtype,
         )  # fmt: skip
         return search_olss_pipeline(text_model, nfe, **common)  # type: ignore[arg-type]
-    source = load_source(model, device=device, guidance_scale=guidance_scale, dtype=dtype)
+    source = load_source(
+        model or "digits", device=device, guidance_scale=guidance_scale, dtype=dtype
+    )
     return search_olss(source, nfe, **common)  # type: ignore[arg-type]

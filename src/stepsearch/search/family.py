@@ -445,14 +445,16 @@ def run_job(
     guidance_scale: float | None = None,
     dtype: str | None = None,
     progress: bool = True,
+    seed: int = 0,
     **options: Any,
 ) -> SearchJob:
     """What ``stepsearch search <family>`` does: refuse an unsupported solver before the model
     loads, load ``model`` (a bundled model or a local UNet directory; or a text-to-image
     ``pipeline`` directory with ``prompts``, see :func:`~stepsearch.models.load_model`; its
     network in ``dtype``, default float32), build the objective
-    (``metric`` on ``num_samples`` search-seed / ``held_out_samples`` held-out samples, tensor
-    cache ``cache``) and :func:`run_search` (``options``: its keyword arguments)."""
+    (``metric`` on ``num_samples`` samples of noise seed ``seed`` / ``held_out_samples`` of
+    ``seed + 1``, tensor cache ``cache``) and :func:`run_search` (``seed`` also seeds the
+    search's own draws; ``options``: its other keyword arguments)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar says enough
@@ -472,7 +474,9 @@ def run_job(
         metric,
         num_samples=num_samples,
         held_out_samples=held_out_samples,
+        search_seed=int(seed),
+        held_out_seed=int(seed) + 1,
         cache=TensorCache(cache) if cache is not None else None,
         progress=progress,
     )
-    return run_search(fam, objective, run_solver, nfe, out, progress=progress, **options)
+    return run_search(fam, objective, run_solver, nfe, out, progress=progress, seed=seed, **options)

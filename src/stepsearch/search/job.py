@@ -28,9 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from stepsearch._io import atomic_write_bytes, atomic_write_dir, atomic_write_json, run_relative
-from stepsearch.integrations.diffusers import scheduler_for_solver
-from stepsearch.integrations.olss import StepsearchOLSSScheduler
+from stepsearch._io import atomic_write_bytes, atomic_write_json, run_relative
+from stepsearch.integrations.load import write_scheduler_dir
 from stepsearch.integrations.plan_scheduler import write_plan_scheduler_dir
 from stepsearch.noise import DiscreteVP, FlowMatching, NoiseSchedule
 from stepsearch.schedule import StepSchedule, make_schedule
@@ -158,26 +157,6 @@ class SearchProgress:
         self.best = min(self.best, best)
         if self._progress is not None:
             self._progress.update(self._task, completed=done, best=f"{self.best:.5g}")
-
-
-def write_scheduler_dir(
-    path: str | os.PathLike[str], schedule: StepSchedule, solver: Solver, **config: Any
-) -> Path | None:
-    """A diffusers scheduler directory replaying ``schedule`` with ``solver`` (its drop-in class's
-    ``from_step_schedule(...).save_pretrained``), written at once
-    (:func:`~stepsearch._io.atomic_write_dir`: a reader sees the previous complete folder or the
-    new one); ``None`` when the noise schedule has no diffusers form (EDM, continuous VP)."""
-    if solver.name == "olss":  # a fitted OLSS solver: its own scheduler class
-        olss = StepsearchOLSSScheduler.from_fit(solver, config)
-        return atomic_write_dir(path, olss.save_pretrained)
-    if not isinstance(schedule.noise, (DiscreteVP, FlowMatching)):
-        return None
-    scheduler_class = scheduler_for_solver(solver.name)
-    solver_kwargs = {k: v for k, v in solver.config().items() if k != "name"}
-    if solver_kwargs:
-        config.setdefault("solver_kwargs", solver_kwargs)
-    scheduler = scheduler_class.from_step_schedule(schedule, **config)
-    return atomic_write_dir(path, scheduler.save_pretrained)
 
 
 def plot_search(
