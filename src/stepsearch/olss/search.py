@@ -27,9 +27,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from stepsearch._io import atomic_write_dir, atomic_write_json, atomic_write_text
+from stepsearch._progress import progress_bar
 from stepsearch.cache import TensorCache
 from stepsearch.eval.objective import Objective, Score
 from stepsearch.eval.trajectory import trajectory_error
@@ -102,7 +102,7 @@ def _indexed_denoiser(
 
 
 def _bar(progress: bool, total: int) -> Any:
-    return tqdm(total=total, desc="OLSS", disable=not progress, leave=False)
+    return progress_bar(total=total, desc="OLSS", disable=not progress, leave=False)
 
 
 def search_olss(

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from stepsearch._io import atomic_write_bytes, atomic_write_json, run_relative
+from stepsearch._progress import PlainProgress, interactive
 from stepsearch.integrations.load import write_scheduler_dir
 from stepsearch.integrations.plan_scheduler import write_plan_scheduler_dir
 from stepsearch.noise import DiscreteVP, FlowMatching, NoiseSchedule
@@ -101,7 +102,9 @@ class Baseline:
 
 
 class SearchProgress:
-    """A progress bar of a search: trials done out of the budget, best score so far."""
+    """A progress bar of a search: trials done out of the budget, best score so far. A rich bar
+    when stderr is a terminal; else a plain line at most every 10 s and one at the end
+    (:class:`~stepsearch._progress.PlainProgress`: a log shows progress while it goes)."""
 
     def __init__(self, budget: int, description: str, *, enabled: bool = True):
         self._budget = int(budget)
@@ -110,6 +113,7 @@ class SearchProgress:
         self.best = math.inf
         self._progress: Any = None
         self._task: Any = None
+        self._plain: PlainProgress | None = None
 
     @property
     def budget(self) -> int:
@@ -121,11 +125,21 @@ class SearchProgress:
         self._budget = int(value)
         if self._progress is not None:
             self._progress.update(self._task, total=self._budget)
+        if self._plain is not None:
+            self._plain.total = self._budget
 
     @contextmanager
     def running(self) -> Iterator[SearchProgress]:
         if not self.enabled:
             yield self
+            return
+        if not interactive():
+            self._plain = PlainProgress(total=self.budget, desc=self.description)
+            try:
+                yield self
+            finally:
+                self._plain.close()
+                self._plain = None
             return
         from rich.progress import (
             BarColumn,
@@ -157,6 +171,8 @@ class SearchProgress:
         self.best = min(self.best, best)
         if self._progress is not None:
             self._progress.update(self._task, completed=done, best=f"{self.best:.5g}")
+        if self._plain is not None:
+            self._plain.set_completed(done, f"best {self.best:.5g}")
 
 
 def plot_search(
