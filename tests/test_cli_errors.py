@@ -20,7 +20,7 @@ COMMANDS: dict[str, list[str]] = {
     "optimize": ["optimize", "--model", "digits", "--nfe", "4", "--out", "{out}"],
     "demo": ["demo", "--out", "{out}"],
     "search dp": ["search", "dp", "--model", "digits", "--nfe", "4", "--out", "{out}"],
-    "search ays": ["search", "ays", "--model", "digits", "--nfe", "4", "--out", "{out}/ays.json"],
+    "search ays": ["search", "ays", "--model", "digits", "--nfe", "4", "--out", "{out}"],
     "search olss": ["search", "olss", "--model", "digits", "--nfe", "4", "--out", "{out}"],
     "search autodiffusion": [
         "search", "autodiffusion", "--model", "digits", "--solver", "ddim", "--nfe", "4",
@@ -31,14 +31,14 @@ COMMANDS: dict[str, list[str]] = {
     "schedule save": ["schedule", "save", "{out}/s.json", "--model", "digits", "--steps", "4"],
 }  # fmt: skip
 MODEL_COMMANDS = [c for c in COMMANDS if c != "demo"]
-DEVICE_COMMANDS = ["eval", "optimize", "demo", "search ays", "search olss", "search autodiffusion",
-                   "search s3", "search guidance"]  # fmt: skip
+DEVICE_COMMANDS = ["eval", "optimize", "demo", "search dp", "search ays", "search olss",
+                   "search autodiffusion", "search s3", "search guidance"]  # fmt: skip
 NFE_COMMANDS = [c for c in COMMANDS if c != "schedule save"]
-DIR_OUT_COMMANDS = ["eval", "optimize", "demo", "search dp", "search olss", "search autodiffusion",
-                    "search s3", "search guidance"]  # fmt: skip
-FILE_OUT_COMMANDS = ["search ays", "schedule save"]
+DIR_OUT_COMMANDS = ["eval", "optimize", "demo", "search dp", "search ays", "search olss",
+                    "search autodiffusion", "search s3", "search guidance"]  # fmt: skip
+FILE_OUT_COMMANDS = ["schedule save"]
 STORE_COMMANDS = ["search dp", "search autodiffusion", "search s3", "search guidance"]
-DTYPE_COMMANDS = ["eval", "optimize", "search dp", "search ays", "search olss",
+DTYPE_COMMANDS = ["eval", "optimize", "search dp", "search ays", "search olss", "search guidance",
                   "search autodiffusion", "search s3"]  # fmt: skip
 
 
@@ -160,8 +160,7 @@ def test_unusable_output_files(command, where, tmp_path):
     else:
         blocker.write_text("x")
         target = blocker / "schedule.json"
-    flag = "--out" if command == "search ays" else "@2"
-    result, out = _run(command, tmp_path, {flag: str(target)})
+    result, out = _run(command, tmp_path, {"@2": str(target)})
     _assert_refused(result, out, "--out", "'FILE'")
 
 

@@ -157,7 +157,7 @@ def test_search_picks_by_its_rule_stores_every_trial_and_resumes(digits_cond, tm
 
 def test_cli_search_guidance(tmp_path):
     arguments = [
-        "search", "guidance", "--nfe", "6", "--trials", "4", "--constant-weights", "1",
+        "search", "guidance", "--nfe", "6", "--budget", "4", "--constant-weights", "1",
         "--constant-weights", "2", "--shapes", "constant", "--shapes", "interval",
         "--num-samples", "10", "--held-out-samples", "10", "--no-progress", "--out",
         str(tmp_path),
@@ -165,6 +165,7 @@ def test_cli_search_guidance(tmp_path):
     result = CliRunner().invoke(app, arguments)
     assert result.exit_code == 0, result.output
     assert "picked" in result.output and "held-out constant w=2" in result.output
+    assert ".from_pretrained(" in result.output  # the line that loads its scheduler
     assert load_guidance(tmp_path / "guidance.json").provenance["unet_passes"] == 6
     bad = CliRunner().invoke(app, [*arguments[:-1], str(tmp_path / "x"), "--model", "digits"])
     assert bad.exit_code != 0 and "class-conditional" in bad.output

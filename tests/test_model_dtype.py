@@ -110,6 +110,8 @@ LOADERS = {  # command -> (arguments, module whose loader it calls, loader name,
     "search ays": (["search", "ays", "--nfe", "4"], "stepsearch.ays.search", "load_source",
                    "dtype"),
     "search olss": (["search", "olss"], "stepsearch.olss.search", "load_source", "dtype"),
+    "search guidance": (["search", "guidance", "--nfe", "4"], "stepsearch.models", "load_model",
+                        "torch_dtype"),
 }  # fmt: skip
 
 
@@ -125,7 +127,7 @@ def test_every_command_loads_its_model_in_the_dtype_given(command, unet_dir, tmp
         raise _Loaded
 
     monkeypatch.setattr(importlib.import_module(module), loader, spy)
-    out = tmp_path / ("ays.json" if command == "search ays" else "out")
+    out = tmp_path / "out"
     result = CliRunner().invoke(
         app, [*arguments, "--model", str(unet_dir), "--out", str(out), "--dtype", "bf16"]
     )

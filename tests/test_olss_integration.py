@@ -66,7 +66,7 @@ def test_search_olss_command_writes_scheduler_schedule_and_report(tmp_path, monk
 
     monkeypatch.setenv("STEPSEARCH_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "olss"
-    arguments = ["search", "olss", "--model", "digits", "--nfe", "4", "--samples", "16"]
+    arguments = ["search", "olss", "--model", "digits", "--nfe", "4", "--teacher-samples", "16"]
     arguments += ["--held-out-samples", "32", "--teacher-steps", "40", "--out", str(out)]
     outcome = CliRunner().invoke(app, arguments)
     assert outcome.exit_code == 0, outcome.output
@@ -77,6 +77,8 @@ def test_search_olss_command_writes_scheduler_schedule_and_report(tmp_path, monk
     assert "| OLSS |" in (out / "report.md").read_text()
     scheduler = StepsearchOLSSScheduler.from_pretrained(out / "scheduler")
     assert scheduler.num_fitted_steps == 4
+    load_line = f"StepsearchOLSSScheduler.from_pretrained({json.dumps(str(out / 'scheduler'))})"
+    assert load_line in outcome.output.replace("\n", "")
     bad = CliRunner().invoke(
         app, ["search", "olss", "--model", "digits", "--search", "nope", "--out", str(out)]
     )

@@ -116,10 +116,12 @@ def finished(saved: dict[str, Path]) -> tuple[Path, dict[str, Any], str]:
     from typer.testing import CliRunner
 
     from stepsearch.cli import app
+    from stepsearch.cli import optimize as optimize_command
 
     out = saved["root"] / "run"
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(run_module, "pipeline_settings", lambda: SETTINGS)
+        patch.setattr(optimize_command, "pipeline_settings", lambda: SETTINGS)
         patch.setenv("STEPSEARCH_CACHE", str(saved["cache"]))
         patch.setenv("COLUMNS", "200")
         done = CliRunner().invoke(

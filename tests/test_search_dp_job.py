@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from stepsearch.cache import TensorCache
 from stepsearch.cli import app
 from stepsearch.eval.objective import Objective
+from stepsearch.integrations.load import loading_code
 from stepsearch.models.source import DenoiserSource
 from stepsearch.noise import DiscreteVP
 from stepsearch.schedule_file import ScheduleFile
@@ -88,6 +89,7 @@ def test_cli_on_the_bundled_model(tmp_path):
     assert result.exit_code == 0, result.output
     assert "held-out" in result.output
     assert (out / "best_schedule.json").is_file() and (out / "scheduler").is_dir()
+    assert loading_code(out / "scheduler") in result.output.replace("\n", "")
     bad = CliRunner().invoke(app, ["search", "dp", "--solver", "pndm", "--out", str(out),
                                    "--no-progress", "--grid-points", "5",
                                    "--cache", str(tmp_path / "cache")])  # fmt: skip

@@ -49,7 +49,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +69,7 @@ from stepsearch.ays.optimize import (
 from stepsearch.cache import TensorCache, tensor_digest
 from stepsearch.eval.images import iter_image_batches
 from stepsearch.eval.objective import Objective, Score
+from stepsearch.integrations.load import write_scheduler_dir
 from stepsearch.models import (
     DEFAULT_GUIDANCE_SCALE,
     TeacherSpec,
@@ -99,6 +100,7 @@ __all__ = [
     "pipeline_ays_inputs",
     "run_ays_job",
     "search_ays",
+    "with_held_out",
 ]
 
 STRATEGIES = ("hierarchical", "direct", "both")
@@ -160,7 +162,8 @@ class AYSResult:
     runs: dict[str, AYSRun]
     chosen: str
     seconds: float
-    held_out: Score
+    held_out: Score | None
+    """The chosen schedule's held-out score (``None``: not scored yet, see :func:`search_ays`)."""
     klub_evaluations: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -310,10 +313,13 @@ def search_ays(
     config: AYSConfig | None = None,
     checkpoint: str | os.PathLike[str] | None = None,
     on_progress: Callable[[str, int, SearchState], None] | None = None,
+    held_out: bool = True,
 ) -> AYSResult:
     """Optimise a schedule for ``source`` and ``solver`` at ``nfe`` model evaluations (module
     docstring); ``data`` defaults to the source's reference data, ``objective`` to trajectory error
-    on 256 samples. ``on_progress(strategy, stage, state)`` sees every sweep.
+    on 256 samples. ``on_progress(strategy, stage, state)`` sees every sweep. ``held_out=False``
+    leaves the held-out score to the caller (``None`` in the result and its provenance: the
+    caller writes the result first, then scores it with :func:`with_held_out`).
 
     ``data`` lives in the space the solver integrates (latents for a latent model). For a
     conditional source, ``data[i]`` goes with the conditioning of sample index ``i`` (a
@@ -358,7 +364,8 @@ def search_ays(
         "config": config.to_json_dict(),
         "order": order,
         "data": "sha256:" + tensor_digest({"data": samples.detach().cpu().contiguous()}),
-        "objective": objective.describe(),
+        # what the search sees (the held-out sample count only changes the report)
+        "objective": {k: v for k, v in objective.describe().items() if k != "held_out_samples"},
     }
     store = _Checkpoint(checkpoint, fingerprint)
 
@@ -378,7 +385,7 @@ def search_ays(
         runs[strategy] = AYSRun(strategy, schedule, states, objective(schedule, run_solver))
     chosen = min(runs, key=lambda name: runs[name].score.value)
     final = runs[chosen]
-    held_out = objective.held_out(final.schedule, run_solver)
+    held_out_score = objective.held_out(final.schedule, run_solver) if held_out else None
     settings = {
         **config.to_json_dict(),
         "klub": estimator.describe(),
@@ -400,15 +407,26 @@ def search_ays(
         },
     }
     schedule = final.schedule.with_metadata(spacing="ays", strategy=chosen, solver=run_solver.name)
-    provenance = objective.provenance(run_solver, final.score, held_out, "ays", settings)
+    provenance = objective.provenance(run_solver, final.score, held_out_score, "ays", settings)
     return AYSResult(
         ScheduleFile(schedule, provenance),
         runs,
         chosen,
         time.perf_counter() - began,
-        held_out,
+        held_out_score,
         estimator.evaluations,
     )
+
+
+def with_held_out(result: AYSResult, objective: Objective, solver: str | Solver) -> AYSResult:
+    """``result`` (of ``search_ays(..., held_out=False)``) with its held-out score on
+    ``objective``, in the result and in its schedule file's provenance."""
+    run_solver = get_solver(solver) if isinstance(solver, str) else solver
+    score = objective.held_out(result.schedule, run_solver)
+    provenance = result.schedule_file.provenance
+    scores = {**provenance.scores, "held_out": score.to_json_dict()}
+    schedule_file = ScheduleFile(result.schedule, replace(provenance, scores=scores))
+    return replace(result, schedule_file=schedule_file, held_out=score)
 
 
 def plot_result(result: AYSResult, path: str | os.PathLike[str]) -> Path:
@@ -483,7 +501,7 @@ def pipeline_ays_inputs(
 
 
 def run_ays_job(
-    model: str,
+    model: str | None,
     nfe: int,
     out: str | os.PathLike[str],
     *,
@@ -494,6 +512,7 @@ def run_ays_job(
     config: AYSConfig | None = None,
     metric: str = "traj",
     proxy_samples: int = 256,
+    held_out_samples: int | None = None,
     teacher_steps: int = 100,
     checkpoint: str | os.PathLike[str] | None = None,
     plot: str | os.PathLike[str] | None = None,
@@ -501,15 +520,26 @@ def run_ays_job(
     dtype: str | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     on_progress: Callable[[str, int, SearchState], None] | None = None,
+    seed: int | None = None,
 ) -> AYSResult:
     """What ``stepsearch search ays`` does: load the model (a bundled model, ``digits-cond`` at
     ``guidance_scale``, default 2, or a local diffusers ``UNet2DModel`` directory; or, with
     ``pipeline``, a local text-to-image pipeline directory with ``data`` a folder of (prompt,
     image) pairs, see :func:`pipeline_ays_inputs`, guidance default
-    :data:`~stepsearch.models.pipeline.DEFAULT_GUIDANCE_SCALE`), build the
-    proxy objective (``metric`` on ``proxy_samples`` samples;
-    for ``traj`` the teacher is DPM-Solver++(3M) on ``teacher_steps`` logSNR steps, cached), search (resuming ``checkpoint``, default ``OUT.ckpt.json``), write the schedule
-    file to ``out`` and the plot to ``plot`` (default ``OUT`` with ``.png``; ``""`` for none)."""
+    :data:`~stepsearch.models.pipeline.DEFAULT_GUIDANCE_SCALE`), build the proxy objective
+    (``metric`` on ``proxy_samples`` samples of noise seed ``seed``, ``held_out_samples``
+    (default: as many) of ``seed + 1``; for ``traj`` the teacher is DPM-Solver++(3M) on
+    ``teacher_steps`` logSNR steps, cached), search (resuming ``checkpoint``) and write the
+    result into the folder ``out``: ``best_schedule.json`` and ``scheduler/`` (a drop-in
+    diffusers scheduler, where the noise schedule has one) as soon as the search ends, again once
+    the held-out score is in, and ``progress.png``; the checkpoint defaults to
+    ``out/ays.ckpt.json``. ``seed`` (default: ``config.seed``) also seeds the KLUB draws.
+
+    Deprecated: ``out`` ending in ``.json`` is the schedule file itself (the checkpoint
+    ``OUT.ckpt.json``, the plot ``OUT.png``, no scheduler directory), as before."""
+    config = config or AYSConfig()
+    if seed is not None:
+        config = replace(config, seed=int(seed))
     samples: Tensor | str | os.PathLike[str] | None = data
     if pipeline is not None:
         if data is None:
@@ -522,26 +552,46 @@ def run_ays_job(
             pipeline, data, guidance_scale=scale, device=device, dtype=dtype
         )
     else:
-        source = load_source(model, device=device, guidance_scale=guidance_scale, dtype=dtype)
+        source = load_source(
+            model or "digits", device=device, guidance_scale=guidance_scale, dtype=dtype
+        )
     cache = TensorCache(cache_dir) if cache_dir is not None else TensorCache.default()
     teacher = TeacherSpec(num_steps=teacher_steps)
-    objective = Objective(source, metric, num_samples=proxy_samples, teacher=teacher, cache=cache)
+    objective = Objective(
+        source, metric, num_samples=proxy_samples, held_out_samples=held_out_samples,
+        teacher=teacher, cache=cache, search_seed=config.seed, held_out_seed=config.seed + 1,
+    )  # fmt: skip
     target = Path(out)
+    legacy = target.suffix == ".json"  # deprecated: OUT is the schedule file
+    if not legacy:
+        target.mkdir(parents=True, exist_ok=True)
+    schedule_path = target if legacy else target / "best_schedule.json"
     if checkpoint is None:
-        checkpoint = target.with_name(target.stem + ".ckpt.json")
+        checkpoint = (
+            target.with_name(target.stem + ".ckpt.json") if legacy else target / "ays.ckpt.json"
+        )
     result = search_ays(
-        source,
-        solver,
-        nfe,
-        data=samples,
-        objective=objective,
-        config=config,
-        checkpoint=checkpoint,
-        on_progress=on_progress,
-    )
-    result.schedule_file.save(target)
+        source, solver, nfe, data=samples, objective=objective, config=config,
+        checkpoint=checkpoint, on_progress=on_progress, held_out=False,
+    )  # fmt: skip
+    run_solver = get_solver(solver)
+
+    def write(found: AYSResult) -> None:
+        found.schedule_file.save(schedule_path)
+        if legacy:
+            return
+        prediction = found.schedule_file.provenance.prediction_type
+        options = {} if prediction is None else {"prediction_type": prediction}
+        written = write_scheduler_dir(target / "scheduler", found.schedule, run_solver, **options)
+        if written is not None:
+            found.extra["scheduler"] = str(written)
+
+    write(result)  # the result at once, then its held-out score
+    result = with_held_out(result, objective, run_solver)
+    write(result)
+    result.extra["schedule"] = str(schedule_path)
     if plot is None:
-        plot = target.with_suffix(".png")
+        plot = target.with_suffix(".png") if legacy else target / "progress.png"
     if plot != "":
         result.extra["plot"] = str(plot_result(result, plot))
     return result

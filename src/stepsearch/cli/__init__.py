@@ -16,17 +16,20 @@ Adding a search command: create ``src/stepsearch/cli/search_<family>.py`` holdin
 
 .. code-block:: python
 
-    from stepsearch.cli.search import search_command
+    from stepsearch.cli.search import DEFAULT_NFE, search_command
 
     from stepsearch.cli import options
 
     @search_command("<family>")
-    def family_command(model: options.Model = "digits", nfe: options.NFE = 5, ...) -> None:
+    def family_command(model: options.OptionalModel = None, nfe: options.NFE = DEFAULT_NFE,
+                       ...) -> None:
+        # docstring: a one-line summary, a blank line, the details (what it writes, resuming)
         ...  # typer options; call the library (stepsearch.search.family.run_job), print, exit
 
 Shared options (``--model``, ``--pipeline``, ``--prompts``, ``--guidance-scale``, ``--nfe``,
 ``--solver``, ``--out``, ``--storage``, ``--seed``, ``--num-samples``, ``--device``...) are the
-``Annotated`` types of :mod:`stepsearch.cli.options`, defined once. Nothing else: every ``search_*`` module of this package is imported when the command starts, and
+``Annotated`` types of :mod:`stepsearch.cli.options`, defined once, with the defaults of
+:mod:`stepsearch.cli.search` (``tests/test_cli_search_options.py`` checks every command). Nothing else: every ``search_*`` module of this package is imported when the command starts, and
 ``stepsearch search <family> --help`` lists its options. List options (``list[int]`` ...) take
 several values after one flag (``--nfe 4 5 6``) in every command (:class:`ListOptionsCommand`);
 wrap the library call in ``with usage_errors():`` so a ``ValueError`` prints ``error: ...`` and

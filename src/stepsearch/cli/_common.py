@@ -4,6 +4,7 @@ several values after one flag, and the result-table view."""
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -173,6 +174,22 @@ def print_table(table: ResultTable) -> None:
             cells.append(f"[bold green]{text}[/]" if best[nfe] == method else text)
         view.add_row(method, *cells)
     console.print(view)
+
+
+def print_loading_code(scheduler_dir: str | os.PathLike[str] | None) -> None:
+    """Print the line of Python that loads ``scheduler_dir`` (its class read from the directory:
+    :func:`~stepsearch.integrations.load.loading_code`), flush left and unwrapped so that it can
+    be pasted into Python as it is."""
+    if scheduler_dir is None:
+        return
+    from stepsearch.integrations.load import loading_code
+
+    try:
+        line = loading_code(scheduler_dir)
+    except ValueError as error:  # a folder edited or removed since: say so, the run is done
+        errors.print(f"[yellow]note:[/yellow] {escape(str(error))}")
+        return
+    console.print(escape(line), soft_wrap=True, highlight=False)
 
 
 def print_unreachable(cells: list[tuple[str, int]]) -> None:

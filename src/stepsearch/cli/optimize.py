@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from stepsearch.cli import options
-from stepsearch.cli._common import console, usage_errors
+from stepsearch.cli._common import console, print_loading_code, usage_errors
 from stepsearch.cli.checks import check_storage
 from stepsearch.search.optimize import (
     METHODS,
@@ -158,13 +158,15 @@ def optimize_command(
 
 
 def print_summary(report: dict, files: dict[str, str]) -> None:
-    """The gains in plain words, then where the report is."""
+    """The gains in plain words, each NFE's with the line of Python that loads its winner's
+    scheduler, then where the report is."""
     if report["partial"]:
         console.print("[yellow]partial result[/]: the budget ended before every stage finished:")
         for item in report["incomplete"]:
             console.print(f"  NFE {item['nfe']}, {item['stage']}: {item['reason']}")
-    for line in gains_in_words(report):
+    for line, entry in zip(gains_in_words(report), report["per_nfe"].values(), strict=True):
         console.print(line)
+        print_loading_code(entry["files"].get("scheduler"))
     console.print(f"report: [bold]{files['markdown']}[/] (and {Path(files['png']).name}, "
                   f"{Path(files['json']).name})")  # fmt: skip
 

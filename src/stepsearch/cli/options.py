@@ -31,6 +31,7 @@ larger budget is no few-step search)."""
 __all__ = [
     "MAX_NFE",
     "NFE",
+    "Budget",
     "BudgetEvals",
     "BudgetMinutes",
     "Cache",
@@ -42,6 +43,7 @@ __all__ = [
     "Model",
     "NFEs",
     "NumSamples",
+    "OptionalMetric",
     "OptionalModel",
     "OutDir",
     "OutFile",
@@ -53,6 +55,7 @@ __all__ = [
     "Solver",
     "Storage",
     "StudyName",
+    "TeacherSamples",
     "WorkerName",
 ]
 
@@ -104,13 +107,33 @@ Solver = Annotated[
     str, typer.Option(metavar="NAME", help="The solver the schedule is searched for.")
 ]
 Metric = Annotated[str, typer.Option(metavar="NAME", help="Objective: traj, fd or kid.")]
+OptionalMetric = Annotated[
+    str | None,
+    typer.Option(
+        metavar="NAME",
+        help="Objective: traj, fd or kid. [default: fd; traj with --pipeline]",
+        show_default=False,
+    ),
+]
+TeacherSamples = Annotated[
+    int, typer.Option(metavar="N", help="Teacher trajectories (converged solves) fitted on.", min=2)
+]
+Budget = Annotated[
+    int, typer.Option(metavar="N", help="Trials (candidates evaluated) in all.", min=1)
+]
 NumSamples = Annotated[
     int, typer.Option(metavar="N", help="Samples per candidate (search seed).", min=2)
 ]
 HeldOutSamples = Annotated[
     int, typer.Option(metavar="N", help="Samples for the held-out scores.", min=2)
 ]
-Seed = Annotated[int, typer.Option(metavar="N", help="Seed of the search.")]
+Seed = Annotated[
+    int,
+    typer.Option(
+        metavar="N",
+        help="Seed of the search: its noise (held-out noise: seed + 1) and its random draws.",
+    ),
+]
 OutDir = Annotated[
     Path, typer.Option(metavar="DIR", help="Output directory.", parser=check_out_dir)
 ]
@@ -156,7 +179,12 @@ WorkerName = Annotated[
 ]
 Cache = Annotated[
     Path | None,
-    typer.Option(metavar="DIR", help="Tensor cache directory (default ~/.cache/stepsearch)."),
+    typer.Option(
+        metavar="DIR",
+        help="Tensor cache (teachers, features). [default: $STEPSEARCH_CACHE or "
+        "~/.cache/stepsearch]",
+        show_default=False,
+    ),
 ]
 Device = Annotated[
     str, typer.Option(metavar="NAME", help="torch device (cpu, cuda, cuda:N).", parser=check_device)
@@ -170,4 +198,4 @@ Dtype = Annotated[
         parser=check_dtype,
     ),
 ]
-Progress = Annotated[bool, typer.Option(help="Show progress bars.")]
+Progress = Annotated[bool, typer.Option(help="Show progress as it goes.")]

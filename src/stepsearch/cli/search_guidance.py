@@ -3,16 +3,22 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from stepsearch.cli import options
-from stepsearch.cli._common import console, usage_errors
-from stepsearch.cli.search import search_command
+from stepsearch.cli._common import console, print_loading_code, usage_errors
+from stepsearch.cli.search import (
+    DEFAULT_HELD_OUT_SAMPLES,
+    DEFAULT_NFE,
+    DEFAULT_NUM_SAMPLES,
+    search_command,
+)
 
 
-@search_command("guidance")
+@search_command("guidance", deprecated={"--trials": "--budget"})
 def guidance_command(
     nfe: Annotated[
         int,
@@ -23,12 +29,15 @@ def guidance_command(
             min=1,
             max=options.MAX_NFE,
         ),
-    ],
-    out: options.OutDir,
+    ] = 2 * DEFAULT_NFE,
+    out: options.OutDir = Path("stepsearch-guidance"),
     model: options.Model = "digits-cond",
     solver: options.Solver = "dpm_solver_pp_2m",
-    trials: Annotated[
-        int, typer.Option(help="Trials in all (the constant-guidance curve included).", min=2)
+    budget: Annotated[
+        int,
+        typer.Option(
+            metavar="N", help="Trials in all (the constant-guidance curve included).", min=2
+        ),
     ] = 60,
     shapes: Annotated[
         list[str] | None,
@@ -39,7 +48,9 @@ def guidance_command(
             show_default=False,
         ),
     ] = None,
-    max_weight: Annotated[float, typer.Option(help="Largest (mean) guidance weight.")] = 5.0,
+    max_weight: Annotated[
+        float, typer.Option(metavar="W", help="Largest (mean) guidance weight.")
+    ] = 5.0,
     constant_weights: Annotated[
         list[float] | None,
         typer.Option(
@@ -49,17 +60,19 @@ def guidance_command(
         ),
     ] = None,
     storage: options.Storage = None,
-    num_samples: options.NumSamples = 256,
-    held_out_samples: options.HeldOutSamples = 1000,
+    num_samples: options.NumSamples = DEFAULT_NUM_SAMPLES,
+    held_out_samples: options.HeldOutSamples = DEFAULT_HELD_OUT_SAMPLES,
     seed: options.Seed = 0,
     study_name: options.StudyName = None,
     guidance_scale: options.GuidanceScale = None,
     device: options.Device = "cpu",
+    dtype: options.Dtype = "float32",
     progress: options.Progress = True,
 ) -> None:
-    """Search a classifier-free guidance schedule on the noise level jointly with the step
-    spacing for a class-conditional model (`digits-cond`) at `--nfe` network passes, judged by
-    FD and by the classifier's accuracy on the requested digit. Every candidate is a trial in an
+    """Search a guidance schedule jointly with the step spacing at `--nfe` network passes.
+
+    For a class-conditional model (`digits-cond`), judged by FD and by the classifier's accuracy
+    on the requested digit; the guidance weight is a schedule on the noise level. Every candidate is a trial in an
     Optuna study (rerun the same command to resume). Picks the lowest FD at accuracy >= constant
     guidance at the model's default weight (`--guidance-scale`), scores it and the constant curve
     on held-out noise, and writes `guidance.json`, `best_schedule.json`, `scheduler/` and
@@ -74,18 +87,18 @@ def guidance_command(
     with usage_errors():
         defaults = GuidanceSearchSettings()
         settings = GuidanceSearchSettings(
-            trials=trials,
+            trials=budget,
             shapes=tuple(shapes) if shapes else SEARCH_SHAPES,
             weight_range=(1.0, max_weight),
             constant_weights=(
                 tuple(constant_weights) if constant_weights else defaults.constant_weights
             ),
         )
-        source = load_model(model, device=device, guidance_scale=guidance_scale)
+        source = load_model(model, device=device, guidance_scale=guidance_scale, torch_dtype=dtype)
         result = search_guidance(
             source, solver, nfe, out, settings=settings, num_samples=num_samples,
-            held_out_samples=held_out_samples, seed=seed, storage=storage,
-            study_name=study_name, progress=progress,
+            held_out_samples=held_out_samples, search_seed=seed, held_out_seed=seed + 1,
+            seed=seed, storage=storage, study_name=study_name, progress=progress,
         )  # fmt: skip
     pick = result.pick
     console.print(
@@ -99,3 +112,4 @@ def guidance_command(
         )
     for role, path in result.files.items():
         console.print(f"  {role}: {path}")
+    print_loading_code(result.files.get("scheduler"))

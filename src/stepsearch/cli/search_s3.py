@@ -4,69 +4,75 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from stepsearch.cli import options
-from stepsearch.cli._common import console, usage_errors
-from stepsearch.cli.search import search_command
+from stepsearch.cli._common import console, print_loading_code, usage_errors
+from stepsearch.cli.search import (
+    DEFAULT_HELD_OUT_SAMPLES,
+    DEFAULT_NFE,
+    DEFAULT_NUM_SAMPLES,
+    model_or_default,
+    objective_metric,
+    search_command,
+)
 
 
 @search_command("s3")
 def s3_command(
-    nfe: options.NFE,
-    out: options.OutDir,
     model: options.OptionalModel = None,
     pipeline: options.Pipeline = None,
     prompts: options.Prompts = None,
-    budget: Annotated[
-        int, typer.Option(help="True evaluations (trials) after the starting points.", min=1)
-    ] = 200,
+    guidance_scale: options.GuidanceScale = None,
+    nfe: options.NFE = DEFAULT_NFE,
+    out: options.OutDir = Path("stepsearch-s3"),
     storage: options.Storage = None,
-    metric: Annotated[
-        str | None,
-        typer.Option(
-            metavar="NAME",
-            help="Objective: traj, fd or kid. [default: fd; traj with --pipeline]",
-            show_default=False,
-        ),
-    ] = None,
-    num_samples: options.NumSamples = 256,
-    held_out_samples: options.HeldOutSamples = 1000,
+    study_name: options.StudyName = None,
+    worker_name: options.WorkerName = None,
+    metric: options.OptionalMetric = None,
+    num_samples: options.NumSamples = DEFAULT_NUM_SAMPLES,
+    held_out_samples: options.HeldOutSamples = DEFAULT_HELD_OUT_SAMPLES,
     seed: options.Seed = 0,
+    budget: Annotated[
+        int,
+        typer.Option(
+            metavar="N", help="True evaluations (trials) after the starting points.", min=1
+        ),
+    ] = 200,
     proposals: Annotated[
-        int, typer.Option(help="Plans the predictor picks per stage.", min=1)
+        int, typer.Option(metavar="N", help="Plans the predictor picks per stage.", min=1)
     ] = 12,
-    explore: Annotated[int, typer.Option(help="Random variants per stage.", min=0)] = 4,
+    explore: Annotated[
+        int, typer.Option(metavar="N", help="Random variants per stage.", min=0)
+    ] = 4,
     predictor: Annotated[
         bool,
         typer.Option(help="Rank candidates with the learned predictor (off: plain evolution)."),
     ] = True,
-    study_name: options.StudyName = None,
-    worker_name: options.WorkerName = None,
     cache: options.Cache = None,
-    guidance_scale: options.GuidanceScale = None,
     device: options.Device = "cpu",
     dtype: options.Dtype = "float32",
     progress: options.Progress = True,
 ) -> None:
-    """S³: search the solver rule of every step (time, noise/data prediction, Taylor order,
-    estimation points, relaxation, corrector, an analytical first step) at `--nfe`, guided by a
-    small learned predictor. Every evaluated plan is a trial in an Optuna study: kill the job and
-    rerun the same command to resume it; start it on several machines with one `--storage
-    postgresql://...` to share the work. Writes `best_schedule.json` (the plan and its
-    provenance), `scheduler/` (a diffusers scheduler replaying the plan), `result.json` and
-    `progress.png` to `--out`."""
+    """S³: search the solver rule of every step at `--nfe`, guided by a learned predictor.
+
+    A rule is the step's time, noise/data prediction, Taylor order, estimation points,
+    relaxation, corrector, or an analytical first step. Every evaluated plan is a trial in an
+    Optuna study: kill the job and rerun the same command to resume it; start it on several
+    machines with one `--storage postgresql://...` to share the work. Writes `best_schedule.json`
+    (the plan and its provenance), `scheduler/` (a diffusers scheduler replaying the plan),
+    `result.json` and `progress.png` to `--out`."""
     from stepsearch.search.family import run_job
     from stepsearch.search.s3 import S3Settings
 
     with usage_errors():
         settings = S3Settings(proposals=proposals, explore=explore, use_predictor=predictor)
         job = run_job(
-            "s3", model if model is not None or pipeline is not None else "digits", "plan", nfe,
-            out, pipeline=pipeline, prompts=prompts,
-            metric=metric or ("traj" if pipeline is not None else "fd"), num_samples=num_samples,
+            "s3", model_or_default(model, pipeline), "plan", nfe, out, pipeline=pipeline,
+            prompts=prompts, metric=objective_metric(metric, pipeline), num_samples=num_samples,
             held_out_samples=held_out_samples, cache=cache, device=device,
             dtype=dtype, guidance_scale=guidance_scale, progress=progress, settings=settings, storage=storage,
             study_name=study_name, worker_name=worker_name, seed=seed, budget=budget,
@@ -78,3 +84,4 @@ def s3_command(
                       f"{value:.4g}")  # fmt: skip
     for role, path in job.files.items():
         console.print(f"  {role}: {path}")
+    print_loading_code(job.files.get("scheduler"))

@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
+from stepsearch._progress import progress_bar
 from stepsearch.eval.report import Cell, ResultTable
 from stepsearch.eval.scoring import FeatureReference, distance_scores
 from stepsearch.eval.trajectory import trajectory_error
@@ -89,7 +89,7 @@ def run_experiment(
         for metric in metrics
     }
     cells = [(method, nfe) for method in methods for nfe in nfes]
-    for method, nfe in tqdm(cells, desc="methods x NFE", disable=not _is_main(accelerator)):
+    for method, nfe in progress_bar(cells, desc="methods x NFE", disable=not _is_main(accelerator)):
         start = time.perf_counter()
         result = method.run(model, nfe, num_samples, seed, accelerator, chunk_size)
         if result is None:

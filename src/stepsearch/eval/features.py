@@ -392,7 +392,7 @@ def ensure_features(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    from tqdm.auto import tqdm
+    from stepsearch._progress import progress_bar
 
     batches, total = _batches(images, batch_size)
     device = _module_device(extractor)
@@ -403,7 +403,9 @@ def ensure_features(
     chunks: list[np.ndarray] = []
     try:
         with torch.inference_mode():
-            for batch in tqdm(batches, total=total, desc=desc, disable=not progress, leave=False):
+            for batch in progress_bar(
+                batches, total=total, desc=desc, disable=not progress, leave=False
+            ):
                 batch = torch.as_tensor(batch)
                 features = extractor(batch if device is None else batch.to(device))
                 features = features.reshape(features.shape[0], -1)

@@ -296,13 +296,15 @@ class Objective:
         self,
         solver: Solver,
         search_score: Score,
-        held_out_score: Score,
+        held_out_score: Score | None,
         family: str,
         settings: dict[str, Any],
         **fields: Any,
     ) -> Provenance:
         """The :class:`~stepsearch.schedule_file.Provenance` of a search result scored by this
-        objective; ``fields`` fill the optional ones (``guidance_scale``, ``resolution``, ...)."""
+        objective; ``fields`` fill the optional ones (``guidance_scale``, ``resolution``, ...).
+        ``held_out_score`` ``None``: not scored yet (a search's files written before its held-out
+        comparison; ``scores.held_out`` is ``null`` until the runner rewrites them)."""
         described = self.source.describe()
         fields.setdefault("prediction_type", described.get("prediction_type"))
         fields.setdefault("guidance_scale", described.get("guidance_scale"))
@@ -317,7 +319,7 @@ class Objective:
             objective=self.describe(),
             scores={
                 "search": search_score.to_json_dict(),
-                "held_out": held_out_score.to_json_dict(),
+                "held_out": None if held_out_score is None else held_out_score.to_json_dict(),
             },
             seeds=dict(self.seeds),
             search={"family": family, "settings": settings},

@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
+from stepsearch._progress import progress_bar
 from stepsearch.schedule import StepSchedule
 from stepsearch.solvers.base import Solver, schedule_facts
 
@@ -70,7 +70,7 @@ def generate_chunks(
     show = bool(progress) and process_index == 0
     results = [
         (chunk.start, make_chunk(chunk).cpu())
-        for chunk in tqdm(mine, desc=description, disable=not show, leave=False)
+        for chunk in progress_bar(mine, desc=description, disable=not show, leave=False)
     ]
     if num_processes > 1:
         from accelerate.utils import gather_object

@@ -27,9 +27,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from stepsearch._io import atomic_write_dir, atomic_write_json, atomic_write_text
+from stepsearch._progress import progress_bar
 from stepsearch.cache import TensorCache
 from stepsearch.eval.objective import Objective, Score
 from stepsearch.eval.trajectory import trajectory_error
@@ -102,7 +102,7 @@ def _indexed_denoiser(
 
 
 def _bar(progress: bool, total: int) -> Any:
-    return tqdm(total=total, desc="OLSS", disable=not progress, leave=False)
+    return progress_bar(total=total, desc="OLSS", disable=not progress, leave=False)
 
 
 def search_olss(
@@ -125,9 +125,12 @@ def search_olss(
     chunk_size: int = 256,
     progress: bool = False,
     objective: Objective | None = None,
+    held_out: bool = True,
 ) -> OLSSResult:
     """Fit an ``nfe``-step OLSS sampler on ``num_samples`` teacher trajectories of ``source``
     (module docstring); ``fd`` (default: when the source has features) adds the held-out FD.
+    ``held_out=False`` skips every held-out score (the result's, the baselines', the FD rows):
+    the search job runner writes the fit first and scores it after.
     ``objective``: the trajectory-error objective that scores the result (default: one on
     ``num_samples`` / ``held_out_samples`` samples of ``seed`` / ``held_out_seed`` against
     ``teacher``; the OLSS search family passes the job's)."""
@@ -180,11 +183,40 @@ def search_olss(
     solver = OLSSSolver(fit.coefficients)
     bar.set_postfix_str("scoring OLSS")
     search_score = objectives["traj"](fit.schedule, solver)
+    source_config = {"prediction_type": source.describe().get("prediction_type", "epsilon")}
+
+    def fit_provenance(held_out_score: Score | None) -> Provenance:
+        return objectives["traj"].provenance(
+            solver,
+            search_score,
+            held_out_score,
+            "olss",
+            {
+                "search": search,
+                "refit": refit,
+                "basis": basis,
+                "num_samples": num_samples,
+                "teacher": teacher.to_json_dict(),
+            },
+            extra={
+                "fit": fit.describe(),
+                "noise": source.noise.to_config(),
+                "scheduler": f"{SCHEDULER_DIR}/scheduler_config.json",
+            },
+        )
+
+    if out is not None:  # the fit at once: the held-out comparison below can take far longer
+        _write_fit(Path(out), fit, fit_provenance(None), source_config)
+    if not held_out:
+        objectives = {"traj": objectives["traj"]}
+        baselines = ()
     olss_scores = {
-        name: objective.held_out(fit.schedule, solver) for name, objective in objectives.items()
+        name: objective.held_out(fit.schedule, solver)
+        for name, objective in objectives.items()
+        if held_out
     }
     bar.update()
-    rows = [_row("OLSS", f"{fit.search} path, {fit.refit} fit", olss_scores)]
+    rows = [_row("OLSS", f"{fit.search} path, {fit.refit} fit", olss_scores)] if held_out else []
     for name in baselines:
         best = None
         for spacing in spacings:
@@ -200,7 +232,7 @@ def search_olss(
         if "fd" in objectives:
             scores["fd"] = objectives["fd"].held_out(schedule, name)
         rows.append(_row(name, spacing, scores))
-    if "fd" in objectives:
+    if "fd" in objectives and held_out:
         reference = objectives["fd"]
         spec = teacher
         ref_schedule = make_schedule(source.noise, spec.num_steps, spec.spacing)
@@ -212,32 +244,11 @@ def search_olss(
             )
         )
     bar.close()
-    provenance = objectives["traj"].provenance(
-        solver,
-        search_score,
-        olss_scores["traj"],
-        "olss",
-        {
-            "search": search,
-            "refit": refit,
-            "basis": basis,
-            "num_samples": num_samples,
-            "teacher": teacher.to_json_dict(),
-        },
-        extra={
-            "fit": fit.describe(),
-            "noise": source.noise.to_config(),
-            "scheduler": f"{SCHEDULER_DIR}/scheduler_config.json",
-        },
-    )
+    provenance = fit_provenance(olss_scores.get("traj"))
     report = _report(fit, rows, provenance, source.identity.to_json_dict(), nfe)
-    result = OLSSResult(fit, report, provenance, {}, search_score, olss_scores["traj"])
+    result = OLSSResult(fit, report, provenance, {}, search_score, olss_scores.get("traj"))
     if out is not None:
-        result.files = _write(
-            Path(out),
-            result,
-            source_config={"prediction_type": source.describe().get("prediction_type", "epsilon")},
-        )
+        result.files = _write(Path(out), result, source_config=source_config)
     return result
 
 
@@ -344,13 +355,21 @@ def _markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write(out: Path, result: OLSSResult, source_config: dict[str, Any]) -> dict[str, str]:
+def _write_fit(
+    out: Path, fit: OLSSFit, provenance: Provenance, source_config: dict[str, Any]
+) -> None:
+    """The fit's scheduler directory and schedule file (``provenance``'s held-out score may still
+    be ``None``: they are written as soon as the fit exists, and again with the report)."""
     out.mkdir(parents=True, exist_ok=True)
     scheduler = StepsearchOLSSScheduler.from_fit(
-        result.fit, source_config, provenance=result.provenance.to_json_dict()
+        fit, source_config, provenance=provenance.to_json_dict()
     )
     atomic_write_dir(out / SCHEDULER_DIR, scheduler.save_pretrained)  # the folder at once
-    ScheduleFile(result.fit.schedule, result.provenance).save(out / SCHEDULE_FILE)
+    ScheduleFile(fit.schedule, provenance).save(out / SCHEDULE_FILE)
+
+
+def _write(out: Path, result: OLSSResult, source_config: dict[str, Any]) -> dict[str, str]:
+    _write_fit(out, result.fit, result.provenance, source_config)
     atomic_write_json(out / "report.json", result.report)
     atomic_write_text(out / "report.md", _markdown(result.report))
     return {
@@ -411,6 +430,43 @@ def search_olss_pipeline(
     fit = best_of(fits) if search == "best" else fits[0]
     bar.update()
     identity = {"name": model.name, "digest": module_digest(model.pipeline.unet)}
+
+    def fit_provenance(olss_score: dict[str, Any] | None) -> Provenance:
+        return Provenance(
+            model=identity,
+            solver=solver_to_json(OLSSSolver(fit.coefficients)),
+            nfe=nfe,
+            objective={
+                "metric": "traj",
+                "teacher": teacher.to_json_dict(),
+                "prompts": digest_text("\n".join(model.prompts)),
+            },
+            scores={"held_out": olss_score},
+            seeds={"search": seed, "held_out": held_out_seed},
+            search={
+                "family": "olss",
+                "settings": {
+                    "search": search,
+                    "refit": refit,
+                    "basis": basis,
+                    "num_samples": num_samples,
+                },
+            },
+            prediction_type=model.scheduler_config.get("prediction_type", "epsilon"),
+            guidance_scale=float(model.guidance_scale),
+            resolution=model.image_size,
+            extra={
+                "fit": fit.describe(),
+                "noise": model.noise.to_config(),
+                "scheduler": f"{SCHEDULER_DIR}/scheduler_config.json",
+                "scheduler_config": json.loads(
+                    json.dumps(dict(model.scheduler_config), default=list)
+                ),
+            },
+        )
+
+    if out is not None:  # the fit at once: the held-out comparison below can take far longer
+        _write_fit(Path(out), fit, fit_provenance(None), dict(model.scheduler_config))
     scheduler = StepsearchOLSSScheduler.from_fit(fit, model.scheduler_config)
 
     def images(method: Any, schedule: Any) -> Any:
@@ -461,37 +517,7 @@ def search_olss_pipeline(
         if best is not None:
             rows.append(best)
     bar.close()
-    olss_score = rows[0]["traj"]
-    provenance = Provenance(
-        model=identity,
-        solver=solver_to_json(OLSSSolver(fit.coefficients)),
-        nfe=nfe,
-        objective={
-            "metric": "traj",
-            "teacher": teacher.to_json_dict(),
-            "prompts": digest_text("\n".join(model.prompts)),
-        },
-        scores={"held_out": olss_score},
-        seeds={"search": seed, "held_out": held_out_seed},
-        search={
-            "family": "olss",
-            "settings": {
-                "search": search,
-                "refit": refit,
-                "basis": basis,
-                "num_samples": num_samples,
-            },
-        },
-        prediction_type=model.scheduler_config.get("prediction_type", "epsilon"),
-        guidance_scale=float(model.guidance_scale),
-        resolution=model.image_size,
-        extra={
-            "fit": fit.describe(),
-            "noise": model.noise.to_config(),
-            "scheduler": f"{SCHEDULER_DIR}/scheduler_config.json",
-            "scheduler_config": json.loads(json.dumps(dict(model.scheduler_config), default=list)),
-        },
-    )
+    provenance = fit_provenance(rows[0]["traj"])
     report = _report(fit, rows, provenance, identity, nfe)
     result = OLSSResult(fit, report, provenance)
     if out is not None:
@@ -532,7 +558,7 @@ def run_olss_job(
     out: str | Path,
     nfe: int = 10,
     *,
-    model: str = "digits",
+    model: str | None = "digits",
     pipeline: str | Path | None = None,
     prompts: str | Path | None = None,
     guidance_scale: float | None = None,
@@ -545,15 +571,18 @@ def run_olss_job(
     device: str = "cpu",
     dtype: str | None = None,
     progress: bool = True,
+    cache: str | Path | None = None,
 ) -> OLSSResult:
     """What ``stepsearch search olss`` does: fit on ``model`` (a bundled model or a local UNet
     directory) or, with ``pipeline``, on a local text-to-image pipeline with its ``prompts`` file
     (guidance default :data:`~stepsearch.models.pipeline.DEFAULT_GUIDANCE_SCALE`); the teacher is DPM-Solver++(3M) on ``teacher_steps`` logSNR steps, the
-    held-out seed ``seed + 1``; the files go to ``out``."""
+    held-out seed ``seed + 1``; the files go to ``out``; teachers are cached in ``cache``
+    (default :meth:`~stepsearch.cache.TensorCache.default`)."""
     teacher = TeacherSpec("dpm_solver_pp_3m", "logsnr_uniform", teacher_steps)
     common = dict(
         num_samples=samples, held_out_samples=held_out_samples, out=out, search=search,
         refit=refit, teacher=teacher, seed=seed, held_out_seed=seed + 1, progress=progress,
+        cache=TensorCache(cache) if cache is not None else None,
     )  # fmt: skip
     if pipeline is not None:
         if prompts is None:
@@ -563,5 +592,7 @@ def run_olss_job(
             torch_dtype=dtype,
         )  # fmt: skip
         return search_olss_pipeline(text_model, nfe, **common)  # type: ignore[arg-type]
-    source = load_source(model, device=device, guidance_scale=guidance_scale, dtype=dtype)
+    source = load_source(
+        model or "digits", device=device, guidance_scale=guidance_scale, dtype=dtype
+    )
     return search_olss(source, nfe, **common)  # type: ignore[arg-type]

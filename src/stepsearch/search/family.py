@@ -18,10 +18,12 @@ method (``uses_store = False``: AYS, the OLSS fit) that keeps its own checkpoint
 1. the study store (``out/study.sqlite3`` or ``storage``), opened before any expensive work;
 2. the starting points: the built-in spacings at the family's step count, scored on the search
    seed as trials (``job.baselines``; ``job.starts`` are the schedules);
-3. the held-out scores of the result and of the best starting point;
-4. the provenance (:class:`~stepsearch.schedule_file.Provenance`);
-5. the result files: ``best_schedule.json``, ``scheduler/``, ``result.json``, ``progress.png``
-   (:func:`~stepsearch.search.job.write_job_result`).
+3. the provenance (:class:`~stepsearch.schedule_file.Provenance`);
+4. the result itself, written as soon as it exists: ``best_schedule.json`` and ``scheduler/``
+   (:func:`~stepsearch.search.job.write_best_files`; held-out score ``null`` until step 5);
+5. the held-out scores of the result and of the best starting point (the result's files are
+   rewritten with its score), then ``result.json`` and ``progress.png``
+   (:func:`~stepsearch.search.job.write_job_summary`).
 
 The registry :data:`FAMILIES` maps names to families; :func:`register` adds one. A new family is a
 module implementing the protocol plus one ``register(MyFamily())`` line; ``stepsearch optimize``
@@ -49,7 +51,8 @@ from stepsearch.search.job import (
     resolve_storage,
     sortable,
     spacing_schedules,
-    write_job_result,
+    write_best_files,
+    write_job_summary,
 )
 from stepsearch.search.store import StudyStore
 from stepsearch.solvers import get_solver, solver_to_json
@@ -353,6 +356,22 @@ def run_search(
         store_url, trials = store.url, store.count()
     seconds.update(found.seconds)
     result_solver = found.solver or run_solver
+    study = {
+        "storage": run_relative(_redacted(store_url), out_path),
+        "name": name,
+        "trials": trials,
+    }
+
+    def result_file(held_out: Score | None) -> ScheduleFile:
+        provenance = objective.provenance(
+            result_solver, found.score, held_out, fam.name, found.settings,
+            extra={**found.extra, "study": study},
+        )  # fmt: skip
+        return ScheduleFile(found.result, provenance)
+
+    # the result first (a long held-out comparison must not keep it from the user), then scores
+    files = write_best_files(out_path, result_file(found.held_out), solver=result_solver)
+    begin = time.perf_counter()
     baselines = job.baselines
     start = min(baselines, key=lambda b: sortable(b.value)) if baselines else None
     held_out = found.held_out or objective.held_out(found.result, result_solver)
@@ -361,22 +380,10 @@ def run_search(
         held_out_values[f"start ({start.name})"] = objective.held_out(
             start.schedule, run_solver
         ).value
-    provenance = objective.provenance(
-        result_solver,
-        found.score,
-        held_out,
-        fam.name,
-        found.settings,
-        extra={
-            **found.extra,
-            "study": {
-                "storage": run_relative(_redacted(store_url), out_path),
-                "name": name,
-                "trials": trials,
-            },
-        },
-    )
-    schedule_file = ScheduleFile(found.result, provenance)
+    seconds["held_out"] = time.perf_counter() - begin
+    schedule_file = result_file(held_out)
+    if found.held_out is None:  # now with its held-out score
+        files = write_best_files(out_path, schedule_file, solver=result_solver)
     values = found.values if found.values is not None else job.values
     seconds["total"] = time.perf_counter() - began
     summary = {
@@ -404,11 +411,11 @@ def run_search(
         "values": list(values),
         "seconds": {key: round(value, 2) for key, value in seconds.items()},
     }
-    files = write_job_result(
+    files = write_job_summary(
         out_path,
         schedule_file,
         summary,
-        solver=result_solver,
+        files=files,
         values=values,
         baselines=baselines,
         marks=found.marks,
@@ -447,14 +454,16 @@ def run_job(
     guidance_scale: float | None = None,
     dtype: str | None = None,
     progress: bool = True,
+    seed: int = 0,
     **options: Any,
 ) -> SearchJob:
     """What ``stepsearch search <family>`` does: refuse an unsupported solver before the model
     loads, load ``model`` (a bundled model or a local UNet directory; or a text-to-image
     ``pipeline`` directory with ``prompts``, see :func:`~stepsearch.models.load_model`; its
     network in ``dtype``, default float32), build the objective
-    (``metric`` on ``num_samples`` search-seed / ``held_out_samples`` held-out samples, tensor
-    cache ``cache``) and :func:`run_search` (``options``: its keyword arguments)."""
+    (``metric`` on ``num_samples`` samples of noise seed ``seed`` / ``held_out_samples`` of
+    ``seed + 1``, tensor cache ``cache``) and :func:`run_search` (``seed`` also seeds the
+    search's own draws; ``options``: its other keyword arguments)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar says enough
@@ -474,7 +483,9 @@ def run_job(
         metric,
         num_samples=num_samples,
         held_out_samples=held_out_samples,
+        search_seed=int(seed),
+        held_out_seed=int(seed) + 1,
         cache=TensorCache(cache) if cache is not None else None,
         progress=progress,
     )
-    return run_search(fam, objective, run_solver, nfe, out, progress=progress, **options)
+    return run_search(fam, objective, run_solver, nfe, out, progress=progress, seed=seed, **options)

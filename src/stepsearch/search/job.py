@@ -4,11 +4,13 @@ A job (``stepsearch search <family> ... --out DIR``) writes into ``DIR``:
 
 - ``study.sqlite3``: the study store (unless ``--storage`` names another file or a database URL);
 - ``best_schedule.json``: the result as a :class:`~stepsearch.schedule_file.ScheduleFile` whose
-  provenance carries the search-seed and held-out scores;
+  provenance carries the search-seed and held-out scores (written as soon as the result exists,
+  with ``scores.held_out`` ``null``, and again once the held-out comparison is done);
 - ``scheduler/``: a diffusers scheduler directory replaying it
   (``StepsearchXScheduler.from_pretrained(DIR / "scheduler")``; for a solver plan a
   :class:`~stepsearch.integrations.plan_scheduler.StepsearchPlanScheduler`);
-- ``result.json``: a summary (best, starting point, baselines, held-out scores, trials, timings);
+- ``result.json``: a summary (best, starting point, baselines, held-out scores, trials, timings),
+  written last: its presence means the job is complete;
 - ``progress.png``: best score vs trials, and the schedule against the baselines.
 
 Searches call these helpers; the CLI modules only parse arguments.
@@ -26,9 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from stepsearch._io import atomic_write_bytes, atomic_write_dir, atomic_write_json, run_relative
-from stepsearch.integrations.diffusers import scheduler_for_solver
-from stepsearch.integrations.olss import StepsearchOLSSScheduler
+from stepsearch._io import atomic_write_bytes, atomic_write_json, run_relative
+from stepsearch._progress import PlainProgress, interactive
+from stepsearch.integrations.load import write_scheduler_dir
 from stepsearch.integrations.plan_scheduler import write_plan_scheduler_dir
 from stepsearch.noise import DiscreteVP, FlowMatching, NoiseSchedule
 from stepsearch.schedule import StepSchedule, make_schedule
@@ -45,7 +47,9 @@ __all__ = [
     "resolve_storage",
     "sortable",
     "spacing_schedules",
+    "write_best_files",
     "write_job_result",
+    "write_job_summary",
     "write_scheduler_dir",
 ]
 
@@ -98,7 +102,9 @@ class Baseline:
 
 
 class SearchProgress:
-    """A progress bar of a search: trials done out of the budget, best score so far."""
+    """A progress bar of a search: trials done out of the budget, best score so far. A rich bar
+    when stderr is a terminal; else a plain line at most every 10 s and one at the end
+    (:class:`~stepsearch._progress.PlainProgress`: a log shows progress while it goes)."""
 
     def __init__(self, budget: int, description: str, *, enabled: bool = True):
         self._budget = int(budget)
@@ -107,6 +113,7 @@ class SearchProgress:
         self.best = math.inf
         self._progress: Any = None
         self._task: Any = None
+        self._plain: PlainProgress | None = None
 
     @property
     def budget(self) -> int:
@@ -118,11 +125,21 @@ class SearchProgress:
         self._budget = int(value)
         if self._progress is not None:
             self._progress.update(self._task, total=self._budget)
+        if self._plain is not None:
+            self._plain.total = self._budget
 
     @contextmanager
     def running(self) -> Iterator[SearchProgress]:
         if not self.enabled:
             yield self
+            return
+        if not interactive():
+            self._plain = PlainProgress(total=self.budget, desc=self.description)
+            try:
+                yield self
+            finally:
+                self._plain.close()
+                self._plain = None
             return
         from rich.progress import (
             BarColumn,
@@ -154,26 +171,8 @@ class SearchProgress:
         self.best = min(self.best, best)
         if self._progress is not None:
             self._progress.update(self._task, completed=done, best=f"{self.best:.5g}")
-
-
-def write_scheduler_dir(
-    path: str | os.PathLike[str], schedule: StepSchedule, solver: Solver, **config: Any
-) -> Path | None:
-    """A diffusers scheduler directory replaying ``schedule`` with ``solver`` (its drop-in class's
-    ``from_step_schedule(...).save_pretrained``), written at once
-    (:func:`~stepsearch._io.atomic_write_dir`: a reader sees the previous complete folder or the
-    new one); ``None`` when the noise schedule has no diffusers form (EDM, continuous VP)."""
-    if solver.name == "olss":  # a fitted OLSS solver: its own scheduler class
-        olss = StepsearchOLSSScheduler.from_fit(solver, config)
-        return atomic_write_dir(path, olss.save_pretrained)
-    if not isinstance(schedule.noise, (DiscreteVP, FlowMatching)):
-        return None
-    scheduler_class = scheduler_for_solver(solver.name)
-    solver_kwargs = {k: v for k, v in solver.config().items() if k != "name"}
-    if solver_kwargs:
-        config.setdefault("solver_kwargs", solver_kwargs)
-    scheduler = scheduler_class.from_step_schedule(schedule, **config)
-    return atomic_write_dir(path, scheduler.save_pretrained)
+        if self._plain is not None:
+            self._plain.set_completed(done, f"best {self.best:.5g}")
 
 
 def plot_search(
@@ -242,19 +241,11 @@ def _plot_schedule(axes: Any, schedule: StepSchedule, label: str, color: str, **
               color=color, **style)  # fmt: skip
 
 
-def write_job_result(
-    out: Path,
-    schedule_file: ScheduleFile,
-    summary: Mapping[str, Any],
-    *,
-    solver: Solver,
-    values: Sequence[float],
-    baselines: Sequence[Baseline],
-    title: str,
-    marks: Mapping[str, Sequence[int]] | None = None,
-) -> dict[str, str]:
-    """Write a job's result files into ``out`` (module docstring; ``solver`` runs the result);
-    returns their paths by role."""
+def write_best_files(out: Path, schedule_file: ScheduleFile, *, solver: Solver) -> dict[str, str]:
+    """Write a job's result itself into ``out``: ``best_schedule.json`` and ``scheduler/`` (when
+    the noise schedule has a diffusers form; ``solver`` runs the result). Called as soon as the
+    result exists, before the held-out comparison (which can take far longer than the search);
+    returns the paths by role (``schedule``, ``scheduler``)."""
     schedule_path = out / "best_schedule.json"
     schedule_file.save(schedule_path)
     paths = {"schedule": str(schedule_path)}
@@ -275,6 +266,23 @@ def write_job_result(
         )
     if scheduler_dir is not None:
         paths["scheduler"] = str(scheduler_dir)
+    return paths
+
+
+def write_job_summary(
+    out: Path,
+    schedule_file: ScheduleFile,
+    summary: Mapping[str, Any],
+    *,
+    files: Mapping[str, str],
+    values: Sequence[float],
+    baselines: Sequence[Baseline],
+    title: str,
+    marks: Mapping[str, Sequence[int]] | None = None,
+) -> dict[str, str]:
+    """Write ``progress.png`` and ``result.json`` (``summary`` plus the run-relative ``files``
+    and these two) into ``out``; returns every path by role."""
+    paths = dict(files)
     paths["plot"] = str(
         plot_search(
             out / "progress.png",
@@ -290,3 +298,24 @@ def write_job_result(
     relative = {role: run_relative(path, out) for role, path in paths.items()}
     atomic_write_json(out / "result.json", {**summary, "files": relative})
     return paths
+
+
+def write_job_result(
+    out: Path,
+    schedule_file: ScheduleFile,
+    summary: Mapping[str, Any],
+    *,
+    solver: Solver,
+    values: Sequence[float],
+    baselines: Sequence[Baseline],
+    title: str,
+    marks: Mapping[str, Sequence[int]] | None = None,
+) -> dict[str, str]:
+    """Write all of a job's result files into ``out`` (module docstring; ``solver`` runs the
+    result): :func:`write_best_files` then :func:`write_job_summary`; returns their paths by
+    role."""
+    files = write_best_files(out, schedule_file, solver=solver)
+    return write_job_summary(
+        out, schedule_file, summary, files=files, values=values, baselines=baselines,
+        title=title, marks=marks,
+    )  # fmt: skip

@@ -86,12 +86,12 @@ class AYSFamily(FamilyBase):
             config=job.settings,
             checkpoint=job.out / "ays.ckpt.json",
             on_progress=on_progress,
+            held_out=False,  # the runner scores it after writing it
         )
         return Found(
             result.schedule,
             result.runs[result.chosen].score,
             dict(result.schedule_file.provenance.search["settings"]),
-            held_out=result.held_out,
             summary={
                 "chosen": result.chosen,
                 "klub_evaluations": result.klub_evaluations,

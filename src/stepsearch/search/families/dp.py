@@ -174,10 +174,10 @@ def _dp_candidates(
 ) -> list[tuple[float, str, DynamicResult]]:
     """One DP schedule per (coefficient, reduction); the first call also computes (and caches) the
     solver's step coefficients on the grid, which takes the longest."""
-    from tqdm.auto import tqdm
+    from stepsearch._progress import progress_bar
 
     combos = [(c, r) for c in settings.coeffs for r in settings.reductions]
-    bar = tqdm(total=len(combos), desc="DP schedules", disable=not progress)
+    bar = progress_bar(total=len(combos), desc="DP schedules", disable=not progress)
     out = []
     for coeff, reduction in combos:
         result = dynamic_schedule(

@@ -89,15 +89,15 @@ class OLSSFamily(FamilyBase):
             chunk_size=objective.chunk_size,
             progress=job.progress,
             objective=objective,
+            held_out=False,  # the runner scores it after writing it
         )
-        search_score, held_out = result.search_score, result.held_out_score
-        assert search_score is not None and held_out is not None
+        search_score = result.search_score
+        assert search_score is not None
         return Found(
             result.fit.schedule,
             search_score,
             dict(result.provenance.search["settings"]),
             solver=result.solver,
-            held_out=held_out,
             summary={"fit": result.fit.describe()},
             extra={"fit": result.fit.describe()},
             values=list(job.values),

@@ -11,8 +11,7 @@ from typing import Any
 from torch import Tensor
 
 from stepsearch._io import atomic_write_dir
-from stepsearch.integrations import diffusers as drop_in
-from stepsearch.integrations import olss, plan_scheduler
+from stepsearch.integrations.load import load_scheduler
 from stepsearch.integrations.plan_scheduler import write_plan_scheduler_dir
 from stepsearch.models import ImageModel, Method, PipelineModel, default_methods
 from stepsearch.models.source import SampleSource, generate_from_source
@@ -116,15 +115,9 @@ def _write_diffusers_scheduler(candidate: Candidate, model: Model, path: Path) -
 
 def load_scheduler_dir(path: str | Path) -> Any:
     """The scheduler of a directory written by :func:`optimize` (or any diffusers scheduler
-    directory): its ``_class_name`` looked up among stepsearch's drop-in classes, then diffusers'."""
-    import diffusers
-
-    name = json.loads((Path(path) / "scheduler_config.json").read_text())["_class_name"]
-    for module in (drop_in, olss, plan_scheduler, diffusers):
-        found = getattr(module, name, None)
-        if found is not None and hasattr(found, "from_pretrained"):
-            return found.from_pretrained(path)
-    raise ValueError(f"{path}: unknown scheduler class {name!r}")
+    directory): :func:`stepsearch.integrations.load.load_scheduler` (its ``_class_name`` looked
+    up among stepsearch's scheduler classes, then diffusers')."""
+    return load_scheduler(path)
 
 
 def _baselines(run: _Run, nfe: int) -> list[Candidate]:
