@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from stepsearch.cache import TensorCache
 from stepsearch.eval.trajectory import per_sample_rms_error
@@ -35,8 +34,7 @@ CHEAP = (TeacherSpec("dpm_solver_pp_3m", "logsnr_uniform", 20),
 
 
 @pytest.fixture(scope="module")
-def digits():  # type: ignore[no-untyped-def]
-    torch.set_num_threads(1)
+def digits(_one_thread):  # type: ignore[no-untyped-def]
     return load_model("digits")
 
 

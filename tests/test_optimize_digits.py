@@ -9,6 +9,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 from safetensors import safe_open
 
 from stepsearch.cache import TensorCache
@@ -39,6 +40,7 @@ REPLAY = textwrap.dedent(
     from stepsearch.testbeds import digits
 
     folder, role, directory, steps = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    torch.set_num_threads(int(sys.argv[5]))  # the parent's count: bitwise equality needs one order
     name = json.load(open(f"{directory}/scheduler_config.json"))["_class_name"]
     cls = next(getattr(m, name) for m in (drop_in, olss, diffusers) if hasattr(m, name))
     scheduler = cls.from_pretrained(directory)
@@ -80,7 +82,7 @@ def test_scheduler_dirs_reproduce_the_report_samples_in_a_fresh_pipeline(tmp_pat
     for role, directory in (("winner", "scheduler"), ("baseline", "baseline_scheduler")):
         done = subprocess.run(
             [sys.executable, str(script), str(folder), role, str(folder / directory),
-             metadata[f"steps_{role}"]],
+             metadata[f"steps_{role}"], str(torch.get_num_threads())],
             capture_output=True, text=True, timeout=300,
         )  # fmt: skip
         assert done.returncode == 0, done.stdout + done.stderr

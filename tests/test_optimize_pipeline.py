@@ -166,7 +166,7 @@ def test_schedule_file_names_the_pipeline_guidance_and_prompts(finished, saved):
     assert fingerprint["conditioning"]["prompts"] == prompts
     if entry["winner_family"] == "diffusers":
         pytest.skip("a diffusers winner has no schedule file")
-    schedule_file = ScheduleFile.load(entry["files"]["schedule"])
+    schedule_file = ScheduleFile.load(out / entry["files"]["schedule"])  # run-relative
     provenance = schedule_file.provenance
     assert provenance.model["digest"] == digest
     assert provenance.guidance_scale == GUIDANCE
@@ -183,7 +183,7 @@ def test_report_samples_equal_the_source_samples_of_the_winner(finished, saved):
     entry = report["per_nfe"][str(NFE)]
     if entry["winner_family"] == "diffusers":
         pytest.skip("a diffusers winner has no stepsearch solver")
-    schedule_file = ScheduleFile.load(entry["files"]["schedule"])
+    schedule_file = ScheduleFile.load(out / entry["files"]["schedule"])  # run-relative
     solver = solver_from_json(dict(schedule_file.provenance.solver))
     model = PipelineModel(load_pipeline(saved["pipeline"]), PROMPTS, GUIDANCE)
     grid = load_file(str(out / f"nfe-{NFE}" / "samples.safetensors"))["winner"]
