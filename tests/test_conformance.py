@@ -258,6 +258,7 @@ def test_every_trained_step_is_a_valid_request(cls, spacing):
 
 
 FLOW = {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}
+FLOW_KARRAS = {"prediction_type": "flow_prediction", "timestep_spacing": "karras"}
 
 
 # 4. flow + Karras ----------------------------------------------------------------------------
@@ -270,11 +271,39 @@ def test_flow_karras_is_karras_in_flow_time(num_steps, x_T):
     assert np.allclose(ours.sigmas.numpy(), twin.sigmas.numpy(), atol=1e-6)
     assert np.all(np.diff(ours.sigmas.numpy()) < 0)
     assert error(got, want) < TOLERANCE
+    # stepsearch's own Karras spacing on a flow model: Karras in flow time, sigma_min / max kept
     dpm_flow = StepsearchDPMSolverMultistepScheduler(
-        use_flow_sigmas=True, flow_shift=3.0, use_karras_sigmas=True, sigma_min=0.05, sigma_max=0.9
-    )
+        prediction_type="flow_prediction", timestep_spacing="karras", flow_shift=3.0,
+        sigma_min=0.05, sigma_max=0.9,
+    )  # fmt: skip
     dpm_flow.set_timesteps(5)
     assert dpm_flow.sigmas[0] == pytest.approx(0.9) and dpm_flow.sigmas[-2] == pytest.approx(0.05)
+    # ... and its saved config (use_flow_sigmas and use_karras_sigmas both derived) loads again
+    again = StepsearchDPMSolverMultistepScheduler.from_config(dpm_flow.config)
+    again.set_timesteps(5)
+    assert torch.equal(again.sigmas, dpm_flow.sigmas)
+
+
+@pytest.mark.parametrize(
+    "cls", [StepsearchUniPCMultistepScheduler, StepsearchDPMSolverMultistepScheduler]
+)
+@pytest.mark.parametrize(
+    "key", ["use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas"]
+)
+def test_flow_sigmas_with_a_sigma_spacing_switch_is_refused_naming_both(cls, key):
+    """diffusers' DPM-Solver / UniPC test the spacing switch before use_flow_sigmas and space
+    the VP schedule's sigmas (DPM-Solver steps a flow model from sigma 157): refused, naming both
+    options and both ranges, at construction and through from_config of the diffusers twin's config."""
+    twin_class = getattr(diffusers, diffusers_keys.TWINS[cls.__name__])
+    if key not in diffusers_keys.twin_parameters(twin_class.__name__):
+        pytest.skip(f"{twin_class.__name__} has no {key}")
+    twin = twin_class(use_flow_sigmas=True, prediction_type="flow_prediction", **{key: True})
+    for make in (lambda: cls(**FLOW, **{key: True}), lambda: cls.from_config(twin.config)):
+        with pytest.raises(ValueError) as raised:
+            make()
+        message = str(raised.value)
+        assert f"{key}=True with use_flow_sigmas=True" in message
+        assert "range [0.0100005, 157.407]" in message and "range [1e-06, 1]" in message
 
 
 @pytest.mark.parametrize(
@@ -285,10 +314,11 @@ def test_flow_karras_is_karras_in_flow_time(num_steps, x_T):
         (StepsearchEulerDiscreteScheduler, {"sigma_max": 200.0}, "sigma_max=200"),
         (StepsearchEulerDiscreteScheduler, {"sigma_min": 1e-4}, "sigma_min=0.0001"),
         (StepsearchHeunDiscreteScheduler, {"sigma_max": 1000.0}, "sigma_max=1000"),
-        # flow matching: sigma_max above t = 1, sigma_min at 0 (out-of-range times before)
-        (StepsearchUniPCMultistepScheduler, {**FLOW, "sigma_max": 2.0}, "sigma_max=2"),
-        (StepsearchDPMSolverMultistepScheduler, {**FLOW, "sigma_min": 0.0}, "sigma_min=0"),
-        (StepsearchUniPCMultistepScheduler, {**FLOW, "sigma_min": 0.9, "sigma_max": 0.5},
+        # flow matching (Karras in flow time, stepsearch's spacing): sigma_max above t = 1,
+        # sigma_min at 0 (out-of-range times before)
+        (StepsearchUniPCMultistepScheduler, {**FLOW_KARRAS, "sigma_max": 2.0}, "sigma_max=2"),
+        (StepsearchDPMSolverMultistepScheduler, {**FLOW_KARRAS, "sigma_min": 0.0}, "sigma_min=0"),
+        (StepsearchUniPCMultistepScheduler, {**FLOW_KARRAS, "sigma_min": 0.9, "sigma_max": 0.5},
          "sigma_min=0.9 must lie below sigma_max=0.5"),
     ],
 )  # fmt: skip
@@ -296,7 +326,7 @@ def test_flow_karras_is_karras_in_flow_time(num_steps, x_T):
 def test_karras_range_outside_the_model_is_refused_naming_the_option(
     cls, options, named, num_steps
 ):
-    scheduler = cls(use_karras_sigmas=True, **options)
+    scheduler = cls(**({"use_karras_sigmas": True} | options))
     with pytest.raises(ValueError) as raised:
         scheduler.set_timesteps(num_steps)
     message = str(raised.value)

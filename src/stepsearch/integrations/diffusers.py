@@ -233,6 +233,47 @@ def _spacing_from_diffusers(config: Mapping[str, Any]) -> str | None:
     return chosen[0] if chosen else None
 
 
+_SIGMA_SPACING_KEYS: dict[str, str] = {
+    "use_karras_sigmas": "karras",
+    "use_exponential_sigmas": "logsnr_uniform",
+    "use_lu_lambdas": "logsnr_uniform",
+    "use_beta_sigmas": "beta",
+}
+"""diffusers' sigma-spacing switches and the stepsearch spacing each one names."""
+
+
+def _refuse_flow_with_sigma_spacing(
+    where: str,
+    options: Mapping[str, Any],
+    timestep_spacing: str | None,
+    flow: FlowMatching,
+    vp: NoiseSchedule,
+) -> None:
+    """``use_flow_sigmas`` together with ``use_karras_sigmas`` (or the exponential / beta / Lu
+    switch) is a ``ValueError`` naming both options and both ranges. diffusers' DPM-Solver and
+    UniPC schedulers test the spacing switch first and space the sigmas of the *VP* schedule
+    their betas define, which a flow model never saw (DPM-Solver then steps a flow model from
+    sigma 157); no stepsearch behaviour can match that, so it is refused rather than differ
+    silently. Karras spacing in flow time stays available as stepsearch's own
+    ``timestep_spacing="karras"`` (what a stepsearch config saved with it names, so it loads)
+    and as diffusers' own rule in ``StepsearchFlowMatchEulerDiscreteScheduler``."""
+    if not options.get("use_flow_sigmas"):
+        return
+    for key, spacing in _SIGMA_SPACING_KEYS.items():
+        if not options.get(key) or timestep_spacing == spacing:
+            continue
+        low = float(vp.kdiffusion_sigma(vp.t_min))
+        high = float(vp.kdiffusion_sigma(vp.t_max))
+        raise ValueError(
+            f"{where}: {key}=True with use_flow_sigmas=True: diffusers' multistep schedulers "
+            f"space the sigmas of the VP schedule their betas define (k-diffusion sigma range "
+            f"[{low:.6g}, {high:.6g}]), not the flow model's time range "
+            f"[{flow.t_min:.6g}, {flow.t_max:.6g}], so the flow model would be stepped at noise "
+            f"levels it never saw; set one of the two options, or for {spacing} spacing in flow "
+            f"time pass timestep_spacing={spacing!r} (stepsearch's spacing) instead of {key}"
+        )
+
+
 def _diffusers_class_name(config: Mapping[str, Any]) -> str | None:
     """The diffusers scheduler a config came from: ``_class_name`` when saved to disk, else
     guessed from keys only that class has (in-memory ``scheduler.config`` lacks the name)."""
@@ -377,6 +418,7 @@ class StepsearchScheduler(SchedulerMixin, ConfigMixin):
             type(self).__name__,
         )
         translated = self._translate(diffusers_options, class_name)
+        given_spacing = timestep_spacing
         solver = solver or translated.get("solver") or self._default_solver
         timestep_spacing = (
             timestep_spacing or translated.get("timestep_spacing") or self._default_spacing
@@ -396,6 +438,14 @@ class StepsearchScheduler(SchedulerMixin, ConfigMixin):
             prediction_type, num_train_timesteps, beta_start, beta_end, beta_schedule,
             trained_betas, rescale_betas_zero_snr, shift,
         )  # fmt: skip
+        if isinstance(self._noise, FlowMatching):
+            vp = self._noise_from_config(
+                "epsilon", num_train_timesteps, beta_start, beta_end, beta_schedule,
+                trained_betas, rescale_betas_zero_snr, shift,
+            )  # fmt: skip
+            _refuse_flow_with_sigma_spacing(
+                type(self).__name__, diffusers_options, given_spacing, self._noise, vp
+            )
         if custom_times is not None:
             custom_times = _checked_custom_times(custom_times)
             try:
