@@ -13,7 +13,7 @@ from stepsearch.cli.optimize import print_forecast, print_summary
 from stepsearch.search.optimize import DEMO_BUDGET_EVALS, demo_settings, optimize
 from stepsearch.search.optimize.forecast import forecast
 
-DEMO_NFES = [4, 6, 8]
+DEMO_NFES = [4, 5, 6]
 DEMO_METHODS = ["dp", "olss", "autodiffusion", "s3"]
 
 
@@ -36,7 +36,7 @@ def demo_command(
     device: options.Device = "cpu",
 ) -> None:
     """The main job on the bundled digits model at a small work budget: DP, OLSS, AutoDiffusion
-    and S³ searches against diffusers' and stepsearch's built-in samplers at NFE 4, 6 and 8, judged
+    and S³ searches against diffusers' and stepsearch's built-in samplers at NFE 4, 5 and 6, judged
     on noise the searches never saw. The work is fixed (the same table on a fast and a slow
     machine); --budget-minutes only bounds it. Rerun to reuse the results."""
     if dry_run:

@@ -194,15 +194,15 @@ def pipeline_settings() -> OptimizeSettings:
     )
 
 
-DEMO_BUDGET_EVALS = 60_000
+DEMO_BUDGET_EVALS = 30_000
 """The demo's work budget (model sample-evaluations of its AutoDiffusion and S³ stages: 10,000 a
-stage, 33 / 20 / 13 trials at NFE 4 / 6 / 8 on 64 samples), the same on any machine."""
+stage, 13 / 9 / 7 trials at NFE 4 / 5 / 6 on 64 samples), the same on any machine."""
 
 
 def demo_settings() -> OptimizeSettings:
     """Small settings for ``stepsearch demo`` (its work is fixed: ``stepsearch optimize --dry-run``
-    lists ~280k model evaluations with :data:`DEMO_BUDGET_EVALS`): 64 search samples, 192 for
-    selection and report, three built-in spacings, one solver per family, a 40-point DP grid (its
+    lists ~200k model evaluations with :data:`DEMO_BUDGET_EVALS`): 64 search samples, 192 for
+    selection and report, two built-in spacings, one solver per family, a 40-point DP grid (its
     solver coefficients are the DP's fixed cost: ~10k instead of ~160k on 100 points), a small
     AutoDiffusion population, smaller S³ stages."""
     return OptimizeSettings(
@@ -212,7 +212,7 @@ def demo_settings() -> OptimizeSettings:
         dp_solvers=("dpm_solver_pp_2m",),
         autodiffusion_solvers=("unipc_bh2",),
         baseline_solvers=("dpm_solver_pp_2m", "unipc_bh2"),
-        spacings=("logsnr_uniform", "karras", "trailing"),
+        spacings=("logsnr_uniform", "karras"),
         dp=DPSettings(grid_points=40, teacher_samples=128, coeffs=(GITS_COEFF,)),
         olss_samples=64,
         autodiffusion=AutoDiffusionSettings(population=16, mutations=8, crossovers=4, parents=4),
