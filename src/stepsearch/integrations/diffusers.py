@@ -214,17 +214,17 @@ def _final_from_diffusers(config: Mapping[str, Any], final_key: str | None = Non
     return None
 
 
+_SIGMA_SPACING_KEYS: dict[str, str] = {
+    "use_karras_sigmas": "karras",
+    "use_exponential_sigmas": "logsnr_uniform",  # uniform in log k-diffusion sigma
+    "use_lu_lambdas": "logsnr_uniform",
+    "use_beta_sigmas": "beta",
+}
+"""diffusers' sigma-spacing switches and the stepsearch spacing each one names."""
+
+
 def _spacing_from_diffusers(config: Mapping[str, Any]) -> str | None:
-    chosen = [
-        name
-        for key, name in (
-            ("use_karras_sigmas", "karras"),
-            ("use_exponential_sigmas", "logsnr_uniform"),  # uniform in log k-diffusion sigma
-            ("use_lu_lambdas", "logsnr_uniform"),
-            ("use_beta_sigmas", "beta"),
-        )
-        if config.get(key)
-    ]
+    chosen = [name for key, name in _SIGMA_SPACING_KEYS.items() if config.get(key)]
     if len(chosen) > 1:
         raise ValueError(
             "only one of use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas, "
@@ -233,21 +233,12 @@ def _spacing_from_diffusers(config: Mapping[str, Any]) -> str | None:
     return chosen[0] if chosen else None
 
 
-_SIGMA_SPACING_KEYS: dict[str, str] = {
-    "use_karras_sigmas": "karras",
-    "use_exponential_sigmas": "logsnr_uniform",
-    "use_lu_lambdas": "logsnr_uniform",
-    "use_beta_sigmas": "beta",
-}
-"""diffusers' sigma-spacing switches and the stepsearch spacing each one names."""
-
-
 def _refuse_flow_with_sigma_spacing(
     where: str,
     options: Mapping[str, Any],
     timestep_spacing: str | None,
     flow: FlowMatching,
-    vp: NoiseSchedule,
+    vp: Callable[[], NoiseSchedule],
 ) -> None:
     """``use_flow_sigmas`` together with ``use_karras_sigmas`` (or the exponential / beta / Lu
     switch) is a ``ValueError`` naming both options and both ranges. diffusers' DPM-Solver and
@@ -262,8 +253,9 @@ def _refuse_flow_with_sigma_spacing(
     for key, spacing in _SIGMA_SPACING_KEYS.items():
         if not options.get(key) or timestep_spacing == spacing:
             continue
-        low = float(vp.kdiffusion_sigma(vp.t_min))
-        high = float(vp.kdiffusion_sigma(vp.t_max))
+        betas = vp()  # built only to name its range
+        low = float(betas.kdiffusion_sigma(betas.t_min))
+        high = float(betas.kdiffusion_sigma(betas.t_max))
         raise ValueError(
             f"{where}: {key}=True with use_flow_sigmas=True: diffusers' multistep schedulers "
             f"space the sigmas of the VP schedule their betas define (k-diffusion sigma range "
@@ -439,13 +431,13 @@ class StepsearchScheduler(SchedulerMixin, ConfigMixin):
             trained_betas, rescale_betas_zero_snr, shift,
         )  # fmt: skip
         if isinstance(self._noise, FlowMatching):
-            vp = self._noise_from_config(
-                "epsilon", num_train_timesteps, beta_start, beta_end, beta_schedule,
-                trained_betas, rescale_betas_zero_snr, shift,
-            )  # fmt: skip
             _refuse_flow_with_sigma_spacing(
-                type(self).__name__, diffusers_options, given_spacing, self._noise, vp
-            )
+                type(self).__name__, diffusers_options, given_spacing, self._noise,
+                lambda: self._noise_from_config(
+                    "epsilon", num_train_timesteps, beta_start, beta_end, beta_schedule,
+                    trained_betas, rescale_betas_zero_snr, shift,
+                ),
+            )  # fmt: skip
         if custom_times is not None:
             custom_times = _checked_custom_times(custom_times)
             try:

@@ -195,7 +195,7 @@ def pipeline_settings() -> OptimizeSettings:
 
 
 DEMO_BUDGET_EVALS = 30_000
-"""The demo's work budget (model sample-evaluations of its AutoDiffusion and S³ stages: 10,000 a
+"""The demo's work budget (model sample-evaluations of its AutoDiffusion and S³ stages: 5,000 a
 stage, 13 / 9 / 7 trials at NFE 4 / 5 / 6 on 64 samples), the same on any machine."""
 
 
