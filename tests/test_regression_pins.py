@@ -1,14 +1,16 @@
-"""Regression pins written *before* the architecture move (issue 20): DP, OLSS and AYS at fixed
-settings must give bitwise the same schedules and coefficients after any refactor.
+"""Regression pins first written *before* the architecture move (issue 20): DP, OLSS and AYS at
+fixed settings must give the same schedules and coefficients after any refactor.
 
 These are golden values beside the real tests (which check the searches against exact beds); they
-only say "nothing moved". ``python tests/test_regression_pins.py --write`` rewrites the pins; do so
-only for a change that is *meant* to change results, and say so in the commit message.
+only say "nothing moved". They were SHA-256 digests (bitwise) until a CI machine with another CPU
+fitted OLSS coefficients that differed in the last bits (LAPACK kernels differ between CPUs): the
+pins are now the values themselves, compared to a relative 1e-6 (a real change moves them by far
+more). ``python tests/test_regression_pins.py --write`` rewrites the pins; do so only for a change
+that is *meant* to change results, and say so in the commit message.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -20,13 +22,18 @@ import torch
 PINS = Path(__file__).parent / "data" / "regression_pins.json"
 
 
-def _digest(*arrays: object) -> str:
-    hasher = hashlib.sha256()
+RTOL, ATOL = 1e-6, 1e-9
+"""How close a result must come to its pin (float64 values: another CPU's BLAS / LAPACK kernels
+move the last bits, a real change far more)."""
+
+
+def _pinned(*arrays: object) -> list[dict[str, list]]:
+    """The arrays as pinned: shape and float64 values (flattened)."""
+    pinned = []
     for array in arrays:
-        value = np.ascontiguousarray(np.asarray(array, dtype=np.float64))
-        hasher.update(str(value.shape).encode())
-        hasher.update(value.tobytes())
-    return hasher.hexdigest()
+        value = np.asarray(array, dtype=np.float64)
+        pinned.append({"shape": list(value.shape), "values": [float(v) for v in value.ravel()]})
+    return pinned
 
 
 def _mixture_source():
@@ -65,7 +72,7 @@ def pin_dp(tmp_path) -> dict[str, str]:
     for solver in ("ddim", "dpm_solver_pp_2m", "unipc_bh2"):
         for nfe in (4, 6):
             result = dynamic_schedule(teacher, solver, nfe)
-            out[f"{solver}/{nfe}"] = _digest(result.schedule.times, result.path)
+            out[f"{solver}/{nfe}"] = _pinned(result.schedule.times, result.path)
     return out
 
 
@@ -79,7 +86,7 @@ def pin_olss(tmp_path) -> dict[str, str]:
                              held_out_seed=1, fd=False, baselines=("ddim",),
                              spacings=("trailing",), cache=_cache(tmp_path))  # fmt: skip
         coefficients = result.fit.coefficients
-        out[f"olss/{nfe}"] = _digest(
+        out[f"olss/{nfe}"] = _pinned(
             coefficients.schedule.times, coefficients.matrix()
         )
     return out
@@ -98,7 +105,7 @@ def pin_ays(tmp_path) -> dict[str, str]:
         objective = Objective(source, "traj", num_samples=32, cache=_cache(tmp_path))
         config = AYSConfig(strategy="direct", num_samples=16, max_sweeps=2, seed=4)
         result = search_ays(source, solver, nfe, objective=objective, config=config)
-        out[f"ays/{solver}/{nfe}"] = _digest(result.schedule.times)
+        out[f"ays/{solver}/{nfe}"] = _pinned(result.schedule.times)
     return out
 
 
@@ -123,8 +130,8 @@ def pin_digits(tmp_path) -> dict[str, str]:
                        cache=_cache(tmp_path))  # fmt: skip
     coefficients = olss.fit.coefficients
     return {
-        "dp/unipc_bh2/5": _digest(result.schedule.times, result.path),
-        "olss/4": _digest(coefficients.schedule.times, coefficients.matrix()),
+        "dp/unipc_bh2/5": _pinned(result.schedule.times, result.path),
+        "olss/4": _pinned(coefficients.schedule.times, coefficients.matrix()),
     }
 
 
@@ -135,9 +142,16 @@ pytestmark = pytest.mark.usefixtures("_one_thread")
 
 
 @pytest.mark.parametrize("family", sorted(PINNERS))
-def test_results_are_bitwise_those_pinned_before_the_move(family, tmp_path):
+def test_results_are_those_pinned_before_the_move(family, tmp_path):
     pinned = json.loads(PINS.read_text())[family]
-    assert PINNERS[family](tmp_path) == pinned
+    results = PINNERS[family](tmp_path)
+    assert sorted(results) == sorted(pinned)
+    for key, arrays in results.items():
+        assert len(arrays) == len(pinned[key]), key
+        for got, want in zip(arrays, pinned[key]):
+            assert got["shape"] == want["shape"], key
+            np.testing.assert_allclose(got["values"], want["values"], rtol=RTOL, atol=ATOL,
+                                       err_msg=key)  # fmt: skip
 
 
 if __name__ == "__main__" and "--write" in sys.argv:
