@@ -32,6 +32,17 @@ def test_plain_lines_at_most_every_interval_and_one_at_the_end():
     assert len(stream.getvalue().splitlines()) == 3
 
 
+def test_the_line_at_the_end_is_not_a_repeat_of_the_last_periodic_line():
+    clock, stream = Clock(), io.StringIO()
+    bar = PlainProgress(total=20, desc="held-out", interval=10.0, stream=stream, clock=clock)
+    for second in range(20):  # the 20th update lands on a periodic line
+        clock.now = 100.0 + second + 1
+        bar.update()
+    clock.now += 0.5
+    bar.close()
+    assert stream.getvalue().splitlines() == ["held-out: 10/20 [0:10]", "held-out: 20/20 [0:20]"]
+
+
 def test_disabled_prints_nothing_and_iteration_counts():
     stream = io.StringIO()
     assert list(PlainProgress(range(3), desc="x", disable=True, stream=stream)) == [0, 1, 2]
@@ -50,8 +61,7 @@ def test_bars_are_plain_when_stderr_is_not_a_terminal(capsys, monkeypatch):
     bar.close()
     assert capsys.readouterr().err.splitlines() == [
         "DP coefficient table: 0/2 [0:00]",
-        "DP coefficient table: 1/2 [0:00]",
-        "DP coefficient table: 1/2 [0:00]",  # the line at the end
+        "DP coefficient table: 1/2 [0:00]",  # not again at the end: it said it already
     ]
     search = SearchProgress(5, "AutoDiffusion unipc_bh2 NFE 5")
     with search.running():

@@ -70,6 +70,7 @@ class PlainProgress:
         self._clock = clock
         self._began = clock()
         self._printed = self._began
+        self._printed_state: tuple[str, int, str] | None = None
         self._closed = False
 
     def __iter__(self) -> Iterator[Any]:
@@ -108,11 +109,11 @@ class PlainProgress:
         self._maybe_print()
 
     def close(self) -> None:
-        """The last line (once)."""
+        """The last line (once; not again when the last periodic line already said it)."""
         if self._closed:
             return
         self._closed = True
-        if not self.disable:
+        if not self.disable and self._printed_state != self._state():
             self._print()
 
     def line(self) -> str:
@@ -126,8 +127,12 @@ class PlainProgress:
         if not self.disable and self._clock() - self._printed >= self.interval:
             self._print()
 
+    def _state(self) -> tuple[str, int, str]:
+        return (self.desc, self.n, self.postfix)
+
     def _print(self) -> None:
         self._printed = self._clock()
+        self._printed_state = self._state()
         stream = sys.stderr if self._stream is None else self._stream
         print(self.line(), file=stream, flush=True)
 

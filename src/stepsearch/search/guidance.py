@@ -39,6 +39,7 @@ import numpy as np
 from torch import Tensor
 
 from stepsearch._io import atomic_write_json
+from stepsearch._progress import progress_bar
 from stepsearch.eval.experiment import class_accuracy
 from stepsearch.eval.scoring import FeatureReference, distance_scores
 from stepsearch.guidance import GuidanceSchedule, noise_range, unet_passes
@@ -423,9 +424,8 @@ def search_guidance(
                 skip_if_exists=True,
             )
     done = len(_finished(study))
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=settings.trials, initial=done, desc="guidance search", disable=not progress)
+    bar = progress_bar(total=settings.trials, desc="guidance search", disable=not progress)
+    bar.update(done)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Optuna's experimental-feature notes
         while done < settings.trials:
