@@ -111,7 +111,9 @@ def _comparable(report: Any) -> Any:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nfe", type=int, nargs="+", default=[4, 5, 6])
-    parser.add_argument("--budget-evals", type=int, default=60_000)
+    # AutoDiffusion and S³ split it over 6 stages; each needs its 6 starts and a trial of
+    # 256 samples x NFE 6 at the default sample count: 6 x 64,512 = 387,072 at least
+    parser.add_argument("--budget-evals", type=int, default=400_000)
     parser.add_argument("--postgres", metavar="URL", help="a PostgreSQL server (its database URL)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path, default=RESULTS / "optimize_workers")
