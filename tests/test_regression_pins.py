@@ -148,7 +148,7 @@ def test_results_are_those_pinned_before_the_move(family, tmp_path):
     assert sorted(results) == sorted(pinned)
     for key, arrays in results.items():
         assert len(arrays) == len(pinned[key]), key
-        for got, want in zip(arrays, pinned[key]):
+        for got, want in zip(arrays, pinned[key], strict=True):
             assert got["shape"] == want["shape"], key
             np.testing.assert_allclose(got["values"], want["values"], rtol=RTOL, atol=ATOL,
                                        err_msg=key)  # fmt: skip
