@@ -30,6 +30,7 @@ from stepsearch.search.guidance import (
     GuidanceTrial,
     pareto_front,
     search_guidance,
+    selection_pool,
     steps_for_budget,
 )
 from stepsearch.solvers import get_solver
@@ -96,6 +97,29 @@ def test_pareto_front_is_the_non_dominated_set():
     assert [t.score.fd for t in front] == sorted(t.score.fd for t in front)
 
 
+def test_selection_pool_is_the_constants_and_whole_non_dominated_layers():
+    generator = torch.Generator().manual_seed(4)
+    points = torch.rand(30, 2, generator=generator).double()
+    trials = [_trial(i, float(f), float(a)) for i, (f, a) in enumerate(points)]
+    constants, searched = trials[:3], trials[3:]
+
+    def beats(o: Any, t: Any) -> bool:
+        return (o.score.fd <= t.score.fd and o.score.accuracy >= t.score.accuracy) and (
+            o.score.fd,
+            o.score.accuracy,
+        ) != (t.score.fd, t.score.accuracy)
+
+    layer: dict[int, int] = {}  # brute force: 1 + the deepest layer of any trial beating it
+    for t in sorted(searched, key=lambda t: (t.score.fd, -t.score.accuracy)):
+        layer[t.number] = 1 + max((layer[o.number] for o in searched if beats(o, t)), default=0)
+    for size in (1, 4, 9):
+        depth = min(d for d in set(layer.values()) if sum(v <= d for v in layer.values()) >= size)
+        expected = {0, 1, 2} | {n for n, d in layer.items() if d <= depth}
+        pool = selection_pool(trials, constants, size)
+        assert {t.number for t in pool} == expected
+        assert [t.number for t in pool] == sorted(expected)
+
+
 def test_settings_refuse_bad_values_naming_the_field():
     with pytest.raises(ValueError, match="shapes"):
         GuidanceSearchSettings(shapes=("constant", "zigzag"))
@@ -120,24 +144,30 @@ TINY = GuidanceSearchSettings(trials=7, constant_weights=(1.0, 2.0, 3.0))
 def test_search_picks_by_its_rule_stores_every_trial_and_resumes(digits_cond, tmp_path):
     import optuna
 
-    run = dict(settings=TINY, num_samples=20, held_out_samples=20)
+    run = dict(settings=TINY, num_samples=20, select_samples=24, held_out_samples=20)
     result = search_guidance(digits_cond, "dpm_solver_pp_2m", 8, tmp_path, **run)
     assert len(result.trials) == 7
     assert sorted(t.origin for t in result.trials).count("constant") == 3
     assert all(t.score.passes <= 8 for t in result.trials)
-    # the rule: lowest FD among trials at least as accurate as constant w=2
+    # the rule, on the selection seed: lowest FD among the pool's trials at least as accurate as
+    # constant w=2 (the pool: the constant curve and the search seed's best layers)
     reference = result.reference
     assert reference.candidate.guidance.parameters["weight"] == 2.0
-    eligible = [t for t in result.trials if t.score.accuracy >= reference.score.accuracy]
-    assert result.pick.score.fd == min(t.score.fd for t in eligible)
-    assert result.pick.number in {t.number for t in result.front}
+    pool = selection_pool(result.trials, [t for t in result.trials if t.origin == "constant"], 12)
+    assert sorted(result.selection) == [t.number for t in pool]
+    assert all(score.split == "select" and score.num_samples == 24
+               for score in result.selection.values())  # fmt: skip
+    floor = result.selection[reference.number].accuracy
+    eligible = [n for n, score in result.selection.items() if score.accuracy >= floor]
+    assert result.selection[result.pick.number].fd == min(result.selection[n].fd for n in eligible)
     assert set(result.held_out) == {"constant w=1", "constant w=2", "constant w=3", "pick"}
     assert all(score.split == "held_out" for score in result.held_out.values())
 
     guidance = load_guidance(tmp_path / "guidance.json")
     assert guidance.shape == result.pick.candidate.guidance.shape
     assert guidance.provenance["unet_passes"] == 8
-    assert guidance.provenance["seeds"] == {"search": 0, "held_out": 1}
+    assert guidance.provenance["seeds"] == {"search": 0, "select": 2, "held_out": 1}
+    assert guidance.provenance["scores"]["select"]["split"] == "select"
     schedule_file = ScheduleFile.load(tmp_path / "best_schedule.json")
     assert schedule_file.schedule.num_steps == result.pick.score.num_steps
     assert schedule_file.provenance.extra["guidance_schedule"]["shape"] == guidance.shape
@@ -151,6 +181,7 @@ def test_search_picks_by_its_rule_stores_every_trial_and_resumes(digits_cond, tm
     again = search_guidance(digits_cond, "dpm_solver_pp_2m", 8, tmp_path, **run)
     assert len(optuna.load_study(study_name=name, storage=storage).trials) == 7
     assert again.pick.number == result.pick.number
+    assert again.selection == result.selection  # kept in the study, not drawn again
     with pytest.raises(ValueError, match="other settings"):
         search_guidance(digits_cond, "dpm_solver_pp_2m", 8, tmp_path, **{**run, "num_samples": 30})
 

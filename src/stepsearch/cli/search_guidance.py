@@ -61,6 +61,7 @@ def guidance_command(
     ] = None,
     storage: options.Storage = None,
     num_samples: options.NumSamples = DEFAULT_NUM_SAMPLES,
+    select_samples: options.SelectSamples = 1000,
     held_out_samples: options.HeldOutSamples = DEFAULT_HELD_OUT_SAMPLES,
     seed: options.Seed = 0,
     study_name: options.StudyName = None,
@@ -72,10 +73,12 @@ def guidance_command(
     """Search a guidance schedule jointly with the step spacing at `--nfe` network passes.
 
     For a class-conditional model (`digits-cond`), judged by FD and by the classifier's accuracy
-    on the requested digit; the guidance weight is a schedule on the noise level. Every candidate is a trial in an
-    Optuna study (rerun the same command to resume). Picks the lowest FD at accuracy >= constant
-    guidance at the model's default weight (`--guidance-scale`), scores it and the constant curve
-    on held-out noise, and writes `guidance.json`, `best_schedule.json`, `scheduler/` and
+    on the requested digit; the guidance weight is a schedule on the noise level. Every candidate
+    is a trial in an Optuna study (rerun the same command to resume). Scores the constant curve and
+    the best non-dominated trials again on a selection seed (seed + 2, `--select-samples`), picks
+    there the lowest FD at accuracy >= constant guidance at the model's default weight
+    (`--guidance-scale`), scores it and the constant curve on held-out noise (seed + 1), and writes
+    `guidance.json`, `best_schedule.json`, `scheduler/` and
     `result.json` (Pareto front, every trial) to `--out`."""
     from stepsearch.models import load_model
     from stepsearch.search.guidance import (
@@ -97,8 +100,9 @@ def guidance_command(
         source = load_model(model, device=device, guidance_scale=guidance_scale, torch_dtype=dtype)
         result = search_guidance(
             source, solver, nfe, out, settings=settings, num_samples=num_samples,
-            held_out_samples=held_out_samples, search_seed=seed, held_out_seed=seed + 1,
-            seed=seed, storage=storage, study_name=study_name, progress=progress,
+            held_out_samples=held_out_samples, select_samples=select_samples, search_seed=seed,
+            held_out_seed=seed + 1, select_seed=seed + 2, seed=seed, storage=storage,
+            study_name=study_name, progress=progress,
         )  # fmt: skip
     pick = result.pick
     console.print(

@@ -17,9 +17,13 @@ trial of the study (SQLite in ``out`` by default, any database URL), a rerun res
 opens with constant guidance over :attr:`GuidanceSearchSettings.constant_weights` at the default
 spacing (the curve every result is compared with).
 
-The pick rule: among all trials whose accuracy is at least that of constant guidance at the
-model's default weight, the lowest FD. The pick and the constant curve are then scored on held-out
-noise. Files: ``guidance.json`` (the guidance schedule with provenance), ``best_schedule.json``
+The search seed's scores are noisy (a few hundred samples tell accuracies of 0.99 and 0.995
+apart by one or two digits), so the pick is made on a third noise seed, the *selection* seed, with
+more samples: the constant curve and the search seed's best non-dominated layers of trials
+(:attr:`GuidanceSearchSettings.select_trials` of them) are scored there, each score kept in the
+study (a rerun reuses it). The pick rule: among those whose selection accuracy is at least that of
+constant guidance at the model's default weight, the lowest selection FD. The pick and the constant
+curve are then scored on held-out noise. Files: ``guidance.json`` (the guidance schedule with provenance), ``best_schedule.json``
 and ``scheduler/`` (the step schedule), ``result.json`` (Pareto front, constant curve, pick,
 held-out scores).
 """
@@ -63,6 +67,7 @@ __all__ = [
     "feature_matrix",
     "pareto_front",
     "search_guidance",
+    "selection_pool",
     "steps_for_budget",
 ]
 
@@ -85,7 +90,8 @@ class GuidanceSearchSettings:
     proposes; ``weight_range``: the (mean) weight ``w``; ``constant_weights``: the constant curve;
     ``default_weight``: the constant weight whose accuracy a pick must reach (``None``: the
     model's own guidance scale); ``rho``: the Karras spacing of the constant curve;
-    ``rho_range``: the spacings searched.
+    ``rho_range``: the spacings searched; ``select_trials``: the searched trials (besides the
+    constant curve) scored on the selection seed.
     """
 
     trials: int = 60
@@ -95,6 +101,7 @@ class GuidanceSearchSettings:
     default_weight: float | None = None
     rho: float = 7.0
     rho_range: tuple[float, float] = (1.5, 12.0)
+    select_trials: int = 12
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "shapes", tuple(self.shapes))
@@ -117,6 +124,8 @@ class GuidanceSearchSettings:
             raise ValueError(
                 f"rho_range: need 0 < low <= rho <= high, got {self.rho_range!r}, rho={self.rho}"
             )
+        if isinstance(self.select_trials, bool) or int(self.select_trials) < 1:
+            raise ValueError(f"select_trials must be at least 1, got {self.select_trials!r}")
         if int(self.trials) < len(self.constant_weights) + 1:
             raise ValueError(
                 f"trials: {self.trials} leaves no room to search after the "
@@ -207,6 +216,9 @@ class GuidanceSearchResult:
     front: list[GuidanceTrial]
     held_out: dict[str, GuidanceScore]
     """Held-out scores: ``pick`` and ``constant w=...`` for every constant weight."""
+    selection: dict[int, GuidanceScore] = field(default_factory=dict)
+    """Selection-seed scores by trial number (the constant curve and the trials the pick was
+    made among)."""
     files: dict[str, str] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
 
@@ -368,8 +380,10 @@ def search_guidance(
     settings: GuidanceSearchSettings | None = None,
     num_samples: int = 256,
     held_out_samples: int = 1000,
+    select_samples: int = 1000,
     search_seed: int = 0,
     held_out_seed: int = 1,
+    select_seed: int = 2,
     seed: int = 0,
     storage: str | None = None,
     study_name: str | None = None,
@@ -387,9 +401,17 @@ def search_guidance(
         )
     if source.feature_extractor is None or source.reference_images is None:
         raise ValueError(f"{source.identity.name!r} has no feature network and reference data (fd)")
-    if int(search_seed) == int(held_out_seed):
-        raise ValueError("search_seed and held_out_seed must differ (held-out noise)")
-    for name, count in (("num_samples", num_samples), ("held_out_samples", held_out_samples)):
+    if len({int(search_seed), int(held_out_seed), int(select_seed)}) < 3:
+        raise ValueError(
+            "search_seed, select_seed and held_out_seed must differ (held-out noise), got "
+            f"{search_seed}, {select_seed}, {held_out_seed}"
+        )
+    counts = (
+        ("num_samples", num_samples),
+        ("select_samples", select_samples),
+        ("held_out_samples", held_out_samples),
+    )
+    for name, count in counts:
         if isinstance(count, bool) or int(count) < 2:
             raise ValueError(f"{name} must be at least 2, got {count!r}")
     default_weight = (
@@ -411,6 +433,8 @@ def search_guidance(
         "unet_passes": int(budget),
         "num_samples": int(num_samples),
         "search_seed": int(search_seed),
+        "select_samples": int(select_samples),
+        "select_seed": int(select_seed),
         "settings": settings.to_json_dict(),
     }
     name = study_name or f"guidance-{source.identity.name}-{run_solver.name}-passes{budget}"
@@ -445,10 +469,59 @@ def search_guidance(
             bar.update(1)
     bar.close()
     trials = _finished(study)
+    constants = {
+        t.candidate.guidance.parameters["weight"]: t
+        for t in trials
+        if t.origin == "constant" and t.candidate.rho == settings.rho
+    }
+    pool = selection_pool(trials, list(constants.values()), settings.select_trials)
+    bar = progress_bar(total=len(pool), desc="selection", disable=not progress)
+    selection = {}
+    for trial in pool:
+        key = f"select:{trial.number}"
+        stored = study.user_attrs.get(key)
+        if stored is None:
+            score = evaluate_candidate(
+                source, trial.candidate, run_solver, budget, select_samples, seed=select_seed,
+                split="select", reference=reference,
+            )  # fmt: skip
+            study.set_user_attr(key, dataclasses.asdict(score))
+        else:
+            score = GuidanceScore(**stored)
+        selection[trial.number] = score
+        bar.update(1)
+    bar.close()
+    floor = selection[constants[default_weight].number].accuracy
+    eligible = [t for t in pool if selection[t.number].accuracy >= floor]
+    pick = min(
+        eligible,
+        key=lambda t: (selection[t.number].fd, -selection[t.number].accuracy, t.number),
+    )
+    seeds = {"search": int(search_seed), "select": int(select_seed), "held_out": int(held_out_seed)}
     return _report(
-        source, run_solver, budget, out_path, settings, trials, default_weight, reference,
-        held_out_samples, held_out_seed, search_seed, num_samples, url, name,
+        source, run_solver, budget, out_path, settings, trials, constants, default_weight,
+        pick, selection, reference, held_out_samples, seeds, num_samples, select_samples, url,
+        name,
     )  # fmt: skip
+
+
+def selection_pool(
+    trials: Sequence[GuidanceTrial], constants: Sequence[GuidanceTrial], size: int
+) -> list[GuidanceTrial]:
+    """The trials scored on the selection seed: the constant curve and the search seed's
+    non-dominated layers (the Pareto front, then the front of the rest, ...) until ``size``
+    searched trials are in (the last layer whole), by trial number."""
+    pool = {t.number: t for t in constants}
+    rest = [t for t in trials if t.number not in pool]
+    searched = 0
+    while rest and searched < size:
+        layer = pareto_front(rest)
+        if not layer:  # only non-finite FDs left
+            break
+        pool.update((t.number, t) for t in layer)
+        searched += len(layer)
+        rest = [t for t in rest if t.number not in pool]
+    return sorted(pool.values(), key=lambda t: t.number)
 
 
 def _report(
@@ -458,24 +531,21 @@ def _report(
     out: Path,
     settings: GuidanceSearchSettings,
     trials: list[GuidanceTrial],
+    constants: dict[float, GuidanceTrial],
     default_weight: float,
+    pick: GuidanceTrial,
+    selection: dict[int, GuidanceScore],
     reference: FeatureReference,
     held_out_samples: int,
-    held_out_seed: int,
-    search_seed: int,
+    seeds: dict[str, int],
     num_samples: int,
+    select_samples: int,
     url: str,
     name: str,
 ) -> GuidanceSearchResult:
-    """Pick, score on held-out noise, write the files."""
-    constants = {
-        t.candidate.guidance.parameters["weight"]: t
-        for t in trials
-        if t.origin == "constant" and t.candidate.rho == settings.rho
-    }
+    """Score the pick and the constant curve on held-out noise, write the files."""
     reference_trial = constants[default_weight]
-    eligible = [t for t in trials if t.score.accuracy >= reference_trial.score.accuracy]
-    pick = min(eligible, key=lambda t: (t.score.fd, -t.score.accuracy, t.number))
+    held_out_seed = seeds["held_out"]
 
     def held_out(trial: GuidanceTrial) -> GuidanceScore:
         return evaluate_candidate(
@@ -489,7 +559,6 @@ def _report(
     grid, _ = steps_for_budget(
         pick.candidate.guidance, source.noise, solver, budget, pick.candidate.rho
     )
-    seeds = {"search": int(search_seed), "held_out": int(held_out_seed)}
     common = {
         "model": source.identity.to_json_dict(),
         "solver": solver_to_json(solver),
@@ -499,11 +568,19 @@ def _report(
         "seeds": seeds,
         "search": {"family": "guidance", "settings": settings.to_json_dict()},
         "study": {"storage": url, "name": name, "trials": len(trials)},
-        "pick_rule": f"lowest FD at accuracy >= constant w={default_weight:g}'s (search seed)",
+        "pick_rule": (
+            f"lowest FD at accuracy >= constant w={default_weight:g}'s, on the selection seed "
+            f"({select_samples} samples) among the constant curve and the search seed's "
+            f"{len(selection) - len(constants)} best non-dominated trials"
+        ),
     }
     guidance = pick.candidate.guidance.with_provenance(
         **common,
-        scores={"search": pick.score.to_json_dict(), "held_out": scores["pick"].to_json_dict()},
+        scores={
+            "search": pick.score.to_json_dict(),
+            "select": selection[pick.number].to_json_dict(),
+            "held_out": scores["pick"].to_json_dict(),
+        },
     )
     guidance.save(out / "guidance.json")
     provenance = Provenance(
@@ -514,10 +591,12 @@ def _report(
             "metric": "fd",
             "judges": ["fd", "accuracy"],
             "num_samples": int(num_samples),
+            "select_samples": int(select_samples),
             "held_out_samples": int(held_out_samples),
         },
         scores={
             "search": pick.score.to_json_dict(),
+            "select": selection[pick.number].to_json_dict(),
             "held_out": scores["pick"].to_json_dict(),
         },
         seeds=seeds,
@@ -539,12 +618,15 @@ def _report(
         "pick": pick.to_json_dict(),
         "reference": reference_trial.to_json_dict(),
         "held_out": {key: score.to_json_dict() for key, score in scores.items()},
+        "selection": {str(n): score.to_json_dict() for n, score in selection.items()},
         "front": [t.to_json_dict() for t in front],
         "trials": [t.to_json_dict() for t in trials],
         "files": files,
     }
     atomic_write_json(out / "result.json", summary)
-    return GuidanceSearchResult(pick, reference_trial, trials, front, scores, files, summary)
+    return GuidanceSearchResult(
+        pick, reference_trial, trials, front, scores, selection, files, summary
+    )
 
 
 def feature_matrix(samples: Tensor, reference: FeatureReference) -> np.ndarray:
