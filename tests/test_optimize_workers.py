@@ -16,6 +16,7 @@ import pytest
 from test_optimize import _comparable
 from test_optimize_budgets import _optimize
 
+from stepsearch.search.family import family
 from stepsearch.search.store import StudyStore
 
 TESTS = Path(__file__).parent
@@ -97,3 +98,27 @@ def test_two_workers_on_one_study_write_the_report_of_one_process(tmp_path):
     keys = [t.user_attrs["key"] for t in done]
     assert len(keys) == len(set(keys)) == 5 + 1 + 1  # every stage, the reference, one judging
     assert {t.user_attrs["worker"]["id"] for t in done} <= {"a", "b"}
+    # no task started before the tasks whose results it reads had finished
+    finished = {t.user_attrs["key"]: t.datetime_complete for t in done}
+    for trial in done:
+        for need in _needs(trial.user_attrs["key"], list(finished)):
+            assert trial.datetime_start >= finished[need], (trial.user_attrs["key"], need)
+
+
+def _needs(key: str, keys: list[str]) -> list[str]:
+    """What task ``key`` reads, from the rule in ``stepsearch.search.optimize.workers``: a
+    trial-budgeted family's stage every cheap stage and every earlier trial-budgeted stage at its
+    NFE (``keys`` in the run's order), a judging every stage at its NFE and the reference."""
+    if key.startswith("judge:nfe-"):
+        nfe = key.removeprefix("judge:nfe-")
+        return [
+            "reference",
+            *[k for k in keys if k.startswith("stage:") and k.split(":")[2] == nfe],
+        ]
+    if key == "reference" or not family(key.split(":")[1]).expensive:
+        return []
+    method, nfe = key.split(":")[1:3]
+    stages = [k.split(":") for k in keys if k.startswith("stage:") and k.split(":")[2] == nfe]
+    methods = list(dict.fromkeys(s[1] for s in stages))
+    return [":".join(s) for s in stages
+            if not family(s[1]).expensive or methods.index(s[1]) < methods.index(method)]  # fmt: skip

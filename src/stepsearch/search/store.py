@@ -40,6 +40,7 @@ SQLite and PostgreSQL), so the replay takes the same decisions as the first run.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import hashlib
 import json
 import math
@@ -567,7 +568,7 @@ class StudyStore:
             number=-1,
             state=TrialState.RUNNING,
             value=None,
-            datetime_start=None,
+            datetime_start=datetime.datetime.now(),  # as Optuna's own running trials
             datetime_complete=None,
             params=dict(params),
             distributions=dict(distributions),
