@@ -37,7 +37,7 @@ OBJECTIVE = {  # searches scoring candidates on an objective: --num-samples, --m
 }  # fmt: skip
 STORE = ("dp", "autodiffusion", "s3", "guidance")  # trials in a study store
 CACHE = ("dp", "autodiffusion", "s3", "olss", "ays")
-PIPELINE = ("dp", "autodiffusion", "s3", "olss", "ays")
+PIPELINE = ("dp", "autodiffusion", "s3", "olss", "ays", "guidance")
 EXCEPTIONS = {  # by nature, not by accident
     ("guidance", "--model"): "digits-cond",  # guidance needs a class-conditional model
     ("guidance", "--nfe"): 12,  # it counts network passes: 6 guided steps

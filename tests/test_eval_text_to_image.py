@@ -7,7 +7,6 @@ clear. A tiny random CLIP and a scripted stand-in for the Inception file keep ev
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +15,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from tiny_pipeline import IMAGE_SIZE
-from torch import nn
+from tiny_pipeline import IMAGE_SIZE, save_stub_inception, save_tiny_clip
 from typer.testing import CliRunner
 
 from stepsearch.cli import app
@@ -56,66 +54,12 @@ def prompts_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random-weight CLIP (32x32 images) saved like a real one."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
-
-    directory = tmp_path_factory.mktemp("tiny_clip")
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for suffix in ("", "</w>"):
-        vocab.update(
-            {c + suffix: len(vocab) + i for i, c in enumerate("abcdefghijklmnopqrstuvwxyz")}
-        )
-    (directory / "vocab.json").write_text(json.dumps(vocab))
-    (directory / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer.from_pretrained(directory, model_max_length=77)
-    layers = {"hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 1}
-    config = CLIPConfig(
-        text_config={
-            **layers,
-            "vocab_size": len(vocab),
-            "num_attention_heads": 2,
-            "max_position_embeddings": 77,
-            "bos_token_id": 0,
-            "eos_token_id": 1,
-            "pad_token_id": 1,
-        },
-        vision_config={**layers, "image_size": 32, "patch_size": 8, "num_attention_heads": 2},
-        projection_dim=8,
-    )
-    torch.manual_seed(0)
-    CLIPModel(config).save_pretrained(directory)
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
-    )
-    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(directory)
-    return directory
-
-
-class _StubInceptionLayers(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch = x.shape[0]
-        pooled = torch.nn.functional.adaptive_avg_pool2d(x, 2).reshape(batch, 12)
-        return torch.cat([pooled, pooled.square(), torch.zeros(batch, 2048 - 24)], dim=1)
-
-
-class _StubInception(nn.Module):
-    """The interface of inception-2015-12-05.pt (``forward(x in [0, 255], return_features)`` and
-    ``layers``) with 24 informative features: 2x2 average pools per channel and their squares."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.layers = _StubInceptionLayers()
-
-    def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
-        return self.layers((x - 128.0) / 128.0)
+    return save_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))
 
 
 @pytest.fixture(scope="module")
 def inception_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("inception") / INCEPTION_FILENAME
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.jit.save(torch.jit.script(_StubInception()), str(path))
-    return path
+    return save_stub_inception(tmp_path_factory.mktemp("inception") / INCEPTION_FILENAME)
 
 
 @pytest.fixture(scope="module")
@@ -199,7 +143,8 @@ def _invoke(*args: str | Path) -> Any:
 
 
 def _flat(text: str) -> str:
-    return " ".join(text.split())
+    """The output on one line, without the error panel's borders."""
+    return " ".join(text.replace("│", " ").split())
 
 
 def _t2i_args(
@@ -314,6 +259,9 @@ def test_clear_errors(pipeline_dir, prompts_file, clip_dir, tmp_path):
     assert read_prompts(prompts_file) == PROMPTS  # blank lines ignored, whitespace stripped
     blank = tmp_path / "blank.txt"
     blank.write_text("\n  \n\n")
+    stats = FeatureStatistics.from_features(np.arange(12.0).reshape(4, 3) ** 2).save(
+        tmp_path / "r.npz"
+    )
     base = ["eval", "--pipeline", pipeline_dir, "--nfe", "2", "--out", tmp_path / "x"]
     cases = [
         (["--prompts", blank, "--metric", "clip", "--clip-model", clip_dir], "is empty"),
@@ -324,10 +272,19 @@ def test_clear_errors(pipeline_dir, prompts_file, clip_dir, tmp_path):
         (["--prompts", prompts_file, "--metric", "fid", "--inception-weights", blank],
          "needs --reference-stats"),
         (["--prompts", prompts_file, "--metric", "kid", "--inception-weights", blank,
-          "--reference-stats", tmp_path / "r.npz"], "kid needs reference images"),
+          "--reference-stats", stats], "kid needs reference images"),
         (["--prompts", prompts_file, "--metric", "fd"], "use fid"),
         (["--prompts", prompts_file, "--metric", "clip", "--clip-model", tmp_path / "none"],
          "--clip-model"),
+        # refused while the command line is parsed (the shared option types)
+        (["--prompts", prompts_file, "--metric", "clip", "--clip-model", tmp_path],
+         "the CLIP model's config.json is missing"),
+        (["--prompts", prompts_file, "--metric", "fid", "--inception-weights", tmp_path],
+         "has no inception-2015-12-05.pt"),
+        (["--prompts", prompts_file, "--metric", "fid", "--reference-stats",
+          tmp_path / "absent.npz"], "stepsearch stats IMAGES --out FILE.npz"),
+        (["--prompts", prompts_file, "--metric", "fid", "--reference-stats", blank],
+         "neither an .npz of feature statistics"),
     ]  # fmt: skip
     for extra, message in cases:
         result = _invoke(*base, *extra)

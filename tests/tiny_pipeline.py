@@ -5,6 +5,10 @@ Everything is built from configs (no hub access): a UNet2DConditionModel with bl
 CLIPTextModel of width 8 and a CLIPTokenizer read from a hand-written byte-level vocab.json +
 merges.txt (transformers 5 ignores ``vocab_file=`` / ``merges_file=`` keywords, so the files are
 loaded with ``from_pretrained(directory)``).
+
+The judges of text-to-image runs, offline too: a tiny random CLIP saved like a real one
+(:func:`save_tiny_clip`) and a scripted stand-in for the FID Inception file
+(:func:`save_stub_inception`).
 """
 
 from __future__ import annotations
@@ -206,3 +210,80 @@ def tiny_tokenizer(directory: Path) -> Any:
     return CLIPTokenizer.from_pretrained(
         str(write_tokenizer_files(directory / "tokenizer")), model_max_length=77
     )
+
+
+def save_tiny_clip(directory: Path) -> Path:
+    """A tiny random-weight CLIP (32x32 images, seed 0) saved like a real one (``CLIPModel`` and
+    ``CLIPProcessor`` ``save_pretrained``) into ``directory``."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for suffix in ("", "</w>"):
+        vocab.update(
+            {c + suffix: len(vocab) + i for i, c in enumerate("abcdefghijklmnopqrstuvwxyz")}
+        )
+    (directory / "vocab.json").write_text(json.dumps(vocab))
+    (directory / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer.from_pretrained(directory, model_max_length=77)
+    layers = {"hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 1}
+    config = CLIPConfig(
+        text_config={
+            **layers,
+            "vocab_size": len(vocab),
+            "num_attention_heads": 2,
+            "max_position_embeddings": 77,
+            "bos_token_id": 0,
+            "eos_token_id": 1,
+            "pad_token_id": 1,
+        },
+        vision_config={**layers, "image_size": 32, "patch_size": 8, "num_attention_heads": 2},
+        projection_dim=8,
+    )
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(directory)
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+    )
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(directory)
+    return directory
+
+
+class _StubInceptionLayers(torch.nn.Module):
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch = x.shape[0]
+        pooled = torch.nn.functional.adaptive_avg_pool2d(x, 2).reshape(batch, 12)
+        padding = torch.zeros(batch, self.num_features - 24)
+        return torch.cat([pooled, pooled.square(), padding], dim=1)
+
+
+class _StubInception(torch.nn.Module):
+    """The interface of inception-2015-12-05.pt (``forward(x in [0, 255], return_features)`` and
+    ``layers``) with 24 informative features: 2x2 average pools per channel and their squares,
+    then zeros up to ``num_features``."""
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.layers = _StubInceptionLayers(num_features)
+
+    def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        return self.layers((x - 128.0) / 128.0)
+
+
+def save_stub_inception(path: Path, num_features: int = 2048) -> Path:
+    """The scripted stand-in for the Inception file at ``path`` (``num_features`` >= 24; the
+    real network's 2048, or fewer where the test also sets ``InceptionFeatures.num_features``:
+    a Fréchet distance in 2048 dimensions costs seconds on one core)."""
+    import warnings
+
+    if num_features < 24:
+        raise ValueError(f"num_features must be >= 24, got {num_features}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.script(_StubInception(num_features)), str(path))
+    return path

@@ -99,24 +99,9 @@ def eval_command(
             "if --clip-model is given, else traj]",
         ),
     ] = None,
-    clip_model: Annotated[
-        Path | None, typer.Option(metavar="DIR", help="Local CLIP model directory (clip).")
-    ] = None,
-    inception_weights: Annotated[
-        Path | None,
-        typer.Option(
-            metavar="FILE",
-            help="inception-2015-12-05.pt (fid; kid with --pipeline).",
-        ),
-    ] = None,
-    reference_stats: Annotated[
-        Path | None,
-        typer.Option(
-            metavar="PATH",
-            help="fid / kid reference: an .npz from `stepsearch stats`, or a folder (or "
-            ".safetensors) of images (kid needs images).",
-        ),
-    ] = None,
+    clip_model: options.ClipModel = None,
+    inception_weights: options.InceptionWeights = None,
+    reference_stats: options.ReferenceStats = None,
     guidance_scale: options.GuidanceScale = None,
     num_samples: Annotated[int, typer.Option(metavar="N", help="Samples per cell.", min=2)] = 1000,
     seed: Annotated[int, typer.Option(metavar="N", help="Seed of the per-sample noise.")] = 0,

@@ -58,6 +58,7 @@ __all__ = [
     "compute_statistics",
     "default_metrics",
     "evaluate",
+    "load_clip_scorer",
     "load_inception",
     "methods_from_names",
     "sampling_guidance_scale",
@@ -313,7 +314,9 @@ def _fid_reference(inputs: EvalInputs, metric: str, device: torch.device) -> Fea
     )
 
 
-def _clip_scorer(path: Path, device: torch.device) -> Any:
+def load_clip_scorer(path: Path, device: str | torch.device) -> ClipScorer:
+    """A :class:`~stepsearch.eval.clip_score.ClipScorer` from the local CLIP directory ``path``
+    on ``device``; an unloadable directory is a ``ValueError`` naming ``--clip-model``."""
     try:
         scorer = ClipScorer.from_pretrained(path, local_files_only=True)
     except RuntimeError as error:
@@ -413,7 +416,7 @@ def _run_text_to_image(
     clip_scorer = None
     if "clip" in metrics:
         assert inputs.clip_model is not None
-        clip_scorer = _clip_scorer(inputs.clip_model, device)
+        clip_scorer = load_clip_scorer(inputs.clip_model, device)
     inception_metric = next((m for m in metrics if m in ("fid", "kid")), None)
     fid_reference = (
         _fid_reference(inputs, inception_metric, device) if inception_metric is not None else None

@@ -1,5 +1,6 @@
 """Guidance-schedule search: a guidance weight on the noise level and a step schedule, searched
-jointly for a class-conditional model at a fixed budget of network (UNet) passes.
+jointly for a class-conditional model or a text-to-image pipeline at a fixed budget of network
+(UNet) passes.
 
 A candidate is a :class:`~stepsearch.guidance.GuidanceSchedule` (constant, linear / cosine
 increasing, Wang et al.'s clamp-linear and power-cosine, Kynkäänniemi et al.'s interval) and a
@@ -9,45 +10,71 @@ passes fit the budget (:func:`steps_for_budget`): an interval schedule buys extr
 passes it saves.
 
 Two judges at once, on the same samples (common random numbers: sample ``i`` of a split always
-starts from the same noise and asks for digit ``i mod 10``): sample quality, ``fd`` (Fréchet
-distance in the model's own feature space, FD-digits for ``digits-cond``, lower is better), and
-condition adherence, ``accuracy`` (the model's classifier assigns sample ``i`` to its requested
-class, higher is better). Optuna's multi-objective TPE proposes the candidates; every one is a
-trial of the study (SQLite in ``out`` by default, any database URL), a rerun resumes it. The study
-opens with constant guidance over :attr:`GuidanceSearchSettings.constant_weights` at the default
-spacing (the curve every result is compared with).
+starts from the same noise and asks for digit ``i mod 10``, or prompt ``i mod len(prompts)``):
+
+- sample quality, ``fd``: a Fréchet distance, lower is better. For ``digits-cond`` in the model's
+  own feature space (FD-digits against the real digits); for a pipeline, FID: Inception features
+  against reference statistics or images (``fd_reference``, as ``stepsearch eval`` scores
+  ``fid``: ``--inception-weights``, ``--reference-stats``);
+- condition adherence, higher is better, by a :class:`ConditionJudge` (:func:`condition_judge`):
+  ``accuracy`` for a model with a classifier (the fraction of samples the classifier assigns to
+  the requested class, :class:`AccuracyJudge`), ``clip`` for a pipeline (the CLIP score
+  ``mean_i 100 max(cos(image_i, prompt_i), 0)`` of a
+  :class:`~stepsearch.eval.clip_score.ClipScorer`, :class:`ClipJudge`). Scores, files and
+  messages name the judge: the score's key is ``accuracy`` or ``clip``.
+
+Optuna's multi-objective TPE proposes the candidates; every one is a trial of the study (SQLite in
+``out`` by default, any database URL), a rerun resumes it. The study opens with constant guidance
+over :attr:`GuidanceSearchSettings.constant_weights` at the default spacing (the curve every
+result is compared with).
 
 The search seed's scores are noisy (a few hundred samples tell accuracies of 0.99 and 0.995
 apart by one or two digits), so the pick is made on a third noise seed, the *selection* seed, with
 more samples: the constant curve and the search seed's best non-dominated layers of trials
 (:attr:`GuidanceSearchSettings.select_trials` of them) are scored there, each score kept in the
-study (a rerun reuses it). The pick rule: among those whose selection accuracy is at least that of
-constant guidance at the model's default weight, the lowest selection FD. The pick and the constant
-curve are then scored on held-out noise. Files: ``guidance.json`` (the guidance schedule with provenance), ``best_schedule.json``
+study (a rerun reuses it). The pick rule: among those whose selection condition score (accuracy,
+CLIP score) is at least that of constant guidance at the model's default weight (its guidance
+scale), the lowest selection FD. The pick and the constant curve are then scored on held-out
+noise. Files: ``guidance.json`` (the guidance schedule with provenance), ``best_schedule.json``
 and ``scheduler/`` (the step schedule), ``result.json`` (Pareto front, constant curve, pick,
-held-out scores).
+held-out scores). A pipeline search also records its ``judges`` (the CLIP model's identity, the FD
+reference) in the study and the files; a class-conditional search's files keep the keys they
+always had (the pick rule and ``objective.judges`` name its judge).
+
+A text-to-image pipeline user runs::
+
+    stepsearch search guidance --pipeline SD_DIR --prompts prompts.txt --clip-model CLIP_DIR \\
+        --inception-weights inception-2015-12-05.pt --reference-stats coco.npz --device cuda
+
+(:data:`PIPELINE_SETTINGS`: constant weights 1 to 10 around diffusers' default 7.5); from Python,
+:func:`pipeline_judges` loads the two judges and :func:`search_guidance` takes them as
+``clip_scorer`` and ``fd_reference``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
 from stepsearch._io import atomic_write_json
 from stepsearch._progress import progress_bar
+from stepsearch.eval.clip_score import ClipScorer
+from stepsearch.eval.evaluate import check_device, load_clip_scorer, load_inception
 from stepsearch.eval.experiment import class_accuracy
 from stepsearch.eval.scoring import FeatureReference, distance_scores
 from stepsearch.guidance import GuidanceSchedule, noise_range, unet_passes
-from stepsearch.models.source import generate_from_source
+from stepsearch.models.source import generate_from_source, module_digest
 from stepsearch.noise import NoiseSchedule
 from stepsearch.schedule import StepSchedule, karras
 from stepsearch.schedule_file import Provenance, ScheduleFile
@@ -57,15 +84,22 @@ from stepsearch.solvers import get_solver, solver_to_json
 from stepsearch.solvers.base import Solver
 
 __all__ = [
+    "CONDITION_JUDGES",
+    "PIPELINE_SETTINGS",
     "SEARCH_SHAPES",
+    "AccuracyJudge",
+    "ClipJudge",
+    "ConditionJudge",
     "GuidanceCandidate",
     "GuidanceScore",
     "GuidanceSearchResult",
     "GuidanceSearchSettings",
     "GuidanceTrial",
+    "condition_judge",
     "evaluate_candidate",
     "feature_matrix",
     "pareto_front",
+    "pipeline_judges",
     "search_guidance",
     "selection_pool",
     "steps_for_budget",
@@ -81,6 +115,9 @@ SEARCH_SHAPES = (
 )
 """The shapes a search proposes by default."""
 
+CONDITION_JUDGES: Mapping[str, str] = {"accuracy": "accuracy", "clip": "CLIP score"}
+"""The condition judges (the key of their scores) and their names in words."""
+
 
 @dataclass(frozen=True)
 class GuidanceSearchSettings:
@@ -88,10 +125,10 @@ class GuidanceSearchSettings:
 
     ``trials``: trials in all (the constant curve included); ``shapes``: the guidance shapes it
     proposes; ``weight_range``: the (mean) weight ``w``; ``constant_weights``: the constant curve;
-    ``default_weight``: the constant weight whose accuracy a pick must reach (``None``: the
-    model's own guidance scale); ``rho``: the Karras spacing of the constant curve;
-    ``rho_range``: the spacings searched; ``select_trials``: the searched trials (besides the
-    constant curve) scored on the selection seed.
+    ``default_weight``: the constant weight whose condition score (accuracy, CLIP score) a pick
+    must reach (``None``: the model's own guidance scale); ``rho``: the Karras spacing of the
+    constant curve; ``rho_range``: the spacings searched; ``select_trials``: the searched trials
+    (besides the constant curve) scored on the selection seed.
     """
 
     trials: int = 60
@@ -139,6 +176,13 @@ class GuidanceSearchSettings:
         }
 
 
+PIPELINE_SETTINGS = GuidanceSearchSettings(
+    weight_range=(1.0, 12.0), constant_weights=(1.0, 3.0, 5.0, 7.5, 10.0)
+)
+"""The defaults for a text-to-image pipeline: weights up to 12, the constant curve around
+diffusers' default guidance scale 7.5 (the default weight a pick must match)."""
+
+
 @dataclass(frozen=True)
 class GuidanceCandidate:
     """A guidance schedule with the Karras ``rho`` of its step schedule."""
@@ -156,18 +200,68 @@ class GuidanceCandidate:
 
 @dataclass(frozen=True)
 class GuidanceScore:
-    """One candidate's samples judged: FD (with its bootstrap standard error) and accuracy
-    (with its binomial standard error), the steps and network passes it ran."""
+    """One candidate's samples judged: FD (with its bootstrap standard error) and the condition
+    score of ``judge`` (:data:`CONDITION_JUDGES`: ``accuracy`` with its binomial standard error,
+    ``clip`` with the standard error of the mean), the steps and network passes it ran.
+
+    In JSON (and in the study) the condition score goes by its judge's name: ``accuracy`` /
+    ``accuracy_std``, ``clip`` / ``clip_std``."""
 
     fd: float
     fd_std: float | None
-    accuracy: float
-    accuracy_std: float
+    condition: float
+    condition_std: float
     num_steps: int
     passes: int
     num_samples: int
     split: str
     seconds: float = 0.0
+    judge: str = "accuracy"
+
+    def __post_init__(self) -> None:
+        if self.judge not in CONDITION_JUDGES:
+            raise ValueError(f"judge must be one of {list(CONDITION_JUDGES)}, got {self.judge!r}")
+
+    @property
+    def accuracy(self) -> float:
+        """The condition score of a classifier-judged search (``judge == "accuracy"``)."""
+        self._require("accuracy")
+        return self.condition
+
+    @property
+    def accuracy_std(self) -> float:
+        self._require("accuracy")
+        return self.condition_std
+
+    def _require(self, judge: str) -> None:
+        if self.judge != judge:
+            raise AttributeError(
+                f"this score is judged by {self.judge}, not {judge}: see condition"
+            )
+
+    def to_record(self) -> dict[str, Any]:
+        """The fields as stored in the study, the condition score under its judge's name."""
+        return {
+            "fd": self.fd,
+            "fd_std": self.fd_std,
+            self.judge: self.condition,
+            f"{self.judge}_std": self.condition_std,
+            "num_steps": self.num_steps,
+            "passes": self.passes,
+            "num_samples": self.num_samples,
+            "split": self.split,
+            "seconds": self.seconds,
+        }
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> GuidanceScore:
+        """The inverse of :meth:`to_record`."""
+        fields = dict(record)
+        judge = next((name for name in CONDITION_JUDGES if name in fields), None)
+        if judge is None:
+            raise ValueError(f"a guidance score needs one of {list(CONDITION_JUDGES)}: {record!r}")
+        condition, condition_std = fields.pop(judge), fields.pop(f"{judge}_std")
+        return cls(condition=condition, condition_std=condition_std, judge=judge, **fields)
 
     def to_json_dict(self) -> dict[str, Any]:
         def finite(value: float | None) -> float | None:
@@ -176,8 +270,8 @@ class GuidanceScore:
         return {
             "fd": finite(self.fd),
             "fd_std": finite(self.fd_std),
-            "accuracy": self.accuracy,
-            "accuracy_std": self.accuracy_std,
+            self.judge: self.condition,
+            f"{self.judge}_std": self.condition_std,
             "num_steps": self.num_steps,
             "unet_passes": self.passes,
             "num_samples": self.num_samples,
@@ -211,7 +305,7 @@ class GuidanceSearchResult:
 
     pick: GuidanceTrial
     reference: GuidanceTrial
-    """Constant guidance at the default weight (the accuracy a pick must reach)."""
+    """Constant guidance at the default weight (the condition score a pick must reach)."""
     trials: list[GuidanceTrial]
     front: list[GuidanceTrial]
     held_out: dict[str, GuidanceScore]
@@ -221,6 +315,8 @@ class GuidanceSearchResult:
     made among)."""
     files: dict[str, str] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
+    condition_judge: str = "accuracy"
+    """The condition judge's name (:data:`CONDITION_JUDGES`)."""
 
 
 # budget ------------------------------------------------------------------------------------------
@@ -248,6 +344,148 @@ def steps_for_budget(
 
 
 # judging -----------------------------------------------------------------------------------------
+class ConditionJudge(Protocol):
+    """How well samples follow their condition (class label, prompt): higher is better."""
+
+    name: ClassVar[str]
+    """The key of its scores (:data:`CONDITION_JUDGES`)."""
+
+    def score(self, source: Any, samples: Tensor) -> tuple[float, float]:
+        """``(score, standard error)`` of ``samples`` ``0 .. N-1`` of ``source``."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """What judged, for provenance (JSON)."""
+        ...
+
+
+@dataclass(frozen=True, eq=False)
+class AccuracyJudge:
+    """The fraction of samples ``classifier`` assigns to their requested class
+    (:func:`~stepsearch.eval.experiment.class_accuracy`), with its binomial standard error."""
+
+    classifier: nn.Module
+    name: ClassVar[str] = "accuracy"
+
+    def score(self, source: Any, samples: Tensor) -> tuple[float, float]:
+        num_samples = samples.shape[0]
+        accuracy = class_accuracy(self.classifier, samples, source.labels_for(range(num_samples)))
+        return float(accuracy), math.sqrt(accuracy * (1.0 - accuracy) / num_samples)
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "classifier": module_digest(self.classifier)}
+
+
+@dataclass(frozen=True, eq=False)
+class ClipJudge:
+    """The CLIP score of each sample and its prompt (``100 max(cos, 0)``, Hessel et al. 2021),
+    their mean exactly as ``scorer(samples, prompts)`` gives it, and its standard error."""
+
+    scorer: ClipScorer
+    name: ClassVar[str] = "clip"
+
+    def score(self, source: Any, samples: Tensor) -> tuple[float, float]:
+        num_samples = samples.shape[0]
+        scores = self.scorer.scores(samples, source.prompts_for(range(num_samples)))
+        std = float(scores.std()) / math.sqrt(num_samples) if num_samples > 1 else 0.0
+        return float(scores.mean()), std
+
+    def describe(self) -> dict[str, Any]:
+        path = str(getattr(self.scorer.model.config, "name_or_path", "") or "clip")
+        model = {"name": Path(path).name, "digest": module_digest(self.scorer.model)}
+        return {"name": self.name, "model": model}
+
+
+def condition_judge(source: Any, clip_scorer: ClipScorer | None = None) -> ConditionJudge:
+    """The condition judge of ``source``: :class:`ClipJudge` with ``clip_scorer`` for a
+    text-to-image pipeline (a source with prompts), :class:`AccuracyJudge` for a class-conditional
+    model with a classifier.
+
+    Raises:
+        ValueError: a pipeline without ``clip_scorer``, ``clip_scorer`` for a source without
+            prompts, a source that is neither.
+    """
+    name = source.identity.name
+    prompts_for = getattr(source, "prompts_for", None)
+    if prompts_for is not None and prompts_for(range(1)) is not None:
+        if clip_scorer is None:
+            raise ValueError(
+                f"a guidance search on the text-to-image pipeline {name!r} judges prompt adherence "
+                "by CLIP score: give a CLIP model (--clip-model DIR)"
+            )
+        return ClipJudge(clip_scorer)
+    labels_for = getattr(source, "labels_for", None)
+    classifier = getattr(source, "classifier", None)
+    if classifier is None or labels_for is None or labels_for(range(1)) is None:
+        raise ValueError(
+            "a guidance search needs a class-conditional model with a classifier (--model "
+            "digits-cond) or a text-to-image pipeline (--pipeline DIR --prompts FILE); "
+            f"{name!r} is neither"
+        )
+    if clip_scorer is not None:
+        raise ValueError(
+            f"a CLIP model judges a text-to-image pipeline's prompts; {name!r} is "
+            "class-conditional (judged by its classifier's accuracy): leave the CLIP model out"
+        )
+    return AccuracyJudge(classifier)
+
+
+def _own_features(source: Any) -> tuple[nn.Module, Tensor]:
+    """The source's own feature network and reference data (its FD reference)."""
+    features = getattr(source, "features", None)
+    data = getattr(source, "reference_data", None)
+    if features is None or data is None:
+        raise ValueError(
+            f"{source.identity.name!r} has no feature network and reference data of its own (fd): "
+            "give an FD reference (a pipeline: Inception features against --reference-stats)"
+        )
+    return features, data
+
+
+def _fd_reference(source: Any, fd_reference: FeatureReference | None) -> FeatureReference:
+    """``fd_reference``, else the source's own feature network and reference data."""
+    if fd_reference is not None:
+        return fd_reference
+    features, data = _own_features(source)
+    return FeatureReference.from_images(features, data, source=f"{source.identity.name} data")
+
+
+def pipeline_judges(
+    clip_model: str | os.PathLike[str] | None,
+    reference_stats: str | os.PathLike[str] | None,
+    inception_weights: str | os.PathLike[str] | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> tuple[ClipScorer, FeatureReference]:
+    """The judges of a pipeline's guidance search, loaded as ``stepsearch eval`` loads them for
+    ``clip`` and ``fid``: a :class:`~stepsearch.eval.clip_score.ClipScorer` from the local CLIP
+    directory ``clip_model``, and Inception features (``inception_weights``: the file, a folder
+    holding it, or ``None`` to look in the usual places) against ``reference_stats`` (an ``.npz``
+    from ``stepsearch stats``, or a folder / ``.safetensors`` of reference images, read with a
+    progress bar if ``progress``).
+
+    Raises:
+        ValueError: a judge missing or unloadable; the message names the option to pass.
+    """
+    if clip_model is None:
+        raise ValueError(
+            "a guidance search on a pipeline judges prompt adherence by CLIP score: pass "
+            "--clip-model DIR (a local CLIP model directory)"
+        )
+    if reference_stats is None:
+        raise ValueError(
+            "a guidance search on a pipeline judges sample quality by FID: pass --reference-stats "
+            "PATH (an .npz made by `stepsearch stats`, or a folder of reference images) and "
+            "Inception weights (--inception-weights FILE)"
+        )
+    torch_device = check_device(str(device))
+    weights = None if inception_weights is None else Path(inception_weights)
+    inception = load_inception(weights, torch_device)
+    reference = FeatureReference.load(inception, reference_stats, progress=progress)
+    return load_clip_scorer(Path(clip_model), torch_device), reference
+
+
 def evaluate_candidate(
     source: Any,
     candidate: GuidanceCandidate,
@@ -260,39 +498,47 @@ def evaluate_candidate(
     reference: FeatureReference,
     bootstrap: int = 20,
     samples_out: list[Tensor] | None = None,
+    judge: ConditionJudge | None = None,
+    chunk_size: int = 250,
 ) -> GuidanceScore:
-    """Sample ``source`` guided by ``candidate`` within ``budget`` passes (seed ``seed``) and
-    judge the samples (module docstring); ``samples_out`` receives the samples."""
+    """Sample ``source`` guided by ``candidate`` within ``budget`` passes (seed ``seed``,
+    ``chunk_size`` samples per batch) and judge the samples (module docstring): FD against
+    ``reference``, condition adherence by ``judge`` (default: the source's classifier);
+    ``samples_out`` receives the samples."""
     begin = time.perf_counter()
+    judge = judge if judge is not None else condition_judge(source)
     grid, passes = steps_for_budget(candidate.guidance, source.noise, solver, budget, candidate.rho)
     model = dataclasses.replace(source, guidance_schedule=candidate.guidance)
-    samples = generate_from_source(model, solver, grid, num_samples, seed=seed, progress=False)
+    samples = generate_from_source(
+        model, solver, grid, num_samples, seed=seed, chunk_size=chunk_size, progress=False
+    )
     if samples_out is not None:
         samples_out.append(samples)
     fd, fd_std = distance_scores(samples, {"fd": reference}, bootstrap=bootstrap)["fd"]
-    accuracy = class_accuracy(source.classifier, samples, source.labels_for(range(num_samples)))
+    condition, condition_std = judge.score(source, samples)
     return GuidanceScore(
         fd=float(fd),
         fd_std=fd_std,
-        accuracy=float(accuracy),
-        accuracy_std=math.sqrt(accuracy * (1.0 - accuracy) / num_samples),
+        condition=condition,
+        condition_std=condition_std,
         num_steps=grid.num_steps,
         passes=passes,
         num_samples=int(num_samples),
         split=split,
         seconds=time.perf_counter() - begin,
+        judge=judge.name,
     )
 
 
 def pareto_front(trials: Sequence[GuidanceTrial]) -> list[GuidanceTrial]:
-    """Trials no other trial beats on both judges (lower FD and higher accuracy, one strictly),
-    by FD."""
+    """Trials no other trial beats on both judges (lower FD and higher condition score, one
+    strictly), by FD."""
 
     def dominated(a: GuidanceTrial) -> bool:
         return any(
             b.score.fd <= a.score.fd
-            and b.score.accuracy >= a.score.accuracy
-            and (b.score.fd < a.score.fd or b.score.accuracy > a.score.accuracy)
+            and b.score.condition >= a.score.condition
+            and (b.score.fd < a.score.fd or b.score.condition > a.score.condition)
             for b in trials
         )
 
@@ -366,7 +612,7 @@ def _finished(study: Any) -> list[GuidanceTrial]:
         candidate = GuidanceCandidate(
             GuidanceSchedule(attrs["shape"], attrs["parameters"]), float(attrs["rho"])
         )
-        score = GuidanceScore(**attrs["score"])
+        score = GuidanceScore.from_record(attrs["score"])
         trials.append(GuidanceTrial(trial.number, attrs["origin"], candidate, score))
     return trials
 
@@ -388,19 +634,30 @@ def search_guidance(
     storage: str | None = None,
     study_name: str | None = None,
     progress: bool = False,
+    clip_scorer: ClipScorer | None = None,
+    fd_reference: FeatureReference | None = None,
+    chunk_size: int = 250,
 ) -> GuidanceSearchResult:
-    """Search a guidance schedule and step spacing for the class-conditional ``source`` at
-    ``budget`` network passes per sample and write the files under ``out`` (module docstring).
-    Rerun the same call to resume (finished trials are kept)."""
+    """Search a guidance schedule and step spacing for ``source`` at ``budget`` network passes
+    per sample and write the files under ``out`` (module docstring). Rerun the same call to
+    resume (finished trials are kept).
+
+    ``source``: a class-conditional model with a classifier (``digits-cond``: judged by FD-digits
+    and accuracy) or a text-to-image :class:`~stepsearch.models.pipeline.PipelineModel`, judged
+    by FD against ``fd_reference`` (e.g. Inception features against reference statistics, see
+    :func:`pipeline_judges`; default: the source's own features and data) and by the CLIP score
+    of ``clip_scorer`` (needed for a pipeline, refused for a class-conditional model).
+    ``chunk_size``: samples per batch (the scores do not depend on it).
+
+    Raises:
+        ValueError: a source or judges that do not fit (:func:`condition_judge`), bad counts or
+            seeds, a default weight off the constant curve, a study made for other settings.
+    """
     settings = settings or GuidanceSearchSettings()
     run_solver = get_solver(solver) if isinstance(solver, str) else solver
-    if getattr(source, "classifier", None) is None or source.labels_for(range(1)) is None:
-        raise ValueError(
-            f"a guidance search needs a class-conditional model with a classifier "
-            f"(--model digits-cond); {source.identity.name!r} is not one"
-        )
-    if source.feature_extractor is None or source.reference_images is None:
-        raise ValueError(f"{source.identity.name!r} has no feature network and reference data (fd)")
+    judge = condition_judge(source, clip_scorer)
+    if fd_reference is None:
+        _own_features(source)  # refuses, naming what to give, before any work
     if len({int(search_seed), int(held_out_seed), int(select_seed)}) < 3:
         raise ValueError(
             "search_seed, select_seed and held_out_seed must differ (held-out noise), got "
@@ -424,9 +681,8 @@ def search_guidance(
         )
     steps_for_budget(GuidanceSchedule.constant(1.0), source.noise, run_solver, budget, 7.0)
     out_path = output_dir(out)
-    reference = FeatureReference.from_images(
-        source.feature_extractor, source.reference_images, source=f"{source.identity.name} data"
-    )
+    reference = _fd_reference(source, fd_reference)
+    judges = _judges(judge, reference)
     metadata = {
         "model": source.identity.to_json_dict(),
         "solver": solver_to_json(run_solver),
@@ -436,6 +692,7 @@ def search_guidance(
         "select_samples": int(select_samples),
         "select_seed": int(select_seed),
         "settings": settings.to_json_dict(),
+        **judges,
     }
     name = study_name or f"guidance-{source.identity.name}-{run_solver.name}-passes{budget}"
     url = storage_url(resolve_storage(storage, out_path))
@@ -457,14 +714,14 @@ def search_guidance(
             candidate = _suggest(trial, settings, source.noise)
             score = evaluate_candidate(
                 source, candidate, run_solver, budget, num_samples, seed=search_seed,
-                split="search", reference=reference,
+                split="search", reference=reference, judge=judge, chunk_size=chunk_size,
             )  # fmt: skip
             trial.set_user_attr("origin", trial.user_attrs.get("origin", "search"))
             for key, value in candidate.to_json_dict().items():
                 trial.set_user_attr(key, value)
-            trial.set_user_attr("score", dataclasses.asdict(score))
+            trial.set_user_attr("score", score.to_record())
             fd = score.fd if math.isfinite(score.fd) else float("inf")
-            study.tell(trial, [fd, score.accuracy])
+            study.tell(trial, [fd, score.condition])
             done += 1
             bar.update(1)
     bar.close()
@@ -483,26 +740,54 @@ def search_guidance(
         if stored is None:
             score = evaluate_candidate(
                 source, trial.candidate, run_solver, budget, select_samples, seed=select_seed,
-                split="select", reference=reference,
+                split="select", reference=reference, judge=judge, chunk_size=chunk_size,
             )  # fmt: skip
-            study.set_user_attr(key, dataclasses.asdict(score))
+            study.set_user_attr(key, score.to_record())
         else:
-            score = GuidanceScore(**stored)
+            score = GuidanceScore.from_record(stored)
         selection[trial.number] = score
         bar.update(1)
     bar.close()
-    floor = selection[constants[default_weight].number].accuracy
-    eligible = [t for t in pool if selection[t.number].accuracy >= floor]
+    floor = selection[constants[default_weight].number].condition
+    eligible = [t for t in pool if selection[t.number].condition >= floor]
     pick = min(
         eligible,
-        key=lambda t: (selection[t.number].fd, -selection[t.number].accuracy, t.number),
+        key=lambda t: (selection[t.number].fd, -selection[t.number].condition, t.number),
     )
     seeds = {"search": int(search_seed), "select": int(select_seed), "held_out": int(held_out_seed)}
+    samples = {"search": int(num_samples), "select": int(select_samples),
+               "held_out": int(held_out_samples)}  # fmt: skip
     return _report(
         source, run_solver, budget, out_path, settings, trials, constants, default_weight,
-        pick, selection, reference, held_out_samples, seeds, num_samples, select_samples, url,
+        pick, selection, _Judging(reference, judge, judges, chunk_size), seeds, samples, url,
         name,
     )  # fmt: skip
+
+
+@dataclass(frozen=True, eq=False)
+class _Judging:
+    """How a search judges: its FD reference, its condition judge, the ``judges`` record of its
+    files (empty for a classifier), the batch size."""
+
+    reference: FeatureReference
+    judge: ConditionJudge
+    record: dict[str, Any]
+    chunk_size: int
+
+
+def _judges(judge: ConditionJudge, reference: FeatureReference) -> dict[str, Any]:
+    """``{"judges": ...}``: the condition judge (:meth:`ConditionJudge.describe`) and the FD
+    reference, for the study's metadata and the files. Empty for the classifier's accuracy: a
+    class-conditional search's studies and files keep the keys they always had (their pick rule
+    and ``objective.judges`` name the judge), so earlier studies resume."""
+    if judge.name == AccuracyJudge.name:
+        return {}
+    quality = {
+        "name": "fd",
+        "features": type(reference.extractor).__name__,
+        "reference": reference.source,
+    }
+    return {"judges": {"quality": quality, "condition": judge.describe()}}
 
 
 def selection_pool(
@@ -535,22 +820,24 @@ def _report(
     default_weight: float,
     pick: GuidanceTrial,
     selection: dict[int, GuidanceScore],
-    reference: FeatureReference,
-    held_out_samples: int,
+    judging: _Judging,
     seeds: dict[str, int],
-    num_samples: int,
-    select_samples: int,
+    samples: dict[str, int],
     url: str,
     name: str,
 ) -> GuidanceSearchResult:
     """Score the pick and the constant curve on held-out noise, write the files."""
     reference_trial = constants[default_weight]
     held_out_seed = seeds["held_out"]
+    num_samples, select_samples = samples["search"], samples["select"]
+    held_out_samples = samples["held_out"]
+    judge = judging.judge
 
     def held_out(trial: GuidanceTrial) -> GuidanceScore:
         return evaluate_candidate(
             source, trial.candidate, solver, budget, held_out_samples, seed=held_out_seed,
-            split="held_out", reference=reference,
+            split="held_out", reference=judging.reference, judge=judge,
+            chunk_size=judging.chunk_size,
         )  # fmt: skip
 
     scores = {f"constant w={w:g}": held_out(t) for w, t in sorted(constants.items())}
@@ -569,10 +856,11 @@ def _report(
         "search": {"family": "guidance", "settings": settings.to_json_dict()},
         "study": {"storage": url, "name": name, "trials": len(trials)},
         "pick_rule": (
-            f"lowest FD at accuracy >= constant w={default_weight:g}'s, on the selection seed "
-            f"({select_samples} samples) among the constant curve and the search seed's "
-            f"{len(selection) - len(constants)} best non-dominated trials"
+            f"lowest FD at {CONDITION_JUDGES[judge.name]} >= constant w={default_weight:g}'s, on "
+            f"the selection seed ({select_samples} samples) among the constant curve and the "
+            f"search seed's {len(selection) - len(constants)} best non-dominated trials"
         ),
+        **judging.record,
     }
     guidance = pick.candidate.guidance.with_provenance(
         **common,
@@ -589,7 +877,7 @@ def _report(
         nfe=int(solver.evaluation_times(grid).size),
         objective={
             "metric": "fd",
-            "judges": ["fd", "accuracy"],
+            "judges": ["fd", judge.name],
             "num_samples": int(num_samples),
             "select_samples": int(select_samples),
             "held_out_samples": int(held_out_samples),
@@ -602,7 +890,11 @@ def _report(
         seeds=seeds,
         search={"family": "guidance", "settings": settings.to_json_dict()},
         prediction_type=source.prediction_type,
-        extra={"guidance_schedule": guidance.to_json(), "unet_passes": int(budget)},
+        extra={
+            "guidance_schedule": guidance.to_json(),
+            "unet_passes": int(budget),
+            **judging.record,
+        },
     )
     ScheduleFile(grid, provenance).save(out / "best_schedule.json")
     files = {"guidance": str(out / "guidance.json"), "schedule": str(out / "best_schedule.json")}
@@ -625,7 +917,7 @@ def _report(
     }
     atomic_write_json(out / "result.json", summary)
     return GuidanceSearchResult(
-        pick, reference_trial, trials, front, scores, selection, files, summary
+        pick, reference_trial, trials, front, scores, selection, files, summary, judge.name
     )
 
 
