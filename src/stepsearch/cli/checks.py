@@ -21,11 +21,15 @@ import typer
 
 __all__ = [
     "check_budget_minutes",
+    "check_clip_model",
     "check_device",
     "check_dtype",
+    "check_guidance_schedule",
+    "check_inception_weights",
     "check_model",
     "check_out_dir",
     "check_out_file",
+    "check_reference_stats",
     "check_storage",
 ]
 
@@ -74,6 +78,25 @@ def check_dtype(value: str) -> str:
     if name not in DTYPES:
         raise typer.BadParameter(f"{value!r} is not a model dtype; use {', '.join(DTYPES)}")
     return name
+
+
+def check_guidance_schedule(value: str) -> str:
+    """``search``, or a guidance schedule file that loads (JSON, finite weights and noise levels,
+    a known shape): :func:`~stepsearch.guidance.load_guidance`."""
+    if value == "search":
+        return value
+    from stepsearch.guidance import load_guidance
+
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise typer.BadParameter(
+            f"{value!r} is neither `search` nor a guidance schedule file (guidance.json)"
+        )
+    try:
+        load_guidance(path)
+    except (ValueError, OSError) as error:
+        raise typer.BadParameter(str(error)) from None
+    return str(path)
 
 
 def check_model(value: str) -> str:
@@ -258,3 +281,58 @@ def check_budget_minutes(value: str) -> float:
     if not math.isfinite(minutes) or minutes <= 0:
         raise typer.BadParameter(f"{value!r}: give a finite, positive number of minutes")
     return minutes
+
+
+def check_clip_model(value: str) -> Path:
+    """A local CLIP model directory (``CLIPModel`` + ``CLIPProcessor`` ``save_pretrained``
+    output): its config.json parses and its safetensors weights are complete (not loaded)."""
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        raise typer.BadParameter(
+            f"{value!r} is not a directory; give a local CLIP model directory (CLIPModel and "
+            "CLIPProcessor save_pretrained output: config.json, model.safetensors, the "
+            "processor's files)"
+        )
+    _check_json(path / "config.json", value, "the CLIP model's config.json")
+    for weights in sorted(path.glob("*.safetensors")):
+        _check_safetensors(weights, value)
+    return path
+
+
+def check_inception_weights(value: str) -> Path:
+    """The FID Inception network: ``inception-2015-12-05.pt`` or a folder holding it."""
+    from stepsearch.eval.features import INCEPTION_FILENAME, INCEPTION_URL, find_inception_weights
+
+    path = Path(value).expanduser()
+    if find_inception_weights(path) is None:
+        where = "has no" if path.is_dir() else "is not"
+        raise typer.BadParameter(
+            f"{value!r} {where} {INCEPTION_FILENAME}: give that file (TorchScript, from "
+            f"{INCEPTION_URL} ) or a folder holding it"
+        )
+    return path
+
+
+def check_reference_stats(value: str) -> Path:
+    """An FID reference: an ``.npz`` of feature statistics that loads (``stepsearch stats``,
+    clean-fid, EDM), or a folder or ``.safetensors`` file of reference images."""
+    path = Path(value).expanduser()
+    if path.suffix == ".npz":
+        from stepsearch.eval.fid import FeatureStatistics
+
+        if not path.is_file():
+            raise typer.BadParameter(
+                f"{value!r} does not exist; make reference statistics with `stepsearch stats "
+                "IMAGES --out FILE.npz`, or give a folder of reference images"
+            )
+        try:
+            FeatureStatistics.load(path)
+        except (ValueError, OSError) as error:
+            raise typer.BadParameter(str(error)) from None
+        return path
+    if not (path.is_dir() or (path.is_file() and path.suffix == ".safetensors")):
+        raise typer.BadParameter(
+            f"{value!r} is neither an .npz of feature statistics (`stepsearch stats`) nor a "
+            "folder or .safetensors file of reference images"
+        )
+    return path

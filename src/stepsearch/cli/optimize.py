@@ -47,6 +47,7 @@ def optimize_command(
     pipeline: options.Pipeline = None,
     prompts: options.Prompts = None,
     guidance_scale: options.GuidanceScale = None,
+    guidance_schedule: options.GuidanceScheduleChoice = None,
     data: Annotated[
         Path | None,
         typer.Option(
@@ -124,7 +125,9 @@ def optimize_command(
     With --budget-evals N the result is the same on any machine (--budget-minutes only bounds the
     run). With --pipeline DIR --prompts FILE [--guidance-scale G]: the same inside a text-to-image
     pipeline (its guided UNet in latent space, image i with prompt i mod the number of prompts),
-    judged by trajectory error of the decoded images; AYS runs only with --data pairs."""
+    judged by trajectory error of the decoded images; AYS runs only with --data pairs. With
+    --guidance-schedule search (--model digits-cond): a guidance weight per noise level searched
+    first and used by every sampler of the run; the report says what it bought."""
     base = pipeline_settings() if pipeline is not None else OptimizeSettings()
     counts = {"search_samples": num_samples, "select_samples": select_samples,
               "held_out_samples": held_out_samples,
@@ -139,6 +142,7 @@ def optimize_command(
         "pipeline": pipeline,
         "prompts": prompts,
         "guidance_scale": guidance_scale,
+        "guidance_schedule": guidance_schedule,
         "ays_data": data,
         "settings": settings,
         "device": device,

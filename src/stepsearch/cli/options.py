@@ -16,11 +16,15 @@ import typer
 
 from stepsearch.cli.checks import (
     check_budget_minutes,
+    check_clip_model,
     check_device,
     check_dtype,
+    check_guidance_schedule,
+    check_inception_weights,
     check_model,
     check_out_dir,
     check_out_file,
+    check_reference_stats,
     check_storage,
 )
 
@@ -35,10 +39,13 @@ __all__ = [
     "BudgetEvals",
     "BudgetMinutes",
     "Cache",
+    "ClipModel",
     "Device",
     "Dtype",
     "GuidanceScale",
+    "GuidanceScheduleChoice",
     "HeldOutSamples",
+    "InceptionWeights",
     "Metric",
     "Model",
     "NFEs",
@@ -50,6 +57,7 @@ __all__ = [
     "Pipeline",
     "Progress",
     "Prompts",
+    "ReferenceStats",
     "Seed",
     "SelectSamples",
     "Solver",
@@ -85,6 +93,44 @@ Pipeline = Annotated[
 Prompts = Annotated[
     Path | None,
     typer.Option(metavar="FILE", help="One prompt per line (with --pipeline; cycled)."),
+]
+ClipModel = Annotated[
+    Path | None,
+    typer.Option(
+        metavar="DIR",
+        help="Local CLIP model directory (the CLIP score of image and prompt, with --pipeline).",
+        parser=check_clip_model,
+    ),
+]
+InceptionWeights = Annotated[
+    Path | None,
+    typer.Option(
+        metavar="FILE",
+        help="inception-2015-12-05.pt or a folder holding it: the Inception features of FID "
+        "(and KID). [default: $STEPSEARCH_INCEPTION_WEIGHTS, else the usual caches]",
+        parser=check_inception_weights,
+        show_default=False,
+    ),
+]
+ReferenceStats = Annotated[
+    Path | None,
+    typer.Option(
+        metavar="PATH",
+        help="FID / KID reference: an .npz from `stepsearch stats`, or a folder (or "
+        ".safetensors) of images (KID needs images).",
+        parser=check_reference_stats,
+    ),
+]
+GuidanceScheduleChoice = Annotated[
+    str | None,
+    typer.Option(
+        metavar="search|FILE",
+        help="A classifier-free guidance weight per noise level for a class-conditional model: "
+        "`search` searches one first (`stepsearch search guidance`'s search at twice the largest "
+        "NFE in network passes, its pick used by every sampler of the run), or a guidance.json.",
+        parser=check_guidance_schedule,
+        show_default=False,
+    ),
 ]
 GuidanceScale = Annotated[
     float | None,

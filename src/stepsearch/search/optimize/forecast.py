@@ -14,7 +14,11 @@ A *model sample-evaluation* is one sample through one model call
   it, such as AYS whose KLUB evaluations depend on its early stopping, is listed as not
   forecast), and the held-out scores of the result and of the best start;
 - **judging**: per NFE, every candidate (built-ins and search results) on the selection and report
-  seeds, and the report's two sample grids.
+  seeds, and the report's two sample grids;
+- **guidance** (``guidance_schedule="search"``): the guidance search's trials on the search seed,
+  the constant curve and its best trials on the selection seed, the constant curve and the pick on
+  the report seed, each sample at the constant curve's steps (a guided step is one batched model
+  call; an interval schedule's unguided steps make it an upper bound).
 
 The forecast multiplies the counts by the seconds per model sample-evaluation measured on one
 batch of ``min(chunk_size, select_samples)`` samples (after a warm-up batch). AutoDiffusion's
@@ -31,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from stepsearch.guidance import GuidanceSchedule
 from stepsearch.models import ImageModel, PipelineModel
 from stepsearch.models.source import SampleSource, generate_from_source
 from stepsearch.models.trajectories import TeacherSpec
@@ -39,6 +44,7 @@ from stepsearch.search.family import family
 from stepsearch.search.job import spacing_schedules
 from stepsearch.search.optimize.budget import StageKey, WorkShare, stage_steps
 from stepsearch.search.optimize.candidates import baseline_candidates
+from stepsearch.search.optimize.guidance import RunGuidance, resolve_guidance
 from stepsearch.search.optimize.run import _setup
 from stepsearch.search.optimize.settings import METHODS, OptimizeSettings
 from stepsearch.solvers import get_solver
@@ -51,7 +57,7 @@ class PlannedStage:
     """One line of the forecast."""
 
     phase: str
-    """``teacher``, ``search`` or ``judging``."""
+    """``guidance``, ``teacher``, ``search`` or ``judging``."""
     label: str
     nfe: int | None
     evaluations: int | None
@@ -173,6 +179,20 @@ def _family_parts(
     return planned(settings.settings_of(name), solver, nfe, settings.search_samples, trials)
 
 
+def guidance_stage(guidance: RunGuidance, settings: OptimizeSettings) -> PlannedStage:
+    """The guidance search's line (module docstring)."""
+    assert guidance.settings is not None and guidance.passes is not None
+    search = guidance.settings
+    constants = len(search.constant_weights)
+    samples = (
+        search.trials * settings.search_samples
+        + (constants + search.select_trials) * settings.select_samples
+        + (constants + 1) * settings.held_out_samples
+    )
+    label = f"guidance search ({guidance.passes} network passes)"
+    return PlannedStage("guidance", label, None, samples * (guidance.passes // 2), search.trials)
+
+
 def calibrate(source: SampleSource, chunk_size: int) -> float:
     """Seconds per model sample-evaluation: one warm-up batch, then one timed batch of
     ``chunk_size`` samples through two steps of DDIM (so two model calls each)."""
@@ -199,6 +219,7 @@ def forecast(
     settings: OptimizeSettings | None = None,
     device: str = "cpu",
     dtype: str | None = None,
+    guidance_schedule: str | os.PathLike[str] | GuidanceSchedule | None = None,
 ) -> Forecast:
     """What :func:`~stepsearch.search.optimize.optimize` with the same arguments would spend
     (module docstring): the inputs are checked and the model loaded as there, one calibration
@@ -207,7 +228,14 @@ def forecast(
         model, nfes, methods, budget_minutes, budget_evals, pipeline, prompts, guidance_scale,
         ays_data, settings, device, dtype,
     )  # fmt: skip
-    stages = plan_stages(setup.source, setup.nfes, setup.methods, setup.settings, setup.shares)
+    source = setup.source
+    stages = plan_stages(source, setup.nfes, setup.methods, setup.settings, setup.shares)
+    if guidance_schedule is not None:
+        guidance = resolve_guidance(source, guidance_schedule, setup.nfes)
+        if guidance.schedule is not None:
+            source = guidance.apply(source, guidance.schedule)
+        else:
+            stages.insert(0, guidance_stage(guidance, setup.settings))
     settings = setup.settings  # judging and teachers, most of the work, run in these batches
-    per_evaluation = calibrate(setup.source, min(settings.chunk_size, settings.select_samples))
+    per_evaluation = calibrate(source, min(settings.chunk_size, settings.select_samples))
     return Forecast(stages, per_evaluation, float(budget_minutes), budget_evals)

@@ -89,7 +89,11 @@ def _markdown(report: dict[str, Any]) -> str:
     if conditioning and conditioning.get("kind") == "class_conditional":
         lines += [
             f"Class-conditional model: sample i asks for class {conditioning['labels']}, "
-            f"classifier-free guidance scale {conditioning['guidance_scale']:g}.",
+            + (
+                "classifier-free guidance by the schedule below."
+                if "guidance_schedule" in conditioning
+                else f"classifier-free guidance scale {conditioning['guidance_scale']:g}."
+            ),
             "",
         ]
     elif conditioning:
@@ -101,6 +105,7 @@ def _markdown(report: dict[str, Any]) -> str:
             "trajectory error is measured on the decoded images.",
             "",
         ]
+    lines += _guidance_lines(report.get("guidance"))
     for item in report.get("skipped", []):
         lines += [f"- {item['reason']}", ""]
     if report["partial"]:
@@ -144,6 +149,29 @@ def _markdown(report: dict[str, Any]) -> str:
                 + f" | {_cell(row['select'][sel['metric']])} |"
             )  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def _guidance_lines(guidance: dict[str, Any] | None) -> list[str]:
+    """The guidance paragraph: the schedule every sampler ran with and, for a searched one, what
+    it bought against constant guidance at the model's weight (report seed)."""
+    if not guidance:
+        return []
+    if guidance["origin"] == "file":
+        return [f"Every sampler runs with the guidance schedule {guidance['schedule']} "
+                f"(from `{guidance['file'] or 'the caller'}`).", ""]  # fmt: skip
+    pick = guidance["held_out"]["pick"]
+    name = f"constant w={guidance['default_weight']:g}"
+    constant = guidance["held_out"][name]
+    return [
+        f"Every sampler runs with the searched guidance schedule {guidance['schedule']} "
+        f"(`{guidance['file']}`; pick rule: {guidance['pick_rule']}). What it bought, at "
+        f"{guidance['unet_passes']} network passes with {guidance['solver']} on seed "
+        f"{guidance['seed']}: FD {_cell(pick['fd'])} and accuracy {pick['accuracy']:.4f} "
+        f"({pick['num_steps']} steps, {pick['unet_passes']} passes) vs {name}'s FD "
+        f"{_cell(constant['fd'])} and accuracy {constant['accuracy']:.4f} "
+        f"({constant['num_steps']} steps, {constant['unet_passes']} passes).",
+        "",
+    ]
 
 
 def _budget_lines(budget: dict[str, Any] | None) -> list[str]:

@@ -18,11 +18,18 @@ from torch import Tensor
 from stepsearch._io import atomic_write_json, atomic_write_text, run_relative
 from stepsearch.cache import TensorCache
 from stepsearch.eval.objective import Objective
+from stepsearch.guidance import GuidanceSchedule
 from stepsearch.models import PipelineModel, load_model
 from stepsearch.models.source import SampleSource
 from stepsearch.search.family import FAMILIES, family
+from stepsearch.search.guidance import GuidanceSearchSettings
 from stepsearch.search.optimize.budget import StageKey, WorkShare, expensive_stages, work_shares
 from stepsearch.search.optimize.candidates import Candidate, _baselines
+from stepsearch.search.optimize.guidance import (
+    file_entry,
+    resolve_guidance,
+    run_guidance_search,
+)
 from stepsearch.search.optimize.headline import HeadlineSettings, write_run_headline
 from stepsearch.search.optimize.judging import (
     _grid_samples,
@@ -46,7 +53,7 @@ from stepsearch.search.optimize.settings import (
     pipeline_settings,
 )
 from stepsearch.search.optimize.stages import _stage
-from stepsearch.search.optimize.workers import share_work
+from stepsearch.search.optimize.workers import run_shared, share_work
 from stepsearch.solvers import get_solver
 
 
@@ -211,6 +218,8 @@ def optimize(
     prompts: Sequence[str] | os.PathLike[str] | str | None = None,
     guidance_scale: float | None = None,
     ays_data: str | os.PathLike[str] | None = None,
+    guidance_schedule: str | os.PathLike[str] | GuidanceSchedule | None = None,
+    guidance_settings: GuidanceSearchSettings | None = None,
     resume: bool = False,
     overwrite: bool = False,
     settings: OptimizeSettings | None = None,
@@ -245,6 +254,13 @@ def optimize(
     pipeline (without them AYS is skipped there, and the report says so). ``dtype``: what a
     model loaded here runs in (``float32``, ``float16``, ``bfloat16``; samples stay float32).
 
+    ``guidance_schedule``: ``"search"`` (a class-conditional model with a classifier: a guidance
+    schedule searched first, in ``out/guidance/``, and used by every sampler of the run), a
+    guidance file or a :class:`~stepsearch.guidance.GuidanceSchedule`
+    (:mod:`~stepsearch.search.optimize.guidance`); the report's ``guidance`` says what it bought.
+    ``guidance_settings``: what that search explores (default
+    :class:`~stepsearch.search.guidance.GuidanceSearchSettings`).
+
     Raises:
         ValueError: bad input (module docstring), found before anything is written.
     """
@@ -260,6 +276,13 @@ def optimize(
             "--storage (many workers) needs --budget-evals: a time budget sizes the searches "
             "from each worker's own clock, so the workers would not agree"
         )
+    guidance = None
+    guidance_entry: dict[str, Any] | None = None
+    if guidance_schedule is not None:
+        guidance = resolve_guidance(source, guidance_schedule, nfes, guidance_settings)
+        if guidance.schedule is not None:  # a file: the run samples with it from the start
+            source = guidance.apply(source, guidance.schedule)
+            guidance_entry = file_entry(guidance)
     inputs = {
         method: family(method).prepare_inputs(source, ays_data, progress)
         for method in methods
@@ -269,7 +292,25 @@ def optimize(
     fingerprint = _fingerprint(source, nfes, methods, settings, inputs)
     if budget_evals is not None:
         fingerprint["budget_evals"] = int(budget_evals)
+    if guidance is not None:
+        fingerprint["guidance_schedule"] = guidance.fingerprint
     _prepare_out(out_path, fingerprint, resume, overwrite)
+    if guidance is not None and guidance.origin == "search":
+        counts = {
+            "num_samples": settings.search_samples,
+            "select_samples": settings.select_samples,
+            "held_out_samples": settings.held_out_samples,
+        }
+        seeds = {"search": 0, "select": SELECT_SEED, "held_out": REPORT_SEED}
+
+        def shared(key: str, work: Any) -> None:
+            run_shared(str(storage), fingerprint, worker_name, out_path, key, work)
+
+        schedule, guidance_entry = run_guidance_search(
+            source, guidance, out_path, counts, seeds, progress,
+            shared=None if storage is None else shared,
+        )  # fmt: skip
+        source = guidance.apply(source, schedule)
     cache = cache if cache is not None else TensorCache.default()
     search = Objective(
         source,
@@ -285,6 +326,7 @@ def optimize(
     run = _Run(
         source, settings, out_path, cache, progress,
         began + 60.0 * float(budget_minutes), search, budget_evals, inputs=inputs,
+        guidance=guidance_entry,
     )  # fmt: skip
     for item in skipped:
         run.say(f"[yellow]{item['reason']}[/]")
@@ -360,6 +402,7 @@ def _judge_and_report(
                    "metrics": list(judges)},
         "search": {"metric": "traj", "seed": 0, "samples": run.settings.search_samples},
         "conditioning": run.source.describe() if _is_conditional(run.source) else None,
+        "guidance": run.guidance,
         "reference": {k: v for k, v in reference.items() if k != "key"},
         "partial": bool(run.incomplete),
         "incomplete": run.incomplete,

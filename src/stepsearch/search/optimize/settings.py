@@ -161,6 +161,8 @@ class _Run:
     """The trial budgets the expensive stages ran with (the report's ``budget.stages``)."""
     timing: dict[str, float] = field(default_factory=dict)
     """Seconds per phase of the run (the report's ``budget.timing``)."""
+    guidance: dict[str, Any] | None = None
+    """The report's ``guidance`` entry (:mod:`~stepsearch.search.optimize.guidance`)."""
 
     @property
     def model(self) -> Model | None:
