@@ -79,17 +79,19 @@ def _run_workers(
     reports = {
         name: json.loads((folder / name / "report.json").read_text()) for name, _, _ in processes
     }
-    return {"seconds": seconds, "reports": reports, "tasks": _tasks(storage)}
+    tasks, busy = _tasks(storage)
+    return {"seconds": seconds, "reports": reports, "tasks": tasks, "busy": busy}
 
 
-def _tasks(storage: str) -> dict[str, list[str]]:
-    """The tasks each worker completed, from the store."""
+def _tasks(storage: str) -> tuple[dict[str, list[str]], dict[str, float]]:
+    """The tasks each worker completed and the seconds it spent in them, from the store."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     url = storage if "://" in storage else f"sqlite:///{storage}"
     url = url.replace("postgresql://", "postgresql+psycopg://", 1)
     done: dict[str, list[str]] = {}
+    busy: dict[str, float] = {}
     for summary in optuna.get_all_study_summaries(url):
         if not summary.study_name.startswith("optimize-"):
             continue
@@ -97,7 +99,9 @@ def _tasks(storage: str) -> dict[str, list[str]]:
             if trial.state.name == "COMPLETE":
                 worker = trial.user_attrs["worker"]["id"]
                 done.setdefault(worker, []).append(trial.user_attrs["key"])
-    return done
+                spent = (trial.datetime_complete - trial.datetime_start).total_seconds()
+                busy[worker] = round(busy.get(worker, 0.0) + spent, 1)
+    return done, busy
 
 
 def _comparable(report: Any) -> Any:
@@ -148,6 +152,7 @@ def main() -> None:
         "goal_ratio": 0.65,
         "identical_reports": identical,
         "tasks": {str(count): run["tasks"] for count, run in runs.items()},
+        "busy_seconds": {str(count): run["busy"] for count, run in runs.items()},
         "environment": environment(),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -159,12 +164,13 @@ def main() -> None:
         f"--budget-evals {args.budget_evals}`{' (quick settings)' if args.quick else ''}, "
         f"{result['store']} store, one core per worker.",
         "",
-        "| workers | wall time (s) | tasks per worker |",
-        "| ---: | ---: | --- |",
+        "| workers | wall time (s) | tasks per worker | seconds in tasks per worker |",
+        "| ---: | ---: | --- | --- |",
     ]
     for count, run in runs.items():
         tasks = ", ".join(f"{w}: {len(t)}" for w, t in sorted(run["tasks"].items()))
-        lines.append(f"| {count} | {run['seconds']:.1f} | {tasks} |")
+        busy = ", ".join(f"{w}: {b:.0f}" for w, b in sorted(run["busy"].items()))
+        lines.append(f"| {count} | {run['seconds']:.1f} | {tasks} | {busy} |")
     lines += ["", f"Two workers / one: {ratio:.2f}x (goal <= 0.65x). Reports identical: "
               f"{'yes' if identical else 'NO'}."]  # fmt: skip
     atomic_write_text(args.out.with_suffix(".md"), "\n".join(lines) + "\n")
