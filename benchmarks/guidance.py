@@ -65,23 +65,31 @@ HELD_OUT_SEED = 1
 SELECT_SEED = 2
 
 
+def paired_fd_combination(
+    features: list[np.ndarray], weights: list[float], reference: FeatureStatistics, resamples: int
+) -> tuple[float, float]:
+    """``sum_k weights[k] FD(features[k])`` and its bootstrap standard deviation, resampling sample
+    rows jointly (the feature sets share noise and labels row by row)."""
+
+    def value(rows: np.ndarray) -> float:
+        return sum(
+            w * frechet_distance(FeatureStatistics.from_features(f[rows]), reference)
+            for f, w in zip(features, weights, strict=True)
+            if w != 0
+        )
+
+    count = len(features[0])
+    rng = np.random.default_rng(0)
+    draws = [value(rng.integers(0, count, count)) for _ in range(resamples)]
+    return float(value(np.arange(count))), float(np.std(draws, ddof=1))
+
+
 def paired_fd_difference(
     features_a: np.ndarray, features_b: np.ndarray, reference: FeatureStatistics, resamples: int
 ) -> tuple[float, float]:
     """``FD(a) - FD(b)`` and its bootstrap standard deviation, resampling sample rows jointly
     (``a`` and ``b`` share noise and labels row by row)."""
-
-    def fd(rows: np.ndarray, which: np.ndarray) -> float:
-        return frechet_distance(FeatureStatistics.from_features(which[rows]), reference)
-
-    everything = np.arange(len(features_a))
-    value = fd(everything, features_a) - fd(everything, features_b)
-    rng = np.random.default_rng(0)
-    draws = []
-    for _ in range(resamples):
-        rows = rng.integers(0, len(features_a), len(features_a))
-        draws.append(fd(rows, features_a) - fd(rows, features_b))
-    return float(value), float(np.std(draws, ddof=1))
+    return paired_fd_combination([features_a, features_b], [1.0, -1.0], reference, resamples)
 
 
 def constant_at_accuracy(constants: dict[float, dict[str, Any]], accuracy: float) -> dict[str, Any]:
@@ -89,7 +97,8 @@ def constant_at_accuracy(constants: dict[float, dict[str, Any]], accuracy: float
     ``fd_std``, ``accuracy``) interpolated linearly in the weight between neighbouring weights
     whose accuracies bracket it, the crossing with the lowest FD; if no pair brackets it (higher
     than every constant's accuracy, or lower than every one's), the constant with the nearest
-    accuracy. Returns ``weight``, ``fd``, ``fd_std`` and ``accuracy`` there."""
+    accuracy. Returns ``weight``, ``fd``, ``fd_std`` and ``accuracy`` there, and the two weights
+    (``between``) and the fraction ``t`` of the way from the first to the second."""
     weights = sorted(constants)
     crossings = []
     for low, high in itertools.pairwise(weights):
@@ -105,13 +114,15 @@ def constant_at_accuracy(constants: dict[float, dict[str, Any]], accuracy: float
                 "fd": (1 - t) * a["fd"] + t * b["fd"],
                 "fd_std": (1 - t) * (a["fd_std"] or 0.0) + t * (b["fd_std"] or 0.0),
                 "accuracy": accuracy,
+                "between": [low, high],
+                "t": t,
             })  # fmt: skip
     if crossings:
         return min(crossings, key=lambda c: c["fd"])
     weight = min(weights, key=lambda w: abs(constants[w]["accuracy"] - accuracy))
     score = constants[weight]
     return {"weight": weight, "fd": score["fd"], "fd_std": score["fd_std"] or 0.0,
-            "accuracy": score["accuracy"]}  # fmt: skip
+            "accuracy": score["accuracy"], "between": [weight, weight], "t": 0.0}  # fmt: skip
 
 
 def _held_out(source: Any, candidate: GuidanceCandidate, solver: Any, budget: int, count: int,
@@ -124,10 +135,13 @@ def _held_out(source: Any, candidate: GuidanceCandidate, solver: Any, budget: in
     return score, feature_matrix(samples[0], reference), samples[0]
 
 
-def dominance(held_out: dict[str, Any]) -> dict[str, Any]:
+def dominance(
+    held_out: dict[str, Any], paired: tuple[float, float] | None = None
+) -> dict[str, Any]:
     """The pick against the constant curve (held-out scores as JSON dicts): the constant at the
-    pick's accuracy (:func:`constant_at_accuracy`), the FD margin and its standard error
-    (independent samples' errors added in quadrature), and the second reading."""
+    pick's accuracy (:func:`constant_at_accuracy`), the FD margin and its standard error (with
+    ``paired``, the paired bootstrap's ``(margin, standard error)`` on the shared held-out noise;
+    else the independent errors added in quadrature), and the second reading."""
     pick = held_out["pick"]
     constants = {
         float(name.split("=", 1)[1]): score
@@ -136,17 +150,40 @@ def dominance(held_out: dict[str, Any]) -> dict[str, Any]:
     }
     matched = constant_at_accuracy(constants, pick["accuracy"])
     margin = pick["fd"] - matched["fd"]
-    error = math.hypot(pick["fd_std"] or 0.0, matched["fd_std"])
+    independent = math.hypot(pick["fd_std"] or 0.0, matched["fd_std"])
+    error = independent if paired is None else paired[1]
     weaker = [v for v in constants.values() if v["accuracy"] <= pick["accuracy"]]
     return {
         "constant_at_pick_accuracy": matched,
         "fd_margin": margin,
         "fd_margin_std": error,
+        "fd_margin_std_kind": "independent" if paired is None else "paired bootstrap",
+        "fd_margin_std_independent": independent,
+        "fd_margin_paired": None if paired is None else paired[0],  # from regenerated samples
         "dominates": bool(margin < 0 and pick["accuracy"] >= matched["accuracy"]),
         "significant": bool(margin < -2 * error),
         "below_every_less_accurate_constant": bool(weaker)
         and all(pick["fd"] < v["fd"] for v in weaker),
     }
+
+
+def _paired_margin(
+    source: Any, pick: GuidanceCandidate, unpaired: dict[str, Any], solver: Any, budget: int,
+    args: argparse.Namespace, reference: FeatureReference,
+) -> tuple[float, float]:  # fmt: skip
+    """The pick's FD minus the interpolated constant curve's at its accuracy, with a paired
+    bootstrap over the held-out samples (the pick and the two constants regenerated)."""
+    matched = unpaired["constant_at_pick_accuracy"]
+    (low, high), t = matched["between"], matched["t"]
+    candidates = [pick] + [
+        GuidanceCandidate(GuidanceSchedule.constant(w), 7.0) for w in dict.fromkeys((low, high))
+    ]
+    weights = [1.0, -(1.0 - t), -t] if low != high else [1.0, -1.0]
+    features = [
+        _held_out(source, c, solver, budget, args.held_out_samples, reference)[1]
+        for c in candidates
+    ]
+    return paired_fd_combination(features, weights, reference.statistics, args.bootstrap)
 
 
 def run_budget(budget: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -220,7 +257,12 @@ def run_budget(budget: int, args: argparse.Namespace) -> dict[str, Any]:
         "pick": result.pick.to_json_dict(),
         "pick_select": result.selection[result.pick.number].to_json_dict(),
         "held_out": held_out,
-        "dominance": dominance(held_out),
+        "dominance": dominance(
+            held_out,
+            _paired_margin(
+                source, result.pick.candidate, dominance(held_out), solver, budget, args, reference
+            ),
+        ),
         "front_size": len(result.front),
         "wang_linear_vs_constant": wang,
         "constant_w2_steps": constant_steps,
@@ -279,8 +321,8 @@ def markdown(report: dict[str, Any]) -> str:
             f"guidance at the pick's accuracy ({matched['accuracy']:.4f}: weight "
             f"{matched['weight']:.3g} on the curve interpolated in the weight) has FD "
             f"{matched['fd']:.2f}; the pick's FD is {d['fd_margin']:+.2f} ± "
-            f"{d['fd_margin_std']:.2f} from it ({'more' if d['significant'] else 'less'} than two "
-            f"standard errors). Below the FD of every less accurate constant weight: "
+            f"{d['fd_margin_std']:.2f} from it ({d.get('fd_margin_std_kind', 'independent')} "
+            f"standard error; {'more' if d['significant'] else 'less'} than two). Below the FD of every less accurate constant weight: "
             f"{d['below_every_less_accurate_constant']}." + _unguided_note(row),
             "",
             f"Wang et al., linear-increasing vs constant at mean weight {w['mean_weight']:g}: FD "
