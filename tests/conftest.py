@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -38,3 +39,11 @@ def pipe(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     scheduler_class = getattr(request.module, "PIPE_SCHEDULER", PNDMScheduler)
     scheduler = scheduler_class.from_config(SD_SCHEDULER_CONFIG)
     return tiny_pipeline(tmp_path_factory.mktemp("tiny_sd"), scheduler)
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(pipe: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``pipe`` saved with ``save_pretrained`` (a local pipeline folder, as users pass it)."""
+    directory = tmp_path_factory.mktemp("saved_sd")
+    pipe.save_pretrained(directory)
+    return directory

@@ -38,13 +38,6 @@ pytestmark = pytest.mark.usefixtures("_one_thread")
 
 
 @pytest.fixture(scope="module")
-def pipeline_dir(pipe: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("saved_sd")
-    pipe.save_pretrained(directory)
-    return directory
-
-
-@pytest.fixture(scope="module")
 def prompts_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
     path.write_text("\n".join(["", PROMPTS[0], "   ", f"  {PROMPTS[1]}  ", PROMPTS[2], ""]))
