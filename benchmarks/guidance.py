@@ -6,8 +6,9 @@ weight 1 one):
 1. **Search** (:func:`~stepsearch.search.guidance.search_guidance`): ``--trials`` trials judged on
    FD-digits and the classifier's accuracy on ``--num-samples`` search-seed samples; the constant
    curve (``--constant-weights`` at Karras rho 7) and the best non-dominated trials scored again
-   on ``--select-samples`` selection-seed samples, the pick made there (lowest FD at accuracy >=
-   constant w=2); the constant curve and the pick scored on ``--held-out-samples`` held-out
+   on ``--select-samples`` selection-seed samples, the pick made there by ``--pick-rule``
+   (``margin``, the default here: the trial furthest below the selection seed's constant curve at
+   its own accuracy; ``default``: the lowest FD at accuracy >= constant w=2's); the constant curve and the pick scored on ``--held-out-samples`` held-out
    samples. *Dominates* (the issue's test) means: the pick's FD is below that of constant guidance
    at the pick's accuracy (:func:`constant_at_accuracy`: the constant curve interpolated linearly
    in the weight, the lower-FD crossing where there are two; above the curve's highest accuracy,
@@ -32,7 +33,6 @@ Results: ``benchmarks/results/guidance.{json,md}``. Full protocol (the issue's d
 from __future__ import annotations
 
 import argparse
-import itertools
 import math
 import os
 import tempfile
@@ -53,6 +53,7 @@ from stepsearch.models import load_model
 from stepsearch.search.guidance import (
     GuidanceCandidate,
     GuidanceSearchSettings,
+    constant_curve_point,
     evaluate_candidate,
     feature_matrix,
     search_guidance,
@@ -94,35 +95,20 @@ def paired_fd_difference(
 
 def constant_at_accuracy(constants: dict[float, dict[str, Any]], accuracy: float) -> dict[str, Any]:
     """Constant guidance at ``accuracy``: ``constants`` (weight -> held-out score with ``fd``,
-    ``fd_std``, ``accuracy``) interpolated linearly in the weight between neighbouring weights
-    whose accuracies bracket it, the crossing with the lowest FD; if no pair brackets it (higher
-    than every constant's accuracy, or lower than every one's), the constant with the nearest
-    accuracy. Returns ``weight``, ``fd``, ``fd_std`` and ``accuracy`` there, and the two weights
-    (``between``) and the fraction ``t`` of the way from the first to the second."""
-    weights = sorted(constants)
-    crossings = []
-    for low, high in itertools.pairwise(weights):
-        a, b = constants[low], constants[high]
-        if min(a["accuracy"], b["accuracy"]) <= accuracy <= max(a["accuracy"], b["accuracy"]):
-            span = b["accuracy"] - a["accuracy"]
-            if span == 0:  # both at this accuracy: the lower FD of the two
-                t = 0.0 if a["fd"] <= b["fd"] else 1.0
-            else:
-                t = (accuracy - a["accuracy"]) / span
-            crossings.append({
-                "weight": low + t * (high - low),
-                "fd": (1 - t) * a["fd"] + t * b["fd"],
-                "fd_std": (1 - t) * (a["fd_std"] or 0.0) + t * (b["fd_std"] or 0.0),
-                "accuracy": accuracy,
-                "between": [low, high],
-                "t": t,
-            })  # fmt: skip
-    if crossings:
-        return min(crossings, key=lambda c: c["fd"])
-    weight = min(weights, key=lambda w: abs(constants[w]["accuracy"] - accuracy))
-    score = constants[weight]
-    return {"weight": weight, "fd": score["fd"], "fd_std": score["fd_std"] or 0.0,
-            "accuracy": score["accuracy"], "between": [weight, weight], "t": 0.0}  # fmt: skip
+    ``fd_std``, ``accuracy``) on the curve of :func:`constant_curve_point` (linear in the weight
+    between neighbouring weights whose accuracies bracket it, the lowest-FD crossing; else the
+    constant with the nearest accuracy). Returns ``weight``, ``fd``, ``fd_std`` (interpolated
+    alike) and ``accuracy`` there, the two weights (``between``) and the fraction ``t`` of the way
+    from the first to the second."""
+    point = constant_curve_point(
+        {w: (score["fd"], score["accuracy"]) for w, score in constants.items()}, accuracy
+    )
+    low, high = point.between
+    fd_std = (1 - point.t) * (constants[low]["fd_std"] or 0.0) + point.t * (
+        constants[high]["fd_std"] or 0.0
+    )
+    return {"weight": point.weight, "fd": point.fd, "fd_std": fd_std,
+            "accuracy": point.condition, "between": [low, high], "t": point.t}  # fmt: skip
 
 
 def _held_out(source: Any, candidate: GuidanceCandidate, solver: Any, budget: int, count: int,
@@ -196,6 +182,7 @@ def run_budget(budget: int, args: argparse.Namespace) -> dict[str, Any]:
     settings = GuidanceSearchSettings(
         trials=args.trials, constant_weights=tuple(args.constant_weights),
         weight_range=(1.0, args.max_weight), select_trials=args.select_trials,
+        pick_rule=args.pick_rule,
     )  # fmt: skip
     began = time.perf_counter()
     result = search_guidance(
@@ -290,7 +277,8 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"Measured {report['environment']['date'][:10]} on {report['environment']['cpu_count']} "
         "CPU cores, one budget per process (`python benchmarks/guidance.py --nfe 8 16 --trials 80 "
-        "--held-out-samples 5000 --jobs 2`); the pick is made on the selection seed (2), every "
+        f"--held-out-samples 5000 --jobs 2 --pick-rule {report['settings'].get('pick_rule', 'default')}`); "
+        "the pick is made on the selection seed (2) by that pick rule, every "
         "number below is on held-out seed 1. The constant curve between two weights is "
         "interpolated linearly in the weight; at 8 passes every weight above 1 costs two passes a "
         "step (4 steps), so between w=1 (8 steps) and w=1.25 the interpolation is kinder to "
@@ -351,6 +339,10 @@ def main() -> None:
     parser.add_argument("--held-out-samples", type=int, default=5000)
     parser.add_argument("--select-samples", type=int, default=1000)
     parser.add_argument("--select-trials", type=int, default=12)
+    parser.add_argument(
+        "--pick-rule", default="margin", choices=["default", "margin"],
+        help="the search's pick rule (stepsearch.search.guidance.PICK_RULES)",
+    )  # fmt: skip
     parser.add_argument(
         "--constant-weights", type=float, nargs="+", default=[1, 1.25, 1.5, 1.75, 2, 3, 4]
     )

@@ -28,7 +28,9 @@ from stepsearch.search.guidance import (
     GuidanceScore,
     GuidanceSearchSettings,
     GuidanceTrial,
+    constant_curve_point,
     pareto_front,
+    pick_trial,
     search_guidance,
     selection_pool,
     steps_for_budget,
@@ -120,7 +122,46 @@ def test_selection_pool_is_the_constants_and_whole_non_dominated_layers():
         assert [t.number for t in pool] == sorted(expected)
 
 
+def test_constant_curve_is_linear_in_the_weight_and_takes_the_lower_fd_crossing():
+    # accuracy rises to w=2 and falls after it (as digits-cond's does at high weights)
+    curve = {1.0: (4.0, 0.90), 2.0: (10.0, 0.99), 3.0: (50.0, 0.95)}
+    point = constant_curve_point(curve, 0.95)  # crossed between 1 and 2 and between 2 and 3
+    t = (0.95 - 0.90) / (0.99 - 0.90)
+    assert point.between == (1.0, 2.0) and point.t == pytest.approx(t)
+    assert point.fd == pytest.approx(4.0 + 6.0 * t) and point.weight == pytest.approx(1.0 + t)
+    # at 0.97: 8.67 between 1 and 2, 30 between 2 and 3
+    assert constant_curve_point(curve, 0.97).fd == pytest.approx(4.0 + 6.0 * 0.07 / 0.09)
+    above = constant_curve_point(curve, 0.995)  # above every accuracy: the most accurate weight
+    assert (above.weight, above.fd, above.condition, above.t) == (2.0, 10.0, 0.99, 0.0)
+    below = constant_curve_point(curve, 0.5)
+    assert (below.weight, below.fd, below.between) == (1.0, 4.0, (1.0, 1.0))
+    assert constant_curve_point(curve, 0.99).fd == pytest.approx(10.0)
+
+
+def test_pick_rules_on_the_selection_scores():
+    constants = {1.0: _trial(0, 4.0, 0.90), 2.0: _trial(1, 10.0, 0.99), 3.0: _trial(2, 50.0, 0.95)}
+    searched = [
+        _trial(3, 5.0, 0.95),  # curve at 0.95: 4 + 6 * 5/9 = 7.33, margin 2.33
+        _trial(4, 9.5, 0.995),  # above the curve's accuracies: w=2's FD 10, margin 0.5
+        _trial(5, 1.0, 0.85),  # less accurate than w=1: not eligible for the margin
+        _trial(6, 8.0, 0.98),  # curve at 0.98: 9.33, margin 1.33
+        _trial(7, math.nan, 0.999),
+    ]
+    pool = [*constants.values(), *searched]
+    selection = {t.number: t.score for t in pool}
+    assert pick_trial(pool, selection, constants, 2.0, "margin").number == 3
+    assert pick_trial(pool, selection, constants, 2.0, "default").number == 4  # acc >= 0.99
+    assert pick_trial(pool, selection, constants, 1.0, "default").number == 0  # acc >= 0.90
+    # the rule reads the selection scores, not the search seed's
+    reselected = {**selection, 6: dataclasses.replace(selection[6], fd=6.0)}
+    assert pick_trial(pool, reselected, constants, 2.0, "margin").number == 6
+    with pytest.raises(ValueError, match="pick rule"):
+        pick_trial(pool, selection, constants, 2.0, "lowest")
+
+
 def test_settings_refuse_bad_values_naming_the_field():
+    with pytest.raises(ValueError, match="pick_rule"):
+        GuidanceSearchSettings(pick_rule="lowest")
     with pytest.raises(ValueError, match="shapes"):
         GuidanceSearchSettings(shapes=("constant", "zigzag"))
     with pytest.raises(ValueError, match="shapes must include 'constant'"):
@@ -182,6 +223,19 @@ def test_search_picks_by_its_rule_stores_every_trial_and_resumes(digits_cond, tm
     assert len(optuna.load_study(study_name=name, storage=storage).trials) == 7
     assert again.pick.number == result.pick.number
     assert again.selection == result.selection  # kept in the study, not drawn again
+    # another pick rule chooses among the same trials: the study resumes, nothing is redrawn
+    margin = dataclasses.replace(TINY, pick_rule="margin")
+    other = search_guidance(
+        digits_cond, "dpm_solver_pp_2m", 8, tmp_path, **{**run, "settings": margin}
+    )
+    assert len(optuna.load_study(study_name=name, storage=storage).trials) == 7
+    assert other.selection == result.selection
+    constants = {
+        t.candidate.guidance.parameters["weight"]: t for t in pool if t.origin == "constant"
+    }
+    expected = pick_trial(pool, result.selection, constants, 2.0, "margin")
+    assert other.pick.number == expected.number
+    assert "margin" in json.loads((tmp_path / "result.json").read_text())["pick_rule"]
     with pytest.raises(ValueError, match="other settings"):
         search_guidance(digits_cond, "dpm_solver_pp_2m", 8, tmp_path, **{**run, "num_samples": 30})
 

@@ -73,6 +73,15 @@ def guidance_command(
             show_default=False,
         ),
     ] = None,
+    pick_rule: Annotated[
+        str,
+        typer.Option(
+            metavar="RULE",
+            help="How the pick is made on the selection seed: `default` (lowest FD at accuracy / "
+            "CLIP score >= constant guidance at --guidance-scale) or `margin` (furthest below the "
+            "constant curve at its own accuracy / CLIP score).",
+        ),
+    ] = "default",
     storage: options.Storage = None,
     num_samples: options.NumSamples = DEFAULT_NUM_SAMPLES,
     select_samples: options.SelectSamples = 1000,
@@ -94,7 +103,8 @@ def guidance_command(
     a schedule on the noise level. Every candidate is a trial in an Optuna study (rerun the same
     command to resume). Scores the constant curve and the best non-dominated trials again on a
     selection seed (seed + 2, `--select-samples`), picks there the lowest FD at accuracy (CLIP
-    score) >= constant guidance at the default weight (`--guidance-scale`), scores it and the
+    score) >= constant guidance at the default weight (`--guidance-scale`; or, with `--pick-rule
+    margin`, the trial furthest below the constant curve at its own accuracy), scores it and the
     constant curve on held-out noise (seed + 1), and writes `guidance.json`, `best_schedule.json`,
     `scheduler/` and `result.json` (Pareto front, every trial) to `--out`."""
     from stepsearch.models import load_model
@@ -117,6 +127,7 @@ def guidance_command(
             constant_weights=(
                 tuple(constant_weights) if constant_weights else defaults.constant_weights
             ),
+            pick_rule=pick_rule,
         )
         judges: dict[str, Any] = {}
         if pipeline is None:

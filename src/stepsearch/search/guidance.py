@@ -32,9 +32,11 @@ The search seed's scores are noisy (a few hundred samples tell accuracies of 0.9
 apart by one or two digits), so the pick is made on a third noise seed, the *selection* seed, with
 more samples: the constant curve and the search seed's best non-dominated layers of trials
 (:attr:`GuidanceSearchSettings.select_trials` of them) are scored there, each score kept in the
-study (a rerun reuses it). The pick rule: among those whose selection condition score (accuracy,
-CLIP score) is at least that of constant guidance at the model's default weight (its guidance
-scale), the lowest selection FD. The pick and the constant curve are then scored on held-out
+study (a rerun reuses it). The pick rule (:data:`PICK_RULES`): by default, among those whose
+selection condition score (accuracy, CLIP score) is at least that of constant guidance at the
+model's default weight (its guidance scale), the lowest selection FD; ``margin``: the trial
+furthest below the constant curve at its own condition score (the issue's sense of "dominates").
+The pick and the constant curve are then scored on held-out
 noise. Files: ``guidance.json`` (the guidance schedule with provenance), ``best_schedule.json``
 and ``scheduler/`` (the step schedule), ``result.json`` (Pareto front, constant curve, pick,
 held-out scores). A pipeline search also records its ``judges`` (the CLIP model's identity, the FD
@@ -54,6 +56,7 @@ A text-to-image pipeline user runs::
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
 import time
@@ -85,20 +88,24 @@ from stepsearch.solvers.base import Solver
 
 __all__ = [
     "CONDITION_JUDGES",
+    "PICK_RULES",
     "PIPELINE_SETTINGS",
     "SEARCH_SHAPES",
     "AccuracyJudge",
     "ClipJudge",
     "ConditionJudge",
+    "CurvePoint",
     "GuidanceCandidate",
     "GuidanceScore",
     "GuidanceSearchResult",
     "GuidanceSearchSettings",
     "GuidanceTrial",
     "condition_judge",
+    "constant_curve_point",
     "evaluate_candidate",
     "feature_matrix",
     "pareto_front",
+    "pick_trial",
     "pipeline_judges",
     "search_guidance",
     "selection_pool",
@@ -118,6 +125,15 @@ SEARCH_SHAPES = (
 CONDITION_JUDGES: Mapping[str, str] = {"accuracy": "accuracy", "clip": "CLIP score"}
 """The condition judges (the key of their scores) and their names in words."""
 
+PICK_RULES: Mapping[str, str] = {
+    "default": "the lowest FD at a condition score at least constant guidance's at the default "
+    "weight",
+    "margin": "the largest FD margin below the constant curve at the trial's own condition score "
+    "(the curve interpolated in the weight, :func:`constant_curve_point`), among trials whose "
+    "condition score is at least that of the curve's smallest weight",
+}
+"""The rules that pick a trial on the selection seed (``GuidanceSearchSettings.pick_rule``)."""
+
 
 @dataclass(frozen=True)
 class GuidanceSearchSettings:
@@ -128,7 +144,9 @@ class GuidanceSearchSettings:
     ``default_weight``: the constant weight whose condition score (accuracy, CLIP score) a pick
     must reach (``None``: the model's own guidance scale); ``rho``: the Karras spacing of the
     constant curve; ``rho_range``: the spacings searched; ``select_trials``: the searched trials
-    (besides the constant curve) scored on the selection seed.
+    (besides the constant curve) scored on the selection seed; ``pick_rule``: how the pick is
+    made on the selection seed (:data:`PICK_RULES`). The pick rule and ``select_trials`` choose
+    among finished trials only: a study resumes under another one.
     """
 
     trials: int = 60
@@ -139,8 +157,11 @@ class GuidanceSearchSettings:
     rho: float = 7.0
     rho_range: tuple[float, float] = (1.5, 12.0)
     select_trials: int = 12
+    pick_rule: str = "default"
 
     def __post_init__(self) -> None:
+        if self.pick_rule not in PICK_RULES:
+            raise ValueError(f"pick_rule: choose from {list(PICK_RULES)}, got {self.pick_rule!r}")
         object.__setattr__(self, "shapes", tuple(self.shapes))
         object.__setattr__(self, "constant_weights", tuple(float(w) for w in self.constant_weights))
         unknown = [shape for shape in self.shapes if shape not in SEARCH_SHAPES]
@@ -691,7 +712,7 @@ def search_guidance(
         "search_seed": int(search_seed),
         "select_samples": int(select_samples),
         "select_seed": int(select_seed),
-        "settings": settings.to_json_dict(),
+        "settings": _study_settings(settings),
         **judges,
     }
     name = study_name or f"guidance-{source.identity.name}-{run_solver.name}-passes{budget}"
@@ -748,12 +769,7 @@ def search_guidance(
         selection[trial.number] = score
         bar.update(1)
     bar.close()
-    floor = selection[constants[default_weight].number].condition
-    eligible = [t for t in pool if selection[t.number].condition >= floor]
-    pick = min(
-        eligible,
-        key=lambda t: (selection[t.number].fd, -selection[t.number].condition, t.number),
-    )
+    pick = pick_trial(pool, selection, constants, default_weight, settings.pick_rule)
     seeds = {"search": int(search_seed), "select": int(select_seed), "held_out": int(held_out_seed)}
     samples = {"search": int(num_samples), "select": int(select_samples),
                "held_out": int(held_out_samples)}  # fmt: skip
@@ -788,6 +804,100 @@ def _judges(judge: ConditionJudge, reference: FeatureReference) -> dict[str, Any
         "reference": reference.source,
     }
     return {"judges": {"quality": quality, "condition": judge.describe()}}
+
+
+def _study_settings(settings: GuidanceSearchSettings) -> dict[str, Any]:
+    """The settings a study is made for: the pick rule chooses among its finished trials (and
+    studies made before it existed keep resuming)."""
+    record = settings.to_json_dict()
+    del record["pick_rule"]
+    return record
+
+
+@dataclass(frozen=True)
+class CurvePoint:
+    """Constant guidance at a condition score, on the curve interpolated in the weight:
+    ``fd`` at ``condition``, ``t`` of the way from weight ``between[0]`` to ``between[1]``
+    (equal weights: no pair of neighbouring weights brackets it, the nearest constant)."""
+
+    weight: float
+    fd: float
+    condition: float
+    between: tuple[float, float]
+    t: float
+
+
+def constant_curve_point(
+    curve: Mapping[float, tuple[float, float]], condition: float
+) -> CurvePoint:
+    """Constant guidance at ``condition``. ``curve``: weight -> ``(fd, condition score)``.
+
+    Between neighbouring weights whose condition scores bracket ``condition``, the curve is
+    linear in the weight (FD and condition score alike); where several pairs bracket it (the
+    condition score rises, then falls at high weights), the crossing with the lowest FD. Outside
+    every pair's range, the constant with the nearest condition score (its own FD and score)."""
+    weights = sorted(curve)
+    if not weights:
+        raise ValueError("the constant curve is empty")
+    crossings = []
+    for low, high in itertools.pairwise(weights):
+        (fd_low, c_low), (fd_high, c_high) = curve[low], curve[high]
+        if min(c_low, c_high) <= condition <= max(c_low, c_high):
+            if c_high == c_low:  # both at this score: the lower FD of the two
+                t = 0.0 if fd_low <= fd_high else 1.0
+            else:
+                t = (condition - c_low) / (c_high - c_low)
+            fd = (1.0 - t) * fd_low + t * fd_high
+            crossings.append(CurvePoint(low + t * (high - low), fd, condition, (low, high), t))
+    if crossings:
+        return min(crossings, key=lambda point: point.fd)
+    weight = min(weights, key=lambda w: abs(curve[w][1] - condition))
+    fd, score = curve[weight]
+    return CurvePoint(weight, fd, score, (weight, weight), 0.0)
+
+
+def pick_trial(
+    pool: Sequence[GuidanceTrial],
+    selection: Mapping[int, GuidanceScore],
+    constants: Mapping[float, GuidanceTrial],
+    default_weight: float,
+    rule: str = "default",
+) -> GuidanceTrial:
+    """The pick among ``pool`` by ``rule`` (:data:`PICK_RULES`), on the selection-seed scores
+    ``selection`` (by trial number; the constant curve ``constants`` among them).
+
+    ``default``: the lowest FD among trials whose condition score is at least that of constant
+    guidance at ``default_weight``. ``margin``: the largest ``FD(curve at the trial's score) -
+    FD(trial)`` (:func:`constant_curve_point` on the selection scores of ``constants``) among
+    trials whose score is at least that of the constant curve's smallest weight; a point on the
+    curve has margin 0. Trials with a non-finite selection FD are never picked. Ties: the higher
+    condition score, then the lower trial number."""
+    if rule not in PICK_RULES:
+        raise ValueError(f"pick rule: choose from {list(PICK_RULES)}, got {rule!r}")
+
+    def tie(t: GuidanceTrial) -> tuple[float, int]:
+        return -selection[t.number].condition, t.number
+
+    def at_least(floor: float) -> list[GuidanceTrial]:
+        return [
+            t
+            for t in pool
+            if selection[t.number].condition >= floor and math.isfinite(selection[t.number].fd)
+        ]
+
+    if rule == "default":
+        eligible = at_least(selection[constants[default_weight].number].condition)
+        return min(eligible, key=lambda t: (selection[t.number].fd, *tie(t)))
+    curve = {
+        w: (selection[t.number].fd, selection[t.number].condition) for w, t in constants.items()
+    }
+    eligible = at_least(curve[min(curve)][1])
+
+    def margin(t: GuidanceTrial) -> float:
+        score = selection[t.number]
+        return constant_curve_point(curve, score.condition).fd - score.fd
+
+    return min(eligible, key=lambda t: (-margin(t), *tie(t)))
 
 
 def selection_pool(
@@ -855,10 +965,12 @@ def _report(
         "seeds": seeds,
         "search": {"family": "guidance", "settings": settings.to_json_dict()},
         "study": {"storage": url, "name": name, "trials": len(trials)},
-        "pick_rule": (
-            f"lowest FD at {CONDITION_JUDGES[judge.name]} >= constant w={default_weight:g}'s, on "
-            f"the selection seed ({select_samples} samples) among the constant curve and the "
-            f"search seed's {len(selection) - len(constants)} best non-dominated trials"
+        "pick_rule": _pick_rule_text(
+            settings.pick_rule,
+            CONDITION_JUDGES[judge.name],
+            default_weight,
+            select_samples,
+            len(selection) - len(constants),
         ),
         **judging.record,
     }
@@ -918,6 +1030,22 @@ def _report(
     atomic_write_json(out / "result.json", summary)
     return GuidanceSearchResult(
         pick, reference_trial, trials, front, scores, selection, files, summary, judge.name
+    )
+
+
+def _pick_rule_text(
+    rule: str, judge: str, default_weight: float, select_samples: int, searched: int
+) -> str:
+    """The pick rule in words, for the files."""
+    where = (
+        f"on the selection seed ({select_samples} samples) among the constant curve and the "
+        f"search seed's {searched} best non-dominated trials"
+    )
+    if rule == "default":
+        return f"lowest FD at {judge} >= constant w={default_weight:g}'s, {where}"
+    return (
+        f"largest FD margin below the constant curve (interpolated in the weight) at the trial's "
+        f"own {judge}, {judge} >= the curve's smallest weight's, {where}"
     )
 
 
