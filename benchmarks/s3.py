@@ -7,8 +7,8 @@ budget, seeded with the others' results at that NFE, as ``stepsearch optimize`` 
 is then scored on the held-out seed - FD-digits at ``--held-out-samples`` (and at
 ``--large-samples`` for the NFEs of ``--large-nfe``, with the ratio to two independent converged
 solves) and trajectory error to the converged solve - beside the best built-in solver + spacing.
-Part two is the predictor ablation: S³ with and without its predictor, ``--ablation-seeds`` seeds
-at ``--ablation-budget`` evaluations. Results: ``benchmarks/results/s3.{json,md}``.
+Part two is the predictor ablation: S³ with and without its predictor at each NFE of
+``--ablation-nfe``, ``--ablation-seeds`` seeds at ``--ablation-budget`` evaluations. Results: ``benchmarks/results/s3.{json,md}``.
 
 Full protocol (the issue's done-when; ~2 h on 2 idle cores)::
 
@@ -61,7 +61,7 @@ def main() -> None:
     parser.add_argument("--held-out-samples", type=int, default=1000)
     parser.add_argument("--large-samples", type=int, default=5000)
     parser.add_argument("--large-nfe", type=int, nargs="*", default=[4, 5])
-    parser.add_argument("--ablation-nfe", type=int, default=5)
+    parser.add_argument("--ablation-nfe", type=int, nargs="*", default=[3, 4, 5, 6])
     parser.add_argument("--ablation-budget", type=int, default=200)
     parser.add_argument("--ablation-samples", type=int, default=256)
     parser.add_argument("--ablation-seeds", type=int, default=3)
@@ -132,7 +132,7 @@ def main() -> None:
                                       for label, pair in converged.items()}  # fmt: skip
         rows.append(row)
         _write(args, rows, reference, None, began)
-    ablation = _ablation(args, source, cache)
+    ablation = _ablation(args, source, cache) if args.ablation_nfe else None
     _write(args, rows, reference, ablation, began)
 
 
@@ -155,35 +155,59 @@ def _best_built_in(search: Objective, noise: Any, nfe: int) -> dict[str, Any]:
 
 
 def _ablation(args: Any, source: Any, cache: TensorCache) -> dict[str, Any]:
-    """S³ with and without the predictor: best search-seed and held-out FD per seed."""
+    """S³ with and without the predictor at each NFE of ``--ablation-nfe``: best search-seed and
+    held-out FD per seed, at an equal number of true evaluations."""
     objective = Objective(source, "fd", num_samples=args.ablation_samples,
                           held_out_samples=args.held_out_samples, cache=cache, progress=False)  # fmt: skip
-    nfe, out = args.ablation_nfe, args.work / "ablation"
+    out = args.work / "ablation"
     out.mkdir(parents=True, exist_ok=True)
-    starts = spacing_schedules(source.noise, nfe)
-    result: dict[str, Any] = {"nfe": nfe, "budget": args.ablation_budget, "runs": []}
-    for seed in range(args.ablation_seeds):
-        for use in (True, False):
-            begin = time.perf_counter()
-            storage = f"sqlite:///{out / f'seed{seed}-{use}.sqlite3'}"
-            with StudyStore.open(storage, "s3", metadata={"nfe": nfe}) as store:
-                found = s3_search(objective, nfe=nfe, budget=args.ablation_budget, store=store,
-                                  seed=seed, schedules=starts,
-                                  settings=S3Settings(use_predictor=use))  # fmt: skip
-            values = np.array(found.values)
-            searched = values[[r.stage >= 0 for r in found.history]]
-            run = {
-                "seed": seed,
-                "predictor": use,
-                "search": found.best_score.value,
-                "held_out_fd": objective.held_out(found.best, plan_solver_for(objective)).value,
-                "best_after": {str(k): float(np.min(searched[:k]))
-                               for k in (25, 50, 100, 150, 200) if k <= searched.size},
-                "minutes": round((time.perf_counter() - begin) / 60, 2),
-            }  # fmt: skip
-            result["runs"].append(run)
-            print(f"ablation seed {seed} predictor={use}: {run['held_out_fd']:.3f}", flush=True)
+    result: dict[str, Any] = {"nfe": list(args.ablation_nfe), "budget": args.ablation_budget,
+                              "runs": []}  # fmt: skip
+    for nfe in args.ablation_nfe:
+        starts = spacing_schedules(source.noise, nfe)
+        for seed in range(args.ablation_seeds):
+            for use in (True, False):
+                begin = time.perf_counter()
+                storage = f"sqlite:///{out / f'nfe{nfe}-seed{seed}-{use}.sqlite3'}"
+                with StudyStore.open(storage, "s3", metadata={"nfe": nfe}) as store:
+                    found = s3_search(objective, nfe=nfe, budget=args.ablation_budget,
+                                      store=store, seed=seed, schedules=starts,
+                                      settings=S3Settings(use_predictor=use))  # fmt: skip
+                values = np.array(found.values)
+                searched = values[[r.stage >= 0 for r in found.history]]
+                run = {
+                    "nfe": nfe,
+                    "seed": seed,
+                    "predictor": use,
+                    "search": found.best_score.value,
+                    "held_out_fd": objective.held_out(found.best, plan_solver_for(objective)).value,
+                    "best_after": {str(k): float(np.min(searched[:k]))
+                                   for k in (25, 50, 100, 150, 200) if k <= searched.size},
+                    "minutes": round((time.perf_counter() - begin) / 60, 2),
+                }  # fmt: skip
+                result["runs"].append(run)
+                print(f"ablation NFE {nfe} seed {seed} predictor={use}: "
+                      f"{run['held_out_fd']:.3f}", flush=True)  # fmt: skip
     return result
+
+
+def ablation_summary(ablation: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per NFE: the mean and sample standard deviation of the held-out FD over the seeds with and
+    without the predictor, and whether the predictor's mean is lower."""
+    rows = []
+    for nfe in dict.fromkeys(run.get("nfe", ablation["nfe"]) for run in ablation["runs"]):
+        row: dict[str, Any] = {"nfe": nfe}
+        for use, key in ((True, "with"), (False, "without")):
+            values = [r["held_out_fd"] for r in ablation["runs"]
+                      if r.get("nfe", nfe) == nfe and r["predictor"] == use]  # fmt: skip
+            row[key] = {
+                "mean": float(np.mean(values)),
+                "std": float(np.std(values, ddof=1)) if len(values) > 1 else None,
+                "seeds": len(values),
+            }
+        row["predictor_better"] = bool(row["with"]["mean"] < row["without"]["mean"])
+        rows.append(row)
+    return rows
 
 
 def _write(args: Any, rows: list, reference: dict, ablation: dict | None, began: float) -> None:
@@ -257,18 +281,24 @@ def _markdown(payload: dict[str, Any]) -> str:
                       "", "```", row["results"]["s3"]["plan"], "```"]  # fmt: skip
     ablation = payload.get("ablation")
     if ablation:
-        lines += ["", f"### Predictor ablation (NFE {ablation['nfe']}, {ablation['budget']} "
-                  "evaluations per run)", "", "| seed | predictor | search | held-out FD | "
-                  "best after 25 / 50 / 100 |", "| ---: | --- | ---: | ---: | --- |"]  # fmt: skip
+        lines += ["", f"### Predictor ablation ({ablation['budget']} true evaluations per run)", "",
+                  "| NFE | seed | predictor | search | held-out FD | best after 25 / 50 / 100 |",
+                  "| ---: | ---: | --- | ---: | ---: | --- |"]  # fmt: skip
         for run in ablation["runs"]:
             after = " / ".join(f"{v:.2f}" for k, v in run["best_after"].items() if int(k) <= 100)
-            lines.append(f"| {run['seed']} | {'yes' if run['predictor'] else 'no'} | "
-                         f"{run['search']:.2f} | {run['held_out_fd']:.2f} | {after} |")  # fmt: skip
-        for use in (True, False):
-            chosen = [r["held_out_fd"] for r in ablation["runs"] if r["predictor"] == use]
-            if chosen:
-                lines.append(f"\nMean held-out FD {'with' if use else 'without'} the predictor: "
-                             f"{np.mean(chosen):.2f}")  # fmt: skip
+            lines.append(f"| {run.get('nfe', ablation['nfe'])} | {run['seed']} | "
+                         f"{'yes' if run['predictor'] else 'no'} | {run['search']:.2f} | "
+                         f"{run['held_out_fd']:.2f} | {after} |")  # fmt: skip
+        summary = ablation_summary(ablation)
+        lines += ["", "| NFE | held-out FD with the predictor (mean ± s.d. over seeds) | without | "
+                  "predictor better |", "| ---: | ---: | ---: | --- |"]  # fmt: skip
+        for row in summary:
+            cells = [f"{row[k]['mean']:.2f} ± {row[k]['std'] or float('nan'):.2f}"
+                     for k in ("with", "without")]  # fmt: skip
+            lines.append(f"| {row['nfe']} | {cells[0]} | {cells[1]} | "
+                         f"{'yes' if row['predictor_better'] else 'no'} |")  # fmt: skip
+        wins = sum(row["predictor_better"] for row in summary)
+        lines.append(f"\nThe predictor's mean is lower at {wins} of {len(summary)} NFEs.")
     return "\n".join(lines) + "\n"
 
 
