@@ -258,15 +258,35 @@ def run_budget(budget: int, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _unguided_note(row: dict[str, Any]) -> str:
-    """A pick whose guidance touches none of its evaluations samples unguided: say so."""
+    """A pick whose guidance touches none of its evaluations samples unguided, a constant pick
+    differs from the curve only in its spacing: say so."""
     pick = row["held_out"]["pick"]
-    if pick["unet_passes"] != pick["num_steps"] or row["pick"]["shape"] == "constant":
+    if row["pick"]["shape"] == "constant":
+        return (
+            f" The pick is constant guidance (w={row['pick']['parameters']['weight']:.3g}): what "
+            f"it changes against the curve is the step spacing, Karras rho "
+            f"{row['pick']['rho']:.3g} instead of 7."
+        )
+    if pick["unet_passes"] != pick["num_steps"]:
         return ""
     return (
         f" The pick's {row['pick']['shape']} guidance holds none of its {pick['num_steps']} "
         "evaluation noise levels: it samples unguided (one pass a step), and its gain over the "
         f"constant curve (Karras rho 7) is its step spacing, rho {row['pick']['rho']:.3g}."
     )
+
+
+def command(settings: dict[str, Any]) -> str:
+    """The command line that measures ``settings`` (the report's)."""
+    flags = ("nfe", "trials", "num_samples", "select_trials", "select_samples",
+             "held_out_samples", "pick_rule")  # fmt: skip
+    parts = ["python benchmarks/guidance.py"]
+    for name in flags:
+        value = settings.get(name, "default" if name == "pick_rule" else None)
+        if value is not None:
+            shown = " ".join(map(str, value)) if isinstance(value, list) else value
+            parts.append(f"--{name.replace('_', '-')} {shown}")
+    return " ".join([*parts, "--jobs 2"])
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -276,10 +296,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"Settings: {report['settings']}. Budgets count network (UNet) passes per sample.",
         "",
         f"Measured {report['environment']['date'][:10]} on {report['environment']['cpu_count']} "
-        "CPU cores, one budget per process (`python benchmarks/guidance.py --nfe 8 16 --trials 80 "
-        f"--held-out-samples 5000 --jobs 2 --pick-rule {report['settings'].get('pick_rule', 'default')}`); "
-        "the pick is made on the selection seed (2) by that pick rule, every "
-        "number below is on held-out seed 1. The constant curve between two weights is "
+        f"CPU cores, one budget per process (`{command(report['settings'])}`); the pick is made "
+        "on the selection seed (2) by that pick rule, every number below is on held-out seed 1. The constant curve between two weights is "
         "interpolated linearly in the weight; at 8 passes every weight above 1 costs two passes a "
         "step (4 steps), so between w=1 (8 steps) and w=1.25 the interpolation is kinder to "
         "constant guidance than any real weight there.",
