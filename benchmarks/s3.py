@@ -8,7 +8,8 @@ is then scored on the held-out seed - FD-digits at ``--held-out-samples`` (and a
 ``--large-samples`` for the NFEs of ``--large-nfe``, with the ratio to two independent converged
 solves) and trajectory error to the converged solve - beside the best built-in solver + spacing.
 Part two is the predictor ablation: S³ with and without its predictor at each NFE of
-``--ablation-nfe``, ``--ablation-seeds`` seeds at ``--ablation-budget`` evaluations. Results: ``benchmarks/results/s3.{json,md}``.
+``--ablation-nfe``, ``--ablation-seeds`` seeds at ``--ablation-budget`` evaluations (``--nfe``
+with no value: the ablation alone; ``--ablation-nfe`` with none: no ablation). Results: ``benchmarks/results/s3.{json,md}``.
 
 Full protocol (the issue's done-when; ~2 h on 2 idle cores)::
 
@@ -53,7 +54,7 @@ CONVERGED = (("dpm_solver_pp_3m", "logsnr_uniform", 100), ("unipc_bh2", "time_un
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="digits")
-    parser.add_argument("--nfe", type=int, nargs="+", default=[3, 4, 5, 6])
+    parser.add_argument("--nfe", type=int, nargs="*", default=[3, 4, 5, 6])
     parser.add_argument("--families", nargs="+", default=list(OTHERS), choices=OTHERS)
     parser.add_argument("--budget", type=int, default=200, help="S³ evaluations")
     parser.add_argument("--autodiffusion-budget", type=int, default=200)
