@@ -157,6 +157,9 @@ def test_pick_rules_on_the_selection_scores():
     assert pick_trial(pool, reselected, constants, 2.0, "margin").number == 6
     with pytest.raises(ValueError, match="pick rule"):
         pick_trial(pool, selection, constants, 2.0, "lowest")
+    diverged = {n: dataclasses.replace(score, fd=math.nan) for n, score in selection.items()}
+    with pytest.raises(ValueError, match="no trial with a finite selection FD"):
+        pick_trial(pool, diverged, constants, 2.0, "default")
 
 
 def test_settings_refuse_bad_values_naming_the_field():

@@ -879,11 +879,17 @@ def pick_trial(
         return -selection[t.number].condition, t.number
 
     def at_least(floor: float) -> list[GuidanceTrial]:
-        return [
+        eligible = [
             t
             for t in pool
             if selection[t.number].condition >= floor and math.isfinite(selection[t.number].fd)
         ]
+        if not eligible:
+            raise ValueError(
+                f"no trial with a finite selection FD reaches condition score {floor:g}: every "
+                "sample diverged? score more samples (--select-samples) or check the model"
+            )
+        return eligible
 
     if rule == "default":
         eligible = at_least(selection[constants[default_weight].number].condition)
