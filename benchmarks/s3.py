@@ -26,6 +26,7 @@ Reduced run (what the committed results used; see the markdown's header)::
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -180,6 +181,7 @@ def _ablation(args: Any, source: Any, cache: TensorCache) -> dict[str, Any]:
                     "nfe": nfe,
                     "seed": seed,
                     "predictor": use,
+                    "free_start": found.settings.free_start,
                     "search": found.best_score.value,
                     "held_out_fd": objective.held_out(found.best, plan_solver_for(objective)).value,
                     "best_after": {str(k): float(np.min(searched[:k]))
@@ -211,7 +213,46 @@ def ablation_summary(ablation: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def _merged(
+    args: Any, rows: list, ablation: dict | None, minutes: float
+) -> tuple[list, dict | None, dict]:
+    """This run's rows and ablation runs merged into the results file's: rows of NFEs this run
+    did not search and ablation runs of NFEs it did not ablate are kept (so the parts can run
+    separately, e.g. ``--nfe`` alone and ``--nfe --ablation-nfe 6``), with each part's settings."""
+    path = args.results / "s3.json"
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        old = {}
+    mine = {row["nfe"] for row in rows}
+    merged_rows = sorted(
+        [row for row in old.get("rows", []) if row["nfe"] not in mine] + list(rows),
+        key=lambda row: row["nfe"],
+    )
+    merged_ablation = ablation
+    old_ablation = old.get("ablation")
+    if old_ablation and (ablation is None or old_ablation.get("budget") == ablation["budget"]):
+        redone = set(ablation["nfe"]) if ablation else set()
+        kept = [r for r in old_ablation["runs"] if r.get("nfe") not in redone]
+        runs = sorted(kept + (ablation["runs"] if ablation else []),
+                      key=lambda r: (r["nfe"], r["seed"], not r["predictor"]))  # fmt: skip
+        merged_ablation = {**old_ablation, **(ablation or {}),
+                           "nfe": sorted({r["nfe"] for r in runs}), "runs": runs}  # fmt: skip
+    parts = dict(old.get("parts", {}))
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                if k not in ("work", "cache", "results")}  # fmt: skip
+    settings["minutes"] = minutes
+    if rows:
+        parts["families"] = settings
+    if ablation:
+        for nfe in ablation["nfe"]:
+            parts[f"ablation NFE {nfe}"] = settings
+    return merged_rows, merged_ablation, parts
+
+
 def _write(args: Any, rows: list, reference: dict, ablation: dict | None, began: float) -> None:
+    minutes = round((time.perf_counter() - began) / 60, 1)
+    rows, ablation, parts = _merged(args, rows if args.nfe else [], ablation, minutes)
     payload = {
         "benchmark": "s3",
         "settings": {
@@ -219,10 +260,11 @@ def _write(args: Any, rows: list, reference: dict, ablation: dict | None, began:
             for k, v in vars(args).items()
             if k not in ("work", "cache", "results")
         },
+        "parts": parts,
         "converged_held_out_fd": reference,
         "rows": rows,
         "ablation": ablation,
-        "minutes": round((time.perf_counter() - began) / 60, 1),
+        "minutes": minutes,
         "environment": environment(),
     }
     args.results.mkdir(parents=True, exist_ok=True)
@@ -231,7 +273,7 @@ def _write(args: Any, rows: list, reference: dict, ablation: dict | None, began:
 
 
 def _markdown(payload: dict[str, Any]) -> str:
-    settings = payload["settings"]
+    settings = payload.get("parts", {}).get("families", payload["settings"])
     names = [*settings["families"], "s3"]
     lines = [
         "## S³ vs the other search families: held-out FD-digits (lower is better)",
@@ -242,7 +284,7 @@ def _markdown(payload: dict[str, Any]) -> str:
         f"evaluations; AutoDiffusion: {settings['autodiffusion_budget']}. Converged solves on "
         "the same held-out noise: "
         + ", ".join(f"{k} **{v:.2f}**" for k, v in payload["converged_held_out_fd"].items())
-        + f". Total {payload['minutes']} min.",
+        + f". Total {settings.get('minutes', payload['minutes'])} min.",
         "",
         "| NFE | best built-in | " + " | ".join(names) + " | S³ best? |",
         "| ---: | --- | " + " | ".join("---:" for _ in names) + " | --- |",

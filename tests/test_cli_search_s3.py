@@ -36,6 +36,7 @@ def test_s3_job_writes_a_plan_a_replaying_scheduler_and_resumes(tmp_path):
     assert loaded.provenance.solver["name"] == "plan"
     assert "data_mean" in loaded.provenance.solver["config"]  # the digits data's mean
     assert loaded.provenance.prediction_type == "v_prediction"
+    assert loaded.provenance.search["settings"]["free_start"] is True  # the default: the first time searched
     scheduler = StepsearchPlanScheduler.from_pretrained(out / "scheduler")
     assert scheduler.plan.to_json_dict() == loaded.candidate.to_json_dict()
     assert scheduler.config.prediction_type == "v_prediction"
@@ -51,3 +52,13 @@ def test_s3_refuses_a_zero_budget(tmp_path):
     runner = CliRunner()
     bad = runner.invoke(app, ["search", "s3", *TINY, "--out", str(tmp_path), "--budget", "0"])
     assert bad.exit_code == 2 and "--budget" in bad.output
+
+
+def test_a_fixed_start_search_keeps_every_plan_at_the_largest_time(tmp_path):
+    out = tmp_path / "fixed"
+    arguments = ["search", "s3", *TINY, "--out", str(out), "--cache", str(tmp_path)]
+    result = CliRunner().invoke(app, [*arguments, "--fixed-start"])
+    assert result.exit_code == 0, result.output
+    loaded = ScheduleFile.load(out / "best_schedule.json")
+    assert loaded.provenance.search["settings"]["free_start"] is False
+    assert loaded.candidate.schedule.times[0] == loaded.candidate.schedule.noise.t_max

@@ -98,6 +98,9 @@ def digits_plans() -> dict[str, SolverPlan]:
     plans = feature_plans(logsnr_uniform(noise, 6))
     trailing = feature_plans(make_schedule(noise, 6, "trailing"))
     plans["unipc_zero_x0_trailing"] = trailing["unipc_zero_x0"]
+    # a first time below the largest (S³ with a free start, AutoDiffusion's seeds)
+    truncated = StepSchedule(np.array([0.7, 0.45, 0.25, 0.12, 0.05, 0.015, 0.0]), noise)
+    plans["model_first_truncated"] = feature_plans(truncated)["model_first"]
     return plans
 
 

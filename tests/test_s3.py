@@ -22,6 +22,7 @@ from stepsearch.models.source import DenoiserSource
 from stepsearch.noise import DiscreteVP
 from stepsearch.plan import SolverPlan
 from stepsearch.sampling import sample
+from stepsearch.schedule import StepSchedule
 from stepsearch.search.job import spacing_schedules
 from stepsearch.search.plan_space import PlanSpace, plan_key, step_features
 from stepsearch.search.predictor import PredictorSettings, ranking_agreement, train_predictor
@@ -80,6 +81,83 @@ def test_every_operator_keeps_plans_valid_at_the_nfe(nfe):
     assert {c for p in population for c in p.correctors} >= {"none", "unipc"}
     assert {p.first_step for p in population} == {"model", "zero_x0", "data_mean"}
     assert len({plan_key(p) for p in population}) > 200
+
+
+TRUNCATED = (0.8, 0.45, 0.2, 0.06, 0.0)
+"""A 4-step schedule that starts below the largest time, as AutoDiffusion's results do."""
+
+
+def test_a_free_start_space_searches_the_first_time_and_adopts_truncated_plans():
+    fixed = PlanSpace.for_noise(NOISE, 4, data_mean=True)
+    free = PlanSpace.for_noise(NOISE, 4, data_mean=True, free_start=True)
+    plan = get_solver("dpm_solver_pp_2m").default_plan(StepSchedule(np.array(TRUNCATED), NOISE))
+    assert fixed.adopt(plan) is None and not fixed.contains(plan)
+    assert fixed.adoption_problem(plan) == (
+        "it starts at t=0.8, the space at t=1 (a search with a free start time takes it)"
+    )
+    adopted = free.adopt(plan)
+    assert adopted is not None and free.contains(adopted)
+    assert tuple(adopted.schedule.times) == TRUNCATED and adopted.orders == plan.orders
+    assert "5 model evaluations" in free.adoption_problem(
+        get_solver("ddim").default_plan(StepSchedule(np.array([0.8, 0.6, *TRUNCATED[1:]]), NOISE))
+    )
+    # the operators move the first time (never above t_start) and keep every child valid
+    seeds = [p for _, p in seed_plans(free, spacing_schedules(NOISE, 4))] + [adopted]
+    rng = np.random.default_rng(1)
+    solver = PlanSolver(data_mean=torch.zeros(1))
+    population, starts = list(seeds), []
+    for _ in range(300):
+        first, second = (population[int(k)] for k in rng.integers(len(population), size=2))
+        for child in (free.mutate(first, rng), free.crossover(first, second, rng)):
+            if child is None:
+                continue
+            assert free.contains(child) and child.nfe == 4
+            solver.check_plan(child)
+            assert np.all(np.diff(child.schedule.times) < 0) and child.schedule.times[-1] == 0
+            starts.append(float(child.schedule.times[0]))
+            population.append(child)
+    assert max(starts) <= free.t_start
+    assert min(starts) < 0.75 and sum(s < free.t_start for s in starts) > 30
+    # the fixed space never moves it
+    child = fixed.mutate(seeds[0], np.random.default_rng(0))
+    assert child is None or child.schedule.times[0] == fixed.t_start
+
+
+@pytest.mark.parametrize("free_start", [False, True])
+def test_truncated_results_of_other_searches_seed_s3_or_are_reported(tmp_path, mixture, free_start):
+    """AutoDiffusion-style schedules (first time below the largest) seed a free-start search at
+    exactly their own solver's value; a fixed-start search says it cannot take them."""
+    source = DenoiserSource.of_mixture(mixture, name="mix", num_reference=32)
+    objective = Objective(source, "traj", num_samples=16, cache=TensorCache(None))
+    settings = S3Settings(
+        free_start=free_start, proposals=2, explore=1, seed_solvers=("dpm_solver_pp_2m",),
+        predictor=PredictorSettings(hidden=8, epochs=5),
+    )  # fmt: skip
+    schedules = {
+        "autodiffusion": StepSchedule(np.array(TRUNCATED), NOISE),
+        **spacing_schedules(NOISE, 4, ("logsnr_uniform",)),
+    }
+    with StudyStore.open(tmp_path / "s.sqlite3", "s3", metadata={}) as store:
+        if free_start:
+            result = s3_search(objective, nfe=4, budget=6, store=store, schedules=schedules,
+                               settings=settings)  # fmt: skip
+        else:
+            with pytest.warns(UserWarning, match="with autodiffusion: it starts at t=0.8"):
+                result = s3_search(objective, nfe=4, budget=6, store=store,
+                                   schedules=schedules, settings=settings)  # fmt: skip
+    origins = {r.origin: r.value for r in result.history}
+    seeded = "seed dpm_solver_pp_2m / autodiffusion" in origins
+    assert seeded == free_start
+    if free_start:
+        assert result.not_adopted == ()
+        theirs = objective(schedules["autodiffusion"], get_solver("dpm_solver_pp_2m")).value
+        assert origins["seed dpm_solver_pp_2m / autodiffusion"] == pytest.approx(theirs, rel=1e-9)
+        assert result.best_score.value <= theirs
+    else:
+        assert result.not_adopted == (
+            "autodiffusion: it starts at t=0.8, the space at t=1 "
+            "(a search with a free start time takes it)",
+        )
 
 
 @pytest.mark.parametrize("name", SEED_SOLVERS)

@@ -52,6 +52,14 @@ def s3_command(
         bool,
         typer.Option(help="Rank candidates with the learned predictor (off: plain evolution)."),
     ] = True,
+    free_start: Annotated[
+        bool,
+        typer.Option(
+            "--free-start/--fixed-start",
+            help="Search the first time too (a truncated start, as AutoDiffusion's results "
+            "have); fixed: every plan starts at the noise schedule's largest time.",
+        ),
+    ] = True,
     cache: options.Cache = None,
     device: options.Device = "cpu",
     dtype: options.Dtype = "float32",
@@ -69,7 +77,9 @@ def s3_command(
     from stepsearch.search.s3 import S3Settings
 
     with usage_errors():
-        settings = S3Settings(proposals=proposals, explore=explore, use_predictor=predictor)
+        settings = S3Settings(
+            proposals=proposals, explore=explore, use_predictor=predictor, free_start=free_start
+        )
         job = run_job(
             "s3", model_or_default(model, pipeline), "plan", nfe, out, pipeline=pipeline,
             prompts=prompts, metric=objective_metric(metric, pipeline), num_samples=num_samples,

@@ -3,12 +3,16 @@
 A point is a :class:`~stepsearch.plan.SolverPlan` whose number of model evaluations is the search's
 NFE: ``nfe`` steps from ``t_start`` (the noise schedule's largest time) to ``t_end`` (clean data,
 or a small time) with step 0 evaluating the model, or ``nfe + 1`` steps with an analytical first
-step. The operators follow the released USF search (Liu, Ning, Yang & Wang, ICLR 2024; rules in
+step. With ``free_start`` the first time is searched too (anywhere at or below ``t_start``, above
+the second time), as AutoDiffusion searches it: the initial noise is then taken as the sample at
+that time, like a truncated schedule, and AutoDiffusion's results become points of the space. The
+operators follow the released USF search (Liu, Ning, Yang & Wang, ICLR 2024; rules in
 ``shared/REFERENCES.md``): each interior time scaled by ``1 + N(0, time_sigma)`` with probability
-``time_probability``; per step, with probability ``gene_probability`` each, a new order (drawn with
-probabilities 1: .2, 2: .4, 3: .3, 4: .1), a flipped prediction (noise / data), a flipped rule
-(``unipc`` / ``taylor``), new estimation points, a relaxation moved by ``N(0, relaxation_sigma)``
-or reset, a corrector switched on / off; with probability ``move_probability`` one interior time
+``time_probability`` (with ``free_start`` the first time too, never above ``t_start``); per
+step, with probability ``gene_probability`` each, a new order (drawn with probabilities 1: .2,
+2: .4, 3: .3, 4: .1), a flipped prediction (noise / data), a flipped rule (``unipc`` /
+``taylor``), new estimation points, a relaxation moved by ``N(0, relaxation_sigma)`` or reset,
+a corrector switched on / off; with probability ``move_probability`` one interior time
 removed and another inserted (the NFE stays); with probability ``first_step_probability`` the first
 step switched between the model and an analytical one (a time inserted or removed so that the NFE
 stays). Crossover takes each step's choices (and each interior time) from either of two parents
@@ -75,6 +79,8 @@ class PlanSpace:
     relaxation_bound: float = 1.0
     min_gap: float = 1e-3
     """The smallest distance between two times."""
+    free_start: bool = False
+    """Whether the first time is searched (at most ``t_start``) instead of fixed at ``t_start``."""
     order_probabilities: tuple[float, ...] = field(default=ORDER_PROBABILITIES)
 
     def __post_init__(self) -> None:
@@ -103,13 +109,30 @@ class PlanSpace:
 
     def contains(self, plan: SolverPlan) -> bool:
         """Whether ``plan`` is a point of this space (NFE, end points, first step)."""
+        return self.adoption_problem(plan) is None
+
+    def adoption_problem(self, plan: SolverPlan) -> str | None:
+        """Why ``plan`` is not a point of this space (its NFE, first step or end points), or
+        ``None`` when it is (up to :meth:`repair`)."""
+        if plan.nfe != self.nfe:
+            return f"it uses {plan.nfe} model evaluations, the search {self.nfe}"
+        if plan.first_step not in self.first_steps:
+            return f"its first step {plan.first_step!r} is not among {list(self.first_steps)}"
         times = plan.schedule.times
-        return (
-            plan.nfe == self.nfe
-            and plan.first_step in self.first_steps
-            and math.isclose(float(times[0]), self.t_start, abs_tol=1e-9)
-            and math.isclose(float(times[-1]), self.t_end, abs_tol=1e-9)
-        )
+        first, last = float(times[0]), float(times[-1])
+        if self.free_start:
+            if first > self.t_start + 1e-9:
+                return (
+                    f"it starts at t={first:.6g}, above the space's largest time {self.t_start:.6g}"
+                )
+        elif not math.isclose(first, self.t_start, abs_tol=1e-9):
+            return (
+                f"it starts at t={first:.6g}, the space at t={self.t_start:.6g} "
+                "(a search with a free start time takes it)"
+            )
+        if not math.isclose(last, self.t_end, abs_tol=1e-9):
+            return f"it ends at t={last:.6g}, the space at t={self.t_end:.6g}"
+        return None
 
     def repair(
         self,
@@ -189,13 +212,9 @@ class PlanSpace:
             return None
 
     def adopt(self, plan: SolverPlan) -> SolverPlan | None:
-        """``plan`` as a point of this space (repaired; ``None`` if its NFE or ends differ)."""
-        if plan.nfe != self.nfe or plan.first_step not in self.first_steps:
-            return None
-        times = plan.schedule.times
-        if not math.isclose(float(times[0]), self.t_start, abs_tol=1e-9):
-            return None
-        if not math.isclose(float(times[-1]), self.t_end, abs_tol=1e-9):
+        """``plan`` as a point of this space (repaired; ``None`` if its NFE, first step or ends
+        do not fit: :meth:`adoption_problem` says why)."""
+        if self.adoption_problem(plan) is not None:
             return None
         return self.repair(*_fields(plan))
 
@@ -205,7 +224,10 @@ class PlanSpace:
             return None
         interior = np.round(values[1:-1], TIME_DECIMALS)
         interior = np.sort(interior)[::-1]
-        grid = np.concatenate(([self.t_start], interior, [self.t_end]))
+        start = self.t_start
+        if self.free_start:
+            start = min(float(np.round(values[0], TIME_DECIMALS)), self.t_start)
+        grid = np.concatenate(([start], interior, [self.t_end]))
         if np.any(-np.diff(grid) < self.min_gap):
             return None
         return grid
@@ -219,7 +241,10 @@ class PlanSpace:
         for k in range(1, len(times) - 1):
             if rng.random() < self.time_probability:
                 times[k] = float(times[k]) * (1.0 + float(rng.normal(0.0, self.time_sigma)))
-        low, high = self.t_end + self.min_gap, self.t_start - self.min_gap
+        if self.free_start and rng.random() < self.time_probability:
+            scaled = float(times[0]) * (1.0 + float(rng.normal(0.0, self.time_sigma)))
+            times[0] = min(scaled, self.t_start)
+        low, high = self.t_end + self.min_gap, float(times[0]) - self.min_gap
         times = [
             times[0],
             *sorted(np.clip(times[1:-1], low, high).tolist(), reverse=True),

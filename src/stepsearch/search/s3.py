@@ -35,6 +35,7 @@ evaluations through the store and end with the same result.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -89,6 +90,10 @@ class S3Settings:
     crossover_probability: float = 0.3
     use_predictor: bool = True
     analytical_seeds: bool = True
+    free_start: bool = True
+    """Whether the first time is searched (:class:`~stepsearch.search.plan_space.PlanSpace`'s
+    ``free_start``; AutoDiffusion's results, which start below the largest time, then seed the
+    search)."""
     seed_solvers: tuple[str, ...] = SEED_SOLVERS
     predictor: PredictorSettings = field(default_factory=PredictorSettings)
 
@@ -119,6 +124,7 @@ class S3Settings:
             "crossover_probability": self.crossover_probability,
             "use_predictor": self.use_predictor,
             "analytical_seeds": self.analytical_seeds,
+            "free_start": self.free_start,
             "seed_solvers": list(self.seed_solvers),
             "predictor": self.predictor.to_json_dict(),
         }
@@ -147,6 +153,8 @@ class S3Result:
     seed: int
     settings: S3Settings
     agreement: tuple[float, ...] = ()
+    not_adopted: tuple[str, ...] = ()
+    """The given seeds that are not points of the search space, each with the reason."""
 
     @property
     def values(self) -> list[float]:
@@ -172,22 +180,31 @@ def seed_plans(
     solvers: Sequence[str] = SEED_SOLVERS,
     *,
     analytical: bool = True,
+    refused: list[str] | None = None,
 ) -> list[tuple[str, SolverPlan]]:
     """Stage 0 (module docstring): ``(origin, plan)`` of every solver's default plan on every
     schedule with this space's NFE (schedule by schedule, in the given order: put the most
     promising first), then (``analytical``) with each analytical first step the
     space allows (``t_1`` inserted at the log-SNR midpoint of the first step); duplicates
-    dropped."""
+    dropped. A schedule no solver's plan of which is a point of the space is appended to
+    ``refused`` with the reason."""
     found: dict[str, tuple[str, SolverPlan]] = {}
     for label, schedule in schedules.items():
+        problems: list[str] = []
         for name in solvers:
             solver = get_solver(name)
             try:
-                plan = space.adopt(solver.default_plan(schedule))
-            except ValueError:
+                default = solver.default_plan(schedule)
+            except ValueError as error:
+                problems.append(str(error))
                 continue
+            plan = space.adopt(default)
             if plan is not None:
                 found.setdefault(plan_key(plan), (f"seed {name} / {label}", plan))
+            else:
+                problems.append(space.adoption_problem(default) or "no valid repair")
+        if refused is not None and len(problems) == len(solvers) and problems:
+            refused.append(f"{label}: {problems[0]}")
     if analytical:
         for first in space.first_steps:
             if first == "model":
@@ -238,7 +255,9 @@ def s3_search(
         raise ValueError(f"budget must be a positive number of trials, got {budget!r}")
     run_solver = solver or plan_solver_for(objective)
     noise = objective.source.noise
-    space = PlanSpace.for_noise(noise, nfe, data_mean=run_solver.data_mean is not None)
+    space = PlanSpace.for_noise(
+        noise, nfe, data_mean=run_solver.data_mean is not None, free_start=settings.free_start
+    )
     history: list[Evaluated] = []
     seen: set[str] = set()
     for origin, plan, value in evaluated:
@@ -278,12 +297,21 @@ def s3_search(
             seen.add(plan_key(plan))
             history.append(Evaluated(start + k, stage, origin, plan, float(result.value)))
 
+    refused: list[str] = []
     seeds = seed_plans(
-        space, dict(schedules or {}), settings.seed_solvers, analytical=settings.analytical_seeds
+        space,
+        dict(schedules or {}),
+        settings.seed_solvers,
+        analytical=settings.analytical_seeds,
+        refused=refused,
     )
-    seeds += [
-        (f"seed {name}", p) for name, plan in (plans or {}).items() if (p := space.adopt(plan))
-    ]
+    for name, plan in (plans or {}).items():
+        if (adopted := space.adopt(plan)) is not None:
+            seeds.append((f"seed {name}", adopted))
+        else:
+            refused.append(f"{name}: {space.adoption_problem(plan) or 'no valid repair'}")
+    for line in refused:
+        warnings.warn(f"S³ does not seed its search with {line}", stacklevel=2)
     fresh = [(origin, plan) for origin, plan in seeds if plan_key(plan) not in seen]
     evaluate(0, fresh[: max(1, int(budget) // 2)])  # at most half the budget on the seeds
     stage = 1
@@ -311,7 +339,15 @@ def s3_search(
         raise ValueError("the search evaluated nothing")
     winner = min(history, key=lambda r: (sortable(r.value), r.index))
     best_score = store.evaluate(winner.plan, score, solver=run_solver)  # a lookup
-    return S3Result(winner.plan, best_score, tuple(history), int(seed), settings, tuple(agreement))
+    return S3Result(
+        winner.plan,
+        best_score,
+        tuple(history),
+        int(seed),
+        settings,
+        tuple(agreement),
+        tuple(refused),
+    )
 
 
 def _parents(history: Sequence[Evaluated], count: int) -> list[SolverPlan]:

@@ -81,6 +81,7 @@ class S3Family(FamilyBase):
                 "predictor_picks": picks,
                 "best_origin": _origin_of(result),
                 "ranking_agreement": [round(a, 4) for a in result.agreement],
+                "seeds_not_adopted": list(result.not_adopted),
                 "best": {"plan": result.best.describe()},
             },
             values=result.values,
