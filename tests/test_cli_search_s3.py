@@ -36,7 +36,8 @@ def test_s3_job_writes_a_plan_a_replaying_scheduler_and_resumes(tmp_path):
     assert loaded.provenance.solver["name"] == "plan"
     assert "data_mean" in loaded.provenance.solver["config"]  # the digits data's mean
     assert loaded.provenance.prediction_type == "v_prediction"
-    assert loaded.provenance.search["settings"]["free_start"] is True  # the default: the first time searched
+    # the default: the first time searched
+    assert loaded.provenance.search["settings"]["free_start"] is True
     scheduler = StepsearchPlanScheduler.from_pretrained(out / "scheduler")
     assert scheduler.plan.to_json_dict() == loaded.candidate.to_json_dict()
     assert scheduler.config.prediction_type == "v_prediction"
