@@ -243,7 +243,7 @@ def _merged(
                 if k not in ("work", "cache", "results")}  # fmt: skip
     settings["minutes"] = minutes
     if rows:
-        parts["families"] = settings
+        parts["families NFE " + ", ".join(str(row["nfe"]) for row in rows)] = settings
     if ablation:
         for nfe in ablation["nfe"]:
             parts[f"ablation NFE {nfe}"] = settings
@@ -273,7 +273,8 @@ def _write(args: Any, rows: list, reference: dict, ablation: dict | None, began:
 
 
 def _markdown(payload: dict[str, Any]) -> str:
-    settings = payload.get("parts", {}).get("families", payload["settings"])
+    families = [v for k, v in payload.get("parts", {}).items() if k.startswith("families")]
+    settings = families[0] if families else payload["settings"]
     names = [*settings["families"], "s3"]
     lines = [
         "## S³ vs the other search families: held-out FD-digits (lower is better)",

@@ -221,6 +221,18 @@ def test_schedule_file_fitted_at_another_guidance_warns_and_loads_in_eval(gaussi
         unguided = tmp_path / "unguided.json"
         fitted.save(unguided)  # guidance_scale None: nothing to compare
         ScheduleFile.load(unguided, guidance_scale=2.0)
+    # fitted under a guidance schedule: no one scale, and a constant scale at use warns
+    scheduled = tmp_path / "scheduled.json"
+    schedule_record = {"shape": "interval", "parameters": {"weight": 2.5}}
+    ScheduleFile(
+        fitted.candidate,
+        dataclasses.replace(fitted.provenance, extra={"guidance_schedule": schedule_record}),
+    ).save(scheduled)
+    with pytest.warns(GuidanceMismatchWarning, match=r"guidance schedule \(interval\) but is"):
+        load_schedule(scheduled, guidance_scale=2.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_schedule(scheduled) == fitted.schedule
     with pytest.warns(GuidanceMismatchWarning):
         (method,) = methods_from_names([str(path)], ["ddim"], [], guidance_scale=7.5)
     assert method.schedule == fitted.schedule.with_metadata(name="guided")

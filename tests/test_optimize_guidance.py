@@ -57,6 +57,9 @@ def test_a_searched_guidance_schedule_is_what_every_sampler_of_the_run_uses(tmp_
     assert report["conditioning"]["guidance_schedule"] == wanted
     searched = ScheduleFile.load(out / "nfe-4" / "olss-olss" / "best_schedule.json")
     assert searched.provenance.objective["source"]["guidance_schedule"] == wanted
+    # guided by a schedule, not one scale: the file says so at the top level
+    assert searched.provenance.guidance_scale is None
+    assert searched.provenance.extra["guidance_schedule"] == wanted
     # what it bought: the guidance search's own report-seed numbers
     entry = report["guidance"]
     assert entry["origin"] == "search" and entry["schedule"] == picked.describe()

@@ -14,7 +14,9 @@ fitted for and how well it did::
 
 Loading checks it against where it is used: another noise schedule raises (the times would mean
 other noise levels), another model warns with both identities (a schedule can transfer, but the user
-should know), and so does another classifier-free guidance scale.
+should know), and so does another classifier-free guidance scale (or a constant scale where the
+file was fitted under a guidance schedule, ``provenance.extra.guidance_schedule``; its
+``guidance_scale`` is then ``null``).
 """
 
 from __future__ import annotations
@@ -221,6 +223,16 @@ class ScheduleFile:
         digest (``{"name": ..., "digest": None}``: named before it is loaded) is compared by
         name."""
         check_noise(self.schedule, noise, where)
+        fitted_schedule = self.provenance.extra.get("guidance_schedule")
+        if guidance_scale is not None and fitted_schedule is not None:
+            warnings.warn(
+                f"{where} was fitted under a guidance schedule "
+                f"({fitted_schedule.get('shape', '?')}) but is used at the constant guidance scale "
+                f"{float(guidance_scale):g}; guidance changes the sampling ODE, so its schedule "
+                "may not be optimal here (use the guidance schedule, or fit one at this scale)",
+                GuidanceMismatchWarning,
+                stacklevel=3,
+            )
         fitted_scale = self.provenance.guidance_scale
         if (
             guidance_scale is not None

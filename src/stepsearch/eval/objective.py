@@ -307,6 +307,11 @@ class Objective:
         comparison; ``scores.held_out`` is ``null`` until the runner rewrites them)."""
         described = self.source.describe()
         fields.setdefault("prediction_type", described.get("prediction_type"))
+        if described.get("guidance_schedule") is not None:
+            # guided by a schedule of weights, not one scale: the schedule is the provenance
+            fields.setdefault("guidance_scale", None)
+            extra = {"guidance_schedule": described["guidance_schedule"], **fields.get("extra", {})}
+            fields["extra"] = extra
         fields.setdefault("guidance_scale", described.get("guidance_scale"))
         scheduler_config = getattr(self.source, "scheduler_config", None)
         if scheduler_config is not None:  # what a drop-in scheduler for the model needs
