@@ -49,6 +49,7 @@ from stepsearch.solvers import get_solver
 RESULTS = Path(__file__).resolve().parent / "results"
 OTHERS = ("dp", "ays", "olss", "autodiffusion")
 SCHEDULE_ONLY = ("dp", "ays", "autodiffusion")
+_HELD_OUT = {"fd": "held_out_fd", "traj": "held_out_traj"}
 """The families that search timesteps only (OLSS fits coefficients too)."""
 CONVERGED = (("dpm_solver_pp_3m", "logsnr_uniform", 100), ("unipc_bh2", "time_uniform", 200))
 """Two independent converged solves (the FD ratio's denominators)."""
@@ -164,12 +165,12 @@ def _best_built_in(search: Objective, fd: Objective, noise: Any, nfe: int) -> di
 def _ablation(args: Any, source: Any, cache: TensorCache) -> dict[str, Any]:
     """S³ with and without the predictor at each NFE of ``--ablation-nfe``: best search-seed and
     held-out FD per seed, at an equal number of true evaluations."""
-    objective = Objective(source, "fd", num_samples=args.ablation_samples,
+    objective = Objective(source, args.metric, num_samples=args.ablation_samples,
                           held_out_samples=args.held_out_samples, cache=cache, progress=False)  # fmt: skip
     out = args.work / "ablation"
     out.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"nfe": list(args.ablation_nfe), "budget": args.ablation_budget,
-                              "runs": []}  # fmt: skip
+                              "metric": args.metric, "runs": []}  # fmt: skip
     for nfe in args.ablation_nfe:
         starts = spacing_schedules(source.noise, nfe)
         for seed in range(args.ablation_seeds):
@@ -188,25 +189,28 @@ def _ablation(args: Any, source: Any, cache: TensorCache) -> dict[str, Any]:
                     "predictor": use,
                     "free_start": found.settings.free_start,
                     "search": found.best_score.value,
-                    "held_out_fd": objective.held_out(found.best, plan_solver_for(objective)).value,
+                    _HELD_OUT[args.metric]: objective.held_out(
+                        found.best, plan_solver_for(objective)).value,
                     "best_after": {str(k): float(np.min(searched[:k]))
                                    for k in (25, 50, 100, 150, 200) if k <= searched.size},
                     "minutes": round((time.perf_counter() - begin) / 60, 2),
                 }  # fmt: skip
                 result["runs"].append(run)
                 print(f"ablation NFE {nfe} seed {seed} predictor={use}: "
-                      f"{run['held_out_fd']:.3f}", flush=True)  # fmt: skip
+                      f"{run[_HELD_OUT[args.metric]]:.3f}", flush=True)  # fmt: skip
     return result
 
 
 def ablation_summary(ablation: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per NFE: the mean and sample standard deviation of the held-out FD over the seeds with and
-    without the predictor, and whether the predictor's mean is lower."""
+    """Per NFE: the mean and sample standard deviation of the held-out score (the ablation's
+    metric) over the seeds with and without the predictor, and whether the predictor's mean is
+    lower."""
+    score = _HELD_OUT[ablation.get("metric", "fd")]
     rows = []
     for nfe in dict.fromkeys(run.get("nfe", ablation["nfe"]) for run in ablation["runs"]):
         row: dict[str, Any] = {"nfe": nfe}
         for use, key in ((True, "with"), (False, "without")):
-            values = [r["held_out_fd"] for r in ablation["runs"]
+            values = [r[score] for r in ablation["runs"]
                       if r.get("nfe", nfe) == nfe and r["predictor"] == use]  # fmt: skip
             row[key] = {
                 "mean": float(np.mean(values)),
@@ -236,7 +240,8 @@ def _merged(
     )
     merged_ablation = ablation
     old_ablation = old.get("ablation")
-    if old_ablation and (ablation is None or old_ablation.get("budget") == ablation["budget"]):
+    if old_ablation and (ablation is None or (old_ablation.get("budget"), old_ablation.get(
+            "metric", "fd")) == (ablation["budget"], ablation["metric"])):
         redone = set(ablation["nfe"]) if ablation else set()
         kept = [r for r in old_ablation["runs"] if r.get("nfe") not in redone]
         runs = sorted(kept + (ablation["runs"] if ablation else []),
@@ -333,21 +338,26 @@ def _markdown(payload: dict[str, Any]) -> str:
         if "s3" in row["results"] and "plan" in row["results"]["s3"]:
             lines += ["", f"S³ plan at NFE {row['nfe']} (from {row['results']['s3']['best_origin']}):",
                       "", "```", row["results"]["s3"]["plan"], "```"]  # fmt: skip
+    if not payload["rows"]:  # an ablation-only results file
+        lines = ["## S³ predictor ablation on the bundled digits DDPM"]
     ablation = payload.get("ablation")
     if ablation:
-        lines += ["", f"### Predictor ablation ({ablation['budget']} true evaluations per run)", "",
-                  "| NFE | seed | predictor | search | held-out FD | best after 25 / 50 / 100 |",
+        key = _HELD_OUT[ablation.get("metric", "fd")]
+        name = {"held_out_fd": "FD", "held_out_traj": "trajectory error"}[key]
+        lines += ["", f"### Predictor ablation ({ablation['budget']} true evaluations per run, "
+                  f"{name})", "",
+                  f"| NFE | seed | predictor | search | held-out {name} | best after 25 / 50 / 100 |",
                   "| ---: | ---: | --- | ---: | ---: | --- |"]  # fmt: skip
         for run in ablation["runs"]:
-            after = " / ".join(f"{v:.2f}" for k, v in run["best_after"].items() if int(k) <= 100)
+            after = " / ".join(f"{v:.4g}" for k, v in run["best_after"].items() if int(k) <= 100)
             lines.append(f"| {run.get('nfe', ablation['nfe'])} | {run['seed']} | "
-                         f"{'yes' if run['predictor'] else 'no'} | {run['search']:.2f} | "
-                         f"{run['held_out_fd']:.2f} | {after} |")  # fmt: skip
+                         f"{'yes' if run['predictor'] else 'no'} | {run['search']:.4g} | "
+                         f"{run[key]:.4g} | {after} |")  # fmt: skip
         summary = ablation_summary(ablation)
-        lines += ["", "| NFE | held-out FD with the predictor (mean ± s.d. over seeds) | without | "
+        lines += ["", f"| NFE | held-out {name} with the predictor (mean ± s.d. over seeds) | without | "
                   "predictor better |", "| ---: | ---: | ---: | --- |"]  # fmt: skip
         for row in summary:
-            cells = [f"{row[k]['mean']:.2f} ± {row[k]['std'] or float('nan'):.2f}"
+            cells = [f"{row[k]['mean']:.4g} ± {row[k]['std'] or float('nan'):.2g}"
                      for k in ("with", "without")]  # fmt: skip
             lines.append(f"| {row['nfe']} | {cells[0]} | {cells[1]} | "
                          f"{'yes' if row['predictor_better'] else 'no'} |")  # fmt: skip
