@@ -288,7 +288,8 @@ def _markdown(payload: dict[str, Any]) -> str:
     names = [*settings["families"], "s3"]
     metric = {"fd": "FD-digits", "traj": "trajectory error"}[settings.get("metric", "fd")]
     lines = [
-        "## S³ vs the other search families: held-out FD-digits (lower is better)",
+        f"## S³ vs the other search families, searched for {metric}: held-out FD-digits and "
+        "trajectory error (lower is better)",
         "",
         f"Bundled `{settings['model']}` DDPM. Every family through the one job runner on one "
         f"objective ({metric}, {settings['num_samples']} samples on the search seed); scores on "
