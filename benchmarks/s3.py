@@ -49,8 +49,9 @@ from stepsearch.solvers import get_solver
 RESULTS = Path(__file__).resolve().parent / "results"
 OTHERS = ("dp", "ays", "olss", "autodiffusion")
 SCHEDULE_ONLY = ("dp", "ays", "autodiffusion")
-_HELD_OUT = {"fd": "held_out_fd", "traj": "held_out_traj"}
 """The families that search timesteps only (OLSS fits coefficients too)."""
+_HELD_OUT = {"fd": "held_out_fd", "traj": "held_out_traj"}
+"""The results key of each metric's held-out score."""
 CONVERGED = (("dpm_solver_pp_3m", "logsnr_uniform", 100), ("unipc_bh2", "time_uniform", 200))
 """Two independent converged solves (the FD ratio's denominators)."""
 
@@ -164,7 +165,7 @@ def _best_built_in(search: Objective, fd: Objective, noise: Any, nfe: int) -> di
 
 def _ablation(args: Any, source: Any, cache: TensorCache) -> dict[str, Any]:
     """S³ with and without the predictor at each NFE of ``--ablation-nfe``: best search-seed and
-    held-out FD per seed, at an equal number of true evaluations."""
+    held-out score (``--metric``) per seed, at an equal number of true evaluations."""
     objective = Objective(source, args.metric, num_samples=args.ablation_samples,
                           held_out_samples=args.held_out_samples, cache=cache, progress=False)  # fmt: skip
     out = args.work / "ablation"
