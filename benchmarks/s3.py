@@ -119,8 +119,11 @@ def main() -> None:
             entry = {
                 "solver": run_solver.name,
                 "search": job.found.score.value,
-                "held_out_fd": fd.held_out(runs, run_solver).value,
-                "held_out_traj": traj.held_out(runs, run_solver).value,
+                # the search objective's held-out score is the job's own: no second solve
+                "held_out_fd": job.held_out.value if fd is search
+                else fd.held_out(runs, run_solver).value,
+                "held_out_traj": job.held_out.value if traj is search
+                else traj.held_out(runs, run_solver).value,
                 "trials": job.trials,
                 "minutes": round(minutes, 2),
             }
