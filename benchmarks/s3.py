@@ -63,8 +63,12 @@ def main() -> None:
     parser.add_argument("--families", nargs="+", default=list(OTHERS), choices=OTHERS)
     parser.add_argument("--budget", type=int, default=200, help="S³ evaluations")
     parser.add_argument("--autodiffusion-budget", type=int, default=200)
-    parser.add_argument("--metric", choices=("fd", "traj"), default="fd",
-                        help="the search objective (every family); both judges are reported")
+    parser.add_argument(
+        "--metric",
+        choices=("fd", "traj"),
+        default="fd",
+        help="the search objective (every family); both judges are reported",
+    )
     parser.add_argument("--num-samples", type=int, default=256)
     parser.add_argument("--held-out-samples", type=int, default=1000)
     parser.add_argument("--large-samples", type=int, default=5000)
@@ -120,9 +124,11 @@ def main() -> None:
                 "solver": run_solver.name,
                 "search": job.found.score.value,
                 # the search objective's held-out score is the job's own: no second solve
-                "held_out_fd": job.held_out.value if fd is search
+                "held_out_fd": job.held_out.value
+                if fd is search
                 else fd.held_out(runs, run_solver).value,
-                "held_out_traj": job.held_out.value if traj is search
+                "held_out_traj": job.held_out.value
+                if traj is search
                 else traj.held_out(runs, run_solver).value,
                 "trials": job.trials,
                 "minutes": round(minutes, 2),
@@ -173,8 +179,9 @@ def _ablation(args: Any, source: Any, cache: TensorCache) -> dict[str, Any]:
                           held_out_samples=args.held_out_samples, cache=cache, progress=False)  # fmt: skip
     out = args.work / "ablation"
     out.mkdir(parents=True, exist_ok=True)
+    s3_settings = {k: v for k, v in S3Settings().to_json_dict().items() if k != "use_predictor"}
     result: dict[str, Any] = {"nfe": list(args.ablation_nfe), "budget": args.ablation_budget,
-                              "metric": args.metric, "runs": []}  # fmt: skip
+                              "metric": args.metric, "s3_settings": s3_settings, "runs": []}  # fmt: skip
     for nfe in args.ablation_nfe:
         starts = spacing_schedules(source.noise, nfe)
         for seed in range(args.ablation_seeds):
@@ -197,6 +204,9 @@ def _ablation(args: Any, source: Any, cache: TensorCache) -> dict[str, Any]:
                         found.best, plan_solver_for(objective)).value,
                     "best_after": {str(k): float(np.min(searched[:k]))
                                    for k in (25, 50, 100, 150, 200) if k <= searched.size},
+                    # Kendall's tau of the predictor's picks, per stage (mean)
+                    "ranking_agreement": float(np.mean(found.agreement))
+                    if found.agreement else None,
                     "minutes": round((time.perf_counter() - begin) / 60, 2),
                 }  # fmt: skip
                 result["runs"].append(run)
@@ -226,12 +236,18 @@ def ablation_summary(ablation: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def _ablation_key(ablation: dict[str, Any]) -> tuple[Any, ...]:
+    return ablation.get("budget"), ablation.get("metric", "fd"), ablation.get("s3_settings")
+
+
 def _merged(
     args: Any, rows: list, ablation: dict | None, minutes: float
-) -> tuple[list, dict | None, dict]:
+) -> tuple[list, dict | None, dict, list]:
     """This run's rows and ablation runs merged into the results file's: rows of NFEs this run
     did not search and ablation runs of NFEs it did not ablate are kept (so the parts can run
-    separately, e.g. ``--nfe`` alone and ``--nfe --ablation-nfe 6``), with each part's settings."""
+    separately, e.g. ``--nfe`` alone and ``--nfe --ablation-nfe 6``), with each part's settings.
+    An ablation under other settings (budget, metric, S³ settings) is not merged: it moves to the
+    earlier ablations, returned last."""
     path = args.results / "s3.json"
     try:
         old = json.loads(path.read_text())
@@ -244,8 +260,14 @@ def _merged(
     )
     merged_ablation = ablation
     old_ablation = old.get("ablation")
-    if old_ablation and (ablation is None or (old_ablation.get("budget"), old_ablation.get(
-            "metric", "fd")) == (ablation["budget"], ablation["metric"])):
+    earlier = list(old.get("earlier_ablations", []))
+    if (
+        old_ablation
+        and ablation is not None
+        and _ablation_key(old_ablation) != _ablation_key(ablation)
+    ):
+        earlier.append(old_ablation)
+    elif old_ablation:
         redone = set(ablation["nfe"]) if ablation else set()
         kept = [r for r in old_ablation["runs"] if r.get("nfe") not in redone]
         runs = sorted(kept + (ablation["runs"] if ablation else []),
@@ -261,12 +283,12 @@ def _merged(
     if ablation:
         for nfe in ablation["nfe"]:
             parts[f"ablation NFE {nfe}"] = settings
-    return merged_rows, merged_ablation, parts
+    return merged_rows, merged_ablation, parts, earlier
 
 
 def _write(args: Any, rows: list, reference: dict, ablation: dict | None, began: float) -> None:
     minutes = round((time.perf_counter() - began) / 60, 1)
-    rows, ablation, parts = _merged(args, rows if args.nfe else [], ablation, minutes)
+    rows, ablation, parts, earlier = _merged(args, rows if args.nfe else [], ablation, minutes)
     payload = {
         "benchmark": "s3",
         "settings": {
@@ -278,6 +300,7 @@ def _write(args: Any, rows: list, reference: dict, ablation: dict | None, began:
         "converged_held_out_fd": reference,
         "rows": rows,
         "ablation": ablation,
+        "earlier_ablations": earlier,
         "minutes": minutes,
         "environment": environment(),
     }
@@ -326,7 +349,8 @@ def _markdown(payload: dict[str, Any]) -> str:
         values = {n: row["results"].get(n, {}).get("held_out_traj") for n in names}
         cells = [f"{v:.4f}" if v is not None else "-" for v in values.values()]
         best = values["s3"] is not None and all(
-            values["s3"] < values[n] for n in schedule_only if values[n] is not None)
+            values["s3"] < values[n] for n in schedule_only if values[n] is not None
+        )
         lines.append(f"| {row['nfe']} | {row['built_in']['held_out_traj']:.4f} | "
                      + " | ".join(cells) + f" | {'yes' if best else 'no'} |")  # fmt: skip
     large = [row for row in payload["rows"] if "large_reference" in row]
@@ -345,30 +369,44 @@ def _markdown(payload: dict[str, Any]) -> str:
                       "", "```", row["results"]["s3"]["plan"], "```"]  # fmt: skip
     if not payload["rows"]:  # an ablation-only results file
         lines = ["## S³ predictor ablation on the bundled digits DDPM"]
-    ablation = payload.get("ablation")
-    if ablation:
-        key = _HELD_OUT[ablation.get("metric", "fd")]
-        name = {"held_out_fd": "FD", "held_out_traj": "trajectory error"}[key]
-        lines += ["", f"### Predictor ablation ({ablation['budget']} true evaluations per run, "
-                  f"{name})", "",
-                  f"| NFE | seed | predictor | search | held-out {name} | best after 25 / 50 / 100 |",
-                  "| ---: | ---: | --- | ---: | ---: | --- |"]  # fmt: skip
-        for run in ablation["runs"]:
-            after = " / ".join(f"{v:.4g}" for k, v in run["best_after"].items() if int(k) <= 100)
-            lines.append(f"| {run.get('nfe', ablation['nfe'])} | {run['seed']} | "
-                         f"{'yes' if run['predictor'] else 'no'} | {run['search']:.4g} | "
-                         f"{run[key]:.4g} | {after} |")  # fmt: skip
-        summary = ablation_summary(ablation)
-        lines += ["", f"| NFE | held-out {name} with the predictor (mean ± s.d. over seeds) | without | "
-                  "predictor better |", "| ---: | ---: | ---: | --- |"]  # fmt: skip
-        for row in summary:
-            cells = [f"{row[k]['mean']:.4g} ± {row[k]['std'] or float('nan'):.2g}"
-                     for k in ("with", "without")]  # fmt: skip
-            lines.append(f"| {row['nfe']} | {cells[0]} | {cells[1]} | "
-                         f"{'yes' if row['predictor_better'] else 'no'} |")  # fmt: skip
-        wins = sum(row["predictor_better"] for row in summary)
-        lines.append(f"\nThe predictor's mean is lower at {wins} of {len(summary)} NFEs.")
+    if payload.get("ablation"):
+        lines += _ablation_markdown(payload["ablation"], "Predictor ablation")
+    for earlier in payload.get("earlier_ablations", []):
+        lines += _ablation_markdown(earlier, "An earlier ablation, under other settings")
     return "\n".join(lines) + "\n"
+
+
+def _ablation_markdown(ablation: dict[str, Any], title: str) -> list[str]:
+    """The ablation's runs and its per-NFE summary, as markdown lines."""
+    lines: list[str] = []
+    key = _HELD_OUT[ablation.get("metric", "fd")]
+    name = {"held_out_fd": "FD", "held_out_traj": "trajectory error"}[key]
+    settings = ablation.get("s3_settings")
+    lines += ["", f"### {title} ({ablation['budget']} true evaluations per run, {name})", "",
+              *([f"S³ settings: `{json.dumps(settings)}`", ""] if settings else []),
+              f"| NFE | seed | predictor | search | held-out {name} | best after 25 / 50 / 100 | "
+              "ranking agreement |",
+              "| ---: | ---: | --- | ---: | ---: | --- | ---: |"]  # fmt: skip
+    for run in ablation["runs"]:
+        after = " / ".join(f"{v:.4g}" for k, v in run["best_after"].items() if int(k) <= 100)
+        lines.append(f"| {run.get('nfe', ablation['nfe'])} | {run['seed']} | "
+                     f"{'yes' if run['predictor'] else 'no'} | {run['search']:.4g} | "
+                     f"{run[key]:.4g} | {after} | {_tau(run.get('ranking_agreement'))} |")  # fmt: skip
+    summary = ablation_summary(ablation)
+    lines += ["", f"| NFE | held-out {name} with the predictor (mean ± s.d. over seeds) | without | "
+              "predictor better |", "| ---: | ---: | ---: | --- |"]  # fmt: skip
+    for row in summary:
+        cells = [f"{row[k]['mean']:.4g} ± {row[k]['std'] or float('nan'):.2g}"
+                 for k in ("with", "without")]  # fmt: skip
+        lines.append(f"| {row['nfe']} | {cells[0]} | {cells[1]} | "
+                     f"{'yes' if row['predictor_better'] else 'no'} |")  # fmt: skip
+    wins = sum(row["predictor_better"] for row in summary)
+    lines.append(f"\nThe predictor's mean is lower at {wins} of {len(summary)} NFEs.")
+    return lines
+
+
+def _tau(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.2f}"
 
 
 if __name__ == "__main__":

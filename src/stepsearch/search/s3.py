@@ -18,7 +18,11 @@ The search runs in stages, each a fixed number of true evaluations:
   evaluated so far; (2) evolve ``generations`` generations of ``children`` candidates on the
   predictor alone, from the ``parents`` best evaluated plans (mutation, crossover with
   probability ``crossover_probability``); (3) truly evaluate the ``proposals`` best unseen
-  candidates by the predictor plus ``explore`` bold random variants of the best plans.
+  candidates by the predictor plus ``explore`` bold random variants of the best plans. With
+  one generation (the default) the predictor screens ``children`` children of the best plans
+  and only its ``proposals`` best are evaluated; more generations let it evolve on its own
+  predictions, further from the plans it was trained on (on the digits model that ranked worse:
+  ``docs/s3.md``).
 
 Without the predictor (``use_predictor=False``, the ablation of the done-when) a stage evaluates
 ``proposals + explore`` children of the best plans drawn by the same operators: the same
@@ -84,7 +88,9 @@ class S3Settings:
     explore: int = 4
     """Bold random variants per stage."""
     parents: int = 16
-    generations: int = 8
+    generations: int = 1
+    """Generations evolved on the predictor per stage (1: it screens one generation of
+    children of the best evaluated plans)."""
     children: int = 96
     """Candidates per generation on the predictor."""
     crossover_probability: float = 0.3
