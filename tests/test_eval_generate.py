@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from stepsearch.cli import app, expand_list_options
-from stepsearch.eval.report import Cell, ResultTable, image_grid
+from stepsearch.eval.report import Cell, ResultTable, environment, image_grid
 from stepsearch.models.batches import chunks_for_process, steps_for_nfe, unit_noise
 from stepsearch.models.source import generate
 from stepsearch.noise import DiscreteVP
@@ -98,6 +98,14 @@ def test_result_table_markdown_json_and_plot(tmp_path):
         table.add(Cell("a", 4, "kid", 1.0))
     grid = image_grid(torch.zeros(5, 1, 8, 8), nrow=3)
     assert grid.shape == (2 * 9 + 1, 3 * 9 + 1, 3) and grid.dtype == np.uint8
+
+
+def test_environment_names_the_cpu_kernels():
+    recorded = environment()
+    # torch's own report of the instruction set its CPU kernels dispatch to
+    assert recorded["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert recorded["cpu_model"] and recorded["torch"] == torch.__version__
+    json.dumps(recorded)
 
 
 def test_list_options_accept_several_values():

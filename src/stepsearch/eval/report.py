@@ -35,8 +35,27 @@ class Cell:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def _cpu_model() -> str:
+    """The CPU's model name (Linux ``/proc/cpuinfo``; elsewhere what :mod:`platform` knows)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cpu_capability() -> str | None:
+    getter = getattr(torch.backends.cpu, "get_cpu_capability", None)
+    return getter() if getter is not None else None
+
+
 def environment() -> dict[str, Any]:
-    """Machine and library versions, recorded beside every result."""
+    """Machine and library versions, recorded beside every result. ``cpu_capability`` is the
+    instruction set torch's CPU kernels use (e.g. ``AVX2``, ``AVX512``): float results, and so an
+    evolutionary search's path, can differ in the last digits between machines that differ there."""
     import diffusers
     import scipy
 
@@ -44,6 +63,8 @@ def environment() -> dict[str, Any]:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": platform.machine(),
         "processor": platform.processor() or platform.machine(),
+        "cpu_model": _cpu_model(),
+        "cpu_capability": _cpu_capability(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
