@@ -21,7 +21,8 @@ The search runs in stages, each a fixed number of true evaluations:
   candidates by the predictor plus ``explore`` bold random variants of the best plans. With
   one generation (the default) the predictor screens ``children`` children of the best plans
   and only its ``proposals`` best are evaluated; more generations let it evolve on its own
-  predictions, further from the plans it was trained on (on the digits model that ranked worse:
+  predictions, further from the plans it was trained on (on the digits model 8 generations
+  ended with a higher held-out FD than 1 at 3 of NFE 3-6, within the seeds' spread:
   ``docs/s3.md``).
 
 Without the predictor (``use_predictor=False``, the ablation of the done-when) a stage evaluates
