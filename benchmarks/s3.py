@@ -16,11 +16,18 @@ Full protocol (the issue's done-when; ~2 h on 2 idle cores)::
     OMP_NUM_THREADS=2 python benchmarks/s3.py --nfe 3 4 5 6 --budget 200 \\
         --autodiffusion-budget 200 --large-nfe 4 5 --ablation-budget 200
 
-Reduced run (what the committed results used; see the markdown's header)::
+The committed results ran it in parts, one thread per process, each merged into the results file
+(the settings of each part are under ``parts`` in the JSON)::
 
-    OMP_NUM_THREADS=1 python benchmarks/s3.py --nfe 3 4 5 6 --budget 150 \\
-        --autodiffusion-budget 100 --families dp olss autodiffusion --large-nfe 5 \\
-        --ablation-nfe 4 --ablation-budget 100 --ablation-samples 128
+    OMP_NUM_THREADS=1 python benchmarks/s3.py --nfe 3 4 5 6 --ablation-nfe      # 82 min
+    OMP_NUM_THREADS=1 python benchmarks/s3.py --nfe 7 8 9 10 --large-nfe --ablation-nfe
+    OMP_NUM_THREADS=1 python benchmarks/s3.py --nfe --ablation-nfe 3 6         # two processes
+    OMP_NUM_THREADS=1 python benchmarks/s3.py --nfe --ablation-nfe 4 5         # ~40 min each
+
+and, into their own results folders, ``--num-samples 1024 --results
+benchmarks/results/s3-search-1024`` and ``--metric traj`` (``results/s3-traj``,
+``results/s3-traj-ablation``). S³'s rows hold its plan as a table (``plan``) and, from 2026-12-06
+on, exactly (``plan_json``, :meth:`SolverPlan.to_json_dict`) for judging it again.
 """
 
 from __future__ import annotations
@@ -120,24 +127,19 @@ def main() -> None:
             minutes = (time.perf_counter() - start) / 60
             runs, run_solver = job.found.result, job.found.solver or get_solver(solver)
             found[name] = {"runs": runs}
-            entry = {
-                "solver": run_solver.name,
-                "search": job.found.score.value,
+            entry: dict[str, Any] = {"solver": run_solver.name, "search": job.found.score.value}
+            for key, judge in (("held_out_fd", fd), ("held_out_traj", traj)):
                 # the search objective's held-out score is the job's own: no second solve
-                "held_out_fd": job.held_out.value
-                if fd is search
-                else fd.held_out(runs, run_solver).value,
-                "held_out_traj": job.held_out.value
-                if traj is search
-                else traj.held_out(runs, run_solver).value,
-                "trials": job.trials,
-                "minutes": round(minutes, 2),
-            }
+                held_out = job.held_out if judge is search else judge.held_out(runs, run_solver)
+                entry[key] = held_out.value
+            entry.update(trials=job.trials, minutes=round(minutes, 2))
             if nfe in args.large_nfe:
                 value = large.held_out(runs, run_solver).value
                 entry["large_fd"] = value
             if name == "s3":
                 entry["plan"] = runs.describe()
+                # the exact plan (SolverPlan JSON), so the result can be judged again later
+                entry["plan_json"] = runs.to_json_dict()
                 entry["best_origin"] = job.found.summary.get("best_origin")
             row["results"][name] = entry
             print(f"NFE {nfe} {name}: {entry['held_out_fd']:.3f} ({minutes:.1f} min)", flush=True)
