@@ -192,10 +192,11 @@ def _known_value(plan: SolverPlan) -> float:
     return float(np.exp(-0.4 * np.mean(plan.orders) - 0.5 * (plan.first_step != "model")))
 
 
-def test_the_predictor_is_deterministic_and_learns_a_ranking():
+@pytest.mark.parametrize(("loss", "standardize"), [("logistic", True), ("hinge", False)])
+def test_the_predictor_is_deterministic_and_learns_a_ranking(loss, standardize):
     plans = _random_plans(160, seed=1)
     train, test = plans[:100], plans[100:]
-    settings = PredictorSettings(hidden=16, epochs=100)
+    settings = PredictorSettings(hidden=16, epochs=100, loss=loss, standardize=standardize)
     features = [step_features(p) for p in train]
     values = [_known_value(p) for p in train]
     first = train_predictor(features, values, seed=3, settings=settings)
@@ -207,6 +208,35 @@ def test_the_predictor_is_deterministic_and_learns_a_ranking():
     untrained = PredictorSettings(hidden=16, epochs=0)
     blind = train_predictor(features, values, seed=3, settings=untrained)
     assert abs(ranking_agreement(blind.scores(test_features), truth)) < 0.4
+
+
+def test_standardized_features_make_the_predictor_blind_to_feature_units():
+    """With ``standardize`` the predictor sees each feature shifted and scaled by the training
+    plans' mean and spread (kept in the model): features in other units give the same scores."""
+    plans = _random_plans(60, seed=2)
+    features = [step_features(p) for p in plans]
+    values = [_known_value(p) for p in plans]
+    units = np.linspace(0.5, 40.0, features[0].shape[1]).astype(np.float32)
+    moved = [f * units + 3.0 for f in features]
+    settings = PredictorSettings(hidden=8, epochs=30)
+    first = train_predictor(features, values, seed=0, settings=settings)
+    second = train_predictor(moved, values, seed=0, settings=settings)
+    np.testing.assert_allclose(first.scores(features), second.scores(moved), atol=2e-4)
+    assert "feature_mean" in first.state_dict()
+    raw = PredictorSettings(hidden=8, epochs=30, standardize=False)
+    assert not np.allclose(
+        train_predictor(features, values, seed=0, settings=raw).scores(features),
+        train_predictor(moved, values, seed=0, settings=raw).scores(moved),
+        atol=2e-4,
+    )
+
+
+def test_predictor_settings_refuse_unknown_losses_and_sizes():
+    with pytest.raises(ValueError, match="loss"):
+        PredictorSettings(loss="mse")
+    with pytest.raises(ValueError, match="hidden"):
+        PredictorSettings(hidden=0)
+    assert PredictorSettings().to_json_dict()["loss"] == "logistic"
 
 
 # --- the search -------------------------------------------------------------------------------------
