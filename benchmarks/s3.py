@@ -84,6 +84,13 @@ def main() -> None:
     parser.add_argument("--ablation-budget", type=int, default=200)
     parser.add_argument("--ablation-samples", type=int, default=256)
     parser.add_argument("--ablation-seeds", type=int, default=3)
+    parser.add_argument(
+        "--ablation-arms",
+        choices=("both", "with", "without"),
+        default="both",
+        help="which arms to run: 'with' after a change to the predictor alone keeps the "
+        "results file's runs without it (they do not use it)",
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--work", type=Path, default=Path("runs/s3"))
     parser.add_argument("--cache", type=Path, default=None)
@@ -187,7 +194,9 @@ def _ablation(args: Any, source: Any, cache: TensorCache) -> dict[str, Any]:
     for nfe in args.ablation_nfe:
         starts = spacing_schedules(source.noise, nfe)
         for seed in range(args.ablation_seeds):
-            for use in (True, False):
+            for use in {"both": (True, False), "with": (True,), "without": (False,)}[
+                args.ablation_arms
+            ]:
                 begin = time.perf_counter()
                 storage = f"sqlite:///{out / f'nfe{nfe}-seed{seed}-{use}.sqlite3'}"
                 with StudyStore.open(storage, "s3", metadata={"nfe": nfe}) as store:
@@ -238,8 +247,13 @@ def ablation_summary(ablation: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def _ablation_key(ablation: dict[str, Any]) -> tuple[Any, ...]:
-    return ablation.get("budget"), ablation.get("metric", "fd"), ablation.get("s3_settings")
+def _ablation_key(ablation: dict[str, Any], predictor: bool = True) -> tuple[Any, ...]:
+    """The settings an ablation's runs depend on; ``predictor=False``: those of its runs without
+    the predictor (every S³ setting but the predictor's own)."""
+    settings = ablation.get("s3_settings")
+    if not predictor and settings is not None:
+        settings = {k: v for k, v in settings.items() if k != "predictor"}
+    return ablation.get("budget"), ablation.get("metric", "fd"), settings
 
 
 def _merged(
@@ -247,9 +261,11 @@ def _merged(
 ) -> tuple[list, dict | None, dict, list]:
     """This run's rows and ablation runs merged into the results file's: rows of NFEs this run
     did not search and ablation runs of NFEs it did not ablate are kept (so the parts can run
-    separately, e.g. ``--nfe`` alone and ``--nfe --ablation-nfe 6``), with each part's settings.
-    An ablation under other settings (budget, metric, S³ settings) is not merged: it moves to the
-    earlier ablations, returned last."""
+    separately, e.g. ``--nfe`` alone and ``--nfe --ablation-nfe 6``; a redone run, the same
+    NFE, seed and arm, replaces the old one), with each part's settings. An ablation under other settings (budget, metric, S³ settings) is not merged: it moves to the
+    earlier ablations, returned last; where only the predictor's settings differ, its runs
+    without the predictor (which do not use it) that this run did not redo are kept, marked
+    ``from_earlier``."""
     path = args.results / "s3.json"
     try:
         old = json.loads(path.read_text())
@@ -269,9 +285,17 @@ def _merged(
         and _ablation_key(old_ablation) != _ablation_key(ablation)
     ):
         earlier.append(old_ablation)
+        if _ablation_key(old_ablation, False) == _ablation_key(ablation, False):
+            done = {(r["nfe"], r["seed"], r["predictor"]) for r in ablation["runs"]}
+            kept = [{**r, "from_earlier": True} for r in old_ablation["runs"]
+                    if not r["predictor"] and (r["nfe"], r["seed"], False) not in done]  # fmt: skip
+            runs = sorted(ablation["runs"] + kept,
+                          key=lambda r: (r["nfe"], r["seed"], not r["predictor"]))  # fmt: skip
+            merged_ablation = {**ablation, "nfe": sorted({r["nfe"] for r in runs}), "runs": runs}
     elif old_ablation:
-        redone = set(ablation["nfe"]) if ablation else set()
-        kept = [r for r in old_ablation["runs"] if r.get("nfe") not in redone]
+        redone = {(r["nfe"], r["seed"], r["predictor"]) for r in (ablation or {}).get("runs", [])}
+        kept = [r for r in old_ablation["runs"]
+                if (r.get("nfe"), r["seed"], r["predictor"]) not in redone]  # fmt: skip
         runs = sorted(kept + (ablation["runs"] if ablation else []),
                       key=lambda r: (r["nfe"], r["seed"], not r["predictor"]))  # fmt: skip
         merged_ablation = {**old_ablation, **(ablation or {}),

@@ -13,8 +13,8 @@ training plans' mean and spread (kept in the model, applied to every plan it sco
 Why these two choices (``benchmarks/s3_predictor.py``, ``docs/s3.md``): trained on the stages
 before it of a search without the predictor and asked to rank the next stage's children (plans
 it never saw, the ones it screens in a search), the hinge loss on raw features ranked them at
-Kendall's tau +0.43 (NFE 3) but +0.11 (NFE 5) on the digits model; standardized features with the
-logistic loss at +0.49 and +0.27.
+Kendall's tau +0.39 (NFE 3) and +0.10 (NFE 5) on the digits model; standardized features with the
+logistic loss at +0.55 and +0.21.
 
 Training is a pure function of its inputs: the weights are initialised from ``seed`` in a forked
 random state, the data keep their given order, full-batch Adam runs on one thread in float32, so
