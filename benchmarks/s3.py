@@ -59,6 +59,8 @@ SCHEDULE_ONLY = ("dp", "ays", "autodiffusion")
 """The families that search timesteps only (OLSS fits coefficients too)."""
 _HELD_OUT = {"fd": "held_out_fd", "traj": "held_out_traj"}
 """The results key of each metric's held-out score."""
+_PREDICTOR_ONLY = ("predictor", "pick", "screen_fraction", "generations", "children")
+"""The S³ settings that only the predictor's stages use (the arm without it ignores them)."""
 CONVERGED = (("dpm_solver_pp_3m", "logsnr_uniform", 100), ("unipc_bh2", "time_uniform", 200))
 """Two independent converged solves (the FD ratio's denominators)."""
 
@@ -249,10 +251,10 @@ def ablation_summary(ablation: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _ablation_key(ablation: dict[str, Any], predictor: bool = True) -> tuple[Any, ...]:
     """The settings an ablation's runs depend on; ``predictor=False``: those of its runs without
-    the predictor (every S³ setting but the predictor's own)."""
+    the predictor (every S³ setting but those only the predictor stages use)."""
     settings = ablation.get("s3_settings")
     if not predictor and settings is not None:
-        settings = {k: v for k, v in settings.items() if k != "predictor"}
+        settings = {k: v for k, v in settings.items() if k not in _PREDICTOR_ONLY}
     return ablation.get("budget"), ablation.get("metric", "fd"), settings
 
 

@@ -17,10 +17,13 @@ The search runs in stages, each a fixed number of true evaluations:
 - stage ``s >= 1``: (1) train the predictor (:mod:`stepsearch.search.predictor`) on every plan
   evaluated so far; (2) evolve ``generations`` generations of ``children`` candidates on the
   predictor alone, from the ``parents`` best evaluated plans (mutation, crossover with
-  probability ``crossover_probability``); (3) truly evaluate the ``proposals`` best unseen
-  candidates by the predictor plus ``explore`` bold random variants of the best plans. With
-  one generation (the default) the predictor screens ``children`` children of the best plans
-  and only its ``proposals`` best are evaluated; more generations let it evolve on its own
+  probability ``crossover_probability``); (3) truly evaluate ``proposals`` unseen candidates
+  the predictor ranks well plus ``explore`` bold random variants of the best plans. How it
+  picks is ``pick``: ``"screen"`` (the default) draws them at random from its best-ranked
+  ``screen_fraction`` of the candidates, ``"best"`` takes its best-ranked ones; taking the best
+  made the search stall on near-copies of the best plan once the predictor ranked well
+  (``docs/s3.md``). With one generation (the default) the predictor screens ``children``
+  children of the best plans; more generations let it evolve on its own
   predictions, further from the plans it was trained on (on the digits model 8 generations
   ended with a higher held-out FD than 1 at 3 of NFE 3-6, within the seeds' spread:
   ``docs/s3.md``).
@@ -58,6 +61,7 @@ from stepsearch.solvers import get_solver
 from stepsearch.solvers.plan_solver import PlanSolver, data_mean_of
 
 __all__ = [
+    "PICKS",
     "SEED_SOLVERS",
     "Evaluated",
     "S3Result",
@@ -77,6 +81,8 @@ SEED_SOLVERS = (
 )
 """The built-in solvers whose default plans seed the search (every plan the ``plan`` solver runs
 as that solver does; UniPC-bh1 needs another variant)."""
+PICKS = ("screen", "best")
+"""How the predictor picks the plans to evaluate (:attr:`S3Settings.pick`)."""
 
 
 @dataclass(frozen=True)
@@ -95,6 +101,11 @@ class S3Settings:
     children: int = 96
     """Candidates per generation on the predictor."""
     crossover_probability: float = 0.3
+    pick: str = "screen"
+    """How the predictor picks the ``proposals`` from its ranked candidates: ``"screen"`` draws
+    them at random from the best ``screen_fraction`` of them (it screens out the likely bad ones
+    and keeps the evolution's spread), ``"best"`` takes the best-ranked ones."""
+    screen_fraction: float = 0.5
     use_predictor: bool = True
     analytical_seeds: bool = True
     free_start: bool = True
@@ -110,6 +121,10 @@ class S3Settings:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)!r}")
         if int(self.explore) < 0:
             raise ValueError(f"explore must be >= 0, got {self.explore!r}")
+        if self.pick not in PICKS:
+            raise ValueError(f"pick must be one of {list(PICKS)}, got {self.pick!r}")
+        if not 0.0 < self.screen_fraction <= 1.0:
+            raise ValueError(f"screen_fraction must be in (0, 1], got {self.screen_fraction!r}")
         if not 0.0 <= self.crossover_probability <= 1.0:
             raise ValueError(
                 f"crossover_probability must be in [0, 1], got {self.crossover_probability!r}"
@@ -129,6 +144,8 @@ class S3Settings:
             "generations": self.generations,
             "children": self.children,
             "crossover_probability": self.crossover_probability,
+            "pick": self.pick,
+            "screen_fraction": self.screen_fraction,
             "use_predictor": self.use_predictor,
             "analytical_seeds": self.analytical_seeds,
             "free_start": self.free_start,
@@ -458,6 +475,10 @@ def _predictor_stage(
         merged.sort(key=lambda item: item[1])
         population = merged[: settings.parents]
     ranked = sorted(pool.items(), key=lambda item: (item[1][1], item[0]))
+    if settings.pick == "screen" and len(ranked) > settings.proposals:
+        kept = max(settings.proposals, math.ceil(settings.screen_fraction * len(ranked)))
+        drawn = rng.choice(kept, size=settings.proposals, replace=False)
+        ranked = [ranked[int(k)] for k in sorted(drawn)]
     picks = [("predictor", plan) for _, (plan, _) in ranked[: settings.proposals]]
     predicted_scores = [value for _, (_, value) in ranked[: settings.proposals]]
     taken = set(seen) | {plan_key(plan) for _, plan in picks}
