@@ -303,6 +303,28 @@ def test_bad_settings_are_refused():
         S3Settings(crossover_probability=1.5)
     with pytest.raises(ValueError, match=r"unknown solver|nope"):
         S3Settings(seed_solvers=("nope",))
+    with pytest.raises(ValueError, match="pick"):
+        S3Settings(pick="top")
+    with pytest.raises(ValueError, match="screen_fraction"):
+        S3Settings(screen_fraction=0.0)
+
+
+def test_the_predictor_picks_its_best_or_screens_its_better_half():
+    """``best``: the predictor's best-ranked candidates; ``screen``: drawn at random (seeded)
+    from its better-ranked ``screen_fraction``, so not only its best."""
+    from stepsearch.search.s3 import _pick
+
+    best = S3Settings(pick="best", proposals=12)
+    assert _pick(96, best, np.random.default_rng(0)) == list(range(12))
+    assert _pick(5, best, np.random.default_rng(0)) == list(range(5))
+    screen = S3Settings(pick="screen", proposals=12, screen_fraction=0.5)
+    draws = [_pick(96, screen, np.random.default_rng(seed)) for seed in range(20)]
+    for drawn in draws:
+        assert len(set(drawn)) == 12 and drawn == sorted(drawn) and max(drawn) < 48
+    assert any(max(drawn) >= 12 for drawn in draws)
+    assert len({tuple(d) for d in draws}) > 1
+    assert _pick(96, screen, np.random.default_rng(3)) == draws[3]  # seeded
+    assert _pick(10, screen, np.random.default_rng(0)) == list(range(10))
 
 
 # --- resume and workers -------------------------------------------------------------------------

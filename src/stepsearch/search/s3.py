@@ -431,6 +431,16 @@ def _plain_stage(
     return found + _explore(space, parents, taken, settings.explore, rng)
 
 
+def _pick(count: int, settings: S3Settings, rng: np.random.Generator) -> list[int]:
+    """Positions, in the predictor's ranking of ``count`` candidates (best first), of the ones to
+    evaluate: the first ``proposals`` (``pick="best"``), or ``proposals`` drawn without
+    replacement from the first ``screen_fraction`` of them (``"screen"``), in ranking order."""
+    if settings.pick == "best" or count <= settings.proposals:
+        return list(range(min(count, settings.proposals)))
+    kept = max(settings.proposals, math.ceil(settings.screen_fraction * count))
+    return sorted(int(k) for k in rng.choice(kept, size=settings.proposals, replace=False))
+
+
 def _predictor_stage(
     space: PlanSpace,
     history: Sequence[Evaluated],
@@ -475,11 +485,8 @@ def _predictor_stage(
         merged.sort(key=lambda item: item[1])
         population = merged[: settings.parents]
     ranked = sorted(pool.items(), key=lambda item: (item[1][1], item[0]))
-    if settings.pick == "screen" and len(ranked) > settings.proposals:
-        kept = max(settings.proposals, math.ceil(settings.screen_fraction * len(ranked)))
-        drawn = rng.choice(kept, size=settings.proposals, replace=False)
-        ranked = [ranked[int(k)] for k in sorted(drawn)]
-    picks = [("predictor", plan) for _, (plan, _) in ranked[: settings.proposals]]
-    predicted_scores = [value for _, (_, value) in ranked[: settings.proposals]]
+    ranked = [ranked[k] for k in _pick(len(ranked), settings, rng)]
+    picks = [("predictor", plan) for _, (plan, _) in ranked]
+    predicted_scores = [value for _, (_, value) in ranked]
     taken = set(seen) | {plan_key(plan) for _, plan in picks}
     return picks + _explore(space, parents, taken, settings.explore, rng), predicted_scores
