@@ -63,3 +63,16 @@ def test_a_fixed_start_search_keeps_every_plan_at_the_largest_time(tmp_path):
     loaded = ScheduleFile.load(out / "best_schedule.json")
     assert loaded.provenance.search["settings"]["free_start"] is False
     assert loaded.candidate.schedule.times[0] == loaded.candidate.schedule.noise.t_max
+
+
+def test_the_pick_rule_is_a_setting_and_a_bad_one_a_clear_error(tmp_path):
+    runner = CliRunner()
+    bad = runner.invoke(app, ["search", "s3", *TINY, "--out", str(tmp_path), "--pick", "top"])
+    assert bad.exit_code != 0 and "pick must be one of" in bad.output
+    assert not (tmp_path / "best_schedule.json").exists()
+    out = tmp_path / "best"
+    arguments = ["search", "s3", *TINY, "--out", str(out), "--cache", str(tmp_path)]
+    result = runner.invoke(app, [*arguments, "--pick", "best"])
+    assert result.exit_code == 0, result.output
+    loaded = ScheduleFile.load(out / "best_schedule.json")
+    assert loaded.provenance.search["settings"]["pick"] == "best"

@@ -52,6 +52,14 @@ def s3_command(
         bool,
         typer.Option(help="Rank candidates with the learned predictor (off: plain evolution)."),
     ] = True,
+    pick: Annotated[
+        str,
+        typer.Option(
+            metavar="RULE",
+            help="How the predictor picks a stage's plans: `screen` (drawn at random from the "
+            "half it ranks better) or `best` (its best-ranked ones).",
+        ),
+    ] = "screen",
     free_start: Annotated[
         bool,
         typer.Option(
@@ -78,7 +86,11 @@ def s3_command(
 
     with usage_errors():
         settings = S3Settings(
-            proposals=proposals, explore=explore, use_predictor=predictor, free_start=free_start
+            proposals=proposals,
+            explore=explore,
+            use_predictor=predictor,
+            pick=pick,
+            free_start=free_start,
         )
         job = run_job(
             "s3", model_or_default(model, pipeline), "plan", nfe, out, pipeline=pipeline,
