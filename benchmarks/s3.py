@@ -116,7 +116,12 @@ def main() -> None:
         f"{name} / {spacing} x{steps}": (make_schedule(noise, steps, spacing), get_solver(name))
         for name, spacing, steps in CONVERGED
     }
-    reference = {label: fd.held_out(*pair).value for label, pair in converged.items()}
+    # the converged solves' FD (minutes of work): only the families' rows need it
+    reference = (
+        {label: fd.held_out(*pair).value for label, pair in converged.items()}
+        if args.nfe
+        else _results(args).get("converged_held_out_fd", {})
+    )
     rows: list[dict[str, Any]] = []
     for nfe in args.nfe:
         row: dict[str, Any] = {"nfe": nfe, "results": {}}
@@ -258,6 +263,14 @@ def _ablation_key(ablation: dict[str, Any], predictor: bool = True) -> tuple[Any
     return ablation.get("budget"), ablation.get("metric", "fd"), settings
 
 
+def _results(args: Any) -> dict[str, Any]:
+    """The results file's content (empty when there is none yet)."""
+    try:
+        return json.loads((args.results / "s3.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def _merged(
     args: Any, rows: list, ablation: dict | None, minutes: float
 ) -> tuple[list, dict | None, dict, list]:
@@ -268,11 +281,7 @@ def _merged(
     earlier ablations, returned last; where only the predictor's settings differ, its runs
     without the predictor (which do not use it) that this run did not redo are kept, marked
     ``from_earlier``."""
-    path = args.results / "s3.json"
-    try:
-        old = json.loads(path.read_text())
-    except (OSError, ValueError):
-        old = {}
+    old = _results(args)
     mine = {row["nfe"] for row in rows}
     merged_rows = sorted(
         [row for row in old.get("rows", []) if row["nfe"] not in mine] + list(rows),
