@@ -24,6 +24,11 @@ The committed results ran it in parts, one thread per process, each merged into 
     OMP_NUM_THREADS=1 python benchmarks/s3.py --nfe --ablation-nfe 3 6         # two processes
     OMP_NUM_THREADS=1 python benchmarks/s3.py --nfe --ablation-nfe 4 5         # ~40 min each
 
+then, after the predictor changed (2026-12-06), its arm alone, one process per NFE pair::
+
+    OMP_NUM_THREADS=1 python benchmarks/s3.py --nfe --ablation-nfe 3 --ablation-arms with  # then 6
+    OMP_NUM_THREADS=1 python benchmarks/s3.py --nfe --ablation-nfe 4 --ablation-arms with  # then 5
+
 and, into their own results folders, ``--num-samples 1024 --results
 benchmarks/results/s3-search-1024`` and ``--metric traj`` (``results/s3-traj``,
 ``results/s3-traj-ablation``). S³'s rows hold its plan as a table (``plan``) and, from 2026-12-06
