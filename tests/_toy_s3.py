@@ -54,6 +54,7 @@ def summary(result: S3Result) -> dict:
         "best": result.best.to_json_dict(),
         "best_value": result.best_score.value,
         "history": [[r.index, r.stage, r.origin, r.value] for r in result.history],
+        "selection": [[index, value] for index, value in result.selection],
     }
 
 

@@ -35,6 +35,7 @@ from stepsearch.testbeds.gaussian_mixture import GaussianMixture
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
 from _toy_s3 import summary, toy_s3  # noqa: E402
+from _toy_search import toy_objective  # noqa: E402
 
 ENV = {
     **os.environ,
@@ -268,7 +269,8 @@ def test_s3_beats_every_built_in_plan_on_held_out_noise(mixture, nfe, tmp_path):
 def test_search_stores_every_evaluation_and_reruns_from_the_store(tmp_path):
     storage = str(tmp_path / "s.sqlite3")
     result = toy_s3(storage, BUDGET)
-    assert len(result.history) == BUDGET and result.best_score.value == min(result.values)
+    picked = [r for r in result.history if r.plan is result.best]
+    assert len(result.history) == BUDGET and result.best_score.value == picked[0].value
     stages = [r.stage for r in result.history]
     assert stages == sorted(stages) and stages[-1] >= 2  # the seeds, then predictor stages
     assert stages.count(0) <= BUDGET // 2
@@ -278,11 +280,62 @@ def test_search_stores_every_evaluation_and_reruns_from_the_store(tmp_path):
         trials = store.trials()
         assert len(trials) == BUDGET == len({t.key for t in trials})
         assert [t.attrs["index"] for t in trials] == list(range(BUDGET))
-        assert store.best().value == result.best_score.value
+        assert store.best().value == min(result.values)
     began = time.perf_counter()
     again = toy_s3(storage, BUDGET)  # every proposal replayed, every value looked up
     assert summary(again) == summary(result)
     assert time.perf_counter() - began < 10
+
+
+def test_the_pick_is_made_on_the_selection_seed(tmp_path):
+    """The search seed's best ``select_plans`` plans are re-scored on the selection seed (their
+    values there are those of an objective built on that seed: ground truth), the lowest there
+    is the result, and the scores are a sibling study a rerun looks up."""
+    storage = str(tmp_path / "s.sqlite3")
+    result = toy_s3(storage, BUDGET)
+    ranked = sorted(result.history, key=lambda r: (r.value, r.index))[:8]
+    assert [index for index, _ in result.selection] == [r.index for r in ranked]
+    assert result.selection_samples == 4 * 16  # four times the toy's search samples
+    base = toy_objective()
+    direct = Objective(base.source, "traj", num_samples=64, search_seed=3, bootstrap=0,
+                       cache=TensorCache(None))  # fmt: skip
+    by_index = {r.index: r for r in result.history}
+    for index, value in result.selection[:3]:
+        assert direct(by_index[index].plan, plan_solver_for(direct)).value == value
+        assert value != by_index[index].value  # other noise
+    lowest = min(result.selection, key=lambda item: (item[1], by_index[item[0]].value))
+    assert by_index[lowest[0]].plan is result.best
+    import optuna
+
+    chosen = optuna.load_study(study_name="toy-s3:select", storage=f"sqlite:///{storage}")
+    assert len(chosen.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 8
+    again = toy_s3(storage, BUDGET)
+    assert again.selection == result.selection and summary(again) == summary(result)
+    assert len(chosen.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 8
+
+
+def test_without_selection_the_search_seeds_best_is_the_pick(tmp_path):
+    from dataclasses import replace
+
+    import _toy_s3
+
+    plain = replace(_toy_s3.SETTINGS, select_plans=0)
+    objective = toy_objective()
+    starts = spacing_schedules(NOISE, 3, ("time_uniform", "logsnr_uniform"))
+    with StudyStore.open(tmp_path / "s.sqlite3", "s3", metadata={}) as store:
+        result = s3_search(objective, nfe=3, budget=16, store=store, schedules=starts,
+                           settings=plain)  # fmt: skip
+    assert result.selection == () and result.best_score.value == min(result.values)
+
+
+def test_a_selection_seed_that_is_the_searchs_or_the_reports_is_refused(tmp_path):
+    objective = toy_objective()  # search seed 0, held-out seed 1
+    with StudyStore.open(tmp_path / "s.sqlite3", "s3", metadata={}) as store:
+        for clash in (0, 1):
+            with pytest.raises(ValueError, match=r"select_seed.*held_out|select_seed.*search"):
+                s3_search(objective, nfe=3, budget=8, store=store,
+                          settings=S3Settings(select_seed=clash))  # fmt: skip
+        assert store.count() == 0  # refused before any work
 
 
 def test_the_ablation_runs_without_the_predictor(tmp_path, mixture):
@@ -307,6 +360,10 @@ def test_bad_settings_are_refused():
         S3Settings(pick="top")
     with pytest.raises(ValueError, match="screen_fraction"):
         S3Settings(screen_fraction=0.0)
+    with pytest.raises(ValueError, match="select_samples"):
+        S3Settings(select_samples=1)
+    with pytest.raises(ValueError, match="select_plans"):
+        S3Settings(select_plans=-1)
 
 
 def test_the_predictor_picks_its_best_or_screens_its_better_half():

@@ -162,3 +162,25 @@ def test_a_remote_workers_trial_is_failed_by_heartbeat(tmp_path):
         score = Counting()
         assert store.evaluate(candidate, score, solver="ddim").value == 0.9**2 + 0.5**2
         assert score.calls == 1 and store.trials(("FAIL",))[0].worker["id"] == "remote"
+
+
+def test_a_sibling_study_shares_the_storage_and_checks_its_own_metadata(tmp_path):
+    """A search's second kind of evaluation (S³'s selection seed) lives in a sibling study: its
+    trials are not the search's, it resumes, other metadata is refused, and closing it leaves
+    the search's store open."""
+    score = Counting()
+    with open_store(tmp_path) as store:
+        store.evaluate(schedule(0.9, 0.5, 0.0), score, solver="ddim")
+        with store.sibling("select", {"seed": 3}) as select:
+            assert select.study.study_name == "toy:select"
+            select.evaluate(schedule(0.9, 0.4, 0.0), score, solver="ddim", index=7)
+        assert store.count() == 1 and [t.attrs for t in store.trials()] == [{}]
+        store.evaluate(schedule(0.9, 0.3, 0.0), score, solver="ddim")  # still open
+        with pytest.raises(ValueError, match="seed"):
+            store.sibling("select", {"seed": 4})
+        with pytest.raises(ValueError, match="suffix"):
+            store.sibling("", {})
+    with open_store(tmp_path) as store, store.sibling("select", {"seed": 3}) as select:
+        assert select.count() == 1 and select.trials()[0].attrs == {"index": 7}
+        select.evaluate(schedule(0.9, 0.4, 0.0), score, solver="ddim")
+        assert score.calls == 3 and store.count() == 2

@@ -68,6 +68,24 @@ def s3_command(
             "have); fixed: every plan starts at the noise schedule's largest time.",
         ),
     ] = True,
+    select_plans: Annotated[
+        int,
+        typer.Option(
+            metavar="N",
+            help="The best plans on the search seed re-scored on a selection seed, the lowest "
+            "there picked (0: the search seed's best).",
+            min=0,
+        ),
+    ] = 8,
+    select_samples: Annotated[
+        int | None,
+        typer.Option(
+            metavar="N",
+            help="Samples per plan on the selection seed. Default: 4 x NUM_SAMPLES.",
+            min=2,
+            show_default=False,
+        ),
+    ] = None,
     cache: options.Cache = None,
     device: options.Device = "cpu",
     dtype: options.Dtype = "float32",
@@ -76,7 +94,9 @@ def s3_command(
     """S³: search the solver rule of every step at `--nfe`, guided by a learned predictor.
 
     A rule is the step's time, noise/data prediction, Taylor order, estimation points,
-    relaxation, corrector, or an analytical first step. Every evaluated plan is a trial in an
+    relaxation, corrector, or an analytical first step. The best plans on the search seed are
+    re-scored on a selection seed (`--select-plans`), and the lowest there is the result. Every
+    evaluated plan is a trial in an
     Optuna study: kill the job and rerun the same command to resume it; start it on several
     machines with one `--storage postgresql://...` to share the work. Writes `best_schedule.json`
     (the plan and its provenance), `scheduler/` (a diffusers scheduler replaying the plan),
@@ -91,6 +111,8 @@ def s3_command(
             use_predictor=predictor,
             pick=pick,
             free_start=free_start,
+            select_plans=select_plans,
+            select_samples=select_samples,
         )
         job = run_job(
             "s3", model_or_default(model, pipeline), "plan", nfe, out, pipeline=pipeline,

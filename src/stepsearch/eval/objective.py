@@ -180,6 +180,36 @@ class Objective:
         """Score ``candidate`` on the *held-out* seed (for reports, never for searching)."""
         return self.score(candidate, solver, split="held_out")
 
+    def reseeded(self, search_seed: int, num_samples: int) -> Objective:
+        """This objective on another noise stream: the same source, metric, teacher, cache,
+        reference and held-out seed, its search split ``num_samples`` samples of ``search_seed``.
+        A search's *selection* seed (it re-scores its best candidates there before picking one);
+        ``search_seed`` must differ from both of this objective's seeds."""
+        if int(search_seed) in self.seeds.values():
+            raise ValueError(
+                f"seed {search_seed} is already this objective's "
+                f"{[k for k, v in self.seeds.items() if v == int(search_seed)][0]} seed: "
+                "a selection seed must be noise the search and the reports do not use"
+            )
+        other = Objective(
+            self.source,
+            self.metric,
+            num_samples=num_samples,
+            search_seed=search_seed,
+            held_out_seed=self.seeds["held_out"],
+            held_out_samples=self.held_out_samples,
+            solver=self.solver,
+            teacher=self.teacher_spec,
+            cache=self.cache,
+            fid_reference=self.fid_reference,
+            chunk_size=self.chunk_size,
+            bootstrap=self.bootstrap,
+            accelerator=self.accelerator,
+            progress=self.progress,
+        )
+        other._distance_reference = self._distance_reference
+        return other
+
     def score(self, candidate: Any, solver: str | Solver | None = None, *, split: str) -> Score:
         """Score ``candidate`` (a StepSchedule, or a plan ``solver.init`` accepts) on ``split``."""
         if split not in SPLITS:

@@ -28,6 +28,13 @@ The search runs in stages, each a fixed number of true evaluations:
   ended with a higher held-out FD than 1 at 3 of NFE 3-6, within the seeds' spread:
   ``docs/s3.md``).
 
+**The pick.** At 256 samples the search seed's FD ranks near-equal plans by chance (a plan that
+won there by 1-2 FD is as often worse on other noise: ``docs/s3.md``), so the search does not
+take its best plan on the search seed: its ``select_plans`` best are re-scored on a third noise
+stream, the *selection* seed (``select_seed``, ``select_samples`` samples; neither the search nor
+the held-out seed), and the lowest there is the result. Those scores are a sibling study of the
+store (:meth:`~stepsearch.search.store.StudyStore.sibling`): resumed and shared like the trials.
+
 Without the predictor (``use_predictor=False``, the ablation of the done-when) a stage evaluates
 ``proposals + explore`` children of the best plans drawn by the same operators: the same
 evolution, no ranking.
@@ -114,6 +121,15 @@ class S3Settings:
     search)."""
     seed_solvers: tuple[str, ...] = SEED_SOLVERS
     predictor: PredictorSettings = field(default_factory=PredictorSettings)
+    select_plans: int = 8
+    """The best plans on the search seed re-scored on the selection seed, the lowest there
+    picked (0 or 1: the search seed's best is the pick)."""
+    select_samples: int | None = None
+    """Samples per plan on the selection seed (``None``: four times the objective's search
+    samples, 1,024 for the digits default)."""
+    select_seed: int = 3
+    """The selection seed's noise stream: neither the objective's search nor its held-out seed
+    (3: neither a search's 0 and 1 nor ``stepsearch optimize``'s report seed 2)."""
 
     def __post_init__(self) -> None:
         for name in ("proposals", "parents", "generations", "children"):
@@ -123,6 +139,12 @@ class S3Settings:
             raise ValueError(f"explore must be >= 0, got {self.explore!r}")
         if self.pick not in PICKS:
             raise ValueError(f"pick must be one of {list(PICKS)}, got {self.pick!r}")
+        for name, least in (("select_plans", 0), ("select_samples", 2), ("select_seed", 0)):
+            value = getattr(self, name)
+            if value is None and name == "select_samples":
+                continue
+            if isinstance(value, bool) or int(value) < least:
+                raise ValueError(f"{name} must be at least {least}, got {value!r}")
         if not 0.0 < self.screen_fraction <= 1.0:
             raise ValueError(f"screen_fraction must be in (0, 1], got {self.screen_fraction!r}")
         if not 0.0 <= self.crossover_probability <= 1.0:
@@ -151,7 +173,20 @@ class S3Settings:
             "free_start": self.free_start,
             "seed_solvers": list(self.seed_solvers),
             "predictor": self.predictor.to_json_dict(),
+            "select_plans": self.select_plans,
+            "select_samples": self.select_samples,
+            "select_seed": self.select_seed,
         }
+
+    @property
+    def selects(self) -> bool:
+        """Whether the pick is made on the selection seed."""
+        return int(self.select_plans) > 1
+
+    def selection_samples(self, num_samples: int) -> int:
+        """Samples per plan on the selection seed for an objective of ``num_samples`` search
+        samples."""
+        return int(self.select_samples or 4 * int(num_samples))
 
 
 @dataclass(frozen=True)
@@ -179,6 +214,11 @@ class S3Result:
     agreement: tuple[float, ...] = ()
     not_adopted: tuple[str, ...] = ()
     """The given seeds that are not points of the search space, each with the reason."""
+    selection: tuple[tuple[int, float], ...] = ()
+    """``(index in history, selection-seed value)`` of the plans re-scored on the selection
+    seed, best on the search seed first (empty: the search seed's best is the pick)."""
+    selection_samples: int = 0
+    """Samples per plan on the selection seed (0: no selection)."""
 
     @property
     def values(self) -> list[float]:
@@ -278,6 +318,9 @@ def s3_search(
     if isinstance(budget, bool) or int(budget) < 1:
         raise ValueError(f"budget must be a positive number of trials, got {budget!r}")
     run_solver = solver or plan_solver_for(objective)
+    chooser = _selection_objective(objective, settings) if settings.selects else None
+    if chooser is not None:
+        _selection_store(store, chooser).close()  # refuses another selection's study up front
     noise = objective.source.noise
     space = PlanSpace.for_noise(
         noise, nfe, data_mean=run_solver.data_mean is not None, free_start=settings.free_start
@@ -361,7 +404,20 @@ def s3_search(
     searched = [r for r in history if r.stage >= 0]
     if not searched:
         raise ValueError("the search evaluated nothing")
-    winner = min(history, key=lambda r: (sortable(r.value), r.index))
+    ranked = sorted(history, key=lambda r: (sortable(r.value), r.index))
+    winner, selection = ranked[0], []
+    if chooser is not None:
+        pool = ranked[: int(settings.select_plans)]
+        with _selection_store(store, chooser) as select_store:
+            scores = select_store.evaluate_many(
+                [r.plan for r in pool],
+                lambda plan: chooser(plan, run_solver),
+                solver=run_solver,
+                attrs=[{"index": r.index, "origin": r.origin} for r in pool],
+            )
+        selection = [(r.index, float(found.value)) for r, found in zip(pool, scores, strict=True)]
+        selected = dict(selection)
+        winner = min(pool, key=lambda r: (sortable(selected[r.index]), sortable(r.value), r.index))
     best_score = store.evaluate(winner.plan, score, solver=run_solver)  # a lookup
     return S3Result(
         winner.plan,
@@ -371,7 +427,26 @@ def s3_search(
         settings,
         tuple(agreement),
         tuple(refused),
+        tuple(selection),
+        0 if chooser is None else chooser.num_samples,
     )
+
+
+def _selection_objective(objective: Objective, settings: S3Settings) -> Objective:
+    """The objective on the selection seed (:attr:`S3Settings.select_seed`)."""
+    try:
+        return objective.reseeded(
+            settings.select_seed, settings.selection_samples(objective.num_samples)
+        )
+    except ValueError as error:
+        raise ValueError(f"S³'s select_seed: {error}") from None
+
+
+def _selection_store(store: StudyStore, chooser: Objective) -> StudyStore:
+    """The study of the selection-seed scores beside the search's (resumed and shared as the
+    search's trials are)."""
+    described = {k: v for k, v in chooser.describe().items() if k != "held_out_samples"}
+    return store.sibling("select", {"selection": described})
 
 
 def _parents(history: Sequence[Evaluated], count: int) -> list[SolverPlan]:

@@ -298,6 +298,7 @@ class StudyStore:
         self._last_stale_check = 0.0
         self.evaluations = 0
         """Candidates this process evaluated (not looked up)."""
+        self._owns_storage = True
 
     @classmethod
     def open(
@@ -328,6 +329,43 @@ class StudyStore:
             raise ValueError(f"study metadata is {error}") from None
         url = storage_url(storage)
         rdb = _connect(url, int(heartbeat_interval), grace_period)
+        return cls._open_in(rdb, url, study_name, direction, recorded, worker_name, poll_interval)
+
+    def sibling(self, suffix: str, metadata: Mapping[str, Any]) -> StudyStore:
+        """Another study in this one's storage, named ``<this study's name>:<suffix>``, opened as
+        :meth:`open` opens one (the same direction and worker; ``metadata`` checked the same way):
+        for a search's second kind of evaluation beside its trials (S³'s selection seed), which
+        resumes and is shared by the workers as the trials are. Close it before this store."""
+        if not suffix:
+            raise ValueError("suffix is empty")
+        try:
+            recorded = {"format": STORE_FORMAT, "metadata": _plain(dict(metadata))}
+        except ValueError as error:
+            raise ValueError(f"study metadata is {error}") from None
+        return self._open_in(
+            self._storage,
+            self.url,
+            f"{self.study.study_name}:{suffix}",
+            self._direction,
+            recorded,
+            self.worker["id"],
+            self.poll_interval,
+            owns_storage=False,
+        )
+
+    @classmethod
+    def _open_in(
+        cls,
+        rdb: optuna.storages.RDBStorage,
+        url: str,
+        study_name: str,
+        direction: str,
+        recorded: dict[str, Any],
+        worker_name: str | None,
+        poll_interval: float,
+        *,
+        owns_storage: bool = True,
+    ) -> StudyStore:
         study = optuna.create_study(
             storage=rdb, study_name=study_name, direction=direction, load_if_exists=True
         )
@@ -342,7 +380,7 @@ class StudyStore:
             study.set_user_attr(_STUDY_ATTR, recorded)
         elif existing != recorded:
             raise ValueError(_metadata_mismatch(study_name, url, existing, recorded))
-        return cls(
+        store = cls(
             rdb,
             study,
             recorded["metadata"],
@@ -350,6 +388,8 @@ class StudyStore:
             worker_name=worker_name,
             poll_interval=poll_interval,
         )
+        store._owns_storage = owns_storage
+        return store
 
     # evaluating --------------------------------------------------------------------------------
     def evaluate(
@@ -470,9 +510,10 @@ class StudyStore:
         return len(self.study.get_trials(deepcopy=False, states=(TrialState[state],)))
 
     def close(self) -> None:
-        """Release the database connections."""
+        """Release the database connections (a :meth:`sibling` leaves them to its parent)."""
         self._storage.remove_session()
-        self._storage.engine.dispose()
+        if self._owns_storage:
+            self._storage.engine.dispose()
 
     def __enter__(self) -> StudyStore:
         return self

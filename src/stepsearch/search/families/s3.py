@@ -10,9 +10,11 @@ at the same NFE: ``inputs``). ``optimize`` runs it last with the time left (``ex
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
+from stepsearch.models.trajectories import DEFAULT_TEACHER
 from stepsearch.plan import SolverPlan
 from stepsearch.schedule import StepSchedule
 from stepsearch.search.family import FamilyBase, Found, JobContext
@@ -82,12 +84,25 @@ class S3Family(FamilyBase):
                 "best_origin": _origin_of(result),
                 "ranking_agreement": [round(a, 4) for a in result.agreement],
                 "seeds_not_adopted": list(result.not_adopted),
+                "selection": _selection_of(result),
                 "best": {"plan": result.best.describe()},
             },
             values=result.values,
             marks={"predictor's picks": picks} if picks else {},
             details=result,
         )
+
+    def planned_evaluations(
+        self, settings: Any, solver: str, nfe: int, search_samples: int, trials: int | None
+    ) -> dict[str, int] | None:
+        """The trials, and the selection seed's re-scoring of the best plans (with its converged
+        solve, for trajectory error, once)."""
+        planned = super().planned_evaluations(settings, solver, nfe, search_samples, trials)
+        if planned is not None and isinstance(settings, S3Settings) and settings.selects:
+            samples = settings.selection_samples(search_samples)
+            planned["selection"] = int(settings.select_plans) * samples * int(nfe)
+            planned["once:selection teacher"] = samples * DEFAULT_TEACHER.num_steps
+        return planned
 
     def optimize_settings(self, options: Any) -> S3Settings:
         found = super().optimize_settings(options)
@@ -104,6 +119,30 @@ def _other_results(inputs: Any) -> tuple[dict[str, StepSchedule], dict[str, Solv
         elif isinstance(found, StepSchedule):
             schedules[str(name)] = found
     return schedules, plans
+
+
+def _selection_of(result: Any) -> dict[str, Any] | None:
+    """``result.json``'s record of the pick on the selection seed (``None``: none was made)."""
+    if not result.selection:
+        return None
+    history = {record.index: record for record in result.history}
+    return {
+        "seed": int(result.settings.select_seed),
+        "samples": int(result.selection_samples),
+        "plans": [
+            {
+                "origin": history[index].origin,
+                "search": _finite(history[index].value),
+                "selection": _finite(value),
+                "picked": history[index].plan is result.best,
+            }
+            for index, value in result.selection
+        ],
+    }
+
+
+def _finite(value: float) -> float | None:
+    return float(value) if math.isfinite(value) else None
 
 
 def _origin_of(result: Any) -> str:
