@@ -53,7 +53,7 @@ from stepsearch.eval.report import environment
 from stepsearch.models import load_source
 from stepsearch.schedule import make_schedule
 from stepsearch.search.family import family, run_search
-from stepsearch.search.job import spacing_schedules
+from stepsearch.search.job import sortable, spacing_schedules
 from stepsearch.search.s3 import SEED_SOLVERS, S3Settings, plan_solver_for, s3_search
 from stepsearch.search.store import StudyStore
 from stepsearch.solvers import get_solver
@@ -160,6 +160,8 @@ def main() -> None:
                 # the exact plan (SolverPlan JSON), so the result can be judged again later
                 entry["plan_json"] = runs.to_json_dict()
                 entry["best_origin"] = job.found.summary.get("best_origin")
+                # the pick on the selection seed: the best plans' search / selection scores
+                entry["selection"] = job.found.summary.get("selection")
             row["results"][name] = entry
             print(f"NFE {nfe} {name}: {entry['held_out_fd']:.3f} ({minutes:.1f} min)", flush=True)
         built_in = _best_built_in(search, fd, noise, nfe)
@@ -217,14 +219,22 @@ def _ablation(args: Any, source: Any, cache: TensorCache) -> dict[str, Any]:
                                       settings=S3Settings(use_predictor=use))  # fmt: skip
                 values = np.array(found.values)
                 searched = values[[r.stage >= 0 for r in found.history]]
+                solver = plan_solver_for(objective)
+                held_out = objective.held_out(found.best, solver).value
+                # the search seed's best, which the selection seed may have passed over
+                first = min(found.history, key=lambda r: (sortable(r.value), r.index))
+                unselected = (held_out if first.plan is found.best
+                              else objective.held_out(first.plan, solver).value)  # fmt: skip
                 run = {
                     "nfe": nfe,
                     "seed": seed,
                     "predictor": use,
                     "free_start": found.settings.free_start,
                     "search": found.best_score.value,
-                    _HELD_OUT[args.metric]: objective.held_out(
-                        found.best, plan_solver_for(objective)).value,
+                    _HELD_OUT[args.metric]: held_out,
+                    # the same run's held-out score had it taken the search seed's best
+                    "held_out_search_best": unselected,
+                    "selected_from": len(found.selection),
                     "best_after": {str(k): float(np.min(searched[:k]))
                                    for k in (25, 50, 100, 150, 200) if k <= searched.size},
                     # Kendall's tau of the predictor's picks, per stage (mean)
@@ -426,14 +436,15 @@ def _ablation_markdown(ablation: dict[str, Any], title: str) -> list[str]:
     settings = ablation.get("s3_settings")
     lines += ["", f"### {title} ({ablation['budget']} true evaluations per run, {name})", "",
               *([f"S³ settings: `{json.dumps(settings)}`", ""] if settings else []),
-              f"| NFE | seed | predictor | search | held-out {name} | best after 25 / 50 / 100 | "
-              "ranking agreement |",
-              "| ---: | ---: | --- | ---: | ---: | --- | ---: |"]  # fmt: skip
+              f"| NFE | seed | predictor | search | held-out {name} | the search seed's best, "
+              "held-out | best after 25 / 50 / 100 | ranking agreement |",
+              "| ---: | ---: | --- | ---: | ---: | ---: | --- | ---: |"]  # fmt: skip
     for run in ablation["runs"]:
         after = " / ".join(f"{v:.4g}" for k, v in run["best_after"].items() if int(k) <= 100)
         lines.append(f"| {run.get('nfe', ablation['nfe'])} | {run['seed']} | "
                      f"{'yes' if run['predictor'] else 'no'} | {run['search']:.4g} | "
-                     f"{run[key]:.4g} | {after} | {_tau(run.get('ranking_agreement'))} |")  # fmt: skip
+                     f"{run[key]:.4g} | {_held_out_search_best(run)} | {after} | "
+                     f"{_tau(run.get('ranking_agreement'))} |")  # fmt: skip
     summary = ablation_summary(ablation)
     lines += ["", f"| NFE | held-out {name} with the predictor (mean ± s.d. over seeds) | without | "
               "predictor better |", "| ---: | ---: | ---: | --- |"]  # fmt: skip
@@ -445,6 +456,13 @@ def _ablation_markdown(ablation: dict[str, Any], title: str) -> list[str]:
     wins = sum(row["predictor_better"] for row in summary)
     lines.append(f"\nThe predictor's mean is lower at {wins} of {len(summary)} NFEs.")
     return lines
+
+
+def _held_out_search_best(run: dict[str, Any]) -> str:
+    """The held-out score of the search seed's best plan, where the run picked on a selection
+    seed ("-": a run without one, which took that plan)."""
+    value = run.get("held_out_search_best")
+    return "-" if value is None or not run.get("selected_from") else f"{value:.4g}"
 
 
 def _tau(value: float | None) -> str:

@@ -188,7 +188,7 @@ class Objective:
         if int(search_seed) in self.seeds.values():
             raise ValueError(
                 f"seed {search_seed} is already this objective's "
-                f"{[k for k, v in self.seeds.items() if v == int(search_seed)][0]} seed: "
+                f"{next(k for k, v in self.seeds.items() if v == int(search_seed))} seed: "
                 "a selection seed must be noise the search and the reports do not use"
             )
         other = Objective(

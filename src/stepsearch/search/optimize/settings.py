@@ -64,7 +64,10 @@ class OptimizeSettings:
     olss_samples: int = 64
     autodiffusion: AutoDiffusionSettings = field(default_factory=AutoDiffusionSettings)
     autodiffusion_trials: int = 200
-    s3: S3Settings = field(default_factory=S3Settings)
+    s3: S3Settings = field(default_factory=lambda: S3Settings(select_plans=0))
+    """S³ without its own pick on a selection seed: the run picks among every family's results
+    on its selection seed (and searches trajectory error, which ranks plans well on the search
+    seed: ``docs/s3.md``)."""
     s3_solvers: tuple[str, ...] = ("plan",)
     s3_trials: int = 200
     grid_rows: int = 3
@@ -219,6 +222,6 @@ def demo_settings() -> OptimizeSettings:
         olss_samples=64,
         autodiffusion=AutoDiffusionSettings(population=16, mutations=8, crossovers=4, parents=4),
         autodiffusion_trials=60,
-        s3=S3Settings(proposals=8, explore=2, generations=4, children=64),
+        s3=S3Settings(proposals=8, explore=2, generations=4, children=64, select_plans=0),
         s3_trials=60,
     )
