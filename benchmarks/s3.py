@@ -162,6 +162,12 @@ def main() -> None:
                 entry["best_origin"] = job.found.summary.get("best_origin")
                 # the pick on the selection seed: the best plans' search / selection scores
                 entry["selection"] = job.found.summary.get("selection")
+                history = job.found.details.history
+                first = min(history, key=lambda r: (sortable(r.value), r.index)).plan
+                if first is not runs:  # the search seed's best, passed over: held-out too
+                    entry["search_best"] = {"held_out_fd": fd.held_out(first, run_solver).value}
+                    if nfe in args.large_nfe:
+                        entry["search_best"]["large_fd"] = large.held_out(first, run_solver).value
             row["results"][name] = entry
             print(f"NFE {nfe} {name}: {entry['held_out_fd']:.3f} ({minutes:.1f} min)", flush=True)
         built_in = _best_built_in(search, fd, noise, nfe)
@@ -392,6 +398,18 @@ def _markdown(payload: dict[str, Any]) -> str:
             + " | ".join(cells)
             + f" | {'yes' if best else 'no'} |"
         )
+    passed_over = [row for row in payload["rows"] if "search_best" in row["results"].get("s3", {})]
+    if passed_over:
+        lines += ["", "Where S³'s pick on the selection seed is not its best plan on the search "
+                  "seed, that plan's held-out FD (what S³ would have reported without the "
+                  "selection seed):", ""]  # fmt: skip
+        for row in passed_over:
+            s3 = row["results"]["s3"]
+            large = s3["search_best"].get("large_fd")
+            lines.append(f"- NFE {row['nfe']}: pick {s3['held_out_fd']:.2f}, the search seed's "
+                         f"best {s3['search_best']['held_out_fd']:.2f}"
+                         + (f" (5,000 samples: {s3['large_fd']:.2f} vs {large:.2f})"
+                            if large is not None else ""))  # fmt: skip
     schedule_only = [n for n in names if n in SCHEDULE_ONLY]
     lines += ["", "Held-out trajectory error (RMS to the converged solve, same noise; S³ against "
               "the schedule-only searches " + ", ".join(schedule_only) + "):", "",

@@ -42,7 +42,8 @@ SETTINGS = OptimizeSettings(
     autodiffusion_trials=12,
     s3=S3Settings(proposals=3, explore=1, parents=4, generations=2, children=16,
                   seed_solvers=("dpm_solver_pp_2m", "unipc_bh2"),
-                  predictor=PredictorSettings(hidden=8, epochs=20)),
+                  predictor=PredictorSettings(hidden=8, epochs=20),
+                  select_plans=0),  # as optimize's default: the run picks on its own seed
     s3_trials=14,
 )  # fmt: skip
 

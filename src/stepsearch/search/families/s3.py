@@ -100,7 +100,8 @@ class S3Family(FamilyBase):
         planned = super().planned_evaluations(settings, solver, nfe, search_samples, trials)
         if planned is not None and isinstance(settings, S3Settings) and settings.selects:
             samples = settings.selection_samples(search_samples)
-            planned["selection"] = int(settings.select_plans) * samples * int(nfe)
+            pool = min(int(settings.select_plans), int(trials))  # exact when trials >= it
+            planned["selection"] = pool * samples * int(nfe)
             planned["once:selection teacher"] = samples * DEFAULT_TEACHER.num_steps
         return planned
 
