@@ -408,7 +408,7 @@ def _markdown(payload: dict[str, Any]) -> str:
             large = s3["search_best"].get("large_fd")
             lines.append(f"- NFE {row['nfe']}: pick {s3['held_out_fd']:.2f}, the search seed's "
                          f"best {s3['search_best']['held_out_fd']:.2f}"
-                         + (f" (5,000 samples: {s3['large_fd']:.2f} vs {large:.2f})"
+                         + (f" ({settings['large_samples']} samples: {s3['large_fd']:.2f} vs {large:.2f})"
                             if large is not None else ""))  # fmt: skip
     schedule_only = [n for n in names if n in SCHEDULE_ONLY]
     lines += ["", "Held-out trajectory error (RMS to the converged solve, same noise; S³ against "
