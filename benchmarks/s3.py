@@ -122,11 +122,15 @@ def main() -> None:
         for name, spacing, steps in CONVERGED
     }
     # the converged solves' FD (minutes of work): only the families' rows need it
-    reference = (
+    # the converged solves' FDs (minutes of work each, the same numbers every time: one seed, one
+    # sample count) are the results file's where it has them at these sample counts
+    known = _known_references(args, list(converged))
+    reference = known.get("held_out") or (
         {label: fd.held_out(*pair).value for label, pair in converged.items()}
         if args.nfe
         else _results(args).get("converged_held_out_fd", {})
     )
+    large_reference = known.get("large")
     rows: list[dict[str, Any]] = []
     for nfe in args.nfe:
         row: dict[str, Any] = {"nfe": nfe, "results": {}}
@@ -175,8 +179,10 @@ def main() -> None:
             built_in["schedule"], get_solver(built_in["solver"])).value}  # fmt: skip
         row["built_in"]["schedule"] = built_in["schedule"].times.tolist()
         if nfe in args.large_nfe:
-            row["large_reference"] = {label: large.held_out(*pair).value
-                                      for label, pair in converged.items()}  # fmt: skip
+            large_reference = large_reference or {
+                label: large.held_out(*pair).value for label, pair in converged.items()
+            }
+            row["large_reference"] = large_reference
         rows.append(row)
         _write(args, rows, reference, None, began)
     ablation = _ablation(args, source, cache) if args.ablation_nfe else None
@@ -282,6 +288,25 @@ def _ablation_key(ablation: dict[str, Any], predictor: bool = True) -> tuple[Any
     if not predictor and settings is not None:
         settings = {k: v for k, v in settings.items() if k not in _PREDICTOR_ONLY}
     return ablation.get("budget"), ablation.get("metric", "fd"), settings
+
+
+def _known_references(args: Any, labels: list[str]) -> dict[str, dict[str, float]]:
+    """The converged solves' held-out FDs the results file holds at this run's sample counts
+    (``held_out``: ``--held-out-samples``, ``large``: ``--large-samples``), for the same model."""
+    old = _results(args)
+    found: dict[str, dict[str, float]] = {}
+    parts = [p for k, p in old.get("parts", {}).items() if k.startswith("families")]
+    if not parts or any(p.get("model") != args.model for p in parts):
+        return found
+    if all(p.get("held_out_samples") == args.held_out_samples for p in parts):
+        held_out = old.get("converged_held_out_fd") or {}
+        if sorted(held_out) == sorted(labels):
+            found["held_out"] = held_out
+    large = [row["large_reference"] for row in old.get("rows", []) if "large_reference" in row]
+    same = all(p.get("large_samples") == args.large_samples for p in parts)
+    if large and same and sorted(large[-1]) == sorted(labels):
+        found["large"] = large[-1]
+    return found
 
 
 def _results(args: Any) -> dict[str, Any]:
