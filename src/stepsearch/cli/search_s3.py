@@ -76,7 +76,7 @@ def s3_command(
             "there picked (0: the search seed's best).",
             min=0,
         ),
-    ] = 8,
+    ] = 0,
     select_samples: Annotated[
         int | None,
         typer.Option(
@@ -94,9 +94,8 @@ def s3_command(
     """S³: search the solver rule of every step at `--nfe`, guided by a learned predictor.
 
     A rule is the step's time, noise/data prediction, Taylor order, estimation points,
-    relaxation, corrector, or an analytical first step. The best plans on the search seed are
-    re-scored on a selection seed (`--select-plans`), and the lowest there is the result. Every
-    evaluated plan is a trial in an
+    relaxation, corrector, or an analytical first step. `--select-plans N` re-scores the N best
+    plans on a selection seed and picks the lowest there (off by default). Every evaluated plan is a trial in an
     Optuna study: kill the job and rerun the same command to resume it; start it on several
     machines with one `--storage postgresql://...` to share the work. Writes `best_schedule.json`
     (the plan and its provenance), `scheduler/` (a diffusers scheduler replaying the plan),

@@ -121,9 +121,11 @@ class S3Settings:
     search)."""
     seed_solvers: tuple[str, ...] = SEED_SOLVERS
     predictor: PredictorSettings = field(default_factory=PredictorSettings)
-    select_plans: int = 8
+    select_plans: int = 0
     """The best plans on the search seed re-scored on the selection seed, the lowest there
-    picked (0 or 1: the search seed's best is the pick)."""
+    picked (0 or 1, the default: the search seed's best is the pick; on digits 8 plans on 1,024
+    samples of the selection seed picked a worse plan at NFE 5 and no better one at 3, 4 and 6:
+    ``docs/s3.md``)."""
     select_samples: int | None = None
     """Samples per plan on the selection seed (``None``: four times the objective's search
     samples, 1,024 for the digits default)."""
