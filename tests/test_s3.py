@@ -334,7 +334,7 @@ def test_a_selection_seed_that_is_the_searchs_or_the_reports_is_refused(tmp_path
         for clash in (0, 1):
             with pytest.raises(ValueError, match=r"select_seed.*held_out|select_seed.*search"):
                 s3_search(objective, nfe=3, budget=8, store=store,
-                          settings=S3Settings(select_seed=clash))  # fmt: skip
+                          settings=S3Settings(select_seed=clash, select_plans=8))  # fmt: skip
         assert store.count() == 0  # refused before any work
 
 

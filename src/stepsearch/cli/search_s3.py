@@ -95,11 +95,11 @@ def s3_command(
 
     A rule is the step's time, noise/data prediction, Taylor order, estimation points,
     relaxation, corrector, or an analytical first step. `--select-plans N` re-scores the N best
-    plans on a selection seed and picks the lowest there (off by default). Every evaluated plan is a trial in an
-    Optuna study: kill the job and rerun the same command to resume it; start it on several
-    machines with one `--storage postgresql://...` to share the work. Writes `best_schedule.json`
-    (the plan and its provenance), `scheduler/` (a diffusers scheduler replaying the plan),
-    `result.json` and `progress.png` to `--out`."""
+    plans on a selection seed and picks the lowest there (off by default). Every evaluated plan
+    is a trial in an Optuna study: kill the job and rerun the same command to resume it; start it
+    on several machines with one `--storage postgresql://...` to share the work. Writes
+    `best_schedule.json` (the plan and its provenance), `scheduler/` (a diffusers scheduler
+    replaying the plan), `result.json` and `progress.png` to `--out`."""
     from stepsearch.search.family import run_job
     from stepsearch.search.s3 import S3Settings
 

@@ -28,12 +28,13 @@ The search runs in stages, each a fixed number of true evaluations:
   ended with a higher held-out FD than 1 at 3 of NFE 3-6, within the seeds' spread:
   ``docs/s3.md``).
 
-**The pick.** At 256 samples the search seed's FD ranks near-equal plans by chance (a plan that
-won there by 1-2 FD is as often worse on other noise: ``docs/s3.md``), so the search does not
-take its best plan on the search seed: its ``select_plans`` best are re-scored on a third noise
-stream, the *selection* seed (``select_seed``, ``select_samples`` samples; neither the search nor
-the held-out seed), and the lowest there is the result. Those scores are a sibling study of the
-store (:meth:`~stepsearch.search.store.StudyStore.sibling`): resumed and shared like the trials.
+**The pick.** The result is the search seed's best plan. With ``select_plans`` (off by default)
+the search instead re-scores its ``select_plans`` best on a third noise stream, the *selection*
+seed (``select_seed``, ``select_samples`` samples; neither the search nor the held-out seed), and
+the lowest there is the result; those scores are a sibling study of the store
+(:meth:`~stepsearch.search.store.StudyStore.sibling`), resumed and shared like the trials. It is
+meant against the winner's curse, but on the digits model it picked no better plan at NFE 3, 4
+and 6 and a worse one at NFE 5 (``docs/s3.md``).
 
 Without the predictor (``use_predictor=False``, the ablation of the done-when) a stage evaluates
 ``proposals + explore`` children of the best plans drawn by the same operators: the same
