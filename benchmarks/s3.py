@@ -454,6 +454,8 @@ def _markdown(payload: dict[str, Any]) -> str:
                   "each converged solve):", ""]  # fmt: skip
         for row in large:
             s3 = row["results"].get("s3", {}).get("large_fd")
+            if s3 is None:  # S³ skipped (its error is in the JSON)
+                continue
             others = ", ".join(f"{n} {row['results'][n]['large_fd']:.2f}" for n in names
                                if "large_fd" in row["results"].get(n, {}) and n != "s3")  # fmt: skip
             ratios = ", ".join(f"{s3 / v:.2f}x {k}" for k, v in row["large_reference"].items())
