@@ -32,6 +32,7 @@ Metrics (:data:`OBJECTIVE_METRICS`, all lower-is-better):
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -191,23 +192,12 @@ class Objective:
                 f"{next(k for k, v in self.seeds.items() if v == int(search_seed))} seed: "
                 "a selection seed must be noise the search and the reports do not use"
             )
-        other = Objective(
-            self.source,
-            self.metric,
-            num_samples=num_samples,
-            search_seed=search_seed,
-            held_out_seed=self.seeds["held_out"],
-            held_out_samples=self.held_out_samples,
-            solver=self.solver,
-            teacher=self.teacher_spec,
-            cache=self.cache,
-            fid_reference=self.fid_reference,
-            chunk_size=self.chunk_size,
-            bootstrap=self.bootstrap,
-            accelerator=self.accelerator,
-            progress=self.progress,
-        )
-        other._distance_reference = self._distance_reference
+        if isinstance(num_samples, bool) or int(num_samples) < 2:
+            raise ValueError(f"num_samples must be at least 2, got {num_samples!r}")
+        other = copy.copy(self)  # the same source, metric, teacher, cache, reference
+        other.num_samples = int(num_samples)
+        other.seeds = {"search": int(search_seed), "held_out": self.seeds["held_out"]}
+        other.evaluations = 0
         return other
 
     def score(self, candidate: Any, solver: str | Solver | None = None, *, split: str) -> Score:
