@@ -22,6 +22,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,6 +32,7 @@ from stepsearch.cache import TensorCache
 from stepsearch.eval.report import environment
 from stepsearch.integrations.plan_scheduler import write_plan_scheduler_dir
 from stepsearch.models import load_model
+from stepsearch.models.image_model import ImageModel
 from stepsearch.plan import SolverPlan
 from stepsearch.schedule import make_schedule
 from stepsearch.search.optimize.headline import (
@@ -46,8 +48,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def candidates_of(
-    results: dict, nfes: list[int], model, work: Path
-) -> list[HeadlineCandidate]:  # noqa: ANN001 - a loaded model
+    results: dict[str, Any], nfes: list[int], model: ImageModel, work: Path
+) -> list[HeadlineCandidate]:
     """The S³ plan and the best built-in of each NFE in ``nfes``, written under ``work``."""
     solver = PlanSolver(data_mean=data_mean_of(model))
     prediction_type = model.prediction_type
@@ -108,6 +110,8 @@ def main() -> None:
     began = time.perf_counter()
     results = json.loads(args.s3_results.read_text())
     model = load_model(results["settings"]["model"])
+    if not isinstance(model, ImageModel):
+        raise SystemExit("S³'s benchmark runs on an image model (the bundled digits DDPM)")
     candidates = candidates_of(results, args.nfe, model, args.work)
     settings = HeadlineSettings(args.samples, tuple(args.seeds), chunk_size=args.chunk_size)
     cache = TensorCache(args.cache) if args.cache is not None else TensorCache.default()
