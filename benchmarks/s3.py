@@ -54,7 +54,7 @@ from stepsearch.models import load_source
 from stepsearch.schedule import make_schedule
 from stepsearch.search.family import family, run_search
 from stepsearch.search.job import sortable, spacing_schedules
-from stepsearch.search.s3 import SEED_SOLVERS, S3Settings, plan_solver_for, s3_search
+from stepsearch.search.s3 import PICKS, SEED_SOLVERS, S3Settings, plan_solver_for, s3_search
 from stepsearch.search.store import StudyStore
 from stepsearch.solvers import get_solver
 
@@ -64,7 +64,7 @@ SCHEDULE_ONLY = ("dp", "ays", "autodiffusion")
 """The families that search timesteps only (OLSS fits coefficients too)."""
 _HELD_OUT = {"fd": "held_out_fd", "traj": "held_out_traj"}
 """The results key of each metric's held-out score."""
-_PREDICTOR_ONLY = ("predictor", "pick", "screen_fraction", "generations", "children")
+_PREDICTOR_ONLY = ("predictor", "pick", "screen_fraction", "generations", "children", "siblings")
 """The S³ settings that only the predictor's stages use (the arm without it ignores them)."""
 CONVERGED = (("dpm_solver_pp_3m", "logsnr_uniform", 100), ("unipc_bh2", "time_uniform", 200))
 """Two independent converged solves (the FD ratio's denominators)."""
@@ -97,6 +97,12 @@ def main() -> None:
         default="both",
         help="which arms to run: 'with' after a change to the predictor alone keeps the "
         "results file's runs without it (they do not use it)",
+    )
+    parser.add_argument(
+        "--ablation-pick",
+        choices=PICKS,
+        default=None,
+        help="the predictor arm's pick rule (S3Settings.pick; default: S³'s default)",
     )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--work", type=Path, default=Path("runs/s3"))
@@ -214,7 +220,10 @@ def _ablation(args: Any, source: Any, cache: TensorCache) -> dict[str, Any]:
                           held_out_samples=args.held_out_samples, cache=cache, progress=False)  # fmt: skip
     out = args.work / "ablation"
     out.mkdir(parents=True, exist_ok=True)
-    s3_settings = {k: v for k, v in S3Settings().to_json_dict().items() if k != "use_predictor"}
+    chosen = {} if args.ablation_pick is None else {"pick": args.ablation_pick}
+    s3_settings = {
+        k: v for k, v in S3Settings(**chosen).to_json_dict().items() if k != "use_predictor"
+    }
     result: dict[str, Any] = {"nfe": list(args.ablation_nfe), "budget": args.ablation_budget,
                               "metric": args.metric, "s3_settings": s3_settings, "runs": []}  # fmt: skip
     for nfe in args.ablation_nfe:
@@ -228,7 +237,7 @@ def _ablation(args: Any, source: Any, cache: TensorCache) -> dict[str, Any]:
                 with StudyStore.open(storage, "s3", metadata={"nfe": nfe}) as store:
                     found = s3_search(objective, nfe=nfe, budget=args.ablation_budget,
                                       store=store, seed=seed, schedules=starts,
-                                      settings=S3Settings(use_predictor=use))  # fmt: skip
+                                      settings=S3Settings(use_predictor=use, **chosen))  # fmt: skip
                 values = np.array(found.values)
                 searched = values[[r.stage >= 0 for r in found.history]]
                 solver = plan_solver_for(objective)
@@ -285,6 +294,9 @@ def _ablation_key(ablation: dict[str, Any], predictor: bool = True) -> tuple[Any
     """The settings an ablation's runs depend on; ``predictor=False``: those of its runs without
     the predictor (every S³ setting but those only the predictor stages use)."""
     settings = ablation.get("s3_settings")
+    if settings is not None and int(settings.get("select_plans", 0)) <= 1:
+        # no selection seed: its keys (absent before they existed) change nothing
+        settings = {k: v for k, v in settings.items() if not k.startswith("select_")}
     if not predictor and settings is not None:
         settings = {k: v for k, v in settings.items() if k not in _PREDICTOR_ONLY}
     return ablation.get("budget"), ablation.get("metric", "fd"), settings

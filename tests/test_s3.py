@@ -384,6 +384,57 @@ def test_the_predictor_picks_its_best_or_screens_its_better_half():
     assert _pick(10, screen, np.random.default_rng(0)) == list(range(10))
 
 
+class _OraclePredictor:
+    """A stand-in predictor that ranks plans by a known function of their step features."""
+
+    def scores(self, plans):
+        return np.array([float(np.abs(np.asarray(f)).sum()) for f in plans])
+
+
+def test_the_sibling_pick_is_the_plain_evolution_choosing_among_siblings():
+    """``pick="siblings"`` draws each proposal's parents exactly as the evolution without the
+    predictor does: with one sibling it proposes the plain evolution's children bit for bit; with
+    eight, each proposal is the predictor's best of its siblings, so the picks rank better (on
+    average over draws: the families drawn differ once the draws do)."""
+    from stepsearch.search.s3 import _plain_stage, _sibling_picks
+
+    space = PlanSpace.for_noise(NOISE, 5, data_mean=True)
+    parents = [plan for _, plan in seed_plans(space, spacing_schedules(NOISE, 5))][:16]
+    oracle = _OraclePredictor()
+
+    def ranked(plans):
+        return oracle.scores([step_features(p) for p in plans])
+
+    plain = S3Settings(proposals=12, explore=0)
+    history = [SimpleEvaluated(k, p) for k, p in enumerate(parents)]
+    children = [p for _, p in _plain_stage(space, history, set(), plain, np.random.default_rng(7))]
+    one = S3Settings(proposals=12, siblings=1, pick="siblings")
+    picks, predicted = _sibling_picks(space, parents, oracle, set(), one,
+                                      np.random.default_rng(7))  # fmt: skip
+    assert [plan_key(p) for p in picks] == [plan_key(p) for p in children]
+    assert np.array_equal(predicted, ranked(picks))
+    eight = S3Settings(proposals=12, siblings=8, pick="siblings")
+    means = []
+    for seed in range(6):
+        picks, _ = _sibling_picks(space, parents, oracle, set(), eight,
+                                  np.random.default_rng(seed))  # fmt: skip
+        plain_picks, _ = _sibling_picks(space, parents, oracle, set(), one,
+                                        np.random.default_rng(seed))  # fmt: skip
+        assert len(picks) == 12 and len({plan_key(p) for p in picks}) == 12
+        means.append((ranked(picks).mean(), ranked(plain_picks).mean()))
+    screened, blind = np.mean(means, axis=0)
+    assert screened < blind - 1.0  # 20.9 vs 22.7 on these seeds
+    with pytest.raises(ValueError, match="siblings"):
+        S3Settings(siblings=0)
+
+
+class SimpleEvaluated:
+    """The parts of :class:`~stepsearch.search.s3.Evaluated` the stages read."""
+
+    def __init__(self, index: int, plan: SolverPlan) -> None:
+        self.index, self.plan, self.value, self.stage = index, plan, float(index), 0
+
+
 # --- resume and workers -------------------------------------------------------------------------
 def _worker(storage: str, out: Path, study: str = "toy-s3", go: Path | None = None):
     barrier = [] if go is None else [str(go)]

@@ -57,7 +57,8 @@ def s3_command(
         typer.Option(
             metavar="RULE",
             help="How the predictor picks a stage's plans: `screen` (drawn at random from the "
-            "half it ranks better) or `best` (its best-ranked ones).",
+            "half it ranks better), `best` (its best-ranked ones) or `siblings` (the best it "
+            "ranks of 8 children of each parent the plain evolution draws).",
         ),
     ] = "screen",
     free_start: Annotated[

@@ -22,7 +22,9 @@ The search runs in stages, each a fixed number of true evaluations:
   picks is ``pick``: ``"screen"`` (the default) draws them at random from its best-ranked
   ``screen_fraction`` of the candidates, ``"best"`` takes its best-ranked ones; taking the best
   made the search stall on near-copies of the best plan once the predictor ranked well
-  (``docs/s3.md``). With one generation (the default) the predictor screens ``children``
+  (``docs/s3.md``); ``"siblings"`` draws each proposal's parent(s) as the evolution without
+  the predictor does and lets the predictor keep the best of ``siblings`` children of them (it
+  only chooses among mutations of the same plans, so the evolution's spread is kept exactly). With one generation (the default) the predictor screens ``children``
   children of the best plans; more generations let it evolve on its own
   predictions, further from the plans it was trained on (on the digits model 8 generations
   ended with a higher held-out FD than 1 at 3 of NFE 3-6, within the seeds' spread:
@@ -63,7 +65,12 @@ from stepsearch.plan import SolverPlan
 from stepsearch.schedule import StepSchedule
 from stepsearch.search.job import sortable
 from stepsearch.search.plan_space import PlanSpace, plan_key, step_features
-from stepsearch.search.predictor import PredictorSettings, ranking_agreement, train_predictor
+from stepsearch.search.predictor import (
+    PlanPredictor,
+    PredictorSettings,
+    ranking_agreement,
+    train_predictor,
+)
 from stepsearch.search.store import StudyStore
 from stepsearch.solvers import get_solver
 from stepsearch.solvers.plan_solver import PlanSolver, data_mean_of
@@ -89,7 +96,7 @@ SEED_SOLVERS = (
 )
 """The built-in solvers whose default plans seed the search (every plan the ``plan`` solver runs
 as that solver does; UniPC-bh1 needs another variant)."""
-PICKS = ("screen", "best")
+PICKS = ("screen", "best", "siblings")
 """How the predictor picks the plans to evaluate (:attr:`S3Settings.pick`)."""
 
 
@@ -114,6 +121,10 @@ class S3Settings:
     them at random from the best ``screen_fraction`` of them (it screens out the likely bad ones
     and keeps the evolution's spread), ``"best"`` takes the best-ranked ones."""
     screen_fraction: float = 0.5
+    siblings: int = 8
+    """Children per proposal with ``pick="siblings"``: each proposal draws its parent(s) as the
+    evolution without the predictor does, makes ``siblings`` children of them, and the predictor
+    keeps its best-ranked one (it only chooses among mutations of the same plans)."""
     use_predictor: bool = True
     analytical_seeds: bool = True
     free_start: bool = True
@@ -135,7 +146,7 @@ class S3Settings:
     (3: neither a search's 0 and 1 nor ``stepsearch optimize``'s report seed 2)."""
 
     def __post_init__(self) -> None:
-        for name in ("proposals", "parents", "generations", "children"):
+        for name in ("proposals", "parents", "generations", "children", "siblings"):
             if isinstance(getattr(self, name), bool) or int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)!r}")
         if int(self.explore) < 0:
@@ -171,6 +182,7 @@ class S3Settings:
             "crossover_probability": self.crossover_probability,
             "pick": self.pick,
             "screen_fraction": self.screen_fraction,
+            "siblings": self.siblings,
             "use_predictor": self.use_predictor,
             "analytical_seeds": self.analytical_seeds,
             "free_start": self.free_start,
@@ -457,17 +469,36 @@ def _parents(history: Sequence[Evaluated], count: int) -> list[SolverPlan]:
     return [r.plan for r in ranked[:count]]
 
 
+def _family(size: int, settings: S3Settings, rng: np.random.Generator) -> tuple[int, ...]:
+    """The parents of one child: two (a crossover, with ``crossover_probability``) or one, as
+    positions in a population of ``size`` plans."""
+    if size > 1 and rng.random() < settings.crossover_probability:
+        first, second = rng.choice(size, size=2, replace=False)
+        return int(first), int(second)
+    return (int(rng.integers(size)),)
+
+
+def _offspring(
+    space: PlanSpace,
+    population: Sequence[SolverPlan],
+    family: tuple[int, ...],
+    rng: np.random.Generator,
+) -> SolverPlan | None:
+    """One child of ``family``: the crossover of its two plans, mutated, or a mutation of its
+    one plan (``None``: no valid child)."""
+    if len(family) == 2:
+        child = space.crossover(population[family[0]], population[family[1]], rng)
+        return None if child is None else space.mutate(child, rng)
+    return space.mutate(population[family[0]], rng)
+
+
 def _child(
     space: PlanSpace,
     population: Sequence[SolverPlan],
     settings: S3Settings,
     rng: np.random.Generator,
 ) -> SolverPlan | None:
-    if len(population) > 1 and rng.random() < settings.crossover_probability:
-        first, second = rng.choice(len(population), size=2, replace=False)
-        child = space.crossover(population[int(first)], population[int(second)], rng)
-        return None if child is None else space.mutate(child, rng)
-    return space.mutate(population[int(rng.integers(len(population)))], rng)
+    return _offspring(space, population, _family(len(population), settings, rng), rng)
 
 
 def _explore(
@@ -537,6 +568,11 @@ def _predictor_stage(
         settings=settings.predictor,
     )
     parents = _parents(history, settings.parents)
+    if settings.pick == "siblings":
+        siblings, predicted_scores = _sibling_picks(space, parents, predictor, seen, settings, rng)
+        picks = [("predictor", plan) for plan in siblings]
+        taken = set(seen) | {plan_key(plan) for plan in siblings}
+        return picks + _explore(space, parents, taken, settings.explore, rng), predicted_scores
     population = list(
         zip(parents, predictor.scores([step_features(p) for p in parents]), strict=True)
     )
@@ -568,3 +604,37 @@ def _predictor_stage(
     predicted_scores = [value for _, (_, value) in ranked]
     taken = set(seen) | {plan_key(plan) for _, plan in picks}
     return picks + _explore(space, parents, taken, settings.explore, rng), predicted_scores
+
+
+def _sibling_picks(
+    space: PlanSpace,
+    parents: Sequence[SolverPlan],
+    predictor: PlanPredictor,
+    seen: set[str],
+    settings: S3Settings,
+    rng: np.random.Generator,
+) -> tuple[list[SolverPlan], list[float]]:
+    """``pick="siblings"``: for each proposal, the parent(s) drawn as the evolution without the
+    predictor draws them, ``siblings`` unseen children of them, and the predictor's best-ranked
+    one; also its predicted score."""
+    taken = set(seen)
+    picks: list[SolverPlan] = []
+    predicted: list[float] = []
+    for _ in range(50 * settings.proposals):
+        if len(picks) >= settings.proposals:
+            break
+        family = _family(len(parents), settings, rng)
+        children: dict[str, SolverPlan] = {}
+        for _ in range(settings.siblings):
+            child = _offspring(space, parents, family, rng)
+            if child is not None and (key := plan_key(child)) not in taken:
+                children.setdefault(key, child)
+        if not children:
+            continue
+        keys = list(children)
+        scores = predictor.scores([step_features(children[k]) for k in keys])
+        best = min(range(len(keys)), key=lambda k: (float(scores[k]), keys[k]))
+        taken.add(keys[best])
+        picks.append(children[keys[best]])
+        predicted.append(float(scores[best]))
+    return picks, predicted
