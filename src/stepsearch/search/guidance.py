@@ -126,13 +126,13 @@ CONDITION_JUDGES: Mapping[str, str] = {"accuracy": "accuracy", "clip": "CLIP sco
 """The condition judges (the key of their scores) and their names in words."""
 
 PICK_RULES: Mapping[str, str] = {
-    "default": "the lowest FD at a condition score at least constant guidance's at the default "
-    "weight",
-    "margin": "the largest FD margin below the constant curve at the trial's own condition score "
-    "(the curve interpolated in the weight, :func:`constant_curve_point`), among trials whose "
-    "condition score is at least that of the curve's smallest weight",
+    "default": "lowest FD at {judge} >= constant w={default_weight}'s",
+    "margin": "largest FD margin below the constant curve (interpolated in the weight) at the "
+    "trial's own {judge}, {judge} >= the curve's smallest weight's",
 }
-"""The rules that pick a trial on the selection seed (``GuidanceSearchSettings.pick_rule``)."""
+"""The rules that pick a trial on the selection seed (``GuidanceSearchSettings.pick_rule``), in
+words with the condition judge (``{judge}``: accuracy, CLIP score) and the default weight to fill
+in (:func:`_pick_rule_text`; the margin's curve: :func:`constant_curve_point`)."""
 
 
 @dataclass(frozen=True)
@@ -1047,12 +1047,8 @@ def _pick_rule_text(
         f"on the selection seed ({select_samples} samples) among the constant curve and the "
         f"search seed's {searched} best non-dominated trials"
     )
-    if rule == "default":
-        return f"lowest FD at {judge} >= constant w={default_weight:g}'s, {where}"
-    return (
-        f"largest FD margin below the constant curve (interpolated in the weight) at the trial's "
-        f"own {judge}, {judge} >= the curve's smallest weight's, {where}"
-    )
+    said = PICK_RULES[rule].format(judge=judge, default_weight=f"{default_weight:g}")
+    return f"{said}, {where}"
 
 
 def feature_matrix(samples: Tensor, reference: FeatureReference) -> np.ndarray:
