@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -150,8 +151,9 @@ def main() -> None:
             try:
                 job = run_search(fam, search, solver, nfe, args.work / f"nfe-{nfe}" / name,
                                  budget=budget, inputs=inputs, progress=False)  # fmt: skip
-            except ValueError as error:  # e.g. an NFE a family cannot reach
+            except ValueError as error:  # e.g. an NFE a family cannot reach, or a stale --work
                 row["results"][name] = {"skipped": str(error)}
+                print(f"NFE {nfe}: {name} skipped: {error}", file=sys.stderr, flush=True)
                 continue
             minutes = (time.perf_counter() - start) / 60
             runs, run_solver = job.found.result, job.found.solver or get_solver(solver)
