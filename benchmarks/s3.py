@@ -272,12 +272,15 @@ def _ablation(args: Any, source: Any, cache: TensorCache) -> dict[str, Any]:
 
 
 def ablation_summary(ablation: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per NFE: the mean and sample standard deviation of the held-out score (the ablation's
-    metric) over the seeds with and without the predictor, and whether the predictor's mean is
-    lower."""
+    """Per NFE with runs of both arms: the mean and sample standard deviation of the held-out
+    score (the ablation's metric) over the seeds with and without the predictor, and whether the
+    predictor's mean is lower (an NFE with one arm only, e.g. a stopped run, is left out)."""
     score = _HELD_OUT[ablation.get("metric", "fd")]
     rows = []
     for nfe in dict.fromkeys(run.get("nfe", ablation["nfe"]) for run in ablation["runs"]):
+        arms = {r["predictor"] for r in ablation["runs"] if r.get("nfe", nfe) == nfe}
+        if arms != {True, False}:
+            continue
         row: dict[str, Any] = {"nfe": nfe}
         for use, key in ((True, "with"), (False, "without")):
             values = [r[score] for r in ablation["runs"]
