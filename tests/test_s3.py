@@ -426,6 +426,9 @@ def test_the_sibling_pick_is_the_plain_evolution_choosing_among_siblings():
     assert screened < blind - 1.0  # 20.9 vs 22.7 on these seeds
     with pytest.raises(ValueError, match="siblings"):
         S3Settings(siblings=0)
+    # recorded (in a study's metadata) only where it acts: studies made before it still resume
+    assert "siblings" not in S3Settings().to_json_dict()
+    assert eight.to_json_dict()["siblings"] == 8
 
 
 class SimpleEvaluated:
