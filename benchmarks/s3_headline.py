@@ -111,12 +111,15 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     began = time.perf_counter()
-    results = json.loads(args.s3_results.read_text())
+    try:  # every option checked before a plan is written or a model loaded
+        settings = HeadlineSettings(args.samples, tuple(args.seeds), chunk_size=args.chunk_size)
+        results = json.loads(args.s3_results.read_text())
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"s3_headline: {error}") from None
     model = load_model(results["settings"]["model"])
     if not isinstance(model, ImageModel):
         raise SystemExit("S³'s benchmark runs on an image model (the bundled digits DDPM)")
     candidates = candidates_of(results, args.nfe, model, args.work)
-    settings = HeadlineSettings(args.samples, tuple(args.seeds), chunk_size=args.chunk_size)
     cache = TensorCache(args.cache) if args.cache is not None else TensorCache.default()
     payload = judge_headline(model, candidates, settings, cache=cache, progress=True)
     payload["s3_results"] = str(args.s3_results)

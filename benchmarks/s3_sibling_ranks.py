@@ -106,15 +106,17 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     began = time.perf_counter()
+    paths = {nfe: args.work / "ablation" / f"nfe{nfe}-seed{args.search_seed}-True.sqlite3"
+             for nfe in args.nfe}  # fmt: skip
+    for path in paths.values():  # before any work
+        if not path.is_file():
+            raise SystemExit(f"no ablation study at {path}: run benchmarks/s3.py's ablation first")
     source = load_source("digits")
     objective = Objective(source, "fd", num_samples=256, held_out_samples=1000,
                           cache=TensorCache.default(), progress=False)  # fmt: skip
     found = []
     for nfe in args.nfe:
-        path = args.work / "ablation" / f"nfe{nfe}-seed{args.search_seed}-True.sqlite3"
-        if not path.is_file():
-            raise SystemExit(f"no ablation study at {path}: run benchmarks/s3.py's ablation first")
-        with StudyStore.open(f"sqlite:///{path}", "s3", metadata={"nfe": nfe}) as store:
+        with StudyStore.open(f"sqlite:///{paths[nfe]}", "s3", metadata={"nfe": nfe}) as store:
             found.append(
                 sibling_ranks(objective, store, nfe, args.history, args.families, args.seed)
             )
