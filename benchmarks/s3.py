@@ -65,7 +65,9 @@ SCHEDULE_ONLY = ("dp", "ays", "autodiffusion")
 """The families that search timesteps only (OLSS fits coefficients too)."""
 _HELD_OUT = {"fd": "held_out_fd", "traj": "held_out_traj"}
 """The results key of each metric's held-out score."""
-_PREDICTOR_ONLY = ("predictor", "pick", "screen_fraction", "generations", "children", "siblings")
+_PREDICTOR_ONLY = (
+    "predictor", "pick", "screen_fraction", "generations", "children", "siblings", "proxy",
+)  # fmt: skip
 """The S³ settings that only the predictor's stages use (the arm without it ignores them)."""
 CONVERGED = (("dpm_solver_pp_3m", "logsnr_uniform", 100), ("unipc_bh2", "time_uniform", 200))
 """Two independent converged solves (the FD ratio's denominators)."""

@@ -13,9 +13,11 @@ stage's children. Reported per predictor, as the mean and standard error over st
 - ``pick_gain``: mean log FD of the predictor's ``--picks`` best children minus the mean log FD of
   all the stage's children (below 0: its picks are better than blind ones).
 
-Predictors: the default (:class:`~stepsearch.search.predictor.PredictorSettings`), the one used
-before 2026-12-06 (hinge loss on raw features), and a nearest-neighbour baseline with no training
-(the value of the closest evaluated plan in standardized pooled features).
+Predictors: the default (:class:`~stepsearch.search.predictor.PredictorSettings`) on the plan's
+own features and with the plan proxy's error as one more feature (what S³ uses by default since
+2026-12-07, :mod:`stepsearch.search.plan_proxy`), the proxy's error alone (no training), the one
+used before 2026-12-06 (hinge loss on raw features), and a nearest-neighbour baseline with no
+training (the value of the closest evaluated plan in standardized pooled features).
 
 The in-search ``ranking_agreement`` of ``benchmarks/s3.py`` is not this: it ranks only the
 predictor's own picks, the candidates it already scored best, a narrow range that pulls tau
@@ -23,7 +25,7 @@ towards 0 even for a good ranker.
 
 Run (the committed results; the searches ~12 min each on one core, the predictors ~1 min)::
 
-    OMP_NUM_THREADS=1 python benchmarks/s3_predictor.py --nfe 3 5
+    OMP_NUM_THREADS=1 python benchmarks/s3_predictor.py --nfe 4 5
 
 Results: ``benchmarks/results/s3_predictor.{json,md}``. The searches' trials live in ``--work``
 (one SQLite study per NFE): a rerun replays them from the store.
@@ -47,9 +49,9 @@ from stepsearch.eval.objective import Objective
 from stepsearch.eval.report import environment
 from stepsearch.models import load_source
 from stepsearch.search.job import spacing_schedules
-from stepsearch.search.plan_space import step_features
+from stepsearch.search.plan_proxy import PlanProxy
 from stepsearch.search.predictor import PredictorSettings, train_predictor
-from stepsearch.search.s3 import S3Settings, s3_search
+from stepsearch.search.s3 import Features, S3Settings, _featurizer, plan_solver_for, s3_search
 from stepsearch.search.store import StudyStore
 
 RESULTS = Path(__file__).parent / "results"
@@ -82,8 +84,16 @@ def nearest(train: Sequence[np.ndarray], values: np.ndarray, test: Sequence[np.n
     return np.log(values[np.argmin(distance, axis=1)])
 
 
-def study(history: Sequence[Any], rank: Ranker, min_stage: int, picks: int) -> dict[str, Any]:
-    features = [step_features(r.plan) for r in history]
+def proxy_alone(train: Sequence[np.ndarray], values: np.ndarray, test: Sequence[np.ndarray],
+                stage: int) -> np.ndarray:  # fmt: skip
+    """The plan proxy's log error (the last feature column, with the proxy's features)."""
+    return np.array([float(rows[0, -1]) for rows in test])
+
+
+def study(
+    history: Sequence[Any], rank: Ranker, min_stage: int, picks: int, featurize: Features
+) -> dict[str, Any]:
+    features = [featurize(r.plan) for r in history]
     values = np.array([r.value for r in history], dtype=np.float64)
     stages = sorted({r.stage for r in history if r.stage >= min_stage})
     per_stage = []
@@ -109,13 +119,23 @@ def study(history: Sequence[Any], rank: Ranker, min_stage: int, picks: int) -> d
     return {"summary": summary, "stages": per_stage}
 
 
-PREDICTORS: dict[str, Ranker] = {
-    "default (standardized features, logistic loss)": learned(PredictorSettings()),
-    "before 2026-12-06 (raw features, hinge loss)": learned(
-        PredictorSettings(loss="hinge", standardize=False)
+PREDICTORS: dict[str, tuple[Ranker, bool]] = {
+    "default, plan features and the proxy's error (S³ since 2026-12-07)": (
+        learned(PredictorSettings()),
+        True,
     ),
-    "nearest evaluated plan (no training)": nearest,
+    "default, plan features alone (standardized, logistic loss)": (
+        learned(PredictorSettings()),
+        False,
+    ),
+    "the proxy's error alone (no training)": (proxy_alone, True),
+    "before 2026-12-06 (raw features, hinge loss)": (
+        learned(PredictorSettings(loss="hinge", standardize=False)),
+        False,
+    ),
+    "nearest evaluated plan (no training)": (nearest, False),
 }
+"""Each predictor and whether it sees the plan proxy's error as a feature."""
 
 
 def main() -> None:
@@ -144,8 +164,13 @@ def main() -> None:
                               seed=args.seed, schedules=spacing_schedules(source.noise, nfe),
                               settings=S3Settings(use_predictor=False))  # fmt: skip
         row: dict[str, Any] = {"nfe": nfe, "plans": len(found.history), "predictors": {}}
-        for name, rank in PREDICTORS.items():
-            row["predictors"][name] = study(found.history, rank, args.min_stage, args.picks)
+        solver = plan_solver_for(objective)
+        proxy = PlanProxy.for_source(source)
+        for name, (rank, with_proxy) in PREDICTORS.items():
+            featurize = _featurizer(proxy if with_proxy else None, solver)
+            row["predictors"][name] = study(
+                found.history, rank, args.min_stage, args.picks, featurize
+            )
             print(f"NFE {nfe} {name}: {row['predictors'][name]['summary']}", flush=True)
         rows.append(row)
     payload = {

@@ -38,6 +38,7 @@ def test_s3_job_writes_a_plan_a_replaying_scheduler_and_resumes(tmp_path):
     assert loaded.provenance.prediction_type == "v_prediction"
     # the default: the first time searched
     assert loaded.provenance.search["settings"]["free_start"] is True
+    assert loaded.provenance.search["settings"]["proxy"] is True  # the predictor's proxy feature
     scheduler = StepsearchPlanScheduler.from_pretrained(out / "scheduler")
     assert scheduler.plan.to_json_dict() == loaded.candidate.to_json_dict()
     assert scheduler.config.prediction_type == "v_prediction"
@@ -76,3 +77,12 @@ def test_the_pick_rule_is_a_setting_and_a_bad_one_a_clear_error(tmp_path):
     assert result.exit_code == 0, result.output
     loaded = ScheduleFile.load(out / "best_schedule.json")
     assert loaded.provenance.search["settings"]["pick"] == "best"
+
+
+def test_the_proxy_feature_can_be_turned_off(tmp_path):
+    out = tmp_path / "no-proxy"
+    arguments = ["search", "s3", *TINY, "--cache", str(tmp_path), "--out", str(out)]
+    result = CliRunner().invoke(app, [*arguments, "--no-proxy"])
+    assert result.exit_code == 0, result.output
+    loaded = ScheduleFile.load(out / "best_schedule.json")
+    assert loaded.provenance.search["settings"]["proxy"] is False

@@ -61,6 +61,14 @@ def s3_command(
             "ranks of 8 children of each parent the plain evolution draws).",
         ),
     ] = "screen",
+    proxy: Annotated[
+        bool,
+        typer.Option(
+            help="Give the predictor each plan's trajectory error on a Gaussian mixture fitted "
+            "to the model's reference data (where it has small data in its own space, e.g. the "
+            "digits models; ignored otherwise).",
+        ),
+    ] = True,
     free_start: Annotated[
         bool,
         typer.Option(
@@ -110,6 +118,7 @@ def s3_command(
             explore=explore,
             use_predictor=predictor,
             pick=pick,
+            proxy=proxy,
             free_start=free_start,
             select_plans=select_plans,
             select_samples=select_samples,
