@@ -27,8 +27,6 @@ computed on one CPU thread in float64, so every worker of a shared study gets th
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -36,6 +34,7 @@ import torch
 from scipy.cluster.vq import kmeans2
 from torch import Tensor
 
+from stepsearch._threads import one_thread
 from stepsearch.noise import NoiseSchedule
 from stepsearch.plan import SolverPlan
 from stepsearch.sampling import initial_noise_scale, sample
@@ -87,7 +86,7 @@ class PlanProxy:
         self.noise = noise
         self.shape = tuple(int(n) for n in data.shape[1:])
         self.settings = {"components": int(components), "samples": int(samples), "seed": int(seed)}
-        with _one_thread():
+        with one_thread():
             self.bed = _fitted_mixture(data, noise, int(components), int(seed))
             generator = torch.Generator().manual_seed(int(seed))
             self.noises = torch.randn((int(samples), *self.shape), generator=generator,
@@ -129,7 +128,7 @@ class PlanProxy:
     def _error(self, plan: SolverPlan, solver: PlanSolver) -> float:
         if plan.schedule.noise != self.noise:
             raise ValueError("the plan is on another noise schedule than the proxy")
-        with _one_thread():
+        with one_thread():
             x_T = initial_noise_scale(plan.schedule) * self.noises
             found = sample(self.bed, x_T, plan, solver).sample.double()
             error = float(((found - self.solutions) ** 2).mean().sqrt())
@@ -149,24 +148,15 @@ def _fitted_mixture(
     _, labels = kmeans2(points, count, seed=np.random.default_rng(seed), minit="++")
     weights, means, covariances = [], [], []
     for k in range(count):
-        members = points[labels == k]
+        members = torch.from_numpy(points[labels == k])
         if members.shape[0] < 2:
             continue
-        covariance = np.atleast_2d(np.cov(members.T))
-        isotropic = np.trace(covariance) / dim
+        centred = members - members.mean(0)
+        covariance = (centred.T @ centred / (members.shape[0] - 1)).numpy()  # torch: one thread
+        isotropic = float(np.trace(covariance)) / dim
         weights.append(members.shape[0])
-        means.append(members.mean(0))
+        means.append(members.mean(0).numpy())
         covariances.append(
             (1 - _SHRINKAGE) * covariance + _SHRINKAGE * max(isotropic, 1e-6) * np.eye(dim)
         )
     return GaussianMixture(weights, np.stack(means), np.stack(covariances), noise, data.shape[1:])
-
-
-@contextmanager
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)

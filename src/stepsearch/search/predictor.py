@@ -27,14 +27,15 @@ stored trials.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from scipy.stats import kendalltau
 from torch import Tensor, nn
+
+from stepsearch._threads import one_thread
 
 __all__ = [
     "LOSSES",
@@ -116,7 +117,7 @@ class PlanPredictor(nn.Module):
         """Predicted scores (lower is better) of plans given as per-step feature arrays."""
         if not plans:
             return np.zeros(0, dtype=np.float64)
-        with _one_thread():
+        with one_thread():
             steps, mask = _padded(plans)
             return self(steps, mask).double().numpy()
 
@@ -135,7 +136,7 @@ def train_predictor(
     if len(plans) != len(values) or not plans:
         raise ValueError("train_predictor needs as many values as plans, and at least one")
     targets = _standardized(values)
-    with _one_thread(), torch.random.fork_rng(devices=[]):
+    with one_thread(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
         model = PlanPredictor(int(plans[0].shape[1]), settings.hidden)
         steps, mask = _padded(plans)
@@ -198,15 +199,3 @@ def _padded(plans: Sequence[np.ndarray]) -> tuple[Tensor, Tensor]:
         steps[k, : plan.shape[0]] = plan
         mask[k, : plan.shape[0]] = 1.0
     return torch.from_numpy(steps), torch.from_numpy(mask)
-
-
-@contextmanager
-def _one_thread() -> Iterator[None]:
-    """Run on one intra-op thread (reductions in one order: the same result on every machine
-    size), restoring the caller's setting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
