@@ -56,13 +56,14 @@ def test_s3_refuses_a_zero_budget(tmp_path):
     assert bad.exit_code == 2 and "--budget" in bad.output
 
 
-def test_a_fixed_start_search_keeps_every_plan_at_the_largest_time(tmp_path):
+def test_a_fixed_start_search_without_the_proxy_keeps_every_plan_at_the_largest_time(tmp_path):
     out = tmp_path / "fixed"
     arguments = ["search", "s3", *TINY, "--out", str(out), "--cache", str(tmp_path)]
-    result = CliRunner().invoke(app, [*arguments, "--fixed-start"])
+    result = CliRunner().invoke(app, [*arguments, "--fixed-start", "--no-proxy"])
     assert result.exit_code == 0, result.output
     loaded = ScheduleFile.load(out / "best_schedule.json")
     assert loaded.provenance.search["settings"]["free_start"] is False
+    assert loaded.provenance.search["settings"]["proxy"] is False
     assert loaded.candidate.schedule.times[0] == loaded.candidate.schedule.noise.t_max
 
 
@@ -77,12 +78,3 @@ def test_the_pick_rule_is_a_setting_and_a_bad_one_a_clear_error(tmp_path):
     assert result.exit_code == 0, result.output
     loaded = ScheduleFile.load(out / "best_schedule.json")
     assert loaded.provenance.search["settings"]["pick"] == "best"
-
-
-def test_the_proxy_feature_can_be_turned_off(tmp_path):
-    out = tmp_path / "no-proxy"
-    arguments = ["search", "s3", *TINY, "--cache", str(tmp_path), "--out", str(out)]
-    result = CliRunner().invoke(app, [*arguments, "--no-proxy"])
-    assert result.exit_code == 0, result.output
-    loaded = ScheduleFile.load(out / "best_schedule.json")
-    assert loaded.provenance.search["settings"]["proxy"] is False
