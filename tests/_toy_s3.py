@@ -28,7 +28,7 @@ SETTINGS = S3Settings(
     children=32,
     seed_solvers=("ddim", "dpm_solver_pp_2m", "unipc_bh2"),
     predictor=PredictorSettings(hidden=16, epochs=40),
-    select_plans=8,  # the pick on a selection seed (off by default), so resume covers it
+    select_plans=8,  # the pick on a selection seed (the default), so resume covers it
 )
 
 

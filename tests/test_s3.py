@@ -295,9 +295,9 @@ def test_the_pick_is_made_on_the_selection_seed(tmp_path):
     result = toy_s3(storage, BUDGET)
     ranked = sorted(result.history, key=lambda r: (r.value, r.index))[:8]
     assert [index for index, _ in result.selection] == [r.index for r in ranked]
-    assert result.selection_samples == 4 * 16  # four times the toy's search samples
+    assert result.selection_samples == 16 * 16  # sixteen times the toy's search samples
     base = toy_objective()
-    direct = Objective(base.source, "traj", num_samples=64, search_seed=3, bootstrap=0,
+    direct = Objective(base.source, "traj", num_samples=256, search_seed=3, bootstrap=0,
                        cache=TensorCache(None))  # fmt: skip
     by_index = {r.index: r for r in result.history}
     for index, value in result.selection[:3]:
@@ -364,6 +364,14 @@ def test_bad_settings_are_refused():
         S3Settings(select_samples=1)
     with pytest.raises(ValueError, match="select_plans"):
         S3Settings(select_plans=-1)
+
+
+def test_by_default_the_pick_is_made_among_8_plans_on_16_times_the_samples():
+    default = S3Settings()
+    assert default.selects and default.select_plans == 8
+    assert default.selection_samples(256) == 4096  # the digits default: 4,096
+    assert S3Settings(select_samples=100).selection_samples(256) == 100
+    assert not S3Settings(select_plans=0).selects and not S3Settings(select_plans=1).selects
 
 
 def test_the_predictor_picks_its_best_or_screens_its_better_half():

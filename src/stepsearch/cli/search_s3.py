@@ -85,12 +85,12 @@ def s3_command(
             "there picked (0: the search seed's best).",
             min=0,
         ),
-    ] = 0,
+    ] = 8,
     select_samples: Annotated[
         int | None,
         typer.Option(
             metavar="N",
-            help="Samples per plan on the selection seed. Default: 4 x NUM_SAMPLES.",
+            help="Samples per plan on the selection seed. Default: 16 x NUM_SAMPLES.",
             min=2,
             show_default=False,
         ),
@@ -103,8 +103,9 @@ def s3_command(
     """S³: search the solver rule of every step at `--nfe`, guided by a learned predictor.
 
     A rule is the step's time, noise/data prediction, Taylor order, estimation points,
-    relaxation, corrector, or an analytical first step. `--select-plans N` re-scores the N best
-    plans on a selection seed and picks the lowest there (off by default). Every evaluated plan
+    relaxation, corrector, or an analytical first step. The N best plans (`--select-plans`, 8)
+    are re-scored on a selection seed with 16x the samples and the lowest there is the result
+    (`--select-plans 0`: the search seed's best). Every evaluated plan
     is a trial in an Optuna study: kill the job and rerun the same command to resume it; start it
     on several machines with one `--storage postgresql://...` to share the work. Writes
     `best_schedule.json` (the plan and its provenance), `scheduler/` (a diffusers scheduler
