@@ -64,14 +64,18 @@ def top_trials(study_path: Path, count: int) -> list[StoredTrial]:
     return sorted(done, key=lambda t: (float(t.value), t.number))[:count]
 
 
-def judge_nfe(args: argparse.Namespace, nfe: int) -> dict[str, Any]:
-    source = load_source(args.model)
-    base = Objective(source, "fd", num_samples=args.num_samples,
-                     held_out_samples=args.held_out_samples, progress=False)  # fmt: skip
+def study_path(work: Path, nfe: int) -> Path:
+    """Where ``benchmarks/s3.py --work work`` keeps the S³ study of ``nfe``."""
+    return work / f"nfe-{nfe}" / "s3" / "study.sqlite3"
+
+
+def judge_nfe(args: argparse.Namespace, base: Objective, nfe: int) -> dict[str, Any]:
+    """The top plans of ``nfe``'s study scored on each selection sample count and held-out
+    (``base``: the searches' objective, held-out split at ``--held-out-samples``)."""
     solver = plan_solver_for(base)
     selections = {n: base.reseeded(args.select_seed, n) for n in args.select_samples}
     plans = []
-    for trial in top_trials(args.work / f"nfe-{nfe}" / "s3" / "study.sqlite3", args.top):
+    for trial in top_trials(study_path(args.work, nfe), args.top):
         plan = trial.candidate()
         row: dict[str, Any] = {"trial": trial.number, "origin": trial.attrs.get("origin"),
                                "search": float(trial.value)}  # fmt: skip
@@ -139,15 +143,28 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     began = time.perf_counter()
     path = args.results / "s3_selection.json"
+    missing = [str(study_path(args.work, n)) for n in args.nfe
+               if not study_path(args.work, n).is_file()]  # fmt: skip
+    if missing:
+        raise SystemExit(f"s3_selection: no S³ study at {', '.join(missing)} (run benchmarks/s3.py "
+                         "with this --work first)")  # fmt: skip
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                if k not in ("work", "results", "nfe")}  # fmt: skip
     old = json.loads(path.read_text()) if path.exists() else {}
     earlier = old.get("earlier")
     if old and old.get("benchmark") != "s3_selection":  # the first version's file (2026-12-06)
         earlier, old = {"note": EARLIER_NOTE, "results": old}, {}
+    if old and {k: v for k, v in old["settings"].items() if k != "threads"} != {
+        k: v for k, v in settings.items() if k != "threads"
+    }:
+        raise SystemExit(f"s3_selection: {path} holds rows of other settings ({old['settings']}); "
+                         "pass another --results")  # fmt: skip
+    source = load_source(args.model)
+    base = Objective(source, "fd", num_samples=args.num_samples,
+                     held_out_samples=args.held_out_samples, progress=False)  # fmt: skip
     rows = {row["nfe"]: row for row in old.get("rows", [])}
     for nfe in args.nfe:
-        rows[nfe] = judge_nfe(args, nfe)
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                if k not in ("work", "results", "nfe")}  # fmt: skip
+        rows[nfe] = judge_nfe(args, base, nfe)
     payload = {
         "benchmark": "s3_selection",
         "settings": settings,
