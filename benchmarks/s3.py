@@ -32,7 +32,10 @@ then, after the predictor changed (2026-12-06), its arm alone, one process per N
 and, into their own results folders, ``--num-samples 1024 --results
 benchmarks/results/s3-search-1024`` and ``--metric traj`` (``results/s3-traj``,
 ``results/s3-traj-ablation``). S³'s rows hold its plan as a table (``plan``) and, from 2026-12-06
-on, exactly (``plan_json``, :meth:`SolverPlan.to_json_dict`) for judging it again.
+on, exactly (``plan_json``, :meth:`SolverPlan.to_json_dict`) for judging it again. With the
+pick on the selection seed (the default since 2026-12-07) the results are
+``results/s3-select4096``: the families at NFE 3-6, both ablation arms rerun, and S³'s NFE-5 search
+again with ``--s3-seed 1`` and ``2`` (its own random draws only; ``s3-seed1``, ``s3-seed2``).
 """
 
 from __future__ import annotations
@@ -79,6 +82,13 @@ def main() -> None:
     parser.add_argument("--nfe", type=int, nargs="*", default=[3, 4, 5, 6])
     parser.add_argument("--families", nargs="+", default=list(OTHERS), choices=OTHERS)
     parser.add_argument("--budget", type=int, default=200, help="S³ evaluations")
+    parser.add_argument(
+        "--s3-seed",
+        type=int,
+        default=0,
+        help="S³'s own random draws in the families protocol (the objective's "
+        "noise stays the search seed's; the other families keep seed 0)",
+    )
     parser.add_argument("--autodiffusion-budget", type=int, default=200)
     parser.add_argument(
         "--metric",
@@ -152,7 +162,8 @@ def main() -> None:
             start = time.perf_counter()
             try:
                 job = run_search(fam, search, solver, nfe, args.work / f"nfe-{nfe}" / name,
-                                 budget=budget, inputs=inputs, progress=False)  # fmt: skip
+                                 budget=budget, inputs=inputs, progress=False,
+                                 seed=args.s3_seed if name == "s3" else 0)  # fmt: skip
             except ValueError as error:  # e.g. an NFE a family cannot reach, or a stale --work
                 row["results"][name] = {"skipped": str(error)}
                 print(f"NFE {nfe}: {name} skipped: {error}", file=sys.stderr, flush=True)
