@@ -437,8 +437,9 @@ def _markdown(payload: dict[str, Any]) -> str:
         f"evaluations; AutoDiffusion: {settings['autodiffusion_budget']}. Converged solves on "
         "the same held-out noise: "
         + ", ".join(f"{k} **{v:.2f}**" for k, v in payload["converged_held_out_fd"].items())
-        + f". Total {settings.get('minutes', payload['minutes'])} min.",
+        + f". {_minutes_text(payload, families)}",
         "",
+        *([payload["note"], ""] if payload.get("note") else []),
         "| NFE | best built-in | " + " | ".join(names) + " | S³ best? |",
         "| ---: | --- | " + " | ".join("---:" for _ in names) + " | --- |",
     ]
@@ -501,6 +502,14 @@ def _markdown(payload: dict[str, Any]) -> str:
     for earlier in payload.get("earlier_ablations", []):
         lines += _ablation_markdown(earlier, "An earlier ablation, under other settings")
     return "\n".join(lines) + "\n"
+
+
+def _minutes_text(payload: dict[str, Any], families: list[dict[str, Any]]) -> str:
+    """The wall time of the families protocol: one run's, or each run's when rows were merged."""
+    minutes = [part["minutes"] for part in families if "minutes" in part]
+    if len(minutes) > 1:
+        return f"Total {sum(minutes):.1f} min in {len(minutes)} runs ({' + '.join(map(str, minutes))})."
+    return f"Total {minutes[0] if minutes else payload['minutes']} min."
 
 
 def _ablation_markdown(ablation: dict[str, Any], title: str) -> list[str]:
