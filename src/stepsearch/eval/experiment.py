@@ -155,11 +155,17 @@ class _Scorer:
 def class_accuracy(classifier: nn.Module, samples: Tensor, labels: Tensor) -> float:
     """The fraction of ``samples`` (clamped to ``[-1, 1]``, non-finite values zeroed) that
     ``classifier``'s argmax assigns to ``labels``."""
+    return class_correct(classifier, samples, labels).double().mean().item()
+
+
+def class_correct(classifier: nn.Module, samples: Tensor, labels: Tensor) -> Tensor:
+    """Per sample, whether ``classifier``'s argmax assigns it to its label (a bool tensor on the
+    CPU; the samples prepared as :func:`class_accuracy` prepares them)."""
     weight = next(classifier.parameters())
     x = samples.nan_to_num(0.0).clamp(-1.0, 1.0).to(device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
         predicted = classifier(x).argmax(dim=1).cpu()
-    return (predicted == labels.cpu()).double().mean().item()
+    return predicted == labels.cpu()
 
 
 def _metric_references(
