@@ -75,16 +75,10 @@ def run_budget(budget: int, args: argparse.Namespace) -> dict[str, Any]:
             matched = constant_at_accuracy(curve, score["accuracy"])
             (w_low, w_high), t = matched["between"], matched["t"]
             beyond = score["accuracy"] > top
-            if w_low == w_high:
-                margin = paired_fd_combination(
-                    [features, constants[w_low][1]], [1.0, -1.0], reference.statistics,
-                    args.bootstrap,
-                )  # fmt: skip
-            else:
-                margin = paired_fd_combination(
-                    [features, constants[w_low][1], constants[w_high][1]], [1.0, -(1 - t), -t],
-                    reference.statistics, args.bootstrap,
-                )  # fmt: skip
+            margin = paired_fd_combination(  # one constant when w_low == w_high: weights add up
+                [features, constants[w_low][1], constants[w_high][1]], [1.0, -(1 - t), -t],
+                reference.statistics, args.bootstrap,
+            )  # fmt: skip
             rows.append({
                 "shape": "linear_increasing" if increasing else "linear_decreasing",
                 "mean_weight": mean, **score, "constant_at_accuracy": matched,
