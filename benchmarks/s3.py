@@ -44,6 +44,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +89,13 @@ def main() -> None:
         default=0,
         help="S³'s own random draws in the families protocol (the objective's "
         "noise stays the search seed's; the other families keep seed 0)",
+    )
+    parser.add_argument(
+        "--restarts",
+        type=int,
+        default=S3Settings().restarts,
+        help="S³'s evolutions in the families protocol (S3Settings.restarts; the ablation "
+        "compares single evolutions)",
     )
     parser.add_argument("--autodiffusion-budget", type=int, default=200)
     parser.add_argument(
@@ -163,7 +171,9 @@ def main() -> None:
             try:
                 job = run_search(fam, search, solver, nfe, args.work / f"nfe-{nfe}" / name,
                                  budget=budget, inputs=inputs, progress=False,
-                                 seed=args.s3_seed if name == "s3" else 0)  # fmt: skip
+                                 seed=args.s3_seed if name == "s3" else 0,
+                                 settings=S3Settings(restarts=args.restarts)
+                                 if name == "s3" else None)  # fmt: skip
             except ValueError as error:  # e.g. an NFE a family cannot reach, or a stale --work
                 row["results"][name] = {"skipped": str(error)}
                 print(f"NFE {nfe}: {name} skipped: {error}", file=sys.stderr, flush=True)
@@ -235,7 +245,10 @@ def _ablation(args: Any, source: Any, cache: TensorCache) -> dict[str, Any]:
                           held_out_samples=args.held_out_samples, cache=cache, progress=False)  # fmt: skip
     out = args.work / "ablation"
     out.mkdir(parents=True, exist_ok=True)
-    chosen = {} if args.ablation_pick is None else {"pick": args.ablation_pick}
+    # single evolutions (restarts=1): the predictor's worth at an equal number of evaluations
+    chosen: dict[str, Any] = {"restarts": 1}
+    if args.ablation_pick is not None:
+        chosen["pick"] = args.ablation_pick
     s3_settings = {
         k: v for k, v in S3Settings(**chosen).to_json_dict().items() if k != "use_predictor"
     }
@@ -399,6 +412,13 @@ def _merged(
     return merged_rows, merged_ablation, parts, earlier
 
 
+def _evolutions_text(settings: Mapping[str, Any]) -> str:
+    """`` in each of N evolutions`` where the families' S³ ran more than one (runs before the
+    option ran one)."""
+    restarts = int(settings.get("restarts", 1))
+    return f" in each of {restarts} evolutions" if restarts > 1 else ""
+
+
 def _write(args: Any, rows: list, reference: dict, ablation: dict | None, began: float) -> None:
     minutes = round((time.perf_counter() - began) / 60, 1)
     rows, ablation, parts, earlier = _merged(args, rows if args.nfe else [], ablation, minutes)
@@ -434,7 +454,7 @@ def _markdown(payload: dict[str, Any]) -> str:
         f"Bundled `{settings['model']}` DDPM. Every family through the one job runner on one "
         f"objective ({metric}, {settings['num_samples']} samples on the search seed); scores on "
         f"the held-out seed ({settings['held_out_samples']} samples). S³: {settings['budget']} "
-        f"evaluations; AutoDiffusion: {settings['autodiffusion_budget']}. Converged solves on "
+        f"evaluations{_evolutions_text(settings)}; AutoDiffusion: {settings['autodiffusion_budget']}. Converged solves on "
         "the same held-out noise: "
         + ", ".join(f"{k} **{v:.2f}**" for k, v in payload["converged_held_out_fd"].items())
         + f". {_minutes_text(payload, families)}",

@@ -29,6 +29,7 @@ SETTINGS = S3Settings(
     seed_solvers=("ddim", "dpm_solver_pp_2m", "unipc_bh2"),
     predictor=PredictorSettings(hidden=16, epochs=40),
     select_plans=8,  # the pick on a selection seed (the default), so resume covers it
+    restarts=1,  # one evolution: test_s3's restart test runs two
 )
 
 
@@ -37,6 +38,8 @@ def toy_s3(
     budget: int,
     *,
     study_name: str = "toy-s3",
+    settings: S3Settings = SETTINGS,
+    seed: int = 0,
     ready: Callable[[], None] | None = None,
     **open_kwargs,
 ) -> S3Result:
@@ -46,7 +49,13 @@ def toy_s3(
         if ready is not None:
             ready()
         return s3_search(
-            objective, nfe=NFE, budget=budget, store=store, schedules=starts, settings=SETTINGS
+            objective,
+            nfe=NFE,
+            budget=budget,
+            store=store,
+            schedules=starts,
+            settings=settings,
+            seed=seed,
         )
 
 

@@ -314,6 +314,61 @@ def test_the_pick_is_made_on_the_selection_seed(tmp_path):
     assert len(chosen.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 8
 
 
+def test_restart_r_is_the_single_search_with_seed_plus_r_and_the_pick_spans_them(tmp_path):
+    """Two evolutions in one study: the second replays exactly the single search with seed 1
+    (its own predictor and parents; the shared seeds are lookups), the selection seed scores the
+    8 best of each, the lowest there wins, the given starts are in the history once, and a
+    rerun looks everything up."""
+    from dataclasses import replace
+
+    import _toy_s3
+
+    two = replace(_toy_s3.SETTINGS, restarts=2)
+    objective = toy_objective()
+    schedules = spacing_schedules(NOISE, 3, ("time_uniform", "logsnr_uniform"))
+    started = [("start ddim", get_solver("ddim").default_plan(schedules["time_uniform"]), 9.0)]
+
+    def search(store: StudyStore, settings: S3Settings, seed: int):
+        return s3_search(objective, nfe=3, budget=BUDGET, store=store, schedules=schedules,
+                         evaluated=started, settings=settings, seed=seed)  # fmt: skip
+
+    with StudyStore.open(tmp_path / "two.sqlite3", "s3", metadata={}) as store:
+        both = search(store, two, 0)
+        trials = store.count()
+    singles = {}
+    for seed in (0, 1):
+        with StudyStore.open(tmp_path / f"one{seed}.sqlite3", "s3", metadata={}) as store:
+            singles[seed] = search(store, _toy_s3.SETTINGS, seed)
+
+    def own(records):
+        return [(r.stage, r.origin, plan_key(r.plan), r.value) for r in records if r.stage >= 0]
+
+    assert [r.index for r in both.history] == list(range(len(both.history)))
+    assert [r.origin for r in both.history].count("start ddim") == 1
+    for restart in (0, 1):
+        mine = [r for r in both.history if r.restart == restart]
+        assert own(mine) == own(singles[restart].history)
+        assert len(own(mine)) == BUDGET  # the given start is not one of the budget
+    keys = {plan_key(r.plan) for r in both.history if r.stage >= 0}
+    assert trials == len(keys) < 2 * BUDGET  # the second evolution's seeds were lookups
+    pool = {}
+    for single in singles.values():
+        for index, value in single.selection:
+            pool[plan_key(single.history[index].plan)] = value
+    by_index = {r.index: r for r in both.history}
+    chosen = {plan_key(by_index[index].plan): value for index, value in both.selection}
+    assert chosen == pool  # each evolution's 8 best, scored on the selection seed
+    assert min(pool.values()) == chosen[plan_key(both.best)]
+    assert (
+        both.best_score.value
+        == by_index[next(i for i, _ in both.selection if by_index[i].plan is both.best)].value
+    )
+    with StudyStore.open(tmp_path / "two.sqlite3", "s3", metadata={}) as store:
+        again = search(store, two, 0)
+        assert store.count() == trials
+    assert summary(again) == summary(both)
+
+
 def test_without_selection_the_search_seeds_best_is_the_pick(tmp_path):
     from dataclasses import replace
 
@@ -364,6 +419,9 @@ def test_bad_settings_are_refused():
         S3Settings(select_samples=1)
     with pytest.raises(ValueError, match="select_plans"):
         S3Settings(select_plans=-1)
+    with pytest.raises(ValueError, match="restarts"):
+        S3Settings(restarts=0)
+    assert "restarts" not in S3Settings(restarts=1).to_json_dict()
 
 
 def test_by_default_the_pick_is_made_among_8_plans_on_16_times_the_samples():

@@ -48,7 +48,7 @@ class S3Family(FamilyBase):
         if job.budget is None:
             raise ValueError("S³ needs a trial budget (--budget)")
         settings: S3Settings = job.settings
-        job.bar.budget = len(job.starts) + int(job.budget)
+        job.bar.budget = len(job.starts) + int(job.budget) * int(settings.restarts)
         solver = plan_solver_for(job.objective)
         evaluated = [
             (f"start {b.name}", job.solver.default_plan(b.schedule), b.value) for b in job.baselines
@@ -95,12 +95,16 @@ class S3Family(FamilyBase):
     def planned_evaluations(
         self, settings: Any, solver: str, nfe: int, search_samples: int, trials: int | None
     ) -> dict[str, int] | None:
-        """The trials, and the selection seed's re-scoring of the best plans (with its converged
-        solve, for trajectory error, once)."""
-        planned = super().planned_evaluations(settings, solver, nfe, search_samples, trials)
+        """The trials of every evolution (at most: their shared seeds are evaluated once), and the
+        selection seed's re-scoring of their best plans (with its converged solve, for trajectory
+        error, once)."""
+        restarts = int(settings.restarts) if isinstance(settings, S3Settings) else 1
+        total = None if trials is None else int(trials) * restarts
+        planned = super().planned_evaluations(settings, solver, nfe, search_samples, total)
         if planned is not None and isinstance(settings, S3Settings) and settings.selects:
             samples = settings.selection_samples(search_samples)
-            pool = min(int(settings.select_plans), int(trials))  # exact when trials >= it
+            # each evolution's best (at most: a plan two of them found is scored once)
+            pool = min(int(settings.select_plans), int(trials)) * restarts
             planned["selection"] = pool * samples * int(nfe)
             planned["once:selection teacher"] = samples * DEFAULT_TEACHER.num_steps
         return planned
