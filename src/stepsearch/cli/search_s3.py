@@ -39,9 +39,20 @@ def s3_command(
     budget: Annotated[
         int,
         typer.Option(
-            metavar="N", help="True evaluations (trials) after the starting points.", min=1
+            metavar="N",
+            help="True evaluations (trials) after the starting points, in each evolution.",
+            min=1,
         ),
     ] = 200,
+    restarts: Annotated[
+        int,
+        typer.Option(
+            metavar="N",
+            help="Independent evolutions (the r-th drawn with SEED + r); the selection seed "
+            "picks among each one's best.",
+            min=1,
+        ),
+    ] = 2,
     proposals: Annotated[
         int, typer.Option(metavar="N", help="Plans the predictor picks per stage.", min=1)
     ] = 12,
@@ -103,9 +114,10 @@ def s3_command(
     """S³: search the solver rule of every step at `--nfe`, guided by a learned predictor.
 
     A rule is the step's time, noise/data prediction, Taylor order, estimation points,
-    relaxation, corrector, or an analytical first step. The N best plans (`--select-plans`, 8)
-    are re-scored on a selection seed with 16x the samples and the lowest there is the result
-    (`--select-plans 0`: the search seed's best). Every evaluated plan
+    relaxation, corrector, or an analytical first step. `--restarts` (2) independent evolutions
+    of `--budget` evaluations each; the N best plans of each (`--select-plans`, 8) are re-scored on
+    a selection seed with 16x the samples and the lowest there is the result (`--select-plans 0`:
+    the search seed's best). Every evaluated plan
     is a trial in an Optuna study: kill the job and rerun the same command to resume it; start it
     on several machines with one `--storage postgresql://...` to share the work. Writes
     `best_schedule.json` (the plan and its provenance), `scheduler/` (a diffusers scheduler
@@ -123,6 +135,7 @@ def s3_command(
             free_start=free_start,
             select_plans=select_plans,
             select_samples=select_samples,
+            restarts=restarts,
         )
         job = run_job(
             "s3", model_or_default(model, pipeline), "plan", nfe, out, pipeline=pipeline,

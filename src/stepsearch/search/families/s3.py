@@ -19,6 +19,7 @@ from stepsearch.plan import SolverPlan
 from stepsearch.schedule import StepSchedule
 from stepsearch.search.family import FamilyBase, Found, JobContext
 from stepsearch.search.job import sortable
+from stepsearch.search.plan_space import plan_key
 from stepsearch.search.s3 import S3Settings, plan_solver_for, s3_search
 from stepsearch.solvers import get_solver
 from stepsearch.solvers.base import Solver
@@ -70,7 +71,8 @@ class S3Family(FamilyBase):
             on_trial=lambda done, best: job.bar.update(len(job.starts) + done, best),
         )
         picks = result.indices("predictor")
-        searched = [r for r in result.history if r.stage >= 0]
+        # distinct plans the search evaluated (a second evolution looks up the first's seeds)
+        searched = {plan_key(r.plan) for r in result.history if r.stage >= 0}
         return Found(
             result.best,
             result.best_score,
@@ -80,6 +82,7 @@ class S3Family(FamilyBase):
                 "budget": int(job.budget),
                 "seed": int(job.seed),
                 "evaluated": len(searched),
+                "restarts": int(settings.restarts),
                 "predictor_picks": picks,
                 "best_origin": _origin_of(result),
                 "ranking_agreement": [round(a, 4) for a in result.agreement],
