@@ -31,6 +31,7 @@ def test_s3_job_writes_a_plan_a_replaying_scheduler_and_resumes(tmp_path):
     assert 12 < summary["evaluated"] < 24 and summary["predictor_picks"]
     assert summary["evaluated"] + len(summary["baselines"]) == summary["trials_in_study"]
     assert summary["restarts"] == 2
+    assert {plan["restart"] for plan in summary["selection"]["plans"]} <= {0, 1}
     # (a starting point adopted into the plan space has its times rounded to 1e-6)
     assert summary["best"]["search"] <= min(summary["baselines"].values()) * (1 + 1e-5)
     loaded = ScheduleFile.load(out / "best_schedule.json")

@@ -140,6 +140,7 @@ def _selection_of(result: Any) -> dict[str, Any] | None:
         "plans": [
             {
                 "origin": history[index].origin,
+                "restart": int(history[index].restart),
                 "search": _finite(history[index].value),
                 "selection": _finite(value),
                 "picked": history[index].plan is result.best,
