@@ -36,6 +36,11 @@ on, exactly (``plan_json``, :meth:`SolverPlan.to_json_dict`) for judging it agai
 pick on the selection seed (the default since 2026-12-07) the results are
 ``results/s3-select4096``: the families at NFE 3-6, both ablation arms rerun, and S³'s NFE-5 search
 again with ``--s3-seed 1`` and ``2`` (its own random draws only; ``s3-seed1``, ``s3-seed2``).
+With two evolutions (``--restarts 2``, S³'s default since 2026-12-07) the results are
+``results/s3-restarts``: ``--nfe 5 3 --large-nfe 5`` and ``--nfe 6 4 --large-nfe 4 6`` (two
+processes), ``--nfe 5 --large-nfe 5 --s3-seed 4`` (``s3-seed4``) and ``--metric traj
+--num-samples 64`` (``traj``), each into a copy of the results before it (their converged
+references).
 """
 
 from __future__ import annotations
