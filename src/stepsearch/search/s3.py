@@ -53,7 +53,7 @@ new evaluations), each of ``budget`` true evaluations; the selection seed then p
 ``select_plans`` best of every evolution. An evolution's outcome depends on its draws far more
 than on its length: on the digits model at NFE 5, four single searches' picks were 1.13x-1.22x
 the converged solve's FD on fresh noise, 400 evaluations in one evolution did no better than 200,
-and the picks' selection-seed scores ranked the four as the fresh noise did (``docs/s3.md``). A
+and the picks' selection-seed scores ranked the four nearly as the fresh noise did (``docs/s3.md``). A
 second evolution buys a second draw, and the selection seed tells which is the better one.
 
 Without the predictor (``use_predictor=False``, the ablation of the done-when) a stage evaluates
