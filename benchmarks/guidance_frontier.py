@@ -27,16 +27,15 @@ import numpy as np
 import torch
 
 # benchmarks/guidance.py, importable because Python puts a script's own folder on sys.path
-from guidance import _held_out, constant_at_accuracy, paired_fd_combination
+from guidance import _held_out, constant_at_accuracy, joint_margin, paired_fd_combination
 
 from stepsearch._io import atomic_write_json, atomic_write_text
 from stepsearch.eval.experiment import class_correct
-from stepsearch.eval.fid import FeatureStatistics, frechet_distance
 from stepsearch.eval.report import environment
 from stepsearch.eval.scoring import FeatureReference
 from stepsearch.guidance import GuidanceSchedule, noise_range
 from stepsearch.models import load_model
-from stepsearch.search.guidance import GuidanceCandidate, condition_judge, constant_curve_point
+from stepsearch.search.guidance import GuidanceCandidate, condition_judge
 from stepsearch.solvers import get_solver
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -71,7 +70,10 @@ def run_budget(budget: int, args: argparse.Namespace) -> dict[str, Any]:
         for mean in args.mean_weights:
             schedule = GuidanceSchedule.linear(mean, low, high, increasing=increasing)
             score, features, correct = judge(schedule)
-            joint = joint_margin(features, correct, constants, reference.statistics, args.bootstrap)
+            joint = joint_margin(
+                features, correct, {w: (f, c) for w, (_, f, c) in constants.items()},
+                reference.statistics, args.bootstrap,
+            )  # fmt: skip
             matched = constant_at_accuracy(curve, score["accuracy"])
             (w_low, w_high), t = matched["between"], matched["t"]
             beyond = score["accuracy"] > top
@@ -92,33 +94,6 @@ def run_budget(budget: int, args: argparse.Namespace) -> dict[str, Any]:
         "schedules": rows,
         "seconds": round(time.perf_counter() - began, 1),
     }
-
-
-def joint_margin(
-    features: np.ndarray, correct: np.ndarray,
-    constants: dict[float, tuple[dict[str, Any], np.ndarray, np.ndarray]],
-    reference: FeatureStatistics, resamples: int,
-) -> tuple[float, float]:  # fmt: skip
-    """The schedule's FD minus the constant curve's at the schedule's accuracy, and its bootstrap
-    standard deviation resampling sample rows jointly for the FDs *and* the accuracies (the curve
-    and the matched point recomputed on every resample), so the accuracies' errors count too."""
-
-    def margin(rows: np.ndarray) -> float:
-        curve = {
-            w: (
-                frechet_distance(FeatureStatistics.from_features(f[rows]), reference),
-                c[rows].mean(),
-            )
-            for w, (_, f, c) in constants.items()
-        }
-        point = constant_curve_point(curve, float(correct[rows].mean()))
-        fd = frechet_distance(FeatureStatistics.from_features(features[rows]), reference)
-        return float(fd - point.fd)
-
-    count = len(features)
-    rng = np.random.default_rng(0)
-    draws = [margin(rng.integers(0, count, count)) for _ in range(resamples)]
-    return margin(np.arange(count)), float(np.std(draws, ddof=1))
 
 
 def markdown(report: dict[str, Any]) -> str:
