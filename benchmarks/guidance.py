@@ -489,7 +489,7 @@ def _rescore_row(settings: dict[str, Any], row: dict[str, Any]) -> dict[str, Any
 
 def rescore(jobs: int) -> dict[str, Any]:
     """Recompute the dominance margin of every recorded run in ``guidance.json`` (its budgets and
-    ``other_runs``) with the joint bootstrap, cheapest first, rewriting the report after each
+    ``other_runs``) with the joint bootstrap, smallest budget first, rewriting the report after each
     (rows already rescored are kept: a rerun resumes)."""
     report = json.loads((RESULTS / "guidance.json").read_text())
     runs = [report, *report.get("other_runs", {}).values()]
@@ -499,7 +499,7 @@ def rescore(jobs: int) -> dict[str, Any]:
         for row in run["budgets"]
         if row["dominance"].get("fd_margin_std_kind") != "joint paired bootstrap"
     ]
-    tasks.sort(key=lambda task: task[0]["held_out_samples"] * task[1]["unet_passes"])
+    tasks.sort(key=lambda task: task[1]["unet_passes"])  # the issue's budgets (8, 16) first
     os.environ["OMP_NUM_THREADS"] = "1"
     report["rescored"] = time.strftime("%Y-%m-%d")
     with ProcessPoolExecutor(max(1, jobs)) as pool:
