@@ -446,11 +446,11 @@ def markdown(report: dict[str, Any]) -> str:
     lines += [
         "## Every recorded run (held-out seed 1)",
         "",
-        "Each search is its own study, with the margin pick rule. The rows' margins were "
-        f"recomputed with the joint bootstrap on {report.get('rescored', 'their own run')} "
-        "(`python benchmarks/guidance.py --rescore`: the pick and the constant curve regenerated "
-        "from the recorded settings; sampling is deterministic, so the margins are the recorded "
-        "ones).",
+        "Each search is its own study, with the margin pick rule. Where a row has a joint "
+        "standard error, it was computed in the run or, for runs recorded before it existed, on "
+        f"{report.get('rescored', '-')} by `python benchmarks/guidance.py --rescore` (the pick "
+        "and the constant curve regenerated from the recorded settings; sampling is "
+        "deterministic, so the margins are the recorded ones).",
         "",
         *runs_table(report),
         "",
@@ -461,7 +461,7 @@ def markdown(report: dict[str, Any]) -> str:
             if row["unet_passes"] not in main_passes:
                 title = f"{row['unet_passes']} UNet passes ({name}: {_run_label(run['settings'])})"
                 lines += budget_section(row, title)
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines).rstrip("\n") + "\n"
 
 
 def _rescore_row(settings: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
