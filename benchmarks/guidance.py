@@ -12,15 +12,19 @@ weight 1 one):
    samples. *Dominates* (the issue's test) means: the pick's FD is below that of constant guidance
    at the pick's accuracy (:func:`constant_at_accuracy`: the constant curve interpolated linearly
    in the weight, the lower-FD crossing where there are two; above the curve's highest accuracy,
-   its most accurate weight), with the margin in standard errors. Also reported: whether the pick's
-   FD is below that of every constant weight less accurate than it.
+   its most accurate weight), with the margin in standard errors of a paired bootstrap over the
+   held-out samples that resamples FDs and accuracies together (:func:`joint_margin`; the FD-only
+   error is reported beside it). Also reported: whether the pick's FD is below that of every
+   constant weight less accurate than it.
 2. **Wang et al.'s claim**: linear-increasing vs constant guidance at equal mean weight
    (``--mean-weight``), same budget and spacing, with a paired bootstrap of the FD difference
    (the same held-out noise and labels, samples resampled jointly) and the accuracy difference.
 3. **Interval guidance** (Kynkäänniemi et al.): interval schedules at the budget constant w=2
    spends with its step count, minus the passes they skip, vs constant w=2 at its budget.
 
-Results: ``benchmarks/results/guidance.{json,md}``. Full protocol (the issue's done-when)::
+Results: ``benchmarks/results/guidance.{json,md}`` (every recorded run; the reading is
+``docs/guidance.md``). ``--rescore`` recomputes the recorded runs' margins with the joint bootstrap
+(no search; a killed rescore resumes). Full protocol (the issue's done-when)::
 
     python benchmarks/guidance.py --nfe 8 16 --trials 80 --held-out-samples 5000 --jobs 2
 
