@@ -542,6 +542,10 @@ def main() -> None:
     )  # fmt: skip
     args = parser.parse_args()
     if args.rescore:
+        if not (RESULTS / "guidance.json").is_file():
+            parser.error(
+                f"--rescore needs a recorded report: {RESULTS / 'guidance.json'} is missing"
+            )
         report = rescore(args.jobs)
         atomic_write_json(RESULTS / "guidance.json", report)
         atomic_write_text(RESULTS / "guidance.md", markdown(report))
